@@ -1,0 +1,49 @@
+"""Chat formatting through the checkpoint's own template."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import mlx.core as mx
+
+from .processor import Processor
+
+__all__ = ["apply_chat_template", "prepare_inputs"]
+
+
+def apply_chat_template(
+    processor: Processor,
+    config: Mapping[str, Any] | None,
+    prompt: str | Sequence[Mapping[str, Any]],
+    *,
+    num_images: int = 0,
+    num_audios: int = 0,
+    system: str | None = None,
+    enable_thinking: bool | None = None,
+) -> str:
+    """Format ``prompt`` (a user message, or a list of chat messages) for generation.
+
+    For a single user message the media slots come first, then the text, as the Qwen and most VLM templates
+    expect. ``config`` is the model's config dict; kept for templates that depend on it.
+    """
+    if num_audios:
+        raise ValueError("audio inputs are not supported by this model")
+    if isinstance(prompt, str):
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
+        content.append({"type": "text", "text": prompt})
+        messages: list[Mapping[str, Any]] = [{"role": "user", "content": content}]
+    else:
+        messages = list(prompt)
+    if system is not None:
+        messages = [{"role": "system", "content": [{"type": "text", "text": system}]}, *messages]
+    if processor.chat_template is None:
+        raise ValueError("the checkpoint has no chat template; pass an already formatted prompt to generate")
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return processor.tokenizer.apply_chat_template(
+        messages, chat_template=processor.chat_template, tokenize=False, add_generation_prompt=True, **extra
+    )
+
+
+def prepare_inputs(processor: Processor, prompt: str, images: Sequence[Any] = ()) -> dict[str, mx.array]:
+    """Tokenize a formatted prompt and preprocess its images into the model's input tensors."""
+    return processor.prepare_inputs(prompt, images)

@@ -1,0 +1,150 @@
+"""The ``vlm`` command: ``vlm generate``, ``vlm bench``.
+
+Other packages add subcommands through the ``vlm.commands`` entry-point group (a callable that takes the
+subparsers object), so this module never imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib.metadata import entry_points
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit code 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .loading import ModelLoadError
+    from .processors.image import ImageLoadError
+    from .registry import UnsupportedModelError
+
+    return (CommandError, ConfigError, ModelLoadError, ImageLoadError, UnsupportedModelError, ValueError, OSError)
+
+
+def _add_generation_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local folder or Hugging Face repo id")
+    parser.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
+    parser.add_argument("--prompt", default="Describe this image.", help="the user message")
+    parser.add_argument("--system", default=None, help="system message")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--prefill-step-size", type=int, default=2048)
+    parser.add_argument("--trust-remote-code", action="store_true")
+
+
+def _load_and_format(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    from .chat import apply_chat_template
+    from .loading import load
+
+    model, processor = load(args.model, trust_remote_code=args.trust_remote_code)
+    prompt = apply_chat_template(processor, None, args.prompt, num_images=len(args.image), system=args.system)
+    return model, processor, prompt
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from vlm_runtime import stream_generate
+
+    model, processor, prompt = _load_and_format(args)
+    if args.verbose:
+        print(f"prompt:\n{prompt}", file=sys.stderr)
+    last = None
+    for last in stream_generate(
+        model,
+        processor,
+        prompt,
+        image=args.image,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        prefill_step_size=args.prefill_step_size,
+    ):
+        print(last.text, end="", flush=True)
+    print()
+    assert last is not None
+    print(
+        f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
+        f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
+        f"peak memory: {last.peak_memory:.3f} GB | finish: {last.finish_reason}",
+        file=sys.stderr,
+    )
+
+
+def _bench(args: argparse.Namespace) -> None:
+    import mlx.core as mx
+    from vlm_runtime import stream_generate
+
+    model, processor, prompt = _load_and_format(args)
+    inputs = processor.prepare_inputs(prompt, args.image)
+    rows = []
+    for run in range(args.warmup + args.runs):
+        vision_s = 0.0
+        if args.image:
+            tic = time.perf_counter()
+            mx.eval(model.embed_prompt(**inputs).inputs_embeds)
+            vision_s = time.perf_counter() - tic
+        last = None
+        for last in stream_generate(
+            model, processor, prompt, image=args.image, max_tokens=args.max_tokens, ignore_eos=True
+        ):
+            pass
+        assert last is not None
+        if run >= args.warmup:
+            rows.append((vision_s, last.prompt_tps, last.generation_tps, last.peak_memory, last.generation_tokens))
+    print(f"model: {args.model} | prompt tokens: {int(inputs['input_ids'].size)} | images: {len(args.image)}")
+    print("run  vision_s  prompt_tok/s  gen_tok/s  peak_GB  gen_tokens")
+    for i, (v, p, g, m, n) in enumerate(rows):
+        print(f"{i:>3}  {v:8.4f}  {p:12.1f}  {g:9.1f}  {m:7.3f}  {n:10d}")
+    mid = sorted(rows, key=lambda r: r[2])[len(rows) // 2]
+    print(f"median: vision {mid[0]:.4f} s | prompt {mid[1]:.1f} tok/s | generation {mid[2]:.1f} tok/s | peak {mid[3]:.3f} GB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm", description="Run vision-language models on MLX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt and images")
+    _add_generation_args(gen)
+    gen.add_argument("--verbose", action="store_true", help="print the formatted prompt and tracebacks")
+    gen.set_defaults(handler=_generate)
+
+    bench = sub.add_parser("bench", help="measure vision-encode time, prompt and generation speed")
+    _add_generation_args(bench)
+    bench.add_argument("--runs", type=int, default=3)
+    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--verbose", action="store_true")
+    bench.set_defaults(handler=_bench)
+
+    for ep in entry_points(group="vlm.commands"):
+        ep.load()(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except _user_errors() as exc:
+        if getattr(args, "verbose", False):
+            raise
+        print(f"vlm {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

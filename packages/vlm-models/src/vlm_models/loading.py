@@ -1,0 +1,192 @@
+"""Loading a checkpoint (local folder or Hugging Face repo) into a model and its processor."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ConfigError
+from .processor import Processor, load_chat_template
+from .registry import Architecture, architecture_for
+
+__all__ = ["load", "load_config", "resolve_model_path", "ModelLoadError"]
+
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py"]
+
+
+class ModelLoadError(ValueError):
+    """The checkpoint cannot be loaded; the message names the file or keys at fault."""
+
+
+def resolve_model_path(path_or_repo: str | os.PathLike[str], revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a Hugging Face repo id, downloaded (or found in the cache when
+    ``HF_HUB_OFFLINE=1``) with huggingface_hub and its progress bars."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is a file; a model is a folder holding config.json and weights")
+        return path
+    repo = str(path_or_repo)
+    if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
+        raise ModelLoadError(f"no model folder at {repo} (and it is not a Hugging Face repo id like 'org/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=_DOWNLOAD_PATTERNS))
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"Hugging Face repo {repo!r} not found (or it is private and no token is set)") from None
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"{repo!r} is not in the local Hugging Face cache and the hub cannot be reached"
+            " (offline, or HF_HUB_OFFLINE=1)"
+        ) from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelLoadError(f"downloading {repo!r} failed: {exc}") from None
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    file = path / "config.json"
+    if not file.is_file():
+        raise ModelLoadError(f"{path} has no config.json; is it a model folder?")
+    config = _read_json(file)
+    if "model_type" not in config:
+        raise ModelLoadError(f"{file} has no model_type")
+    return config
+
+
+def _read_weights(path: Path) -> dict[str, mx.array]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors weight files")
+    weights: dict[str, mx.array] = {}
+    for file in files:
+        try:
+            weights.update(mx.load(str(file)))
+        except Exception as exc:  # mlx raises bare RuntimeError/ValueError for corrupt files
+            raise ModelLoadError(f"cannot read {file}: {exc}") from None
+    return weights
+
+
+def _summarise(keys: set[str], limit: int = 8) -> str:
+    shown = sorted(keys)[:limit]
+    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(shown) + more
+
+
+def apply_quantization(model: nn.Module, quantization: Mapping[str, Any], weights: Mapping[str, mx.array]) -> None:
+    """Swap in quantized layers wherever the checkpoint stores quantized weights (``<path>.scales``)."""
+    defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+
+    def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
+        if f"{path}.scales" not in weights:
+            return False
+        override = quantization.get(path)
+        return {**defaults, **override} if isinstance(override, dict) else True
+
+    nn.quantize(
+        model,
+        group_size=defaults.get("group_size", 64),
+        bits=defaults.get("bits", 4),
+        mode=defaults.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def load_model(path: Path, config: Mapping[str, Any], arch: Architecture) -> nn.Module:
+    try:
+        model = arch.load_module().Model.from_hf_config(config)
+    except ConfigError as exc:
+        raise ModelLoadError(f"{path / 'config.json'}: {exc}") from None
+    weights = model.sanitize(_read_weights(path))
+    if "quantization" in config:
+        apply_quantization(model, config["quantization"], weights)
+    expected = {name: value for name, value in tree_flatten(model.parameters())}
+    missing, extra = set(expected) - set(weights), set(weights) - set(expected)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing weights: {_summarise(missing)}")
+        if extra:
+            parts.append(f"unexpected weights: {_summarise(extra)}")
+        raise ModelLoadError(f"{path}: checkpoint does not match {config['model_type']}: " + "; ".join(parts))
+    wrong = {k for k in expected if expected[k].shape != weights[k].shape}
+    if wrong:
+        k = sorted(wrong)[0]
+        raise ModelLoadError(
+            f"{path}: {len(wrong)} weight(s) have the wrong shape, e.g. {k}: "
+            f"checkpoint {tuple(weights[k].shape)}, config implies {tuple(expected[k].shape)}"
+        )
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{file} must hold a JSON object")
+    return value
+
+
+def _image_processor_config(path: Path) -> dict[str, Any]:
+    """transformers 4 writes preprocessor_config.json; transformers 5 nests it in processor_config.json."""
+    if (path / "preprocessor_config.json").is_file():
+        return _read_json(path / "preprocessor_config.json")
+    if (path / "processor_config.json").is_file():
+        return dict(_read_json(path / "processor_config.json").get("image_processor") or {})
+    return {}
+
+
+def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, trust_remote_code: bool) -> Processor:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many types for a broken tokenizer folder
+        raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from None
+    image_processor = arch.image_processor_class().from_config(_image_processor_config(path))
+    eos: set[int] = set()
+    generation = path / "generation_config.json"
+    if generation.is_file():
+        value = _read_json(generation).get("eos_token_id")
+        eos.update(value if isinstance(value, list) else [value] if value is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return Processor(
+        tokenizer,
+        image_processor,
+        image_token=arch.image_token,
+        chat_template=load_chat_template(path) or getattr(tokenizer, "chat_template", None),
+        eos_token_ids=eos,
+    )
+
+
+def load(
+    path_or_repo: str | os.PathLike[str],
+    *,
+    adapter_path: str | os.PathLike[str] | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, Processor]:
+    """Load a model and its processor from a local folder or a Hugging Face repo id.
+
+    Reads the transformers 4 and 5 layouts and MLX-community conversions (quantized included).
+    """
+    if adapter_path is not None:
+        raise ModelLoadError("LoRA adapters are not supported yet (they arrive with vlm-train)")
+    path = resolve_model_path(path_or_repo, revision)
+    config = load_config(path)
+    arch = architecture_for(config.get("model_type"))
+    model = load_model(path, config, arch)
+    return model, load_processor(path, config, arch, trust_remote_code)

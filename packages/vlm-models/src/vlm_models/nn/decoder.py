@@ -1,0 +1,108 @@
+"""A Llama-style text decoder (embeddings, pre-norm layers, final norm) parameterised by its config.
+
+Qwen2, Llama and Mistral language models differ only in sizes, biases and the rotary scheme, so they share
+this class; families pass in their rotary embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from vlm_runtime.masks import padded_causal_mask
+
+from .layers import Attention, DecoderLayer, GatedMLP
+from .rope import MultimodalRotary
+
+__all__ = ["DecoderConfig", "TextDecoder", "attention_mask_for"]
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+def attention_mask_for(
+    n_queries: int, attention_mask: mx.array | None, dtype: mx.Dtype
+) -> mx.array | str | None:
+    """The mask argument for fused attention: none for one query, "causal" without padding, else additive.
+
+    Additive with a finite minimum rather than boolean: a padded query row would otherwise see no key at all,
+    its softmax would be NaN, and NaN values leak through later layers' (masked) attention products.
+    """
+    if attention_mask is None:
+        return None if n_queries == 1 else "causal"
+    allowed = padded_causal_mask(attention_mask, n_queries)
+    return mx.where(allowed, mx.array(0.0, dtype), mx.array(mx.finfo(dtype).min, dtype))
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, config: DecoderConfig, rotary: MultimodalRotary) -> None:
+        super().__init__()
+        self.config = config
+        head_dim = config.attention_head_dim
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [
+            DecoderLayer(
+                Attention(
+                    config.hidden_size,
+                    config.num_attention_heads,
+                    config.num_key_value_heads,
+                    head_dim,
+                    qkv_bias=config.attention_bias,
+                ),
+                GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act),
+                config.hidden_size,
+                config.rms_norm_eps,
+            )
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self._rotary = rotary
+
+    def __call__(
+        self,
+        inputs_embeds: mx.array,
+        *,
+        cache: list[Any] | None = None,
+        position_ids: mx.array | None = None,
+        attention_mask: mx.array | None = None,
+    ) -> mx.array:
+        length = inputs_embeds.shape[1]
+        offset = cache[0].offset if cache else 0
+        if position_ids is not None:
+            rotate = self._rotary.at_positions(position_ids)
+            if cache:
+                _record_position_delta(cache, position_ids, offset + length)
+        else:
+            delta = cache[0].position_delta if cache else 0
+            rotate = self._rotary.at_offset(offset + delta)
+        mask = attention_mask_for(length, attention_mask, inputs_embeds.dtype)
+        h = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rotate, mask, cache[i] if cache else None)
+        return self.norm(h)
+
+
+def _record_position_delta(cache: list[Any], position_ids: mx.array, n_tokens: int) -> None:
+    """Later tokens continue from the last explicit position: store (max position + 1) - tokens seen, per row."""
+    batch = position_ids.shape[-2]
+    last = position_ids.reshape(-1, batch, position_ids.shape[-1]).max(axis=(0, 2))
+    delta = last + 1 - n_tokens
+    for c in cache:
+        c.position_delta = delta

@@ -1,0 +1,96 @@
+"""Attention with grouped KV heads, MLPs, and the pre-norm decoder layer used by Llama-style language models."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .rope import Rotate
+
+__all__ = ["Attention", "GatedMLP", "MLP", "DecoderLayer", "ACTIVATIONS"]
+
+ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
+    "silu": nn.silu,
+    "gelu": nn.gelu,
+    "gelu_pytorch_tanh": nn.gelu_approx,
+    "gelu_new": nn.gelu_approx,
+    "quick_gelu": nn.gelu_fast_approx,
+    "relu": nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[mx.array], mx.array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads (``n_kv_heads`` divides ``n_heads``)."""
+
+    def __init__(
+        self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool, out_bias: bool = False
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=out_bias)
+
+    def __call__(self, x: mx.array, rotate: Rotate, mask: Any, cache: Any = None) -> mx.array:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k = rotate(q), rotate(k)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "silu", bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self._act = activation(act)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLP(nn.Module):
+    """fc2(act(fc1(x)))."""
+
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self._act = activation(act)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self._act(self.fc1(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention, then a gated MLP."""
+
+    def __init__(self, attention: Attention, mlp: nn.Module, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.self_attn = attention
+        self.mlp = mlp
+        self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(hidden, eps=eps)
+
+    def __call__(self, x: mx.array, rotate: Rotate, mask: Any, cache: Any = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), rotate, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))

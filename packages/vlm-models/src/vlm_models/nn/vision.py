@@ -1,0 +1,64 @@
+"""Vision transformer pieces shared by the families, and the step that merges media features into text."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .rope import apply_rotary
+
+__all__ = ["VisionAttention", "VisionBlock", "merge_features"]
+
+
+class VisionAttention(nn.Module):
+    """Attention over a flat (tokens, dim) sequence with a fused qkv projection and optional 2D rotary."""
+
+    def __init__(self, dim: int, num_heads: int, bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: mx.array) -> mx.array:
+        n = x.shape[0]
+        qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim).transpose(1, 2, 0, 3)
+        q, k, v = qkv[0][None], qkv[1][None], qkv[2][None]  # (1, heads, n, head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        return self.proj(out[0].transpose(1, 0, 2).reshape(n, -1))
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp: nn.Module, norm: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        self.norm1 = norm()
+        self.norm2 = norm()
+        self.attn = VisionAttention(dim, num_heads)
+        self.mlp = mlp
+
+    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: mx.array) -> mx.array:
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+def merge_features(
+    inputs_embeds: mx.array, input_ids: mx.array, token_id: int, features: mx.array, kind: str = "image"
+) -> mx.array:
+    """Put ``features`` (n, hidden), in order, at the positions of ``token_id`` in ``input_ids`` (batch, length)."""
+    slots = input_ids == token_id
+    n_slots = int(slots.sum().item())
+    if n_slots != features.shape[0]:
+        raise ValueError(
+            f"the prompt has {n_slots} {kind} tokens but the {kind}s give {features.shape[0]} features; "
+            f"the prompt and the {kind} inputs do not belong together"
+        )
+    if n_slots == 0:
+        return inputs_embeds
+    index = mx.maximum(mx.cumsum(slots.reshape(-1).astype(mx.int32)) - 1, 0)
+    gathered = features.astype(inputs_embeds.dtype)[index].reshape(inputs_embeds.shape)
+    return mx.where(slots[..., None], gathered, inputs_embeds)

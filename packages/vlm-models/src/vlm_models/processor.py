@@ -1,0 +1,85 @@
+"""The processor: tokenizer, numpy image processor and chat template of one checkpoint.
+
+It produces the same tensors, under the same names, as the Hugging Face processor of the family, without
+torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .processors.image import load_image
+
+__all__ = ["Processor", "load_chat_template"]
+
+
+class Processor:
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_processor: Any,
+        *,
+        image_token: str,
+        chat_template: str | None,
+        eos_token_ids: Iterable[int],
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token = image_token
+        self.chat_template = chat_template
+        self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
+
+    def __call__(self, prompt: str, images: Sequence[Any] = ()) -> dict[str, np.ndarray]:
+        """Numpy outputs, like the Hugging Face processor with ``return_tensors="np"``."""
+        n_slots = prompt.count(self.image_token)
+        if n_slots != len(images):
+            raise ValueError(
+                f"the prompt has {n_slots} image slot(s) ({self.image_token}) but {len(images)} image(s) were given"
+            )
+        outputs: dict[str, np.ndarray] = {}
+        if images:
+            pictures = [load_image(i) for i in images]
+            outputs.update(self.image_processor(pictures))
+            prompt = self._expand_image_tokens(prompt, outputs["image_grid_thw"])
+        bos = getattr(self.tokenizer, "bos_token", None)
+        add_special = not (bos and prompt.startswith(bos))
+        ids = self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+        outputs["input_ids"] = np.asarray([ids], dtype=np.int64)
+        outputs["attention_mask"] = np.ones_like(outputs["input_ids"])
+        return outputs
+
+    def _expand_image_tokens(self, prompt: str, grids: np.ndarray) -> str:
+        pieces = prompt.split(self.image_token)
+        out = [pieces[0]]
+        for grid, piece in zip(grids, pieces[1:]):
+            out.append(self.image_token * self.image_processor.num_image_tokens(grid))
+            out.append(piece)
+        return "".join(out)
+
+    def prepare_inputs(self, prompt: str, images: Sequence[Any] = ()) -> dict[str, mx.array]:
+        return {k: mx.array(v) for k, v in self(prompt, images).items()}
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+
+def load_chat_template(path: Path) -> str | None:
+    """The processor's chat template: chat_template.jinja, chat_template.json, or tokenizer_config.json."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
+        file = path / name
+        if file.is_file():
+            try:
+                template = json.loads(file.read_text(encoding="utf-8")).get("chat_template")
+            except json.JSONDecodeError:
+                continue
+            if isinstance(template, str):
+                return template
+    return None

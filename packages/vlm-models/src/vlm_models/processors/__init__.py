@@ -1,0 +1,14 @@
+"""Numpy/Pillow image processors (no torch, no mlx), output-identical to the Hugging Face PIL processors."""
+
+from .image import ImageLoadError, load_image, rescale_and_normalize, resize, to_rgb
+from .qwen2_vl import Qwen2VLImageProcessor, smart_resize
+
+__all__ = [
+    "ImageLoadError",
+    "Qwen2VLImageProcessor",
+    "load_image",
+    "rescale_and_normalize",
+    "resize",
+    "smart_resize",
+    "to_rgb",
+]

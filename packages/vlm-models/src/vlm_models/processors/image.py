@@ -1,0 +1,226 @@
+"""Image loading and the numpy/PIL primitives shared by image processors.
+
+Numerics follow transformers' PIL backend (``image_transforms.resize/rescale/normalize``) step for step, so the
+outputs are bit-identical to the Hugging Face "slow" processors given the same Pillow version. Only numpy, Pillow
+and the standard library are imported here: no torch, no mlx.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import io
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "ImageLoadError",
+    "ImageSource",
+    "MAX_IMAGE_BYTES",
+    "URL_TIMEOUT_S",
+    "load_image",
+    "rescale_and_normalize",
+    "resize",
+    "to_rgb",
+]
+
+ImageSource = Union[Image.Image, str, Path, bytes, bytearray, memoryview]
+
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+"""Cap on fetched or base64-embedded image payloads."""
+URL_TIMEOUT_S = 10.0
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_DATA_URL = re.compile(r"^data:([^,]*),", re.DOTALL)
+
+
+class ImageLoadError(ValueError):
+    """An image source could not be turned into a picture; the message names the source."""
+
+
+def _describe(source: object) -> str:
+    """A short, printable name for ``source`` (data URLs and raw bytes can be megabytes long)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    text = str(source)
+    limit = 80 if text[:5].lower() == "data:" else 1000  # a data URL is its payload; paths and URLs stay whole
+    return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)} chars)"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB conversion exactly as transformers' ``convert_to_rgb`` (the processors' ``do_convert_rgb`` step).
+
+    Anything with transparency (an alpha band, or a ``transparency`` entry as palette/L/RGB images may carry) is
+    composited onto white; everything else goes through a plain ``convert("RGB")``.
+    """
+    if image.mode == "RGB" and image.info.get("transparency") is None:
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _decode(data: bytes, name: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(f"{name} is not an image (unrecognised format, {len(data)} bytes)") from e
+    except Exception as e:  # Pillow raises a zoo of types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise ImageLoadError(f"cannot decode image {name}: {e}") from e
+    try:
+        image.load()  # force the full decode so truncated/corrupt files fail here, not later
+    except Exception as e:
+        raise ImageLoadError(f"cannot decode image {name}: {e}") from e
+    return image
+
+
+def _read_url(url: str) -> tuple[bytes, str]:
+    """The body (at most MAX_IMAGE_BYTES) and Content-Type of an http(s) URL."""
+    name = _describe(url)
+    request = urllib.request.Request(url, headers={"User-Agent": "vlm/0.1", "Accept": "image/*"})
+    try:
+        with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as response:
+            final = urllib.parse.urlsplit(response.geturl()).scheme.lower()
+            if final not in ("http", "https"):  # urllib would follow a redirect to ftp://
+                raise ImageLoadError(f"image URL {name} redirected to an unsupported scheme {final!r}")
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > MAX_IMAGE_BYTES:
+                raise ImageLoadError(f"image at {name} is too large ({length} bytes > {MAX_IMAGE_BYTES})")
+            data = response.read(MAX_IMAGE_BYTES + 1)  # bounded even when Content-Length lies or is absent
+            content_type = response.headers.get_content_type()
+    except ImageLoadError:
+        raise
+    except urllib.error.HTTPError as e:
+        raise ImageLoadError(f"cannot fetch image {name}: HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        raise ImageLoadError(f"cannot fetch image {name}: {e.reason}") from e
+    except (OSError, http.client.HTTPException, ValueError) as e:  # timeouts, resets, malformed URLs
+        raise ImageLoadError(f"cannot fetch image {name}: {type(e).__name__}: {e}") from e
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageLoadError(f"image at {name} is too large (> {MAX_IMAGE_BYTES} bytes)")
+    return data, content_type
+
+
+def _read_data_url(url: str) -> bytes:
+    name = _describe(url)
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise ImageLoadError(f"malformed data URL {name}: expected 'data:image/<type>;base64,<data>'")
+    params = match.group(1).split(";")
+    if not params[0].lower().startswith("image/") or "base64" not in (p.strip().lower() for p in params[1:]):
+        raise ImageLoadError(f"unsupported data URL {name}: expected 'data:image/<type>;base64,<data>'")
+    payload = url[match.end() :]
+    if len(payload) * 3 // 4 > MAX_IMAGE_BYTES:
+        raise ImageLoadError(f"data URL {name} is too large (> {MAX_IMAGE_BYTES} bytes)")
+    try:
+        # Whitespace (line-wrapped base64) is tolerated; any other non-alphabet character is an error.
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageLoadError(f"invalid base64 in data URL {name}: {e}") from e
+
+
+def _read_file(path: Path) -> bytes:
+    path = path.expanduser()
+    if not path.exists():
+        raise ImageLoadError(f"image file not found: {path}")
+    if not path.is_file():
+        raise ImageLoadError(f"image path is not a file: {path}")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ImageLoadError(f"cannot read image file {path}: {e.strerror or e}") from e
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Open an image from a PIL image, a path, an http(s) URL, a ``data:image/...;base64,`` URL or raw bytes.
+
+    The result is RGB, upright (the EXIF orientation is applied, as transformers' ``load_image`` does) and
+    transparency is composited onto white (as the processors' ``convert_to_rgb`` does). Every failure is an
+    :class:`ImageLoadError` naming the source.
+    """
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        image = _decode(bytes(source), _describe(source))
+    elif isinstance(source, Path):
+        image = _decode(_read_file(source), str(source))
+    elif isinstance(source, str):
+        scheme = _SCHEME.match(source)
+        if source[:5].lower() == "data:":
+            image = _decode(_read_data_url(source), _describe(source))
+        elif scheme is not None:
+            if scheme.group(1).lower() not in ("http", "https"):
+                raise ImageLoadError(f"unsupported URL scheme {scheme.group(1)!r} in {_describe(source)}")
+            data, content_type = _read_url(source)
+            try:
+                image = _decode(data, _describe(source))
+            except ImageLoadError as e:
+                if content_type.startswith("image/"):
+                    raise
+                raise ImageLoadError(
+                    f"URL {_describe(source)} did not return an image (Content-Type {content_type})"
+                ) from e
+        else:
+            image = _decode(_read_file(Path(source)), source)
+    else:
+        raise ImageLoadError(f"unsupported image source type {type(source).__name__}: {_describe(source)}")
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a corrupt EXIF block: keep the pixels as stored rather than reject a decodable picture
+        pass
+    return to_rgb(image)
+
+
+def resize(
+    image: Image.Image, size: tuple[int, int], resample: int = Image.Resampling.BICUBIC
+) -> np.ndarray:
+    """Resize to ``(height, width)`` with Pillow; uint8 HWC, as transformers' ``image_transforms.resize``."""
+    height, width = size
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=resample)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def rescale_and_normalize(
+    array: np.ndarray,
+    scale: float | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> np.ndarray:
+    """HWC image -> float32 CHW, ``(array * scale - mean) / std``; ``None`` skips a step.
+
+    The dtype path is transformers': the rescale multiplies in float64 and then casts to float32, the normalize
+    subtracts and divides in float32 with float32 mean/std. Any other order differs in the last ulp.
+    """
+    if scale is not None:
+        out = (array.astype(np.float64) * scale).astype(np.float32)
+    else:
+        out = array.astype(np.float32)
+    if mean is not None or std is not None:
+        if mean is None or std is None:
+            raise ValueError("normalizing needs both mean and std")
+        channels = out.shape[-1]
+        mean32 = np.asarray(_per_channel(mean, channels, "mean"), dtype=np.float32)
+        std32 = np.asarray(_per_channel(std, channels, "std"), dtype=np.float32)
+        out = (out - mean32) / std32
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def _per_channel(values: float | Sequence[float], channels: int, what: str) -> list[float]:
+    if isinstance(values, (int, float)):
+        return [float(values)] * channels
+    values = list(values)
+    if len(values) != channels:
+        raise ValueError(f"image {what} has {len(values)} values but the image has {channels} channels")
+    return values

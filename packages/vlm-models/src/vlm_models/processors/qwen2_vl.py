@@ -1,0 +1,178 @@
+"""Qwen2-VL / Qwen2.5-VL image processor in numpy, output-identical to transformers' PIL backend."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .image import rescale_and_normalize, resize, to_rgb
+
+__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "Qwen2VLImageProcessor", "smart_resize"]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT_RATIO = 200
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = 28,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 14 * 14 * 4 * 1280,
+) -> tuple[int, int]:
+    """Target ``(height, width)``: both multiples of ``factor``, area near ``[min_pixels, max_pixels]``, aspect kept.
+
+    Same arithmetic as transformers (round to the nearest multiple; if that overshoots max_pixels scale down and
+    floor, if it undershoots min_pixels scale up and ceil). The bounds are best effort: a side is never below
+    ``factor``, so extreme aspect ratios can leave the area outside the range, exactly as in transformers.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got height={height} width={width}")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, got {max(height, width) / min(height, width)}"
+            f" for a {height}x{width} image"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@dataclass
+class Qwen2VLImageProcessor:
+    """Images -> ``pixel_values`` (patches, C*T*P*P) float32 and ``image_grid_thw`` (images, 3) int64."""
+
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    image_mean: tuple[float, ...] = field(default=OPENAI_CLIP_MEAN)
+    image_std: tuple[float, ...] = field(default=OPENAI_CLIP_STD)
+    rescale_factor: float = 1 / 255
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    do_convert_rgb: bool = True
+    resample: int = int(Image.Resampling.BICUBIC)
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> Qwen2VLImageProcessor:
+        """Build from a ``preprocessor_config.json`` dict; unknown keys are ignored.
+
+        As in transformers 5.x, top-level ``min_pixels``/``max_pixels`` override ``size.shortest_edge``/
+        ``size.longest_edge``, and a ``size`` dict replaces the defaults wholesale.
+        """
+        kwargs: dict[str, Any] = {}
+        for key in ("patch_size", "temporal_patch_size", "merge_size", "resample"):
+            if cfg.get(key) is not None:
+                kwargs[key] = int(cfg[key])
+        for key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+            if cfg.get(key) is not None:
+                kwargs[key] = bool(cfg[key])
+        if cfg.get("rescale_factor") is not None:
+            kwargs["rescale_factor"] = float(cfg["rescale_factor"])
+        for key in ("image_mean", "image_std"):
+            if cfg.get(key) is not None:
+                value = cfg[key]
+                kwargs[key] = tuple(float(v) for v in (value if isinstance(value, Sequence) else [value] * 3))
+
+        # A size dict replaces the defaults wholesale (older configs spell its keys min_pixels/max_pixels, which
+        # transformers only accepts alongside the top-level keys; taking them here changes no working config).
+        size = cfg.get("size")
+        if isinstance(size, dict):
+            bounds = {
+                "min_pixels": size.get("shortest_edge", size.get("min_pixels")),
+                "max_pixels": size.get("longest_edge", size.get("max_pixels")),
+            }
+        else:
+            bounds = {"min_pixels": cls.min_pixels, "max_pixels": cls.max_pixels}
+        for key in ("min_pixels", "max_pixels"):  # top-level keys win over size, as in transformers
+            if cfg.get(key) is not None:
+                bounds[key] = cfg[key]
+        missing = [k for k, v in bounds.items() if v is None]
+        if missing:
+            # transformers accepts such a config but fails on the first image; fail at load instead.
+            raise ValueError(
+                f"preprocessor config size={size!r} lacks {' and '.join(missing)} "
+                "(need size.shortest_edge/longest_edge or top-level min_pixels/max_pixels)"
+            )
+        kwargs.update({k: int(v) for k, v in bounds.items()})
+        return cls(**kwargs)
+
+    @property
+    def factor(self) -> int:
+        """Resized sides are multiples of this: one merged token covers factor x factor pixels."""
+        return self.patch_size * self.merge_size
+
+    def num_image_tokens(self, grid_thw: Sequence[int] | np.ndarray) -> int:
+        """LLM placeholder tokens for one image: its patches after the merge_size x merge_size merge."""
+        t, h, w = (int(v) for v in grid_thw)
+        return t * h * w // self.merge_size**2
+
+    def __call__(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+        if not images:
+            raise ValueError("no images given")
+        patches = []
+        grids = []
+        for image in images:
+            flat, grid = self._process_one(image)
+            patches.append(flat)
+            grids.append(grid)
+        return {
+            "pixel_values": np.concatenate(patches, axis=0),
+            "image_grid_thw": np.asarray(grids, dtype=np.int64),
+        }
+
+    def _process_one(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int, int]]:
+        if self.do_convert_rgb:
+            image = to_rgb(image)
+        if self.do_resize:
+            height, width = smart_resize(
+                image.height, image.width, self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+            )
+            array = resize(image, (height, width), resample=self.resample)
+        else:
+            array = np.asarray(image)
+        if array.ndim == 2:  # mode L with do_convert_rgb off
+            array = array[..., None]
+        pixels = rescale_and_normalize(
+            array,
+            self.rescale_factor if self.do_rescale else None,
+            self.image_mean if self.do_normalize else None,
+            self.image_std if self.do_normalize else None,
+        )
+        return self._patchify(pixels)
+
+    def _patchify(self, pixels: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """CHW -> (grid_h*grid_w, C*T*P*P), rows in merge-window order, the one frame repeated T times.
+
+        Row order is (gh/m, gw/m, m, m) so the merge_size**2 patches of one LLM token are consecutive; the
+        feature order is (C, T, P, P), the layout of the vision tower's Conv3d patch embedding.
+        """
+        channels, height, width = pixels.shape
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        if height % (p * m) or width % (p * m):
+            raise ValueError(
+                f"image of {height}x{width} is not a multiple of patch_size*merge_size={p * m}; enable do_resize"
+            )
+        grid_h, grid_w = height // p, width // p
+        blocks = pixels.reshape(channels, grid_h // m, m, p, grid_w // m, m, p)
+        blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P)
+        blocks = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], t, p, p))
+        flat = blocks.reshape(grid_h * grid_w, channels * t * p * p).astype(np.float32, copy=False)
+        return flat, (1, grid_h, grid_w)

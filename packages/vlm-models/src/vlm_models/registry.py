@@ -1,0 +1,45 @@
+"""model_type -> architecture. Adding a family is one entry here plus its module."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+__all__ = ["Architecture", "ARCHITECTURES", "architecture_for", "UnsupportedModelError"]
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    module: str
+    """Module under vlm_models.models holding ``Model``."""
+    image_processor: str
+    """``module:Class`` of the numpy image processor."""
+    image_token: str = "<|image_pad|>"
+
+    def load_module(self) -> ModuleType:
+        return importlib.import_module(f"vlm_models.models.{self.module}")
+
+    def image_processor_class(self) -> type:
+        module, name = self.image_processor.split(":")
+        return getattr(importlib.import_module(f"vlm_models.processors.{module}"), name)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "qwen2_vl": Architecture("qwen2_vl", "qwen2_vl:Qwen2VLImageProcessor"),
+    "qwen2_5_vl": Architecture("qwen2_5_vl", "qwen2_vl:Qwen2VLImageProcessor"),
+}
+
+
+def architecture_for(model_type: str | None) -> Architecture:
+    try:
+        return ARCHITECTURES[model_type or ""]
+    except KeyError:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedModelError(
+            f"unsupported model_type {model_type!r} in config.json (supported: {supported})"
+        ) from None

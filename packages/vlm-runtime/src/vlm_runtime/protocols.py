@@ -1,0 +1,56 @@
+"""What the runtime needs from a model and a processor. Any architecture that provides these can be generated
+from; the runtime never imports a model package."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import mlx.core as mx
+
+from .cache import Cache
+
+__all__ = ["PromptEmbedding", "GenerativeModel", "PromptProcessor"]
+
+
+@dataclass
+class PromptEmbedding:
+    """A prompt turned into decoder inputs: (batch, length, hidden) embeddings, and position ids whose last axis
+    is the sequence (None where positions simply follow the cache)."""
+
+    inputs_embeds: mx.array
+    position_ids: mx.array | None = None
+    attention_mask: mx.array | None = None
+
+
+class GenerativeModel(Protocol):
+    def make_cache(self) -> list[Cache]: ...
+
+    def embed_prompt(self, **inputs: mx.array) -> PromptEmbedding:
+        """Token embeddings with any media features merged in; the vision tower runs here."""
+        ...
+
+    def embed_tokens(self, input_ids: mx.array) -> mx.array: ...
+
+    def hidden_states(
+        self,
+        inputs_embeds: mx.array,
+        *,
+        cache: list[Cache],
+        position_ids: mx.array | None = None,
+        attention_mask: mx.array | None = None,
+    ) -> mx.array:
+        """Run the decoder over embeddings, extending ``cache``; returns final hidden states."""
+        ...
+
+    def compute_logits(self, hidden: mx.array) -> mx.array: ...
+
+
+class PromptProcessor(Protocol):
+    eos_token_ids: frozenset[int]
+
+    def prepare_inputs(self, prompt: str, images: Sequence[Any] = ()) -> dict[str, mx.array]:
+        """Tokenize ``prompt`` (already chat-formatted) and preprocess ``images`` into model inputs."""
+        ...
+
+    def decode(self, tokens: Sequence[int]) -> str: ...

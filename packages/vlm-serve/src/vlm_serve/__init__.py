@@ -1,0 +1,4 @@
+"""vlm_serve."""
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]

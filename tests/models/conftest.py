@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+LAYOUTS = ["hf4", "hf5"]
+
+
+class Reference:
+    """The transformers outputs stored by tests/fixtures/make_fixtures.py for one family."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self.root = FIXTURES / family
+        self.arrays = np.load(self.root / "reference.npz")
+        self.meta = json.loads((self.root / "reference.json").read_text())
+
+    @property
+    def cases(self) -> list[str]:
+        return sorted({k.split("/")[0] for k in self.arrays.files})
+
+    def get(self, case: str, name: str) -> np.ndarray | None:
+        key = f"{case}/{name}"
+        return self.arrays[key] if key in self.arrays.files else None
+
+    def inputs(self, case: str) -> dict[str, np.ndarray]:
+        names = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+        return {n: self.get(case, n) for n in names if self.get(case, n) is not None}
+
+
+@pytest.fixture(scope="session")
+def references() -> dict[str, Reference]:
+    return {family: Reference(family) for family in FAMILIES}

@@ -1,0 +1,94 @@
+"""`vlm generate` end to end, and one clear line with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from vlm_models.cli import main
+
+from .conftest import FIXTURES
+
+MODEL = FIXTURES / "qwen2_vl" / "hf4"
+IMAGE = FIXTURES / "images" / "rgb_112x168.png"
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["generate", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_streams_text_and_stats(capsys) -> None:
+    code, out, err = run(capsys, "--model", str(MODEL), "--image", str(IMAGE), "--prompt", "Describe this image.", "--max-tokens", "8")
+    assert code == 0
+    assert out.strip(), "no text was generated"
+    assert "generation:" in err and "tok/s" in err and "peak memory" in err
+
+
+def test_generate_is_deterministic_at_temperature_zero(capsys) -> None:
+    first = run(capsys, "--model", str(MODEL), "--prompt", "Hello", "--max-tokens", "6")[1]
+    second = run(capsys, "--model", str(MODEL), "--prompt", "Hello", "--max-tokens", "6")[1]
+    assert first == second
+
+
+def assert_clean_failure(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l]
+    assert len(lines) == 1, f"expected one line, got: {err}"
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_missing_image(capsys, tmp_path: Path) -> None:
+    code, _, err = run(capsys, "--model", str(MODEL), "--image", str(tmp_path / "nope.png"))
+    assert_clean_failure(code, err, "nope.png")
+
+
+def test_image_that_is_not_an_image(capsys, tmp_path: Path) -> None:
+    fake = tmp_path / "fake.png"
+    fake.write_text("this is text")
+    code, _, err = run(capsys, "--model", str(MODEL), "--image", str(fake))
+    assert_clean_failure(code, err, "fake.png")
+
+
+def test_url_that_is_not_an_image(capsys, tmp_path: Path) -> None:
+    (tmp_path / "page.html").write_text("<html>not an image</html>")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(tmp_path), **kw)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/page.html"
+        code, _, err = run(capsys, "--model", str(MODEL), "--image", url)
+    finally:
+        server.shutdown()
+    assert_clean_failure(code, err, "page.html")
+
+
+def test_model_folder_without_config(capsys, tmp_path: Path) -> None:
+    code, _, err = run(capsys, "--model", str(tmp_path))
+    assert_clean_failure(code, err, "config.json")
+
+
+def test_unknown_model_type(capsys, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(MODEL, tmp_path / "m"))
+    (folder / "config.json").write_text('{"model_type": "mystery"}')
+    code, _, err = run(capsys, "--model", str(folder))
+    assert_clean_failure(code, err, "mystery")
+
+
+def test_bad_option_value(capsys) -> None:
+    code, _, err = run(capsys, "--model", str(MODEL), "--temperature", "-1")
+    assert_clean_failure(code, err, "temperature")

@@ -1,0 +1,70 @@
+"""A toy model and byte-level processor that satisfy the runtime's protocols without vlm_models.
+
+The model is a one-layer attention network with random weights: enough to exercise caches, prefill chunking
+and sampling for real, while every result can be recomputed by a full forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from vlm_runtime import KVCache, PromptEmbedding
+
+VOCAB = 259  # 256 bytes + BOS + EOS + PAD
+BOS, EOS = 256, 257
+
+
+class ToyModel(nn.Module):
+    def __init__(self, dim: int = 32, layers: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        mx.random.seed(seed)
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.qkv = [nn.Linear(dim, 3 * dim) for _ in range(layers)]
+        self.out = nn.Linear(dim, VOCAB)
+        # Large logits make greedy choices stable under float32 rounding.
+        self.out.weight = self.out.weight * 8
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.qkv]
+
+    def embed_tokens(self, input_ids: mx.array) -> mx.array:
+        return self.embed(input_ids)
+
+    def embed_prompt(self, input_ids: mx.array, **_: Any) -> PromptEmbedding:
+        return PromptEmbedding(self.embed(input_ids))
+
+    def hidden_states(self, inputs_embeds, *, cache, position_ids=None, attention_mask=None):
+        h = inputs_embeds
+        length = h.shape[1]
+        offset = cache[0].offset if cache else 0
+        for i, proj in enumerate(self.qkv):
+            q, k, v = mx.split(proj(h)[:, None], 3, axis=-1)
+            q = mx.fast.rope(q, q.shape[-1], traditional=False, base=10000.0, scale=1.0, offset=offset)
+            k = mx.fast.rope(k, k.shape[-1], traditional=False, base=10000.0, scale=1.0, offset=offset)
+            if cache:
+                k, v = cache[i].update_and_fetch(k, v)
+            mask = "causal" if length > 1 else None
+            h = h + mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)[:, 0]
+        return h
+
+    def compute_logits(self, hidden: mx.array) -> mx.array:
+        return self.out(hidden)
+
+    def __call__(self, input_ids: mx.array) -> mx.array:
+        return self.compute_logits(self.hidden_states(self.embed(input_ids), cache=None))
+
+
+class ByteProcessor:
+    """Bytes in, bytes out: a token is a byte, so decoding single tokens splits UTF-8 characters."""
+
+    eos_token_ids = frozenset({EOS})
+
+    def prepare_inputs(self, prompt: str, images: Sequence[Any] = ()) -> dict[str, mx.array]:
+        if images:
+            raise ValueError("the toy model takes no images")
+        return {"input_ids": mx.array([[BOS, *prompt.encode("utf-8")]])}
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
