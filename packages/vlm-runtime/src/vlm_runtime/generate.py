@@ -15,7 +15,7 @@ import mlx.core as mx
 from .cache import Cache
 from .detokenizer import StreamingDetokenizer
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
-from .sampling import Sampler, SamplingParams, make_sampler
+from .sampling import Sampler, SamplingParams, greedy, make_sampler
 
 __all__ = [
     "GenerationConfig",
@@ -96,6 +96,9 @@ def _decode_logits(model: GenerativeModel, tokens: mx.array, cache: list[Cache])
 
 
 def _sample(sampler: Sampler, logits: mx.array) -> tuple[mx.array, mx.array]:
+    if sampler is greedy:
+        # argmax needs no normalisation; the log-softmax is left lazy and costs nothing unless read.
+        return mx.argmax(logits, axis=-1), logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     return sampler(logprobs), logprobs
 
@@ -116,13 +119,13 @@ def generate_step(
         cache = model.make_cache()
     logits = prefill(model, model.embed_prompt(**inputs), cache, config.prefill_step_size)
     token, logprobs = _sample(sampler, logits)
-    mx.async_eval(token, logprobs)
+    mx.async_eval(token)
     produced = 0
     while True:
         produced += 1
         if produced < config.max_tokens:
             next_token, next_logprobs = _sample(sampler, _decode_logits(model, token, cache))
-            mx.async_eval(next_token, next_logprobs)
+            mx.async_eval(next_token)
         yield token.item(), logprobs
         if produced == config.max_tokens:
             return

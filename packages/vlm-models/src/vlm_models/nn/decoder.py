@@ -103,6 +103,9 @@ def _record_position_delta(cache: list[Any], position_ids: mx.array, n_tokens: i
     """Later tokens continue from the last explicit position: store (max position + 1) - tokens seen, per row."""
     batch = position_ids.shape[-2]
     last = position_ids.reshape(-1, batch, position_ids.shape[-1]).max(axis=(0, 2))
-    delta = last + 1 - n_tokens
+    delta: mx.array | int = last + 1 - n_tokens
+    if batch == 1:
+        # A plain int keeps the per-token rotary offset free of an extra device op (one sync, at prefill).
+        delta = int(delta.item())
     for c in cache:
         c.position_delta = delta

@@ -29,11 +29,26 @@ def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)
 
 
+# One fused kernel instead of seven small ones; only used for one-token decode, whose shapes never change,
+# so the compiled graph is traced once.
+_apply_rotary_decode = mx.compile(apply_rotary)
+
+
+def _tables(angles: mx.array) -> tuple[mx.array, mx.array]:
+    """cos/sin of (batch, length, head_dim/2) angles, shaped (batch, 1, length, head_dim) for the heads axis."""
+    emb = mx.concatenate([angles, angles], axis=-1)[:, None]
+    return mx.cos(emb), mx.sin(emb)
+
+
+def _rotate_with(cos: mx.array, sin: mx.array) -> Rotate:
+    return lambda x: (_apply_rotary_decode if x.shape[2] == 1 else apply_rotary)(x, cos, sin)
+
+
 class MultimodalRotary:
     """M-RoPE: each frequency takes its position from one of (time, height, width).
 
     ``sections`` splits the head_dim/2 frequencies into consecutive groups using axes 0, 1, 2. Text tokens have
-    equal positions on all axes, so during decode this is plain RoPE and uses the fused kernel.
+    equal positions on all axes, so during decode this is plain RoPE.
     """
 
     def __init__(self, head_dim: int, theta: float, sections: Sequence[int]) -> None:
@@ -49,13 +64,23 @@ class MultimodalRotary:
         if position_ids.ndim == 2:
             position_ids = mx.broadcast_to(position_ids[None], (3, *position_ids.shape))
         per_freq = position_ids.astype(mx.float32)[self._axis_of_freq]  # (half, batch, length)
-        angles = per_freq.transpose(1, 2, 0) * self._inv_freq  # (batch, length, half)
-        emb = mx.concatenate([angles, angles], axis=-1)[:, None]  # (batch, 1, length, head_dim)
-        cos, sin = mx.cos(emb), mx.sin(emb)
-        return lambda x: apply_rotary(x, cos, sin)
+        return _rotate_with(*_tables(per_freq.transpose(1, 2, 0) * self._inv_freq))
 
     def at_offset(self, offset: int | mx.array) -> Rotate:
         """Consecutive positions starting at ``offset`` (an int, or one per batch row)."""
-        return lambda x: mx.fast.rope(
-            x, self.head_dim, traditional=False, base=self.theta, scale=1.0, offset=offset
-        )
+        if mx.default_device() == mx.gpu:
+            return lambda x: mx.fast.rope(
+                x, self.head_dim, traditional=False, base=self.theta, scale=1.0, offset=offset
+            )
+        # On the CPU, MLX's rope is built from many small ops per call; one table serves every layer.
+        start = mx.array(offset).reshape(-1, 1)
+        cache: dict[int, Rotate] = {}
+
+        def rotate(x: mx.array) -> mx.array:
+            length = x.shape[2]
+            if length not in cache:
+                positions = (start + mx.arange(length)).astype(mx.float32)
+                cache[length] = _rotate_with(*_tables(positions[..., None] * self._inv_freq))
+            return cache[length](x)
+
+        return rotate
