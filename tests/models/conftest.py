@@ -8,7 +8,7 @@ import pytest
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
-LAYOUTS = ["hf4", "hf5"]
+LAYOUTS = ["hf4", "hf5", "mlx_community"]
 
 
 class Reference:

@@ -153,3 +153,19 @@ def test_hub_repo_id_resolves_from_the_local_cache(tmp_path: Path, monkeypatch) 
     assert model.config.model_type == "qwen2_vl"
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
         load("tiny/absent-model")
+
+
+@pytest.mark.parametrize("variant", ["mlx_community", "mlx_community_4bit"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_peer_converted_checkpoints_compute_what_the_peer_computes(family: str, variant: str, references) -> None:
+    """Checkpoints written by mlx-vlm's own converter (tests/fixtures/make_mlx_community_fixtures.py) load and
+    give the logits mlx-vlm gives on them, quantized ones included."""
+    model, _ = load(FIXTURES / family / variant)
+    if variant.endswith("4bit"):
+        assert any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    peer = np.load(FIXTURES / family / "mlx_community_logits.npz")
+    for case in ("one_image", "text"):
+        inputs = {k: mx.array(v) for k, v in references[family].inputs(case).items()}
+        ours = np.array(model(**inputs).logits)
+        diff = np.abs(ours - peer[f"{variant}/{case}"]).max()
+        assert diff <= 1e-4, f"{family}/{variant}/{case}: {diff:.2e}"
