@@ -54,6 +54,14 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
+def _gated(act: Callable[[mx.array], mx.array]) -> Callable[[mx.array, mx.array], mx.array]:
+    # One fused elementwise kernel for act(gate) * up; shapeless, so prompts of any length share one trace.
+    return mx.compile(lambda gate, up: act(gate) * up, shapeless=True)
+
+
+_GATED = {name: _gated(fn) for name, fn in ACTIVATIONS.items()}
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x))."""
 
@@ -62,10 +70,11 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self._act = activation(act)
+        activation(act)  # validates the name
+        self._gated = _GATED[act]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self._gated(self.gate_proj(x), self.up_proj(x)))
 
 
 class MLP(nn.Module):
