@@ -7,6 +7,7 @@ subparsers object), so this module never imports them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from importlib.metadata import entry_points
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # transformers serves only tokenizers here; its "PyTorch was not found" advice is noise for our users.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
