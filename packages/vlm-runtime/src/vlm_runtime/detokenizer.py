@@ -1,8 +1,10 @@
 """Streaming detokenization that never splits a UTF-8 character.
 
-Decoding token by token can cut a multi-byte character in half (the tokenizer then yields U+FFFD). We decode
-the tokens of the current line as a whole and hold text back while it ends in a partial character; starting a
-new segment after each newline keeps the re-decoding cost bounded by the line length.
+Decoding token by token can cut a multi-byte character in half (the tokenizer then yields U+FFFD), and some
+tokenizers decode a token differently at the start of a sequence (SentencePiece drops the leading space). So we
+decode a short window that starts a few tokens back and emit only what extends the window's already-emitted text,
+holding text back while it ends in a partial character. The cost per token is bounded by the window, not by the
+length of the text.
 """
 
 from __future__ import annotations
@@ -18,32 +20,29 @@ class StreamingDetokenizer:
     def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
         self._decode = decode
         self.tokens: list[int] = []
-        self._segment: list[int] = []
-        self._segment_emitted = 0
+        # tokens[_context:_emitted] were emitted already and give the window its left context.
+        self._context = 0
+        self._emitted = 0
         self._text_parts: list[str] = []
 
     def add_token(self, token: int) -> str:
         """Add one token; return the newly completed text (possibly empty)."""
         self.tokens.append(token)
-        self._segment.append(token)
-        text = self._decode(self._segment)
-        if text.endswith(REPLACEMENT):
-            return ""
-        new = text[self._segment_emitted :]
-        self._segment_emitted = len(text)
-        if text.endswith("\n"):
-            self._segment = []
-            self._segment_emitted = 0
-        self._text_parts.append(new)
-        return new
+        return self._flush(final=False)
 
     def finalize(self) -> str:
         """Flush what is held back (a truly invalid byte sequence comes out as U+FFFD)."""
-        if not self._segment:
+        return self._flush(final=True)
+
+    def _flush(self, final: bool) -> str:
+        if self._emitted == len(self.tokens):
             return ""
-        text = self._decode(self._segment)
-        new = text[self._segment_emitted :]
-        self._segment, self._segment_emitted = [], 0
+        known = self._decode(self.tokens[self._context : self._emitted])
+        text = self._decode(self.tokens[self._context :])
+        if not final and text.endswith(REPLACEMENT):
+            return ""
+        new = text[len(known) :]
+        self._context, self._emitted = self._emitted, len(self.tokens)
         self._text_parts.append(new)
         return new
 

@@ -44,7 +44,8 @@ class GenerationConfig:
 @dataclass(frozen=True)
 class GenerationResult:
     text: str
-    """The text completed by this step (the whole text for ``generate``)."""
+    """The text this token completed: may be empty while a character is still partial (the whole text for
+    ``generate``)."""
     token: int | None
     prompt_tokens: int
     generation_tokens: int
@@ -155,7 +156,7 @@ def stream_generate(
     prefill_step_size: int = 2048,
     ignore_eos: bool = False,
 ) -> Iterator[GenerationResult]:
-    """Generate from an already chat-formatted ``prompt``; yield a result per text segment.
+    """Generate from an already chat-formatted ``prompt``; yield one result per generated token.
 
     ``image`` is one image or a list (paths, URLs, PIL images), in the order of the prompt's image slots.
     """
@@ -208,8 +209,7 @@ def _stream(
         if count == config.max_tokens:
             yield result(text + detokenizer.finalize(), token, "length")
             return
-        if text:
-            yield result(text, token, None)
+        yield result(text, token, None)
     # max_tokens == 0: nothing generated.
     yield result("", None, "length")
 

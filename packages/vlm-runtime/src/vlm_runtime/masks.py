@@ -26,8 +26,11 @@ def padded_causal_mask(key_padding: mx.array, n_queries: int) -> mx.array:
     return causal[None, None] & (key_padding[:, None, None, :] != 0)
 
 
-def block_diagonal_mask(boundaries: list[int]) -> mx.array:
-    """(n, n) mask for attention restricted to consecutive segments ``[b[i], b[i+1])``."""
+def block_diagonal_mask(boundaries: list[int]) -> mx.array | None:
+    """(n, n) mask for attention restricted to consecutive segments ``[b[i], b[i+1])``; None when one segment
+    covers everything (attention needs no mask then, and skips building an n x n array)."""
+    if len(boundaries) == 2:
+        return None
     lengths = np.diff(np.asarray(boundaries))
     if (lengths < 0).any():
         raise ValueError(f"segment boundaries must be non-decreasing, got {boundaries}")

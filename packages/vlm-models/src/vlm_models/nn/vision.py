@@ -22,11 +22,14 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: mx.array | None) -> mx.array:
+        """``cos``/``sin``: (n, head_dim); ``mask``: (n, n) boolean, or None for attention over everything."""
         n = x.shape[0]
-        qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim).transpose(1, 2, 0, 3)
-        q, k, v = qkv[0][None], qkv[1][None], qkv[2][None]  # (1, heads, n, head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
+        # Rotate in the projection's own (n, heads, head_dim) layout, then move heads first for attention.
+        q = apply_rotary(qkv[:, 0], cos[:, None], sin[:, None]).transpose(1, 0, 2)[None]
+        k = apply_rotary(qkv[:, 1], cos[:, None], sin[:, None]).transpose(1, 0, 2)[None]
+        v = qkv[:, 2].transpose(1, 0, 2)[None]
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
         return self.proj(out[0].transpose(1, 0, 2).reshape(n, -1))
 
@@ -41,7 +44,7 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, num_heads)
         self.mlp = mlp
 
-    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: mx.array | None) -> mx.array:
         x = x + self.attn(self.norm1(x), cos, sin, mask)
         return x + self.mlp(self.norm2(x))
 
