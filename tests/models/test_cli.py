@@ -92,3 +92,32 @@ def test_unknown_model_type(capsys, tmp_path: Path) -> None:
 def test_bad_option_value(capsys) -> None:
     code, _, err = run(capsys, "--model", str(MODEL), "--temperature", "-1")
     assert_clean_failure(code, err, "temperature")
+
+
+def test_sampling_cache_and_stop_flags(capsys, tmp_path: Path) -> None:
+    base = ["--model", str(MODEL), "--prompt", "Hello", "--max-tokens", "12"]
+    plain = run(capsys, *base)[1].rstrip("\n")
+    assert len(plain) > 4
+    stop = plain[2:4]
+    code, out, err = run(capsys, *base, "--stop", stop, "--top-k", "5", "--min-p", "0.05", "--repetition-penalty", "1.0")
+    assert code == 0 and out.rstrip("\n") == plain[: plain.index(stop)] and "finish: stop" in err
+    code, out, _ = run(capsys, *base, "--max-kv-size", "512")
+    assert code == 0 and out.rstrip("\n") == plain
+    cache_file = tmp_path / "prompt.safetensors"
+    assert run(capsys, *base, "--prompt-cache-file", str(cache_file))[1].rstrip("\n") == plain
+    assert cache_file.is_file()
+    code, out, err = run(capsys, *base, "--prompt-cache-file", str(cache_file))
+    assert code == 0 and out.rstrip("\n") == plain and "from the prompt cache" in err
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--repetition-penalty", "0"], "repetition_penalty"),
+        (["--thinking-budget", "5"], "thinking"),
+        (["--max-kv-size", "64", "--kv-bits", "8"], "kv"),
+    ],
+)
+def test_bad_generation_flags_fail_cleanly(capsys, flags: list[str], needle: str) -> None:
+    code, _, err = run(capsys, "--model", str(MODEL), "--prompt", "Hi", *flags)
+    assert_clean_failure(code, err, needle)

@@ -6,14 +6,16 @@ and sampling for real, while every result can be recomputed by a full forward pa
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from vlm_runtime import KVCache, PromptEmbedding
 
-VOCAB = 259  # 256 bytes + BOS + EOS + PAD
-BOS, EOS = 256, 257
+BOS, EOS, PAD, THINK, END_THINK = 256, 257, 258, 259, 260
+VOCAB = 261  # 256 bytes + the specials above
+SPECIALS = {"<think>": THINK, "</think>": END_THINK}
 
 
 class ToyModel(nn.Module):
@@ -38,15 +40,19 @@ class ToyModel(nn.Module):
     def hidden_states(self, inputs_embeds, *, cache, position_ids=None, attention_mask=None):
         h = inputs_embeds
         length = h.shape[1]
-        offset = cache[0].offset if cache else 0
+        # The rotary position of row b continues from offset + position_delta[b] (batches are left-padded).
+        offset = cache[0].offset + cache[0].position_delta if cache else 0
         for i, proj in enumerate(self.qkv):
             q, k, v = mx.split(proj(h)[:, None], 3, axis=-1)
             q = mx.fast.rope(q, q.shape[-1], traditional=False, base=10000.0, scale=1.0, offset=offset)
             k = mx.fast.rope(k, k.shape[-1], traditional=False, base=10000.0, scale=1.0, offset=offset)
+            scale = q.shape[-1] ** -0.5
             if cache:
-                k, v = cache[i].update_and_fetch(k, v)
-            mask = "causal" if length > 1 else None
-            h = h + mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)[:, 0]
+                mask = cache[i].make_mask(length, h.dtype)
+                h = h + cache[i].attend(q, k, v, scale=scale, mask=mask)[:, 0]
+            else:
+                mask = "causal" if length > 1 else None
+                h = h + mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)[:, 0]
         return h
 
     def compute_logits(self, hidden: mx.array) -> mx.array:
@@ -64,7 +70,15 @@ class ByteProcessor:
     def prepare_inputs(self, prompt: str, images: Sequence[Any] = ()) -> dict[str, mx.array]:
         if images:
             raise ValueError("the toy model takes no images")
-        return {"input_ids": mx.array([[BOS, *prompt.encode("utf-8")]])}
+        return {"input_ids": mx.array([[BOS, *self.encode(prompt)]])}
+
+    def encode(self, text: str) -> list[int]:
+        """Bytes, except the thinking markers, which are one token each."""
+        ids: list[int] = []
+        pattern = "(" + "|".join(re.escape(s) for s in SPECIALS) + ")"
+        for piece in re.split(pattern, text):
+            ids.extend([SPECIALS[piece]] if piece in SPECIALS else piece.encode("utf-8"))
+        return ids
 
     def decode(self, tokens: Sequence[int]) -> str:
         return bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")

@@ -37,11 +37,33 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="Describe this image.", help="the user message")
     parser.add_argument("--system", default=None, help="system message")
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--prefill-step-size", type=int, default=2048)
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--max-kv-size", type=int, default=None, help="sliding-window KV cache of this many tokens")
+    parser.add_argument("--kv-bits", type=int, default=None, choices=[4, 8], help="quantize the KV cache")
+    parser.add_argument("--kv-group-size", type=int, default=64, choices=[32, 64, 128])
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--repetition-context-size", type=int, default=20)
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--enable-thinking", action="store_true", help="ask the chat template to open a thinking block")
+    parser.add_argument("--thinking-budget", type=int, default=None, help="tokens allowed inside the thinking block")
+    parser.add_argument("--thinking-start-token", default="<think>")
+    parser.add_argument("--thinking-end-token", default="</think>")
+    parser.add_argument(
+        "--prompt-cache-file",
+        default=None,
+        help="reuse the prompt cache saved in this file where it holds a prefix of the prompt; save it afterwards",
+    )
 
 
 def _load_and_format(args: argparse.Namespace) -> tuple[Any, Any, str]:
@@ -49,33 +71,73 @@ def _load_and_format(args: argparse.Namespace) -> tuple[Any, Any, str]:
     from .loading import load
 
     model, processor = load(args.model, trust_remote_code=args.trust_remote_code)
-    prompt = apply_chat_template(processor, None, args.prompt, num_images=len(args.image), system=args.system)
+    prompt = apply_chat_template(
+        processor,
+        None,
+        args.prompt,
+        num_images=len(args.image),
+        system=args.system,
+        enable_thinking=True if getattr(args, "enable_thinking", False) else None,
+    )
     return model, processor, prompt
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from vlm_runtime import stream_generate
+    from pathlib import Path
+
+    from vlm_runtime import PromptCache, stream_generate
 
     model, processor, prompt = _load_and_format(args)
     if args.verbose:
         print(f"prompt:\n{prompt}", file=sys.stderr)
+    cache_file = Path(args.prompt_cache_file) if args.prompt_cache_file else None
+    prompt_cache = PromptCache()
+    if cache_file is not None and cache_file.exists():
+        prompt_cache, _ = PromptCache.load(cache_file)
     last = None
+    thinking = False
     for last in stream_generate(
         model,
         processor,
         prompt,
         image=args.image,
+        prompt_cache=prompt_cache,
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        repetition_context_size=args.repetition_context_size,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         seed=args.seed,
+        stop=args.stop,
+        thinking_budget=args.thinking_budget,
+        thinking_start_token=args.thinking_start_token,
+        thinking_end_token=args.thinking_end_token,
+        max_kv_size=args.max_kv_size,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
         prefill_step_size=args.prefill_step_size,
     ):
-        print(last.text, end="", flush=True)
+        if last.reasoning:
+            if not thinking:
+                print(args.thinking_start_token, end="")
+                thinking = True
+            print(last.reasoning, end="", flush=True)
+        if last.text:
+            if thinking:
+                print(f"{args.thinking_end_token}\n", end="")
+                thinking = False
+            print(last.text, end="", flush=True)
     print()
     assert last is not None
+    if cache_file is not None:
+        prompt_cache.save(cache_file)
+    cached = f" ({last.cached_tokens} from the prompt cache)" if last.cached_tokens else ""
     print(
-        f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
+        f"prompt: {last.prompt_tokens} tokens{cached}, {last.prompt_tps:.1f} tok/s | "
         f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
         f"peak memory: {last.peak_memory:.3f} GB | finish: {last.finish_reason}",
         file=sys.stderr,
@@ -97,7 +159,15 @@ def _bench(args: argparse.Namespace) -> None:
             vision_s = time.perf_counter() - tic
         last = None
         for last in stream_generate(
-            model, processor, prompt, image=args.image, max_tokens=args.max_tokens, ignore_eos=True
+            model,
+            processor,
+            prompt,
+            image=args.image,
+            max_tokens=args.max_tokens,
+            ignore_eos=True,
+            max_kv_size=args.max_kv_size,
+            kv_bits=args.kv_bits,
+            kv_group_size=args.kv_group_size,
         ):
             pass
         assert last is not None
@@ -117,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text from a prompt and images")
     _add_generation_args(gen)
+    _add_sampling_args(gen)
     gen.add_argument("--verbose", action="store_true", help="print the formatted prompt and tracebacks")
     gen.set_defaults(handler=_generate)
 

@@ -68,6 +68,10 @@ class Processor:
     def prepare_inputs(self, prompt: str, images: Sequence[Any] = ()) -> dict[str, mx.array]:
         return {k: mx.array(v) for k, v in self(prompt, images).items()}
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens added (markers like ``<think>`` map to their id)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
     def decode(self, tokens: Sequence[int]) -> str:
         # The Rust tokenizer directly: transformers' wrapper adds tens of microseconds per call, every token.
         if self._fast_decode is not None:

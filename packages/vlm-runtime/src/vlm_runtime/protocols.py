@@ -53,4 +53,9 @@ class PromptProcessor(Protocol):
         """Tokenize ``prompt`` (already chat-formatted) and preprocess ``images`` into model inputs."""
         ...
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text, no special tokens added. Optional: the thinking budget needs it to find the
+        thinking markers."""
+        ...
+
     def decode(self, tokens: Sequence[int]) -> str: ...

@@ -12,8 +12,10 @@ from typing import Any, Callable, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 from vlm_runtime import KVCache, PromptEmbedding
 from vlm_runtime.masks import block_diagonal_mask
+from vlm_runtime.vision_cache import VisionFeatureCache, content_key
 
 from ..config import ConfigError, from_dict, text_section
 from ..nn.decoder import DecoderConfig, TextDecoder
@@ -250,7 +252,12 @@ class Model(nn.Module):
         attention_mask: mx.array | None = None,
         pixel_values_videos: mx.array | None = None,
         video_grid_thw: mx.array | None = None,
+        *,
+        vision_cache: VisionFeatureCache | None = None,
     ) -> PromptEmbedding:
+        """Token embeddings with the image features merged in, and their M-RoPE positions. With a
+        ``vision_cache``, images seen before (same pixels, grid and model) reuse their features instead of
+        running the vision tower."""
         if pixel_values_videos is not None or video_grid_thw is not None:
             raise ValueError(f"{self.config.model_type}: video inputs are not supported yet")
         if (pixel_values is None) != (image_grid_thw is None):
@@ -259,7 +266,10 @@ class Model(nn.Module):
         grid = None
         if pixel_values is not None:
             grid = np.asarray(image_grid_thw).astype(np.int64).reshape(-1, 3)
-            features = self.model.visual(pixel_values, grid)
+            if vision_cache is None:
+                features = self.model.visual(pixel_values, grid)
+            else:
+                features = self._cached_image_features(pixel_values, grid, vision_cache)
             embeds = merge_features(embeds, input_ids, self.config.image_token_id, features)
         mask = None if attention_mask is None else np.asarray(attention_mask)
         positions = multimodal_position_ids(
@@ -272,6 +282,54 @@ class Model(nn.Module):
         )
         padded = mask is not None and not bool(mask.all())
         return PromptEmbedding(embeds, mx.array(positions), attention_mask if padded else None)
+
+    def _cached_image_features(
+        self, pixel_values: mx.array, grid: np.ndarray, vision_cache: VisionFeatureCache
+    ) -> mx.array:
+        """The vision tower's output for ``pixel_values`` (all images' patches, concatenated), running the tower
+        once over the images ``vision_cache`` lacks and taking the rest from it."""
+        patches_per_image = grid.prod(axis=1)
+        patch_bounds = np.concatenate([[0], np.cumsum(patches_per_image)]).tolist()
+        pixels = [pixel_values[patch_bounds[i] : patch_bounds[i + 1]] for i in range(len(grid))]
+        identity = self._vision_identity()
+        keys = [content_key(pixels[i], grid[i], identity) for i in range(len(grid))]
+
+        features: dict[str, mx.array] = {}
+        missing: dict[str, int] = {}  # key -> first image with it: an image repeated in the prompt runs once
+        for i, key in enumerate(keys):
+            if key in features or key in missing:
+                continue
+            cached = vision_cache.get(key)
+            if cached is None:
+                missing[key] = i
+            else:
+                features[key] = cached
+        if missing:
+            # One tower call over the misses, each keeping its own grid row: the block-diagonal (and, in
+            # Qwen2.5-VL, per-image window) attention keeps images apart, as in a call over all of them.
+            order = list(missing.values())
+            batch = pixel_values if len(order) == len(grid) else mx.concatenate([pixels[i] for i in order])
+            computed = self.model.visual(batch, grid[order])
+            rows_per_image = patches_per_image // self.config.vision.spatial_merge_size**2
+            start = 0
+            for key, i in missing.items():
+                stop = start + int(rows_per_image[i])
+                features[key] = computed[start:stop]
+                vision_cache.put(key, features[key])
+                start = stop
+        if len(keys) == 1:
+            return features[keys[0]]
+        return mx.concatenate([features[key] for key in keys])
+
+    def _vision_identity(self) -> str:
+        """What besides the pixels decides the vision features: the architecture, the vision config, the
+        weights' dtype, and a digest of the (small) patch-embedding weights, so two checkpoints of one
+        architecture sharing a cache do not collide. Recomputed per call, so swapped weights never serve
+        stale features."""
+        visual = self.model.visual
+        patch_weights = [value for _, value in tree_flatten(visual.patch_embed.parameters())]
+        model_class = f"{type(self).__module__}.{type(self).__qualname__}"
+        return content_key(model_class, repr(self.config.vision), str(visual.dtype), patch_weights)
 
     def hidden_states(
         self,

@@ -92,7 +92,11 @@ class TextDecoder(nn.Module):
         else:
             delta = cache[0].position_delta if cache else 0
             rotate = self._rotary.at_offset(offset + delta)
-        mask = attention_mask_for(length, attention_mask, inputs_embeds.dtype)
+        if attention_mask is None and cache:
+            # Sliding windows, quantized storage and batch padding each shape the mask their own way.
+            mask = cache[0].make_mask(length, inputs_embeds.dtype)
+        else:
+            mask = attention_mask_for(length, attention_mask, inputs_embeds.dtype)
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             h = layer(h, rotate, mask, cache[i] if cache else None)

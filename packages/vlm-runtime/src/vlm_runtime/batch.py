@@ -1,0 +1,332 @@
+"""Batched generation: several requests share each decode step.
+
+``BatchGenerator`` is the core a serving engine drives: requests are submitted at any time, each is prefilled
+alone (its own images, its own length), then joins the running batch between two decode steps; a finished or
+cancelled request leaves at the next step. Rows are left-padded to a common length inside ``BatchKVCache``,
+which also carries each row's rotary position, so a row's tokens are what it would get generated alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import mlx.core as mx
+
+from .cache import BatchKVCache, KVCache
+from .generate import (
+    GenerationConfig,
+    GenerationResult,
+    _as_list,
+    _read_logprobs,
+    _sample,
+    embed,
+    generation_settings,
+    prefill,
+)
+from .cache_settings import CacheSettings
+from .protocols import GenerativeModel, PromptProcessor
+from .sampling import LogitsProcessor, Sampler, SamplingParams, greedy, make_logits_processors, make_sampler
+from .text_output import TextOutput
+from .thinking import ThinkingBudget, ThinkingConfig, prompt_opens_thinking, resolve_thinking_tokens
+
+__all__ = ["BatchEvent", "BatchGenerator", "batch_generate"]
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    """One generated token of one request."""
+
+    uid: int
+    token: int
+    text: str
+    reasoning: str
+    finish_reason: str | None
+    """None while the request runs; "stop", "length" or "cancelled" on its last event."""
+    prompt_tokens: int
+    generation_tokens: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class _Row:
+    uid: int
+    config: GenerationConfig
+    sampler: Sampler
+    processors: list[LogitsProcessor]
+    text: TextOutput
+    override: ThinkingBudget | None
+    eos: frozenset[int]
+    prompt_tokens: int
+    history: mx.array | None
+    token: int = -1
+    """The last emitted token: fed to the model at the next step."""
+    generated: int = 0
+    finish: str | None = None
+
+
+@dataclass
+class _Pending:
+    uid: int
+    inputs: dict[str, mx.array]
+    sampling: SamplingParams
+    config: GenerationConfig
+    thinking: ThinkingConfig
+    rows: list[_Row] = field(default_factory=list)
+
+
+class BatchGenerator:
+    """Decode several requests together. Not thread-safe: one thread owns it (and the model) and calls
+    ``submit``, ``cancel`` and ``step``."""
+
+    def __init__(
+        self,
+        model: GenerativeModel,
+        processor: PromptProcessor,
+        *,
+        max_batch_size: int = 32,
+        prefill_step_size: int = 2048,
+        vision_cache: Any = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model, self.processor = model, processor
+        self.max_batch_size = max_batch_size
+        self.prefill_step_size = prefill_step_size
+        self.vision_cache = vision_cache
+        self._uids = itertools.count()
+        self._pending: list[_Pending] = []
+        self._rows: list[_Row] = []
+        self._cache: list[BatchKVCache] | None = None
+        self._cancelled: set[int] = set()
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    def has_work(self) -> bool:
+        return bool(self._rows or self._pending)
+
+    def submit(
+        self,
+        inputs: dict[str, mx.array],
+        *,
+        sampling: SamplingParams = SamplingParams(),
+        config: GenerationConfig = GenerationConfig(),
+        thinking: ThinkingConfig = ThinkingConfig(),
+    ) -> int:
+        """Queue one prepared prompt (batch of one); returns its uid. It joins at the next ``step``."""
+        ids = inputs["input_ids"]
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise ValueError("submit one prompt at a time (input_ids of shape (1, length))")
+        uid = next(self._uids)
+        self._pending.append(_Pending(uid, inputs, sampling, config, thinking))
+        return uid
+
+    def cancel(self, uid: int) -> None:
+        """Stop a request: the next step frees its slot and reports it with finish_reason "cancelled"."""
+        self._cancelled.add(uid)
+
+    def step(self) -> list[BatchEvent]:
+        """Admit waiting requests (each gives its first token), then one decode step for the running rows."""
+        events: list[BatchEvent] = []
+        self._drop_cancelled(events)
+        if self._rows:
+            events.extend(self._decode())
+        while self._pending and len(self._rows) < self.max_batch_size:
+            events.extend(self._admit(self._pending.pop(0)))
+        self._drop_finished()
+        return events
+
+    # -- joining
+    def _admit(self, request: _Pending) -> list[BatchEvent]:
+        inputs, config = request.inputs, request.config
+        prompt_list = inputs["input_ids"][0].tolist()
+        row = self._new_row(request, prompt_list)
+        if config.max_tokens == 0:
+            return [self._event(row, -1, None, "length")]
+        cache = self.model.make_cache()
+        if not all(type(c) is KVCache for c in cache):
+            raise ValueError("batched generation supports models whose layers all use a plain KVCache")
+        logits = prefill(self.model, embed(self.model, inputs, self.vision_cache), cache, self.prefill_step_size)
+        token, logprobs = self._choose(row, logits)
+        first = row.override(None) if row.override is not None else None
+        event = self._emit(row, first if first is not None else token.item(), logprobs)
+        if row.finish is None:
+            self._join(row, cache)
+        return [event]
+
+    def _new_row(self, request: _Pending, prompt_list: list[int]) -> _Row:
+        processor = self.processor
+        marks = resolve_thinking_tokens(request.thinking, processor.encode) if hasattr(processor, "encode") else None
+        inside = marks is not None and prompt_opens_thinking(prompt_list, marks)
+        budget = None
+        if marks is not None and request.thinking.budget is not None:
+            budget = ThinkingBudget(marks, request.thinking.budget, inside=inside)
+        processors = make_logits_processors(request.sampling)
+        return _Row(
+            uid=request.uid,
+            config=request.config,
+            sampler=make_sampler(request.sampling),
+            processors=processors,
+            text=TextOutput(processor.decode, thinking=marks, inside_thinking=inside, stop=request.config.stop),
+            override=budget,
+            eos=frozenset() if request.config.ignore_eos else processor.eos_token_ids,
+            prompt_tokens=len(prompt_list),
+            history=mx.array([prompt_list], mx.int32) if processors else None,
+        )
+
+    def _join(self, row: _Row, cache: list[KVCache]) -> None:
+        joined = [BatchKVCache.merge([layer]) for layer in cache]
+        if self._cache is None:
+            self._cache = joined
+        else:
+            for running, new in zip(self._cache, joined):
+                running.extend(new)
+        self._rows.append(row)
+
+    # -- decoding
+    def _decode(self) -> list[BatchEvent]:
+        assert self._cache is not None
+        tokens = mx.array([row.token for row in self._rows], mx.int32)
+        hidden = self.model.hidden_states(self.model.embed_tokens(tokens[:, None]), cache=self._cache)
+        logits = self.model.compute_logits(hidden[:, -1, :])
+        plain = all(not r.processors and not r.config.wants_logprobs and r.sampler is greedy for r in self._rows)
+        if plain:
+            chosen = mx.argmax(logits, axis=-1).tolist()
+            return [self._emit(row, self._overridden(row, t), None) for row, t in zip(self._rows, chosen)]
+        events = []
+        for i, row in enumerate(self._rows):
+            token, logprobs = self._choose(row, logits[i : i + 1])
+            events.append(self._emit(row, self._overridden(row, token.item()), logprobs))
+        return events
+
+    def _choose(self, row: _Row, logits: mx.array) -> tuple[mx.array, mx.array]:
+        for process in row.processors:
+            logits = process(logits, row.history, row.generated)
+        return _sample(row.sampler, logits)
+
+    @staticmethod
+    def _overridden(row: _Row, token: int) -> int:
+        forced = row.override(row.token) if row.override is not None else None
+        return token if forced is None else forced
+
+    def _emit(self, row: _Row, token: int, logprobs: mx.array | None) -> BatchEvent:
+        row.token = token
+        if row.history is not None:
+            row.history = mx.concatenate([row.history, mx.array([[token]], mx.int32)], axis=1)
+        lp = _read_logprobs(logprobs, token, row.config) if row.config.wants_logprobs and logprobs is not None else None
+        if token in row.eos:
+            delta, finish = row.text.finish(), "stop"
+        else:
+            row.generated += 1
+            delta = row.text.add(token)
+            finish = "stop" if delta.stopped else None
+            if finish is None and row.generated >= row.config.max_tokens:
+                tail = row.text.finish()
+                delta = type(delta)(delta.text + tail.text, delta.reasoning + tail.reasoning)
+                finish = "length"
+        row.finish = finish
+        return self._event(row, token, lp, finish, delta.text, delta.reasoning)
+
+    @staticmethod
+    def _event(
+        row: _Row, token: int, lp: Any, finish: str | None, text: str = "", reasoning: str = ""
+    ) -> BatchEvent:
+        chosen, top = lp if lp is not None else (None, ())
+        return BatchEvent(
+            uid=row.uid,
+            token=token,
+            text=text,
+            reasoning=reasoning,
+            finish_reason=finish,
+            prompt_tokens=row.prompt_tokens,
+            generation_tokens=row.generated,
+            logprob=chosen,
+            top_logprobs=top,
+        )
+
+    # -- leaving
+    def _drop_cancelled(self, events: list[BatchEvent]) -> None:
+        if not self._cancelled:
+            return
+        for request in self._pending:
+            if request.uid in self._cancelled:
+                prompt_tokens = int(request.inputs["input_ids"].size)
+                events.append(BatchEvent(request.uid, -1, "", "", "cancelled", prompt_tokens, 0))
+        self._pending = [p for p in self._pending if p.uid not in self._cancelled]
+        for row in self._rows:
+            if row.uid in self._cancelled and row.finish is None:
+                row.finish = "cancelled"
+                events.append(self._event(row, row.token, None, "cancelled"))
+        self._cancelled.clear()
+        self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, row in enumerate(self._rows) if row.finish is None]
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache = None
+            return
+        assert self._cache is not None
+        for layer in self._cache:
+            layer.filter(keep)
+
+
+def batch_generate(
+    model: GenerativeModel,
+    processor: PromptProcessor,
+    prompts: Sequence[str],
+    *,
+    images: Sequence[Any] | None = None,
+    max_batch_size: int = 32,
+    **options: Any,
+) -> list[GenerationResult]:
+    """Generate for several chat-formatted prompts in one batch; ``images[i]`` is prompt i's image or list of
+    images (or None). Takes ``stream_generate``'s sampling and length options; returns one result per prompt."""
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(images)} image entries")
+    settings = generation_settings(**options)
+    if settings.cache != CacheSettings():
+        raise ValueError("batch_generate does not support max_kv_size / kv_bits yet")
+    sampling, config, thinking = settings.sampling, settings.config, settings.thinking
+    engine = BatchGenerator(model, processor, max_batch_size=max_batch_size)
+    order: dict[int, int] = {}
+    for i, prompt in enumerate(prompts):
+        inputs = processor.prepare_inputs(prompt, images=_as_list(images[i] if images is not None else None))
+        order[engine.submit(inputs, sampling=sampling, config=config, thinking=thinking)] = i
+    texts: list[list[str]] = [[] for _ in prompts]
+    thoughts: list[list[str]] = [[] for _ in prompts]
+    last: dict[int, BatchEvent] = {}
+    for event in _run(engine):
+        i = order[event.uid]
+        texts[i].append(event.text)
+        thoughts[i].append(event.reasoning)
+        last[i] = event
+    return [
+        GenerationResult(
+            text="".join(texts[i]),
+            token=last[i].token if last[i].token >= 0 else None,
+            prompt_tokens=last[i].prompt_tokens,
+            generation_tokens=last[i].generation_tokens,
+            prompt_tps=0.0,
+            generation_tps=0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=last[i].finish_reason,
+            reasoning="".join(thoughts[i]),
+        )
+        for i in range(len(prompts))
+    ]
+
+
+def _run(engine: BatchGenerator) -> Iterator[BatchEvent]:
+    while engine.has_work():
+        yield from engine.step()

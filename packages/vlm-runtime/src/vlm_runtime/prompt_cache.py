@@ -1,0 +1,117 @@
+"""A conversation's cache kept between requests, so a shared prefix (a long system prompt, the turns so far)
+is computed once.
+
+The cache remembers which tokens it holds. A new prompt reuses the longest common prefix: the cache is trimmed
+back to it where the cache type allows, and only the rest is computed. Image tokens are the same id whatever
+the image, so a prefix that came with media is reused only by a request with the same media.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlx.core as mx
+
+from .cache import Cache
+from .cache_io import load_prompt_cache, save_prompt_cache
+from .cache_settings import CacheSettings, make_prompt_cache
+from .vision_cache import content_key
+
+__all__ = ["PromptCache", "media_key"]
+
+_TEXT_INPUTS = frozenset({"input_ids", "attention_mask"})
+_METADATA_KEY = "vlm.prompt_cache"
+
+
+def media_key(inputs: Mapping[str, mx.array]) -> str | None:
+    """A hash of a request's media tensors (pixels, grids, ...); None for a text-only request."""
+    media = sorted(k for k in inputs if k not in _TEXT_INPUTS and inputs[k] is not None)
+    if not media:
+        return None
+    return content_key(*[part for k in media for part in (k, inputs[k])])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class PromptCache:
+    """Pass one to ``stream_generate(prompt_cache=...)`` for every turn of a conversation. Not thread-safe: one
+    conversation, one generation at a time."""
+
+    def __init__(self) -> None:
+        self.layers: list[Cache] | None = None
+        self.tokens: list[int] = []
+        self.media: str | None = None
+        self.settings: CacheSettings | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def reuse(
+        self, model: Any, settings: CacheSettings, tokens: list[int], media: str | None
+    ) -> tuple[list[Cache], int]:
+        """Layers to generate ``tokens`` with, and how many leading tokens they already hold."""
+        reusable = (
+            self.layers is not None
+            and self.settings == settings
+            and (self.media is None or self.media == media)
+        )
+        # At least one prompt token must be computed: its logits give the first generated token.
+        common = min(_common_prefix(self.tokens, tokens), len(tokens) - 1) if reusable else 0
+        if common > 0 and self._trim_to(common):
+            return self.layers, common  # type: ignore[return-value]
+        self.layers, self.tokens, self.media, self.settings = None, [], None, settings
+        return make_prompt_cache(model, settings), 0
+
+    def _trim_to(self, n: int) -> bool:
+        assert self.layers is not None
+        excess = len(self.tokens) - n
+        if excess == 0:
+            return True
+        if not all(layer.is_trimmable() for layer in self.layers):
+            return False
+        for layer in self.layers:
+            layer.trim(excess)
+        self.tokens = self.tokens[:n]
+        return True
+
+    def record(self, layers: list[Cache], tokens: list[int], media: str | None) -> None:
+        """After a generation: ``layers`` hold the first ``offset`` of ``tokens`` (the last generated token may
+        never have been fed back)."""
+        held = layers[0].offset if layers else 0
+        if held > len(tokens) or any(layer.offset != held for layer in layers):
+            self.layers, self.tokens, self.media = None, [], None  # inconsistent (an interrupted step): start over
+            return
+        self.layers, self.tokens = layers, tokens[:held]
+        if media is not None:
+            self.media = media
+
+    def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+        """Write the layers and what they hold to a safetensors file; ``metadata`` is kept alongside."""
+        if self.layers is None:
+            raise ValueError("the prompt cache is empty: generate with it first")
+        own = {
+            "tokens": self.tokens,
+            "media": self.media,
+            "settings": None if self.settings is None else vars(self.settings),
+        }
+        save_prompt_cache(path, self.layers, {**(metadata or {}), _METADATA_KEY: json.dumps(own)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple["PromptCache", dict[str, str]]:
+        layers, metadata = load_prompt_cache(path)
+        raw = metadata.pop(_METADATA_KEY, None)
+        if raw is None:
+            raise ValueError(f"{path} holds caches but not a PromptCache (no {_METADATA_KEY!r} metadata)")
+        own = json.loads(raw)
+        cache = cls()
+        cache.layers, cache.tokens, cache.media = layers, list(own["tokens"]), own["media"]
+        cache.settings = None if own["settings"] is None else CacheSettings(**own["settings"])
+        return cache, metadata

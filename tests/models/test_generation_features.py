@@ -1,0 +1,85 @@
+"""The runtime's generation features on real architectures (tiny fixtures): batching with images, the prompt
+cache across turns with an image, and every cache type in a cached decode."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+from vlm_models import apply_chat_template, load
+from vlm_runtime import PromptCache, batch_generate, generate
+
+from .conftest import FAMILIES, FIXTURES
+
+IMAGES = FIXTURES / "images"
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def loaded(request):
+    return load(FIXTURES / request.param / "hf4")
+
+
+def chat(processor, text: str, n_images: int) -> str:
+    return apply_chat_template(processor, None, text, num_images=n_images)
+
+
+def test_batch_with_images_equals_single_generate(loaded) -> None:
+    model, processor = loaded
+    prompts = [
+        (chat(processor, "Describe.", 1), [IMAGES / "rgb_112x168.png"]),
+        (chat(processor, "Just text, and somewhat longer than the others.", 0), None),
+        (chat(processor, "Compare the two.", 2), [IMAGES / "rgb_56x56.png", IMAGES / "rgb_200x100.png"]),
+    ]
+    batched = batch_generate(
+        model, processor, [p for p, _ in prompts], images=[i for _, i in prompts], max_tokens=8, ignore_eos=True
+    )
+    for (prompt, images), result in zip(prompts, batched):
+        single = generate(model, processor, prompt, image=images, max_tokens=8, ignore_eos=True)
+        assert result.text == single.text
+        assert result.generation_tokens == single.generation_tokens == 8
+
+
+def test_second_turn_with_the_same_image_reuses_the_cache(loaded, tmp_path) -> None:
+    model, processor = loaded
+    image = [IMAGES / "rgb_112x168.png"]
+    cache = PromptCache()
+    turn1 = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    first = generate(model, processor, chat(processor, turn1, 1), image=image, max_tokens=5, prompt_cache=cache)
+    turn2 = turn1 + [
+        {"role": "assistant", "content": [{"type": "text", "text": first.text}]},
+        {"role": "user", "content": [{"type": "text", "text": "And the colours?"}]},
+    ]
+    prompt2 = chat(processor, turn2, 1)
+    second = generate(model, processor, prompt2, image=image, max_tokens=6, prompt_cache=cache, ignore_eos=True)
+    fresh = generate(model, processor, prompt2, image=image, max_tokens=6, ignore_eos=True)
+    assert second.cached_tokens > first.prompt_tokens // 2
+    assert second.text == fresh.text
+    # A different image of the same size gives the same token ids: the cached prefix must not be reused.
+    flipped = tmp_path / "flipped.png"
+    Image.open(image[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
+    swapped = generate(model, processor, prompt2, image=[flipped], max_tokens=6, prompt_cache=cache, ignore_eos=True)
+    assert swapped.prompt_tokens == second.prompt_tokens and swapped.cached_tokens == 0
+    assert swapped.text == generate(model, processor, prompt2, image=[flipped], max_tokens=6, ignore_eos=True).text
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"max_kv_size": 4096}, {"max_kv_size": 2048, "prefill_step_size": 7}],
+    ids=["rotating-wide", "rotating-chunked"],
+)
+def test_cache_types_give_the_same_greedy_tokens(loaded, options: dict) -> None:
+    """A window wider than the sequence changes nothing, however the prompt is chunked."""
+    model, processor = loaded
+    prompt = chat(processor, "Describe.", 1)
+    image = [IMAGES / "rgb_112x168.png"]
+    plain = generate(model, processor, prompt, image=image, max_tokens=10, ignore_eos=True)
+    other = generate(model, processor, prompt, image=image, max_tokens=10, ignore_eos=True, **options)
+    assert other.text == plain.text
+
+
+def test_kv_bits_on_a_head_dim_too_small_warns_and_keeps_float(loaded) -> None:
+    """The fixtures' head dim (16) is below the smallest quantization group: said once, never silently."""
+    model, processor = loaded
+    prompt = chat(processor, "Hi.", 0)
+    with pytest.warns(UserWarning, match="not a multiple of group size"):
+        quantized = generate(model, processor, prompt, max_tokens=5, ignore_eos=True, kv_bits=8, kv_group_size=32)
+    assert quantized.text == generate(model, processor, prompt, max_tokens=5, ignore_eos=True).text
