@@ -172,6 +172,21 @@ def test_models_sharing_a_cache_do_not_collide() -> None:
     assert cache.hits == 2
 
 
+def test_weights_swapped_after_a_lookup_miss_the_cache() -> None:
+    """The identity digest is remembered between calls; new weights must still give a new key."""
+    model, processor = load(FIXTURES / "qwen2_vl" / "hf4")
+    inputs = prepare(processor, [FIRST])
+    cache = VisionFeatureCache()
+    embeddings(model, inputs, cache)
+    embeddings(model, inputs, cache)
+    assert (cache.hits, cache.misses) == (1, 1)
+    proj = model.model.visual.patch_embed.proj
+    proj.weight = proj.weight * 1.5
+    swapped = embeddings(model, inputs, cache)
+    assert (cache.hits, cache.misses) == (1, 2)
+    np.testing.assert_array_equal(swapped, embeddings(model, inputs))
+
+
 def test_the_two_families_sharing_a_cache_do_not_collide() -> None:
     cache = VisionFeatureCache()
     for family in FAMILIES:

@@ -26,6 +26,15 @@ from ..nn.vision import VisionBlock, merge_features
 
 
 @dataclass(frozen=True)
+class _IdentityMemo:
+    """The vision identity digest and the weight arrays it was computed from (a plain object, so the module
+    does not take the arrays for parameters)."""
+
+    weights: tuple[mx.array, ...]
+    key: str
+
+
+@dataclass(frozen=True)
 class VisionConfig:
     depth: int = 32
     embed_dim: int = 1280
@@ -327,9 +336,17 @@ class Model(nn.Module):
         architecture sharing a cache do not collide. Recomputed per call, so swapped weights never serve
         stale features."""
         visual = self.model.visual
-        patch_weights = [value for _, value in tree_flatten(visual.patch_embed.parameters())]
+        patch_weights = tuple(value for _, value in tree_flatten(visual.patch_embed.parameters()))
+        memo = self.__dict__.get("_identity_memo")
+        # Hashing megabytes of weights each call costs more than a GPU's vision tower: reuse the digest while
+        # the very same (immutable) weight arrays are in place; loading or updating weights replaces them.
+        if memo is not None and len(memo.weights) == len(patch_weights):
+            if all(a is b for a, b in zip(memo.weights, patch_weights)):
+                return memo.key
         model_class = f"{type(self).__module__}.{type(self).__qualname__}"
-        return content_key(model_class, repr(self.config.vision), str(visual.dtype), patch_weights)
+        key = content_key(model_class, repr(self.config.vision), str(visual.dtype), list(patch_weights))
+        object.__setattr__(self, "_identity_memo", _IdentityMemo(patch_weights, key))
+        return key
 
     def hidden_states(
         self,
