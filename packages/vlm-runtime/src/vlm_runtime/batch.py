@@ -139,18 +139,25 @@ class BatchGenerator:
         self._drop_cancelled(events)
         if self._rows:
             events.extend(self._decode())
-        while self._pending and len(self._rows) < self.max_batch_size:
-            events.extend(self._admit(self._pending.pop(0)))
+        joining: list[tuple[_Row, list[KVCache]]] = []
+        while self._pending and len(self._rows) + len(joining) < self.max_batch_size:
+            event, cache = self._admit(self._pending.pop(0))
+            events.append(event)
+            if cache is not None:
+                joining.append(cache)
+        self._join(joining)
         self._drop_finished()
         return events
 
     # -- joining
-    def _admit(self, request: _Pending) -> list[BatchEvent]:
+    def _admit(self, request: _Pending) -> tuple[BatchEvent, tuple[_Row, list[KVCache]] | None]:
+        """Prefill one request alone and give its first token; the row and its cache, unless it finished
+        already, to join the batch."""
         inputs, config = request.inputs, request.config
         prompt_list = inputs["input_ids"][0].tolist()
         row = self._new_row(request, prompt_list)
         if config.max_tokens == 0:
-            return [self._event(row, -1, None, "length")]
+            return self._event(row, -1, None, "length"), None
         cache = self.model.make_cache()
         if not all(type(c) is KVCache for c in cache):
             raise ValueError("batched generation supports models whose layers all use a plain KVCache")
@@ -158,9 +165,7 @@ class BatchGenerator:
         token, logprobs = self._choose(row, logits)
         first = row.override(None) if row.override is not None else None
         event = self._emit(row, first if first is not None else token.item(), logprobs)
-        if row.finish is None:
-            self._join(row, cache)
-        return [event]
+        return event, ((row, cache) if row.finish is None else None)
 
     def _new_row(self, request: _Pending, prompt_list: list[int]) -> _Row:
         processor = self.processor
@@ -182,14 +187,18 @@ class BatchGenerator:
             history=mx.array([prompt_list], mx.int32) if processors else None,
         )
 
-    def _join(self, row: _Row, cache: list[KVCache]) -> None:
-        joined = [BatchKVCache.merge([layer]) for layer in cache]
-        if self._cache is None:
-            self._cache = joined
-        else:
-            for running, new in zip(self._cache, joined):
-                running.extend(new)
-        self._rows.append(row)
+    def _join(self, joining: list[tuple[_Row, list[KVCache]]]) -> None:
+        """Add the rows admitted in one step with one merge per layer, evaluated now: joining them one by one
+        would copy the growing batch once per request, and a lazy merge would stall the next decode step."""
+        if not joining:
+            return
+        layers = zip(*(cache for _, cache in joining))
+        running = self._cache or [None] * len(joining[0][1])
+        self._cache = [
+            BatchKVCache.merge(([old] if old is not None else []) + list(new)) for old, new in zip(running, layers)
+        ]
+        mx.eval([layer.state for layer in self._cache])
+        self._rows.extend(row for row, _ in joining)
 
     # -- decoding
     def _decode(self) -> list[BatchEvent]:
