@@ -124,6 +124,10 @@ class Qwen2VLImageProcessor:
         t, h, w = (int(v) for v in grid_thw)
         return t * h * w // self.merge_size**2
 
+    def image_token_counts(self, outputs: dict[str, np.ndarray]) -> list[int]:
+        """Placeholder tokens of each image in this processor's ``outputs``."""
+        return [self.num_image_tokens(grid) for grid in outputs["image_grid_thw"]]
+
     def __call__(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
         if not images:
             raise ValueError("no images given")

@@ -1,0 +1,118 @@
+"""LLaVA families beyond the shared parity suite: the quantized MLX-community layout, the chat template through the
+checkpoint's tokenizer, the vision feature cache, and clear errors for configurations we do not run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from vlm_models import ModelLoadError, apply_chat_template, load
+from vlm_models.convert import dequantize_model
+from vlm_runtime.vision_cache import VisionFeatureCache
+
+from .conftest import FIXTURES, Reference
+
+LLAVA_FAMILIES = ["llava"]
+
+
+def as_mx(inputs: dict[str, np.ndarray]) -> dict[str, mx.array]:
+    return {k: mx.array(v) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("family", LLAVA_FAMILIES)
+def test_quantized_mlx_community_checkpoint_loads(family: str) -> None:
+    """The 4-bit folder written by tests/fixtures/make_mlx_community_llava.py: quantized layers come back
+    quantized, compute exactly what their dequantized weights compute, and stay near transformers' logits."""
+    ref = Reference(family)
+    model, _ = load(FIXTURES / family / "mlx_community_4bit")
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in model.model.language_model.named_modules())
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in model.model.vision_tower.named_modules())
+    twin, _ = load(FIXTURES / family / "mlx_community_4bit")
+    dequantize_model(twin)
+    inputs = as_mx(ref.inputs("one_image"))
+    ours = np.array(model(**inputs).logits)
+    np.testing.assert_allclose(ours, np.array(twin(**inputs).logits), atol=1e-4)
+    expected = ref.get("one_image", "logits")
+    rel = np.abs(ours - expected).mean() / np.abs(expected).mean()
+    assert rel < 0.5, f"4-bit relative error {rel:.3f}"
+    assert (ours.argmax(-1) == expected.argmax(-1)).mean() > 0.5
+
+
+@pytest.mark.parametrize("layout", ["hf4", "hf5", "mlx_community"])
+@pytest.mark.parametrize("family", LLAVA_FAMILIES)
+def test_chat_template_through_the_checkpoint_tokenizer(family: str, layout: str) -> None:
+    ref = Reference(family)
+    _, processor = load(FIXTURES / family / layout)
+    for case, meta in ref.meta["cases"].items():
+        text = meta["messages"][0]["content"][-1]["text"]
+        prompt = apply_chat_template(processor, None, text, num_images=len(meta["images"]))
+        assert prompt == meta["prompt"], f"{family}/{layout}/{case}"
+
+
+@pytest.mark.parametrize("family", LLAVA_FAMILIES)
+def test_vision_cache_reuses_features_and_changes_nothing(family: str) -> None:
+    ref = Reference(family)
+    model, _ = load(FIXTURES / family / "hf5")
+    inputs = as_mx(ref.inputs("two_images"))
+    plain = model.embed_prompt(**inputs).inputs_embeds
+    cache = VisionFeatureCache()
+    first = model.embed_prompt(**inputs, vision_cache=cache).inputs_embeds
+    second = model.embed_prompt(**inputs, vision_cache=cache).inputs_embeds
+    assert cache.misses == 2 and cache.hits == 2
+    assert mx.array_equal(plain, first).item() and mx.array_equal(plain, second).item()
+
+
+def test_padded_batch_rows_match_each_prompt_alone() -> None:
+    """Left padding: each row counts positions over its own tokens, so it computes what it computes alone."""
+    ref = Reference("llava")
+    model, _ = load(FIXTURES / "llava" / "hf5")
+    short, long = ref.get("text", "input_ids")[0], ref.get("one_image", "input_ids")[0]
+    pad = len(long) - len(short)
+    ids = np.stack([np.concatenate([np.zeros(pad, np.int64), short]), long])
+    mask = np.stack([np.concatenate([np.zeros(pad, np.int64), np.ones_like(short)]), np.ones_like(long)])
+    pixels = ref.get("one_image", "pixel_values")
+    logits = np.array(model(mx.array(ids), mx.array(pixels), mx.array(mask)).logits)
+    np.testing.assert_allclose(logits[0, pad:], ref.get("text", "logits")[0], atol=1e-4)
+    np.testing.assert_allclose(logits[1], ref.get("one_image", "logits")[0], atol=1e-4)
+
+
+def _with_config(tmp_path: Path, family: str, change) -> Path:
+    path = Path(shutil.copytree(FIXTURES / family / "hf4", tmp_path / "model"))
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["text_config"].update(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope type"),
+        (lambda c: c["text_config"].update(model_type="gemma"), "not supported"),
+        (lambda c: c["text_config"].update(sliding_window=16), "sliding"),
+        (lambda c: c.update(vision_feature_select_strategy="cls"), "vision_feature_select_strategy"),
+    ],
+    ids=["rope-scaling", "text-model", "sliding-window", "strategy"],
+)
+def test_unsupported_configs_are_named(tmp_path: Path, change, message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        load(_with_config(tmp_path, "llava", change))
+
+
+def test_feature_layer_out_of_range_is_a_clear_error(tmp_path: Path) -> None:
+    model, _ = load(_with_config(tmp_path, "llava", lambda c: c.update(vision_feature_layer=-9)))
+    ref = Reference("llava")
+    with pytest.raises(ValueError, match="out of range"):
+        model(**as_mx(ref.inputs("one_image")))
+
+
+def test_wrong_image_size_is_a_clear_error() -> None:
+    model, _ = load(FIXTURES / "llava" / "hf5")
+    ids = mx.array(Reference("llava").get("one_image", "input_ids"))
+    with pytest.raises(ValueError, match="takes 42x42 images"):
+        model(ids, mx.zeros((1, 3, 56, 56)))
