@@ -11,13 +11,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
 from vlm_models import ModelLoadError, apply_chat_template, load
 from vlm_models.convert import dequantize_model
 from vlm_runtime.vision_cache import VisionFeatureCache
 
 from .conftest import FIXTURES, Reference
 
-LLAVA_FAMILIES = ["llava"]
+LLAVA_FAMILIES = ["llava", "llava_next"]
 
 
 def as_mx(inputs: dict[str, np.ndarray]) -> dict[str, mx.array]:
@@ -116,3 +119,52 @@ def test_wrong_image_size_is_a_clear_error() -> None:
     ids = mx.array(Reference("llava").get("one_image", "input_ids"))
     with pytest.raises(ValueError, match="takes 42x42 images"):
         model(ids, mx.zeros((1, 3, 56, 56)))
+
+
+@pytest.fixture(scope="module")
+def llava_next():
+    return load(FIXTURES / "llava_next" / "hf4")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 400), st.integers(1, 400))
+def test_anyres_placeholders_equal_the_packed_features(llava_next, height: int, width: int) -> None:
+    """For any image size the processor writes as many <image> tokens as the model packs features (global view,
+    unpadded tile grid, one newline per row), so the prompt and the features always line up."""
+    model, processor = llava_next
+    outputs = processor.image_processor([Image.new("RGB", (width, height))])
+    (expected,) = processor.image_processor.image_token_counts(outputs)
+    gh, gw = model._grid(height, width)
+    side = model.config.vision.patches_per_side
+    features = mx.zeros((1 + gh * gw, side * side, model.config.text.hidden_size))
+    assert model._pack(features, height, width, (gh, gw)).shape[0] == expected
+
+
+def test_anyres_packing_keeps_the_image_rows_and_ends_each_with_the_newline(llava_next) -> None:
+    """Tile features laid out by position: the packed rows are the stitched grid's middle rows, in order."""
+    model, _ = llava_next
+    side, dim = model.config.vision.patches_per_side, model.config.text.hidden_size
+    gh, gw = 1, 2  # a wide image: two tiles side by side, letterboxed top and bottom
+    height, width = 30, 100
+    rows, cols = gh * side, gw * side
+    position = np.zeros((1 + gh * gw, side * side, dim), np.float32)
+    for t in range(gh * gw):
+        for p in range(side * side):
+            r, c = (t // gw) * side + p // side, (t % gw) * side + p % side
+            position[1 + t, p, 0], position[1 + t, p, 1] = r, c
+    packed = np.array(model._pack(mx.array(position), height, width, (gh, gw)))
+    body = packed[side * side :].reshape(-1, cols + 1, dim)
+    kept = body.shape[0]
+    assert kept < rows  # the letterbox rows are gone
+    np.testing.assert_array_equal(body[:, :cols, 0], np.repeat(np.arange(kept)[:, None] + (rows - kept) // 2, cols, 1))
+    np.testing.assert_array_equal(body[:, :cols, 1], np.tile(np.arange(cols), (kept, 1)))
+    np.testing.assert_array_equal(body[:, cols], np.broadcast_to(np.array(model.model.image_newline), (kept, dim)))
+
+
+def test_anyres_without_image_sizes_is_a_clear_error(llava_next) -> None:
+    model, _ = llava_next
+    ref = Reference("llava_next")
+    inputs = as_mx(ref.inputs("one_image"))
+    inputs.pop("image_sizes")
+    with pytest.raises(ValueError, match="image_sizes"):
+        model(**inputs)
