@@ -14,12 +14,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from vlm_runtime import KVCache, PromptEmbedding
+from vlm_runtime import PromptEmbedding
 from vlm_runtime.vision_cache import VisionFeatureCache, content_key
 
 from ..config import ConfigError, from_dict
 from ..nn.clip import CLIPVisionConfig, CLIPVisionTower, conv2d_weight_to_mlx
-from ..nn.decoder import DecoderConfig, TextDecoder
+from ..nn.decoder import DecoderConfig, TextDecoder, TextGeneration
 from ..nn.layers import activation
 from ..nn.output import ModelOutput
 from ..nn.rope import Rotary
@@ -28,17 +28,18 @@ from ..nn.vision import merge_features
 # transformers' defaults for the text models LLaVA checkpoints use: published configs leave out what equals them.
 TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=None,
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=None,
     ),
     "mistral": dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=4096,
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=4096,
     ),
 }
 # LlavaConfig's own defaults for its vision tower (CLIP ViT-L/14 at 336 px).
 VISION_DEFAULTS = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    image_size=336, patch_size=14,
 )
 
 
@@ -118,7 +119,7 @@ class LlavaModel(nn.Module):
         self.language_model = TextDecoder(config.text, Rotary(config.text.attention_head_dim, config.rope_theta))
 
 
-class Model(nn.Module):
+class Model(TextGeneration, nn.Module):
     """LLaVA for generation. ``__call__`` takes the Hugging Face processor's tensors; the runtime uses the split
     steps (``embed_prompt``, ``hidden_states``, ``compute_logits``)."""
 
@@ -183,13 +184,7 @@ class Model(nn.Module):
         model_class = f"{type(self).__module__}.{type(self).__qualname__}"
         return content_key(model_class, repr(settings), str(tower.dtype), patch)
 
-    # -- runtime protocol
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.model.language_model.layers]
-
-    def embed_tokens(self, input_ids: mx.array) -> mx.array:
-        return self.model.language_model.embed_tokens(input_ids)
-
+    # -- runtime protocol (the decoder steps come from TextGeneration)
     def embed_prompt(
         self,
         input_ids: mx.array,
@@ -218,23 +213,6 @@ class Model(nn.Module):
         positions = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 1)
         return PromptEmbedding(embeds, mx.array(positions), attention_mask)
 
-    def hidden_states(
-        self,
-        inputs_embeds: mx.array,
-        *,
-        cache: list[Any] | None = None,
-        position_ids: mx.array | None = None,
-        attention_mask: mx.array | None = None,
-    ) -> mx.array:
-        return self.model.language_model(
-            inputs_embeds, cache=cache, position_ids=position_ids, attention_mask=attention_mask
-        )
-
-    def compute_logits(self, hidden: mx.array) -> mx.array:
-        if self.config.tie_word_embeddings:
-            return self.model.language_model.embed_tokens.as_linear(hidden)
-        return self.lm_head(hidden)
-
     # -- the Hugging Face contract
     def __call__(
         self,
@@ -247,12 +225,7 @@ class Model(nn.Module):
         **image_inputs: mx.array,
     ) -> ModelOutput:
         prompt = self.embed_prompt(input_ids, pixel_values, attention_mask, **image_inputs)
-        if position_ids is None:
-            position_ids = prompt.position_ids
-        hidden = self.hidden_states(
-            prompt.inputs_embeds, cache=cache, position_ids=position_ids, attention_mask=prompt.attention_mask
-        )
-        return ModelOutput(logits=self.compute_logits(hidden))
+        return self.prompt_logits(prompt, cache, position_ids)
 
     # -- loading
     def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .image import rescale_and_normalize, resize, to_rgb
+from .image import config_values, rescale_and_normalize, resize, to_rgb
 from .qwen2_vl import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = ["CLIPImageProcessor", "LlavaNextImageProcessor", "select_best_resolution", "unpadded_grid"]
@@ -95,24 +95,16 @@ class CLIPImageProcessor:
 
     @classmethod
     def config_kwargs(cls, cfg: dict[str, Any]) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {}
+        kwargs = config_values(
+            cfg,
+            ints=("resample", "patch_size", "num_additional_image_tokens"),
+            bools=("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad"),
+        )
         if cfg.get("size") is not None:
             kwargs["size"] = _size_pair(cfg["size"], "size")
         if cfg.get("crop_size") is not None:
             crop = _size_pair(cfg["crop_size"], "crop_size")
             kwargs["crop_size"] = crop if isinstance(crop, tuple) else (crop, crop)
-        for key in ("resample", "patch_size", "num_additional_image_tokens"):
-            if cfg.get(key) is not None:
-                kwargs[key] = int(cfg[key])
-        for key in ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad"):
-            if cfg.get(key) is not None:
-                kwargs[key] = bool(cfg[key])
-        if cfg.get("rescale_factor") is not None:
-            kwargs["rescale_factor"] = float(cfg["rescale_factor"])
-        for key in ("image_mean", "image_std"):
-            if cfg.get(key) is not None:
-                value = cfg[key]
-                kwargs[key] = tuple(float(v) for v in (value if isinstance(value, Sequence) else [value] * 3))
         strategy = cfg.get("vision_feature_select_strategy")
         if strategy is not None:
             if strategy not in ("default", "full"):
