@@ -168,3 +168,17 @@ def test_anyres_without_image_sizes_is_a_clear_error(llava_next) -> None:
     inputs.pop("image_sizes")
     with pytest.raises(ValueError, match="image_sizes"):
         model(**inputs)
+
+
+def test_anyres_cache_keys_ignore_the_batch_padding(llava_next) -> None:
+    """An image padded with an empty tile in a two-image prompt is the same cache entry as the image alone."""
+    model, processor = llava_next
+    images = [FIXTURES / "images" / "rgb_200x100.png", FIXTURES / "images" / "rgb_90x600.png"]
+    pair = processor.prepare_inputs(apply_chat_template(processor, None, "Compare.", num_images=2), images)
+    alone = processor.prepare_inputs(apply_chat_template(processor, None, "Describe.", num_images=1), images[:1])
+    assert pair["pixel_values"].shape[1] > alone["pixel_values"].shape[1]  # the first image is padded in the pair
+    cache = VisionFeatureCache()
+    model.embed_prompt(**pair, vision_cache=cache)
+    cached = model.embed_prompt(**alone, vision_cache=cache).inputs_embeds
+    assert (cache.hits, cache.misses) == (1, 2)
+    assert mx.array_equal(cached, model.embed_prompt(**alone).inputs_embeds).item()

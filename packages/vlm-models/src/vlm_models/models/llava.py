@@ -155,21 +155,24 @@ class Model(TextGeneration, nn.Module):
         features = self.tile_features(pixel_values)
         return [features[i] for i in range(features.shape[0])]
 
+    def image_pixels(self, pixel_values: mx.array, **image_inputs: mx.array) -> list[mx.array]:
+        """Each image's own pixels, shaped so that concatenating any of them is a valid ``pixel_values``."""
+        return [pixel_values[i : i + 1] for i in range(pixel_values.shape[0])]
+
     def _cached_image_features(
         self, pixel_values: mx.array, vision_cache: VisionFeatureCache, **image_inputs: mx.array
     ) -> list[mx.array]:
         """Per image: its features from ``vision_cache`` or, for the images it lacks, one tower call over them."""
         identity = self._vision_identity()
+        pixels = self.image_pixels(pixel_values, **image_inputs)
         extras = {k: np.asarray(v) for k, v in image_inputs.items()}
-        keys = [
-            content_key(pixel_values[i], *(v[i] for v in extras.values()), identity)
-            for i in range(pixel_values.shape[0])
-        ]
+        keys = [content_key(p, *(v[i] for v in extras.values()), identity) for i, p in enumerate(pixels)]
         found = {key: vision_cache.get(key) for key in dict.fromkeys(keys)}
         missing = [keys.index(key) for key, value in found.items() if value is None]
         if missing:
+            batch = mx.concatenate([pixels[i] for i in missing])
             index = mx.array(missing)
-            computed = self.image_features(pixel_values[index], **{k: v[index] for k, v in image_inputs.items()})
+            computed = self.image_features(batch, **{k: v[index] for k, v in image_inputs.items()})
             for i, features in zip(missing, computed):
                 found[keys[i]] = features
                 vision_cache.put(keys[i], features)

@@ -45,25 +45,32 @@ class Model(llava.Model):
         size = self.config.vision.image_size
         return best_h // size, best_w // size
 
-    def image_features(self, pixel_values: mx.array, image_sizes: mx.array | None = None, **_: Any) -> list[mx.array]:
-        """``pixel_values``: (images, tiles, C, H, W), zero-padded on the tile axis, or (all real tiles, C, H, W);
-        ``image_sizes``: (images, 2) original (height, width)."""
+    def _tile_counts(self, image_sizes: mx.array | None) -> tuple[list[list[int]], list[tuple[int, int]], list[int]]:
+        """Per image: its (height, width), tile grid, and tile count (the global view included)."""
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values (the processor gives both)")
         sizes = np.asarray(image_sizes).astype(np.int64).reshape(-1, 2).tolist()
         grids = [self._grid(h, w) for h, w in sizes]
-        counts = [1 + gh * gw for gh, gw in grids]
+        return sizes, grids, [1 + gh * gw for gh, gw in grids]
+
+    def image_pixels(self, pixel_values: mx.array, image_sizes: mx.array | None = None, **_: Any) -> list[mx.array]:
+        """``pixel_values``: (images, tiles, C, H, W), zero-padded on the tile axis, or (all real tiles, C, H, W);
+        returns each image's real tiles."""
+        sizes, _, counts = self._tile_counts(image_sizes)
         if pixel_values.ndim == 5:
             if pixel_values.shape[0] != len(sizes):
                 raise ValueError(f"{pixel_values.shape[0]} images of pixels but {len(sizes)} image_sizes")
             if max(counts) > pixel_values.shape[1]:
                 raise ValueError("pixel_values has fewer tiles than image_sizes implies")
-            tiles = mx.concatenate([pixel_values[i, :n] for i, n in enumerate(counts)])
-        elif pixel_values.ndim == 4 and pixel_values.shape[0] == sum(counts):
-            tiles = pixel_values
-        else:
-            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} do not match image_sizes {sizes}")
-        features = self.tile_features(tiles)
+            return [pixel_values[i, :n] for i, n in enumerate(counts)]
+        if pixel_values.ndim == 4 and pixel_values.shape[0] == sum(counts):
+            bounds = np.cumsum([0, *counts]).tolist()
+            return [pixel_values[a:b] for a, b in zip(bounds, bounds[1:])]
+        raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} do not match image_sizes {sizes}")
+
+    def image_features(self, pixel_values: mx.array, image_sizes: mx.array | None = None, **_: Any) -> list[mx.array]:
+        sizes, grids, counts = self._tile_counts(image_sizes)
+        features = self.tile_features(mx.concatenate(self.image_pixels(pixel_values, image_sizes)))
         out, start = [], 0
         for (height, width), grid, n in zip(sizes, grids, counts):
             out.append(self._pack(features[start : start + n], height, width, grid))
