@@ -182,3 +182,30 @@ def test_anyres_cache_keys_ignore_the_batch_padding(llava_next) -> None:
     cached = model.embed_prompt(**alone, vision_cache=cache).inputs_embeds
     assert (cache.hits, cache.misses) == (1, 2)
     assert mx.array_equal(cached, model.embed_prompt(**alone).inputs_embeds).item()
+
+
+def test_several_feature_layers_with_the_class_token_match_transformers(tmp_path: Path) -> None:
+    """vision_feature_layer [-3, -1] with strategy "full" (make_fixtures_llava.py's variant): the llava checkpoint
+    with the variant's config and its wider projector layer computes transformers' logits, and the processor
+    writes one more placeholder per image (the class token)."""
+    variant = json.loads((FIXTURES / "llava" / "variant_reference.json").read_text())
+    path = Path(shutil.copytree(FIXTURES / "llava" / "hf5", tmp_path / "model"))
+    config = json.loads((path / "config.json").read_text())
+    config.update(variant["config"])
+    (path / "config.json").write_text(json.dumps(config))
+    processor_config = json.loads((path / "processor_config.json").read_text())
+    processor_config["vision_feature_select_strategy"] = variant["config"]["vision_feature_select_strategy"]
+    (path / "processor_config.json").write_text(json.dumps(processor_config))
+    weights = dict(mx.load(str(path / "model.safetensors")))
+    weights.update(mx.load(str(FIXTURES / "llava" / "variant_projector.safetensors")))
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+
+    model, processor = load(path)
+    reference = np.load(FIXTURES / "llava" / "variant_reference.npz")
+    for case, meta in variant["cases"].items():
+        inputs = {k: mx.array(reference[f"{case}/{k}"]) for k in ("input_ids", "attention_mask", "pixel_values")}
+        logits = np.array(model(**inputs).logits)
+        diff = np.abs(logits - reference[f"{case}/logits"]).max()
+        assert diff <= 1e-4, f"{case}: {diff:.2e}"
+        ours = processor(meta["prompt"], [FIXTURES / "images" / name for name in meta["images"]])
+        np.testing.assert_array_equal(ours["input_ids"], reference[f"{case}/input_ids"])
