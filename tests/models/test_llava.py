@@ -209,3 +209,16 @@ def test_several_feature_layers_with_the_class_token_match_transformers(tmp_path
         assert diff <= 1e-4, f"{case}: {diff:.2e}"
         ours = processor(meta["prompt"], [FIXTURES / "images" / name for name in meta["images"]])
         np.testing.assert_array_equal(ours["input_ids"], reference[f"{case}/input_ids"])
+
+
+@pytest.mark.parametrize("family", LLAVA_FAMILIES)
+def test_checkpoint_without_processor_config_counts_placeholders_from_the_model(tmp_path: Path, family: str) -> None:
+    """Older llava-hf revisions have no processor_config.json (patch_size, strategy): the model config's values
+    give the same prompts as the processor settings do."""
+    path = Path(shutil.copytree(FIXTURES / family / "hf4", tmp_path / "model"))
+    (path / "processor_config.json").unlink()
+    _, processor = load(path)
+    ref = Reference(family)
+    for case, meta in ref.meta["cases"].items():
+        ours = processor(meta["prompt"], [FIXTURES / "images" / name for name in meta["images"]])
+        np.testing.assert_array_equal(ours["input_ids"], ref.get(case, "input_ids"), err_msg=case)

@@ -158,7 +158,9 @@ def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, tr
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types for a broken tokenizer folder
         raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from None
-    image_processor = arch.image_processor_class().from_config(_image_processor_config(path))
+    # A family may derive processor settings from the model config, for checkpoints whose processor files lack them.
+    defaults = getattr(arch.load_module(), "processor_defaults", lambda _: {})(config)
+    image_processor = arch.image_processor_class().from_config({**defaults, **_image_processor_config(path)})
     eos: set[int] = set()
     generation = path / "generation_config.json"
     if generation.is_file():

@@ -95,6 +95,18 @@ class ModelConfig:
             raise ConfigError(f"config.json lacks {exc.args[0]!r}") from None
 
 
+def processor_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The placeholder-count settings implied by the model, for checkpoints saved before processor_config.json
+    carried them (the model then expanded ``<image>`` itself): one token per patch, plus CLIP's class token unless
+    the strategy drops it."""
+    vision = {**VISION_DEFAULTS, **(config.get("vision_config") or {})}
+    return {
+        "patch_size": vision["patch_size"],
+        "vision_feature_select_strategy": config.get("vision_feature_select_strategy", "default"),
+        "num_additional_image_tokens": 1,
+    }
+
+
 class MultiModalProjector(nn.Module):
     """linear_2(act(linear_1(x))): vision features (of all selected layers) to the text width."""
 

@@ -15,6 +15,9 @@ import numpy as np
 from ..config import ConfigError
 from ..processors.clip import select_best_resolution, unpadded_grid
 from . import llava
+from .llava import processor_defaults
+
+__all__ = ["Model", "processor_defaults"]
 
 
 class LlavaNextModel(llava.LlavaModel):
