@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next"]
 LAYOUTS = ["hf4", "hf5", "mlx_community"]
 
 
@@ -29,7 +29,7 @@ class Reference:
         return self.arrays[key] if key in self.arrays.files else None
 
     def inputs(self, case: str) -> dict[str, np.ndarray]:
-        names = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+        names = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "image_sizes")
         return {n: self.get(case, n) for n in names if self.get(case, n) is not None}
 
 

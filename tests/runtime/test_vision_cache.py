@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-from vlm_runtime.vision_cache import DEFAULT_MAX_ENTRIES, VisionFeatureCache, content_key
+from vlm_runtime.vision_cache import DEFAULT_MAX_ENTRIES, VisionFeatureCache, content_key, model_identity
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -157,3 +157,19 @@ def test_content_key_hashes_mlx_arrays_by_value() -> None:
     assert content_key(as_bf16) != content_key(as_bf16.view(mx.uint16))  # same bits, different dtype
     with pytest.raises(TypeError, match="cannot hash"):
         content_key(object())
+
+
+def test_model_identity_follows_the_weights_and_parts() -> None:
+    class Owner:
+        pass
+
+    owner, weights = Owner(), [mx.arange(6, dtype=mx.float32), mx.ones((2, 3))]
+    key = model_identity(owner, weights, "arch", "config")
+    assert key == content_key("arch", "config", weights)
+    assert model_identity(owner, weights, "arch", "config") == key
+    # Equal values in new arrays: the same content, so the same key.
+    assert model_identity(owner, [mx.array(w) for w in weights], "arch", "config") == key
+    # New values, or other parts, give another key at once.
+    assert model_identity(owner, [weights[0] * 2, weights[1]], "arch", "config") != key
+    assert model_identity(owner, weights, "arch", "other config") != key
+    assert model_identity(owner, weights, "arch", "config") == key

@@ -140,12 +140,15 @@ def _read_json(file: Path) -> dict[str, Any]:
 
 
 def _image_processor_config(path: Path) -> dict[str, Any]:
-    """transformers 4 writes preprocessor_config.json; transformers 5 nests it in processor_config.json."""
+    """transformers 4 writes preprocessor_config.json; transformers 5 nests it in processor_config.json. The
+    processor's own top-level settings there (e.g. LLaVA's patch_size) fill in keys the image processor lacks."""
+    processor = _read_json(path / "processor_config.json") if (path / "processor_config.json").is_file() else {}
     if (path / "preprocessor_config.json").is_file():
-        return _read_json(path / "preprocessor_config.json")
-    if (path / "processor_config.json").is_file():
-        return dict(_read_json(path / "processor_config.json").get("image_processor") or {})
-    return {}
+        image = _read_json(path / "preprocessor_config.json")
+    else:
+        image = dict(processor.get("image_processor") or {})
+    shared = {k: v for k, v in processor.items() if not isinstance(v, dict)}
+    return {**shared, **image}
 
 
 def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, trust_remote_code: bool) -> Processor:
@@ -155,7 +158,9 @@ def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, tr
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types for a broken tokenizer folder
         raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from None
-    image_processor = arch.image_processor_class().from_config(_image_processor_config(path))
+    # A family may derive processor settings from the model config, for checkpoints whose processor files lack them.
+    defaults = getattr(arch.load_module(), "processor_defaults", lambda _: {})(config)
+    image_processor = arch.image_processor_class().from_config({**defaults, **_image_processor_config(path)})
     eos: set[int] = set()
     generation = path / "generation_config.json"
     if generation.is_file():

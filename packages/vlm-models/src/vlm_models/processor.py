@@ -49,7 +49,7 @@ class Processor:
         if images:
             pictures = [load_image(i) for i in images]
             outputs.update(self.image_processor(pictures))
-            prompt = self._expand_image_tokens(prompt, outputs["image_grid_thw"])
+            prompt = self._expand_image_tokens(prompt, self.image_processor.image_token_counts(outputs))
         bos = getattr(self.tokenizer, "bos_token", None)
         add_special = not (bos and prompt.startswith(bos))
         ids = self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
@@ -57,11 +57,11 @@ class Processor:
         outputs["attention_mask"] = np.ones_like(outputs["input_ids"])
         return outputs
 
-    def _expand_image_tokens(self, prompt: str, grids: np.ndarray) -> str:
+    def _expand_image_tokens(self, prompt: str, counts: Sequence[int]) -> str:
         pieces = prompt.split(self.image_token)
         out = [pieces[0]]
-        for grid, piece in zip(grids, pieces[1:]):
-            out.append(self.image_token * self.image_processor.num_image_tokens(grid))
+        for count, piece in zip(counts, pieces[1:]):
+            out.append(self.image_token * count)
             out.append(piece)
         return "".join(out)
 

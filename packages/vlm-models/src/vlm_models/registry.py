@@ -32,6 +32,8 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_vl": Architecture("qwen2_vl", "qwen2_vl:Qwen2VLImageProcessor"),
     "qwen2_5_vl": Architecture("qwen2_5_vl", "qwen2_vl:Qwen2VLImageProcessor"),
+    "llava": Architecture("llava", "clip:CLIPImageProcessor", image_token="<image>"),
+    "llava_next": Architecture("llava_next", "clip:LlavaNextImageProcessor", image_token="<image>"),
 }
 
 

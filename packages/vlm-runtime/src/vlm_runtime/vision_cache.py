@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Sequence
 
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["DEFAULT_MAX_ENTRIES", "VisionFeatureCache", "content_key"]
+__all__ = ["DEFAULT_MAX_ENTRIES", "VisionFeatureCache", "content_key", "model_identity"]
 
 DEFAULT_MAX_ENTRIES = 20
 
@@ -103,6 +103,29 @@ def content_key(*parts: Any) -> str:
     for part in parts:
         _update(digest, part)
     return digest.hexdigest()
+
+
+_IDENTITY_ATTRIBUTE = "_vlm_identity_memo"
+
+
+def model_identity(owner: Any, weights: Sequence[mx.array], *parts: Any) -> str:
+    """``content_key(*parts, weights)``, remembered on ``owner`` (a model) while ``parts`` are equal and the
+    very same weight arrays are in place.
+
+    Hashing megabytes of weights on every request costs more than a GPU's vision tower. MLX arrays are
+    immutable, and loading or updating weights puts new array objects in place, so identity of the objects is
+    enough to know the digest still holds.
+    """
+    weights = tuple(weights)
+    memo = getattr(owner, _IDENTITY_ATTRIBUTE, None)
+    if memo is not None:
+        old_weights, old_parts, key = memo
+        if old_parts == parts and len(old_weights) == len(weights) and all(a is b for a, b in zip(old_weights, weights)):
+            return key
+    key = content_key(*parts, list(weights))
+    # object.__setattr__: an nn.Module would take a tuple of arrays for parameters.
+    object.__setattr__(owner, _IDENTITY_ATTRIBUTE, (weights, parts, key))
+    return key
 
 
 def _update(digest: Any, part: Any) -> None:

@@ -13,25 +13,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from vlm_runtime import KVCache, PromptEmbedding
+from vlm_runtime import PromptEmbedding
 from vlm_runtime.masks import block_diagonal_mask
-from vlm_runtime.vision_cache import VisionFeatureCache, content_key
+from vlm_runtime.vision_cache import VisionFeatureCache, content_key, model_identity
 
 from ..config import ConfigError, from_dict, text_section
-from ..nn.decoder import DecoderConfig, TextDecoder
+from ..nn.decoder import DecoderConfig, TextDecoder, TextGeneration
 from ..nn.layers import MLP
 from ..nn.rope import MultimodalRotary, inverse_frequencies
 from ..nn.output import ModelOutput
 from ..nn.vision import VisionBlock, merge_features
-
-
-@dataclass(frozen=True)
-class _IdentityMemo:
-    """The vision identity digest and the weight arrays it was computed from (a plain object, so the module
-    does not take the arrays for parameters)."""
-
-    weights: tuple[mx.array, ...]
-    key: str
 
 
 @dataclass(frozen=True)
@@ -228,7 +219,7 @@ class Qwen2VLModel(nn.Module):
         self.language_model = TextDecoder(config.text, rotary)
 
 
-class Model(nn.Module):
+class Model(TextGeneration, nn.Module):
     """Qwen2-VL for generation. ``__call__`` takes the Hugging Face processor's tensors; the runtime uses the
     split steps (``embed_prompt``, ``hidden_states``, ``compute_logits``) for chunked prefill and decode."""
 
@@ -246,13 +237,7 @@ class Model(nn.Module):
     def from_hf_config(cls, config: Mapping[str, Any]) -> "Model":
         return cls(ModelConfig.from_hf(config, cls.vision_config_class))
 
-    # -- runtime protocol
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.model.language_model.layers]
-
-    def embed_tokens(self, input_ids: mx.array) -> mx.array:
-        return self.model.language_model.embed_tokens(input_ids)
-
+    # -- runtime protocol (the decoder steps come from TextGeneration)
     def embed_prompt(
         self,
         input_ids: mx.array,
@@ -333,37 +318,12 @@ class Model(nn.Module):
     def _vision_identity(self) -> str:
         """What besides the pixels decides the vision features: the architecture, the vision config, the
         weights' dtype, and a digest of the (small) patch-embedding weights, so two checkpoints of one
-        architecture sharing a cache do not collide. Recomputed per call, so swapped weights never serve
+        architecture sharing a cache do not collide. Swapped weights give a new digest, so they never serve
         stale features."""
         visual = self.model.visual
-        patch_weights = tuple(value for _, value in tree_flatten(visual.patch_embed.parameters()))
-        memo = self.__dict__.get("_identity_memo")
-        # Hashing megabytes of weights each call costs more than a GPU's vision tower: reuse the digest while
-        # the very same (immutable) weight arrays are in place; loading or updating weights replaces them.
-        if memo is not None and len(memo.weights) == len(patch_weights):
-            if all(a is b for a, b in zip(memo.weights, patch_weights)):
-                return memo.key
+        patch_weights = [value for _, value in tree_flatten(visual.patch_embed.parameters())]
         model_class = f"{type(self).__module__}.{type(self).__qualname__}"
-        key = content_key(model_class, repr(self.config.vision), str(visual.dtype), list(patch_weights))
-        object.__setattr__(self, "_identity_memo", _IdentityMemo(patch_weights, key))
-        return key
-
-    def hidden_states(
-        self,
-        inputs_embeds: mx.array,
-        *,
-        cache: list[Any] | None = None,
-        position_ids: mx.array | None = None,
-        attention_mask: mx.array | None = None,
-    ) -> mx.array:
-        return self.model.language_model(
-            inputs_embeds, cache=cache, position_ids=position_ids, attention_mask=attention_mask
-        )
-
-    def compute_logits(self, hidden: mx.array) -> mx.array:
-        if self.config.tie_word_embeddings:
-            return self.model.language_model.embed_tokens.as_linear(hidden)
-        return self.lm_head(hidden)
+        return model_identity(self, patch_weights, model_class, repr(self.config.vision), str(visual.dtype))
 
     # -- the Hugging Face contract
     def __call__(
@@ -381,12 +341,7 @@ class Model(nn.Module):
         prompt = self.embed_prompt(
             input_ids, pixel_values, image_grid_thw, attention_mask, pixel_values_videos, video_grid_thw
         )
-        if position_ids is None:
-            position_ids = prompt.position_ids
-        hidden = self.hidden_states(
-            prompt.inputs_embeds, cache=cache, position_ids=position_ids, attention_mask=prompt.attention_mask
-        )
-        return ModelOutput(logits=self.compute_logits(hidden))
+        return self.prompt_logits(prompt, cache, position_ids)
 
     # -- loading
     def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:

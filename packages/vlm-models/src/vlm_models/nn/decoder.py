@@ -11,12 +11,14 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from vlm_runtime import KVCache, PromptEmbedding
 from vlm_runtime.masks import padded_causal_mask
 
 from .layers import Attention, DecoderLayer, GatedMLP
+from .output import ModelOutput
 from .rope import MultimodalRotary
 
-__all__ = ["DecoderConfig", "TextDecoder", "attention_mask_for"]
+__all__ = ["DecoderConfig", "TextDecoder", "TextGeneration", "attention_mask_for"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,48 @@ class TextDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, rotate, mask, cache[i] if cache else None)
         return self.norm(h)
+
+
+class TextGeneration:
+    """The runtime's decoder steps for a family model holding its ``TextDecoder`` at ``self.model.language_model``
+    and, unless ``self.config.tie_word_embeddings``, an ``lm_head``."""
+
+    model: Any
+    config: Any
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.model.language_model.layers]
+
+    def embed_tokens(self, input_ids: mx.array) -> mx.array:
+        return self.model.language_model.embed_tokens(input_ids)
+
+    def hidden_states(
+        self,
+        inputs_embeds: mx.array,
+        *,
+        cache: list[Any] | None = None,
+        position_ids: mx.array | None = None,
+        attention_mask: mx.array | None = None,
+    ) -> mx.array:
+        return self.model.language_model(
+            inputs_embeds, cache=cache, position_ids=position_ids, attention_mask=attention_mask
+        )
+
+    def compute_logits(self, hidden: mx.array) -> mx.array:
+        if self.config.tie_word_embeddings:
+            return self.model.language_model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)  # type: ignore[attr-defined]
+
+    def prompt_logits(
+        self, prompt: PromptEmbedding, cache: list[Any] | None = None, position_ids: mx.array | None = None
+    ) -> ModelOutput:
+        """The Hugging Face forward once the prompt is embedded: logits at every position."""
+        if position_ids is None:
+            position_ids = prompt.position_ids
+        hidden = self.hidden_states(
+            prompt.inputs_embeds, cache=cache, position_ids=position_ids, attention_mask=prompt.attention_mask
+        )
+        return ModelOutput(logits=self.compute_logits(hidden))
 
 
 def _record_position_delta(cache: list[Any], position_ids: mx.array, n_tokens: int) -> None:

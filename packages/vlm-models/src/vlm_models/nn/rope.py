@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["Rotate", "apply_rotary", "inverse_frequencies", "MultimodalRotary", "rotate_half"]
+__all__ = ["Rotate", "apply_rotary", "inverse_frequencies", "MultimodalRotary", "Rotary", "rotate_half"]
 
 Rotate = Callable[[mx.array], mx.array]
 """Applies the rotation for a fixed set of positions to (batch, heads, length, head_dim) queries or keys."""
@@ -84,3 +84,10 @@ class MultimodalRotary:
             return cache[length](x)
 
         return rotate
+
+
+class Rotary(MultimodalRotary):
+    """Plain 1D RoPE (Llama, Mistral): one position per token drives every frequency."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__(head_dim, theta, (head_dim // 2,))

@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,6 +27,7 @@ __all__ = [
     "ImageSource",
     "MAX_IMAGE_BYTES",
     "URL_TIMEOUT_S",
+    "config_values",
     "load_image",
     "rescale_and_normalize",
     "resize",
@@ -215,6 +216,25 @@ def rescale_and_normalize(
         std32 = np.asarray(_per_channel(std, channels, "std"), dtype=np.float32)
         out = (out - mean32) / std32
     return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def config_values(cfg: dict[str, Any], ints: Sequence[str] = (), bools: Sequence[str] = ()) -> dict[str, Any]:
+    """The keys of a preprocessor config that are set (not None), typed: ``ints`` and ``bools`` as named, and the
+    ``rescale_factor`` / ``image_mean`` / ``image_std`` every processor has (a scalar mean/std is per channel)."""
+    values: dict[str, Any] = {}
+    for key in ints:
+        if cfg.get(key) is not None:
+            values[key] = int(cfg[key])
+    for key in bools:
+        if cfg.get(key) is not None:
+            values[key] = bool(cfg[key])
+    if cfg.get("rescale_factor") is not None:
+        values["rescale_factor"] = float(cfg["rescale_factor"])
+    for key in ("image_mean", "image_std"):
+        if cfg.get(key) is not None:
+            value = cfg[key]
+            values[key] = tuple(float(v) for v in (value if isinstance(value, Sequence) else [value] * 3))
+    return values
 
 
 def _per_channel(values: float | Sequence[float], channels: int, what: str) -> list[float]:

@@ -1,0 +1,145 @@
+"""The CLIP vision transformer (LLaVA's vision tower): class token, learned positions, pre-norm encoder layers.
+
+Module names follow the transformers 5 ``CLIPVisionModel`` weight names (``embeddings.*``, ``pre_layrnorm``,
+``encoder.layers.*``, ``post_layernorm``). The tower returns the hidden states of the layers a family selects
+rather than the pooled output, so layers past the deepest selected one never run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .layers import MLP
+
+__all__ = ["CLIPVisionConfig", "CLIPVisionTower", "EncoderLayer", "SelfAttention"]
+
+
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    # transformers' CLIPVisionConfig defaults: published configs leave out the values that equal them.
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head attention over (batch, tokens, dim), with biased q/k/v/out projections."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        batch, length, _ = x.shape
+
+        def heads(t: mx.array) -> mx.array:
+            return t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm ViT layer with LayerNorms: x + attn(ln1(x)), then + mlp(ln2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, act: str, eps: float) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.self_attn = SelfAttention(dim, num_heads)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, mlp_dim, act)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, config: CLIPVisionConfig) -> None:
+        super().__init__()
+        c = config
+        self.class_embedding = mx.zeros((c.hidden_size,))
+        # MLX convolutions are channels-last: weight (out, kh, kw, in), input (batch, h, w, in).
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(c.patches_per_side**2 + 1, c.hidden_size)
+
+    def __call__(self, pixel_values: mx.array) -> mx.array:
+        """``pixel_values``: (batch, channels, height, width), the processor's layout."""
+        patches = self.patch_embedding(pixel_values.transpose(0, 2, 3, 1))
+        batch, _, _, dim = patches.shape
+        patches = patches.reshape(batch, -1, dim)
+        cls = mx.broadcast_to(self.class_embedding.astype(patches.dtype), (batch, 1, dim))
+        # Looked up rather than read as a table, so a quantized embedding works too.
+        positions = self.position_embedding(mx.arange(patches.shape[1] + 1))
+        return mx.concatenate([cls, patches], axis=1) + positions
+
+
+class CLIPVisionTower(nn.Module):
+    def __init__(self, config: CLIPVisionConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.embeddings = CLIPVisionEmbeddings(c)
+        self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.encoder = Encoder(c)
+        # Unused by the families here (they take hidden states, not the pooled output) but in every checkpoint.
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.pre_layrnorm.weight.dtype
+
+    def check_image_size(self, height: int, width: int) -> None:
+        size = self.config.image_size
+        if (height, width) != (size, size):
+            raise ValueError(f"the vision tower takes {size}x{size} images, got {height}x{width}")
+
+    def __call__(self, pixel_values: mx.array, layers: Sequence[int]) -> mx.array:
+        """Hidden states of ``layers`` (indices into [embeddings, layer 1, ..., layer N], negative from the end,
+        as transformers' ``hidden_states``) concatenated on the feature axis: (batch, tokens, dim * len(layers))."""
+        self.check_image_size(*pixel_values.shape[-2:])
+        count = len(self.encoder.layers) + 1
+        wanted = [i % count if -count <= i < count else None for i in layers]
+        if None in wanted:
+            raise ValueError(f"vision feature layer(s) {list(layers)} out of range for {count - 1} layers")
+        h = self.pre_layrnorm(self.embeddings(pixel_values.astype(self.dtype)))
+        states = [h]
+        for layer in self.encoder.layers[: max(wanted)]:
+            states.append(layer(states[-1]))
+        selected = [states[i] for i in wanted]
+        return selected[0] if len(selected) == 1 else mx.concatenate(selected, axis=-1)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: CLIPVisionConfig) -> None:
+        super().__init__()
+        self.layers = [
+            EncoderLayer(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.hidden_act, c.layer_norm_eps)
+            for _ in range(c.num_hidden_layers)
+        ]
+
+
+def conv2d_weight_to_mlx(weight: mx.array, in_channels: int) -> mx.array:
+    """Accept PyTorch's Conv2d layout (out, in, kh, kw) or MLX's (out, kh, kw, in); return MLX's."""
+    if weight.ndim == 4 and weight.shape[1] == in_channels and weight.shape[-1] != in_channels:
+        return weight.transpose(0, 2, 3, 1)
+    return weight
