@@ -190,11 +190,13 @@ class KVCache(_AppendOnly):
 
     @classmethod
     def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> "KVCache":
-        cache = cls()
+        return cls()._restore(state, meta_state)
+
+    def _restore(self, state: list[mx.array], meta_state: dict[str, str]) -> Any:
         if state:
-            cache.keys, cache.values = state
-        (cache.offset,) = _meta_ints(meta_state, "offset")
-        return cache
+            self.keys, self.values = state
+        (self.offset,) = _meta_ints(meta_state, "offset")
+        return self
 
     def __repr__(self) -> str:
         return f"KVCache(offset={self.offset})"
@@ -716,11 +718,7 @@ class BatchKVCache(KVCache):
 
     @classmethod
     def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> "BatchKVCache":
-        cache = cls([int(p) for p in meta_state["left_padding"].split(",") if p])
-        if state:
-            cache.keys, cache.values = state
-        (cache.offset,) = _meta_ints(meta_state, "offset")
-        return cache
+        return cls([int(p) for p in meta_state["left_padding"].split(",") if p])._restore(state, meta_state)
 
     def __repr__(self) -> str:
         return f"BatchKVCache(left_padding={self.padding}, offset={self.offset})"
