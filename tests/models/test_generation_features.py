@@ -22,8 +22,17 @@ def chat(processor, text: str, n_images: int) -> str:
     return apply_chat_template(processor, None, text, num_images=n_images)
 
 
-def test_batch_with_images_equals_single_generate(loaded) -> None:
+def test_batch_with_images_equals_single_generate(loaded, monkeypatch) -> None:
     model, processor = loaded
+    prefill_batches = []
+    hidden_states = model.hidden_states
+
+    def recording(inputs_embeds, **kwargs):
+        if inputs_embeds.shape[1] > 1:
+            prefill_batches.append(inputs_embeds.shape[0])
+        return hidden_states(inputs_embeds, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", recording)
     prompts = [
         (chat(processor, "Describe.", 1), [IMAGES / "rgb_112x168.png"]),
         (chat(processor, "Just text, and somewhat longer than the others.", 0), None),
@@ -32,6 +41,8 @@ def test_batch_with_images_equals_single_generate(loaded) -> None:
     batched = batch_generate(
         model, processor, [p for p, _ in prompts], images=[i for _, i in prompts], max_tokens=8, ignore_eos=True
     )
+    assert prefill_batches == [3]  # the three prompts are prefilled together, left-padded
+    monkeypatch.undo()
     for (prompt, images), result in zip(prompts, batched):
         single = generate(model, processor, prompt, image=images, max_tokens=8, ignore_eos=True)
         assert result.text == single.text

@@ -260,6 +260,34 @@ def test_batch_generate_equals_single_generate(model: ToyModel) -> None:
         assert result.generation_tokens == 12 and result.finish_reason == "length"
 
 
+@given(lengths=st.lists(st.integers(0, 6), min_size=2, max_size=5), budget=st.sampled_from([8, 40, 2048]))
+@settings(max_examples=15, deadline=None)
+def test_requests_admitted_together_equal_each_alone(model: ToyModel, lengths: list[int], budget: int) -> None:
+    """Requests arriving in one step are prefilled as left-padded groups (as many as fit the prefill budget);
+    rows that finish on their first token (max_tokens 1, or 0) leave the group's cache at once."""
+    processor = ByteProcessor()
+    engine = BatchGenerator(model, processor, max_batch_size=8, prefill_step_size=budget)
+    configs = [GenerationConfig(max_tokens=n, ignore_eos=True) for n in lengths]
+    uids = [engine.submit(processor.prepare_inputs(PROMPTS[i % 4]), config=c) for i, c in enumerate(configs)]
+    tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+    while engine.has_work():
+        for event in engine.step():
+            if event.token >= 0:
+                tokens[event.uid].append(event.token)
+    for i, (uid, config) in enumerate(zip(uids, configs)):
+        alone = BatchGenerator(model, processor, max_batch_size=1)
+        only = alone.submit(processor.prepare_inputs(PROMPTS[i % 4]), config=config)
+        expected = [e.token for e in _drain(alone) if e.uid == only and e.token >= 0]
+        assert tokens[uid] == expected and len(expected) == config.max_tokens
+
+
+def _drain(engine: BatchGenerator) -> list:
+    events = []
+    while engine.has_work():
+        events.extend(engine.step())
+    return events
+
+
 def test_requests_join_and_leave_between_steps(model: ToyModel) -> None:
     processor = ByteProcessor()
     engine = BatchGenerator(model, processor, max_batch_size=4)

@@ -26,7 +26,7 @@ from .generate import (
     prefill,
 )
 from .cache_settings import CacheSettings
-from .protocols import GenerativeModel, PromptProcessor
+from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
 from .sampling import LogitsProcessor, Sampler, SamplingParams, greedy, make_logits_processors, make_sampler
 from .text_output import TextOutput
 from .thinking import ThinkingBudget, ThinkingConfig, prompt_opens_thinking, resolve_thinking_tokens
@@ -139,33 +139,66 @@ class BatchGenerator:
         self._drop_cancelled(events)
         if self._rows:
             events.extend(self._decode())
-        joining: list[tuple[_Row, list[KVCache]]] = []
-        while self._pending and len(self._rows) + len(joining) < self.max_batch_size:
-            event, cache = self._admit(self._pending.pop(0))
-            events.append(event)
-            if cache is not None:
-                joining.append(cache)
+        joining: list[tuple[list[_Row], list[KVCache]]] = []
+        group: list[tuple[_Row, PromptEmbedding]] = []
+        while self._pending and len(self._rows) + sum(len(r) for r, _ in joining) + len(group) < self.max_batch_size:
+            request = self._pending.pop(0)
+            row = self._new_row(request, request.inputs["input_ids"][0].tolist())
+            if request.config.max_tokens == 0:
+                events.append(self._event(row, -1, None, "length"))
+                continue
+            prompt = embed(self.model, request.inputs, self.vision_cache)
+            if group and not self._fits(group, prompt):
+                joining.extend(self._prefill_group(group, events))
+                group = []
+            group.append((row, prompt))
+        if group:
+            joining.extend(self._prefill_group(group, events))
         self._join(joining)
         self._drop_finished()
         return events
 
     # -- joining
-    def _admit(self, request: _Pending) -> tuple[BatchEvent, tuple[_Row, list[KVCache]] | None]:
-        """Prefill one request alone and give its first token; the row and its cache, unless it finished
-        already, to join the batch."""
-        inputs, config = request.inputs, request.config
-        prompt_list = inputs["input_ids"][0].tolist()
-        row = self._new_row(request, prompt_list)
-        if config.max_tokens == 0:
-            return self._event(row, -1, None, "length"), None
-        cache = self.model.make_cache()
-        if not all(type(c) is KVCache for c in cache):
+    def _fits(self, group: list[tuple[_Row, PromptEmbedding]], prompt: PromptEmbedding) -> bool:
+        """Whether ``prompt`` may be prefilled together with ``group``: the padded batch stays within one
+        prefill chunk of tokens (bounding the attention scores' memory), and the prompts carry nothing but
+        embeddings and positions (no padding mask of their own)."""
+        if prompt.attention_mask is not None or any(p.attention_mask is not None for _, p in group):
+            return False
+        if (prompt.position_ids is None) != (group[0][1].position_ids is None):
+            return False
+        longest = max(prompt.inputs_embeds.shape[1], *(p.inputs_embeds.shape[1] for _, p in group))
+        return longest * (len(group) + 1) <= self.prefill_step_size
+
+    def _prefill_group(
+        self, group: list[tuple[_Row, PromptEmbedding]], events: list[BatchEvent]
+    ) -> list[tuple[list[_Row], list[KVCache]]]:
+        """Prefill the group's prompts as one left-padded batch and emit each row's first token; return the
+        rows still running with their cache, to join (one request alone keeps a plain cache)."""
+        layers = self.model.make_cache()
+        if not all(type(c) is KVCache for c in layers):
             raise ValueError("batched generation supports models whose layers all use a plain KVCache")
-        logits = prefill(self.model, embed(self.model, inputs, self.vision_cache), cache, self.prefill_step_size)
-        token, logprobs = self._choose(row, logits)
-        first = row.override(None) if row.override is not None else None
-        event = self._emit(row, first if first is not None else token.item(), logprobs)
-        return event, ((row, cache) if row.finish is None else None)
+        if len(group) == 1:
+            cache: list[KVCache] = layers
+            prompt = group[0][1]
+        else:
+            prompt, padding = _left_padded_batch([p for _, p in group])
+            cache = [BatchKVCache(padding) for _ in layers]
+        logits = prefill(self.model, prompt, cache, self.prefill_step_size)
+        chosen = [self._choose(row, logits[i : i + 1]) for i, (row, _) in enumerate(group)]
+        tokens = mx.concatenate([token.reshape(-1) for token, _ in chosen]).tolist()
+        keep = []
+        for i, ((row, _), token, (_, logprobs)) in enumerate(zip(group, tokens, chosen)):
+            first = row.override(None) if row.override is not None else None
+            events.append(self._emit(row, first if first is not None else token, logprobs))
+            if row.finish is None:
+                keep.append(i)
+        if not keep:
+            return []
+        if len(keep) < len(group):
+            for layer in cache:
+                layer.filter(keep)  # only batched caches get here: a lone request either runs or is done
+        return [([group[i][0] for i in keep], cache)]
 
     def _new_row(self, request: _Pending, prompt_list: list[int]) -> _Row:
         processor = self.processor
@@ -187,7 +220,7 @@ class BatchGenerator:
             history=mx.array([prompt_list], mx.int32) if processors else None,
         )
 
-    def _join(self, joining: list[tuple[_Row, list[KVCache]]]) -> None:
+    def _join(self, joining: list[tuple[list[_Row], list[KVCache]]]) -> None:
         """Add the rows admitted in one step with one merge per layer, evaluated now: joining them one by one
         would copy the growing batch once per request, and a lazy merge would stall the next decode step."""
         if not joining:
@@ -198,7 +231,8 @@ class BatchGenerator:
             BatchKVCache.merge(([old] if old is not None else []) + list(new)) for old, new in zip(running, layers)
         ]
         mx.eval([layer.state for layer in self._cache])
-        self._rows.extend(row for row, _ in joining)
+        for rows, _ in joining:
+            self._rows.extend(rows)
 
     # -- decoding
     def _decode(self) -> list[BatchEvent]:
@@ -288,6 +322,25 @@ class BatchGenerator:
         assert self._cache is not None
         for layer in self._cache:
             layer.filter(keep)
+
+
+def _left_padded_batch(prompts: list[PromptEmbedding]) -> tuple[PromptEmbedding, list[int]]:
+    """Single prompts stacked into one batch, each left-padded to the longest; padding columns get zero
+    embeddings and position 0 (the cache's mask hides them). Returns the batch and each row's padding."""
+    longest = max(p.inputs_embeds.shape[1] for p in prompts)
+    padding = [longest - p.inputs_embeds.shape[1] for p in prompts]
+    embeds = mx.concatenate(
+        [mx.pad(p.inputs_embeds, [(0, 0), (pad, 0), (0, 0)]) for p, pad in zip(prompts, padding)], axis=0
+    )
+    positions = None
+    if prompts[0].position_ids is not None:
+        # The sequence is the last axis and the batch the one before it: (batch, length) or (3, batch, length).
+        rows = []
+        for p, pad in zip(prompts, padding):
+            widths = [(0, 0)] * (p.position_ids.ndim - 1) + [(pad, 0)]
+            rows.append(mx.pad(p.position_ids, widths))
+        positions = mx.concatenate(rows, axis=-2)
+    return PromptEmbedding(embeds, positions), padding
 
 
 def batch_generate(
