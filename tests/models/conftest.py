@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "gemma3"]
 LAYOUTS = ["hf4", "hf5", "mlx_community"]
+FAMILY_LAYOUTS = {
+    "qwen2_vl": LAYOUTS,
+    "qwen2_5_vl": LAYOUTS,
+    # No peer-converted folder: its MLX-community layout is written by our own converter (test_gemma3.py).
+    "gemma3": ["hf4", "hf5"],
+}
 
 
 class Reference:

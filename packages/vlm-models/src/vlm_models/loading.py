@@ -140,12 +140,16 @@ def _read_json(file: Path) -> dict[str, Any]:
 
 
 def _image_processor_config(path: Path) -> dict[str, Any]:
-    """transformers 4 writes preprocessor_config.json; transformers 5 nests it in processor_config.json."""
-    if (path / "preprocessor_config.json").is_file():
-        return _read_json(path / "preprocessor_config.json")
+    """transformers 4 writes preprocessor_config.json; transformers 5 nests it in processor_config.json, whose
+    own plain settings (such as Gemma's ``image_seq_length``) apply too."""
+    config: dict[str, Any] = {}
     if (path / "processor_config.json").is_file():
-        return dict(_read_json(path / "processor_config.json").get("image_processor") or {})
-    return {}
+        processor = _read_json(path / "processor_config.json")
+        config.update({k: v for k, v in processor.items() if not isinstance(v, (dict, list))})
+        config.update(processor.get("image_processor") or {})
+    if (path / "preprocessor_config.json").is_file():
+        config.update(_read_json(path / "preprocessor_config.json"))
+    return config
 
 
 def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, trust_remote_code: bool) -> Processor:

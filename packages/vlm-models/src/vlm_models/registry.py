@@ -32,6 +32,7 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_vl": Architecture("qwen2_vl", "qwen2_vl:Qwen2VLImageProcessor"),
     "qwen2_5_vl": Architecture("qwen2_5_vl", "qwen2_vl:Qwen2VLImageProcessor"),
+    "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),
 }
 
 

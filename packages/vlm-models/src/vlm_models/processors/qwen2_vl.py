@@ -124,6 +124,15 @@ class Qwen2VLImageProcessor:
         t, h, w = (int(v) for v in grid_thw)
         return t * h * w // self.merge_size**2
 
+    def expand_prompt(self, prompt: str, image_token: str, outputs: dict[str, np.ndarray]) -> str:
+        """The prompt with each image slot repeated once per merged token of its image."""
+        pieces = prompt.split(image_token)
+        out = [pieces[0]]
+        for grid, piece in zip(outputs["image_grid_thw"], pieces[1:]):
+            out.append(image_token * self.num_image_tokens(grid))
+            out.append(piece)
+        return "".join(out)
+
     def __call__(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
         if not images:
             raise ValueError("no images given")

@@ -1,0 +1,86 @@
+"""Fixed-size image processors for SigLIP towers (PaliGemma, Gemma 3), output-identical to transformers' PIL
+backend: resize every image to one (height, width), rescale, normalize, channels first."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .image import rescale_and_normalize, resize, to_rgb
+
+__all__ = ["SiglipImageProcessor", "IMAGENET_STANDARD_MEAN", "IMAGENET_STANDARD_STD"]
+
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class SiglipImageProcessor:
+    """Images -> ``pixel_values`` (images, C, height, width) float32."""
+
+    height: int = 224
+    width: int = 224
+    image_mean: tuple[float, ...] = field(default=IMAGENET_STANDARD_MEAN)
+    image_std: tuple[float, ...] = field(default=IMAGENET_STANDARD_STD)
+    rescale_factor: float = 1 / 255
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    do_convert_rgb: bool = True
+    resample: int = int(Image.Resampling.BICUBIC)
+    image_seq_length: int = 256
+    """Text placeholder tokens per image."""
+
+    @classmethod
+    def config_values(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """The fields this class declares, from a ``preprocessor_config.json`` dict; null means the default."""
+        kwargs: dict[str, Any] = {}
+        size = cfg.get("size")
+        if isinstance(size, dict):
+            if "height" not in size or "width" not in size:
+                raise ValueError(f"preprocessor config size={size!r} needs height and width")
+            kwargs.update(height=int(size["height"]), width=int(size["width"]))
+        for key in ("resample", "image_seq_length"):
+            if cfg.get(key) is not None:
+                kwargs[key] = int(cfg[key])
+        for key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+            if cfg.get(key) is not None:
+                kwargs[key] = bool(cfg[key])
+        if cfg.get("rescale_factor") is not None:
+            kwargs["rescale_factor"] = float(cfg["rescale_factor"])
+        for key in ("image_mean", "image_std"):
+            if cfg.get(key) is not None:
+                value = cfg[key]
+                kwargs[key] = tuple(float(v) for v in (value if isinstance(value, Sequence) else [value] * 3))
+        return kwargs
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "SiglipImageProcessor":
+        return cls(**cls.config_values(cfg))
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """One picture -> (C, height, width) float32."""
+        if self.do_convert_rgb:
+            image = to_rgb(image)
+        array = resize(image, (self.height, self.width), self.resample) if self.do_resize else np.asarray(image)
+        if array.ndim == 2:  # mode L with do_convert_rgb off
+            array = array[..., None]
+        return rescale_and_normalize(
+            array,
+            self.rescale_factor if self.do_rescale else None,
+            self.image_mean if self.do_normalize else None,
+            self.image_std if self.do_normalize else None,
+        )
+
+    def __call__(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+        if not images:
+            raise ValueError("no images given")
+        return {"pixel_values": np.stack([self.preprocess(image) for image in images])}
+
+    def expand_prompt(self, prompt: str, image_token: str, outputs: dict[str, np.ndarray]) -> str:
+        """The prompt with each image slot replaced by the image's placeholder tokens."""
+        return prompt.replace(image_token, image_token * self.image_seq_length)
