@@ -92,7 +92,8 @@ class SiglipEmbeddings(nn.Module):
         """(images, C, H, W) as the processors give them -> (images, patches, hidden), patches row-major."""
         patches = self.patch_embedding(pixel_values.transpose(0, 2, 3, 1))
         patches = patches.reshape(patches.shape[0], -1, patches.shape[-1])
-        return patches + self.position_embedding.weight[: patches.shape[1]]
+        # Called, not indexed: a quantized checkpoint stores the table packed.
+        return patches + self.position_embedding(mx.arange(patches.shape[1]))
 
 
 class SiglipVisionModel(nn.Module):

@@ -23,8 +23,8 @@ def pan_and_scan_boxes(
     height: int, width: int, min_crop_size: int, max_num_crops: int, min_ratio: float
 ) -> list[tuple[int, int, int, int]]:
     """(top, left, bottom, right) crops tiling a picture whose aspect ratio is at least ``min_ratio`` along its
-    long side into 2..``max_num_crops`` pieces of at least ``min_crop_size``; none for squarer pictures. The
-    last crop may reach past the edge and is cut there, as in the reference."""
+    long side into up to ``max_num_crops`` (normally at least 2) pieces of ``min_crop_size`` or more; none for
+    squarer pictures. The last crop may reach past the edge and is cut there, as in the reference."""
     long, short = (width, height) if width >= height else (height, width)
     if long / short < min_ratio:
         return []
@@ -35,10 +35,12 @@ def pan_and_scan_boxes(
     crop_w, crop_h = int(math.ceil(width / n_w)), int(math.ceil(height / n_h))
     if min(crop_w, crop_h) < min_crop_size:
         return []
+    # In a degenerate picture (a side of a pixel or two) a crop can start past the edge; it holds nothing.
     return [
         (top, left, min(top + crop_h, height), min(left + crop_w, width))
         for top in range(0, crop_h * n_h, crop_h)
         for left in range(0, crop_w * n_w, crop_w)
+        if top < height and left < width
     ]
 
 

@@ -1,0 +1,192 @@
+"""Gemma 3 beyond the shared parity tests: chat template, image processing (pan-and-scan included) against
+transformers, chunked prefill keeping images whole, the vision feature cache, and the MLX-community layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from vlm_models import apply_chat_template, load
+from vlm_models.convert import dequantize_model, save_model
+from vlm_models.processors.gemma3 import Gemma3ImageProcessor, pan_and_scan_boxes
+from vlm_runtime import GenerationConfig, SamplingParams, generate_step, make_sampler
+from vlm_runtime.generate import prefill
+from vlm_runtime.masks import grouped_window_mask
+from vlm_runtime.vision_cache import VisionFeatureCache
+
+from .conftest import FIXTURES, Reference
+
+ROOT = FIXTURES / "gemma3"
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def ref() -> Reference:
+    return Reference("gemma3")
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load(ROOT / "hf4")
+
+
+def inputs_of(ref: Reference, case: str) -> dict[str, mx.array]:
+    return {k: mx.array(v) for k, v in ref.inputs(case).items()}
+
+
+@pytest.mark.parametrize("layout", ["hf4", "hf5", "mlx_community_4bit"])
+def test_chat_template_through_the_checkpoint_tokenizer(layout: str, ref: Reference) -> None:
+    _, processor = load(ROOT / layout)
+    for case, meta in ref.meta["cases"].items():
+        prompt = apply_chat_template(processor, None, meta["text"], num_images=len(meta["images"]))
+        assert prompt == meta["prompt"], case
+
+
+@pytest.mark.parametrize("config", ["fixture", "pan_and_scan"])
+def test_image_processor_matches_transformers(config: str) -> None:
+    expected = np.load(ROOT / "image_processor_reference.npz")
+    settings_ = json.loads((ROOT / "image_processor_reference.json").read_text())["configs"][config]
+    processor = Gemma3ImageProcessor.from_config(settings_)
+    names = sorted({k.split("/")[1] for k in expected.files if k.startswith(config + "/")})
+    assert len(names) == 7
+    crops_seen = set()
+    for name in names:
+        with Image.open(FIXTURES / "images" / name) as image:
+            ours = processor([image])
+        want = expected[f"{config}/{name}/pixel_values"]
+        assert ours["pixel_values"].shape == want.shape, name
+        np.testing.assert_allclose(ours["pixel_values"], want, atol=1e-6, rtol=0, err_msg=name)
+        np.testing.assert_array_equal(ours["num_crops"], expected[f"{config}/{name}/num_crops"], err_msg=name)
+        crops_seen.add(int(ours["num_crops"][0]))
+    if config == "pan_and_scan":
+        assert len(crops_seen) > 1, "the images should exercise both cropped and uncropped paths"
+
+
+def test_published_config_nulls_mean_the_defaults() -> None:
+    config = json.loads((ROOT / "hf4" / "preprocessor_config.json").read_text())
+    processor = Gemma3ImageProcessor.from_config(config)
+    assert processor.do_pan_and_scan is False and processor.do_convert_rgb is True
+    assert (processor.height, processor.width, processor.image_seq_length) == (56, 56, 16)
+    with pytest.raises(ValueError, match="height and width"):
+        Gemma3ImageProcessor.from_config({"size": {"shortest_edge": 224}})
+
+
+def test_image_tokens_attend_both_ways(loaded, ref: Reference) -> None:
+    """Without the bidirectional image groups the logits are far off: the fixture does test them."""
+    model, _ = loaded
+    prompt = model.embed_prompt(**inputs_of(ref, "two_images"))
+    assert prompt.attention_groups is not None
+    groups = np.array(prompt.attention_groups)[0]
+    assert sorted(set(groups.tolist())) == [-1, 0, 1] and (groups >= 0).sum() == 2 * 16
+    causal_only = np.array(model.compute_logits(model.hidden_states(prompt.inputs_embeds)))
+    assert np.abs(causal_only - ref.get("two_images", "logits")).max() > 1.0
+
+
+@pytest.mark.parametrize("step", [5, 13])
+def test_chunked_prefill_keeps_each_image_whole(loaded, ref: Reference, step: int) -> None:
+    model, _ = loaded
+    for case in ("two_images", "pan_and_scan"):
+        prompt = model.embed_prompt(**inputs_of(ref, case))
+        last = prefill(model, prompt, model.make_cache(), step)
+        diff = np.abs(np.array(last[0]) - ref.get(case, "logits")[0, -1]).max()
+        assert diff <= TOL, f"{case}, chunks of {step}: {diff:.2e}"
+        config = GenerationConfig(max_tokens=8, prefill_step_size=step)
+        steps = generate_step(model, inputs_of(ref, case), sampler=make_sampler(SamplingParams()), config=config)
+        assert [t for t, _ in steps] == ref.get(case, "greedy")[0, :8].tolist()
+
+
+def test_vision_feature_cache(loaded, ref: Reference) -> None:
+    model, _ = loaded
+    inputs = inputs_of(ref, "two_images")
+    plain = np.array(model.embed_prompt(**inputs).inputs_embeds)
+    cache = VisionFeatureCache()
+    first = np.array(model.embed_prompt(**inputs, vision_cache=cache).inputs_embeds)
+    assert (cache.hits, cache.misses, len(cache)) == (0, 2, 2)
+    second = np.array(model.embed_prompt(**inputs, vision_cache=cache).inputs_embeds)
+    assert (cache.hits, cache.misses) == (2, 2)
+    np.testing.assert_array_equal(first, plain)
+    np.testing.assert_array_equal(second, plain)
+
+
+def logits_of(model, ref: Reference, case: str) -> np.ndarray:
+    return np.array(model(**inputs_of(ref, case)).logits)
+
+
+def test_mlx_community_layout_round_trip(tmp_path: Path, loaded, ref: Reference) -> None:
+    model, _ = loaded
+    config = json.loads((ROOT / "hf4" / "config.json").read_text())
+    out = save_model(model, tmp_path / "mlx", source=ROOT / "hf4", config=config)
+    names = set(mx.load(str(out / "model.safetensors")))
+    assert {n.split(".")[0] for n in names} == {"language_model", "vision_tower", "multi_modal_projector"}
+    assert any(n.startswith("vision_tower.vision_model.encoder.") for n in names)
+    reloaded, _ = load(out)
+    for case in ("one_image", "text"):
+        np.testing.assert_allclose(logits_of(reloaded, ref, case), ref.get(case, "logits"), atol=TOL, rtol=0)
+
+
+def test_quantized_mlx_community_fixture(ref: Reference) -> None:
+    """Written by our converter (tests/fixtures/make_own_mlx_fixtures.py): loads quantized, computes what its
+    dequantized weights compute, and stays near transformers' float32 logits."""
+    model, _ = load(ROOT / "mlx_community_4bit")
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    twin, _ = load(ROOT / "mlx_community_4bit")
+    dequantize_model(twin)
+    for case in ("one_image", "text"):
+        ours, expected = logits_of(model, ref, case), ref.get(case, "logits")
+        np.testing.assert_allclose(ours, logits_of(twin, ref, case), atol=TOL, rtol=0)
+        rel = np.abs(ours - expected).mean() / np.abs(expected).mean()
+        agree = (ours.argmax(-1) == expected.argmax(-1)).mean()
+        assert rel < 0.5 and agree > 0.5, f"{case}: relative error {rel:.3f}, argmax agreement {agree:.2f}"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    height=st.integers(1, 800),
+    width=st.integers(1, 800),
+    min_crop=st.integers(1, 400),
+    max_crops=st.integers(2, 8),
+    ratio=st.floats(1.0, 3.0),
+)
+def test_pan_and_scan_crops_tile_the_picture(height, width, min_crop, max_crops, ratio) -> None:
+    boxes = pan_and_scan_boxes(height, width, min_crop, max_crops, ratio)
+    if not boxes:
+        return
+    assert 1 <= len(boxes) <= max_crops
+    assert max(height, width) / min(height, width) >= ratio
+    covered = np.zeros((height, width), dtype=np.int32)
+    for top, left, bottom, right in boxes:
+        assert 0 <= top < bottom <= height and 0 <= left < right <= width
+        covered[top:bottom, left:right] += 1
+    assert (covered == 1).all(), "crops must cover the picture exactly once"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n_past=st.integers(0, 6),
+    spans=st.lists(st.tuples(st.integers(1, 4), st.booleans()), min_size=1, max_size=5),
+    window=st.one_of(st.none(), st.integers(1, 8)),
+)
+def test_grouped_window_mask_invariants(n_past: int, spans: list[tuple[int, bool]], window: int | None) -> None:
+    """Contiguous spans, each a bidirectional group or plain text, as in real prompts."""
+    ids: list[int] = []
+    for index, (length, is_group) in enumerate(spans):
+        ids += [index if is_group else -1] * length
+    n = len(ids)
+    mask = np.array(grouped_window_mask(n, n_past, window=window, groups=mx.array([ids])))[0, 0]
+    plain = np.array(grouped_window_mask(n, n_past, window=window))
+    q = np.arange(n_past, n_past + n)[:, None]
+    k = np.arange(n_past + n)[None]
+    in_window = np.ones_like(plain) if window is None else q - k < window
+    np.testing.assert_array_equal(plain, (k <= q) & in_window)
+    key_ids = np.array([-1] * n_past + ids)[None]
+    same_group = (np.array(ids)[:, None] == key_ids) & (key_ids >= 0)
+    np.testing.assert_array_equal(mask, (plain | same_group) & in_window)
+    assert mask[:, n_past:][np.array(ids) < 0].sum() == plain[:, n_past:][np.array(ids) < 0].sum(), \
+        "text queries never see later keys"
