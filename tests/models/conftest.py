@@ -7,14 +7,17 @@ import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "gemma3"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "gemma3", "paligemma2"]
 LAYOUTS = ["hf4", "hf5", "mlx_community"]
 FAMILY_LAYOUTS = {
     "qwen2_vl": LAYOUTS,
     "qwen2_5_vl": LAYOUTS,
     # No peer-converted folder: its MLX-community layout is written by our own converter (test_gemma3.py).
     "gemma3": ["hf4", "hf5"],
+    "paligemma2": ["hf4", "hf5"],
 }
+PREFIX_LM = {"paligemma2"}
+"""Families whose whole prompt attends both ways: a token decoded after a prefill is no longer in the prompt."""
 
 
 class Reference:

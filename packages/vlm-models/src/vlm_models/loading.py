@@ -171,7 +171,7 @@ def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, tr
         tokenizer,
         image_processor,
         image_token=arch.image_token,
-        chat_template=load_chat_template(path) or getattr(tokenizer, "chat_template", None),
+        chat_template=load_chat_template(path) or getattr(tokenizer, "chat_template", None) or arch.default_chat_template,
         eos_token_ids=eos,
     )
 

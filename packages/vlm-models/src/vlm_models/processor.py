@@ -51,7 +51,8 @@ class Processor:
             outputs.update(self.image_processor(pictures))
             prompt = self.image_processor.expand_prompt(prompt, self.image_token, outputs)
         bos = getattr(self.tokenizer, "bos_token", None)
-        add_special = not (bos and prompt.startswith(bos))
+        # A prompt that holds <bos> already (chat templates start with it; PaliGemma puts it after the images).
+        add_special = not (bos and bos in prompt)
         ids = self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
         outputs["input_ids"] = np.asarray([ids], dtype=np.int64)
         outputs["attention_mask"] = np.ones_like(outputs["input_ids"])

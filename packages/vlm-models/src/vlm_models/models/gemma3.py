@@ -78,10 +78,12 @@ class MultiModalProjector(nn.Module):
 
 
 class Gemma3Model(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    projector = MultiModalProjector
+
+    def __init__(self, config: Any) -> None:
         super().__init__()
         self.vision_tower = SiglipVisionModel(config.vision)
-        self.multi_modal_projector = MultiModalProjector(config)
+        self.multi_modal_projector = self.projector(config)
         self.language_model = GemmaDecoder(config.text)
 
 
@@ -99,16 +101,25 @@ class Model(nn.Module):
     """Gemma 3 for generation. ``__call__`` takes the Hugging Face processor's tensors; the runtime uses the
     split steps (``embed_prompt``, ``hidden_states``, ``compute_logits``)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    config_class: Any = ModelConfig
+    inner_model: Any = Gemma3Model
+
+    def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-        self.model = Gemma3Model(config)
+        self.model = self.inner_model(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> "Model":
-        return cls(ModelConfig.from_hf(config))
+        return cls(cls.config_class.from_hf(config))
+
+    def attention_groups(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray | None, token_type_ids: np.ndarray | None
+    ) -> np.ndarray | None:
+        """Which prompt tokens attend to each other both ways: each image's soft tokens."""
+        return image_groups(input_ids, self.config.image_token_id)
 
     # -- runtime protocol
     def make_cache(self) -> list[Any]:
@@ -134,8 +145,8 @@ class Model(nn.Module):
         *,
         vision_cache: VisionFeatureCache | None = None,
     ) -> PromptEmbedding:
-        """Token embeddings with the image features merged in, and the image tokens' bidirectional groups.
-        ``num_crops`` and ``token_type_ids`` (processor outputs) are implied by the pixels and the ids."""
+        """Token embeddings with the image features merged in, and the tokens' bidirectional groups.
+        ``num_crops`` (a processor output) is implied by the pixels."""
         embeds = self.embed_tokens(input_ids)
         if pixel_values is not None:
             if vision_cache is None:
@@ -143,8 +154,10 @@ class Model(nn.Module):
             else:
                 features = mx.stack(self._cached_image_features(pixel_values, vision_cache))
             embeds = merge_features(embeds, input_ids, self.config.image_token_id, features.reshape(-1, features.shape[-1]))
-        groups = image_groups(np.asarray(input_ids), self.config.image_token_id)
-        padded = attention_mask is not None and not bool(np.asarray(attention_mask).all())
+        mask = None if attention_mask is None else np.asarray(attention_mask)
+        types = None if token_type_ids is None else np.asarray(token_type_ids)
+        groups = self.attention_groups(np.asarray(input_ids), mask, types)
+        padded = mask is not None and not bool(mask.all())
         return PromptEmbedding(
             embeds,
             None,
@@ -203,7 +216,7 @@ class Model(nn.Module):
         cache: list[Any] | None = None,
         position_ids: mx.array | None = None,
     ) -> ModelOutput:
-        prompt = self.embed_prompt(input_ids, pixel_values, attention_mask)
+        prompt = self.embed_prompt(input_ids, pixel_values, attention_mask, token_type_ids=token_type_ids)
         hidden = self.hidden_states(
             prompt.inputs_embeds,
             cache=cache,

@@ -44,9 +44,21 @@ class GemmaDecoderConfig:
     qk_norm: bool = False
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    first_position: int = 0
+    """Rotary position of the first token (PaliGemma counts from 1)."""
+    window_limits_groups: bool = True
+    """Whether sliding layers bound bidirectional groups by their window too (Gemma 3) or not (PaliGemma)."""
 
     @classmethod
-    def from_hf(cls, text: Mapping[str, Any], *, qk_norm: bool, sliding_pattern: int) -> "GemmaDecoderConfig":
+    def from_hf(
+        cls,
+        text: Mapping[str, Any],
+        *,
+        qk_norm: bool,
+        sliding_pattern: int,
+        first_position: int = 0,
+        window_limits_groups: bool = True,
+    ) -> "GemmaDecoderConfig":
         """From a Gemma 2 / 3 text config in either layout: transformers 5 ``layer_types`` and per-type
         ``rope_parameters``, or the published ``sliding_window_pattern``, ``rope_theta``,
         ``rope_local_base_freq`` and ``rope_scaling``."""
@@ -93,6 +105,8 @@ class GemmaDecoderConfig:
             qk_norm=qk_norm,
             attn_logit_softcapping=text.get("attn_logit_softcapping"),
             final_logit_softcapping=text.get("final_logit_softcapping"),
+            first_position=first_position,
+            window_limits_groups=window_limits_groups,
         )
 
 
@@ -144,6 +158,8 @@ class GemmaAttention(Attention):
         # Fused attention cannot soft-cap its scores: spell it out (caches here store keys plainly).
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
+            if isinstance(k, tuple):
+                raise ValueError("soft-capped attention (Gemma 2, PaliGemma 2) cannot use a quantized KV cache (kv_bits)")
         batch, heads, n_q, dim = q.shape
         groups = heads // k.shape[1]
         q = (q * self.scale).reshape(batch, k.shape[1], groups, n_q, dim)
@@ -209,7 +225,10 @@ class GemmaDecoder(nn.Module):
         for kind, rotary in self._rotary.items():
             if kind not in self.config.layer_types:
                 continue
-            rotate[kind] = rotary.at_offset(offset) if position_ids is None else rotary.at_positions(position_ids)
+            if position_ids is None:
+                rotate[kind] = rotary.at_offset(offset + self.config.first_position)
+            else:
+                rotate[kind] = rotary.at_positions(position_ids)
             first = self.config.layer_types.index(kind)
             layer_cache = cache[first] if cache else None
             masks[kind] = self._mask(kind, length, layer_cache, attention_mask, attention_groups, inputs_embeds.dtype)
@@ -239,7 +258,9 @@ class GemmaDecoder(nn.Module):
             n_past = cache.offset if window is None else min(cache.offset, getattr(cache, "max_size", window) - 1)
         if groups is None and key_padding is None and (window is None or n_past + n_queries <= window):
             return "causal"
-        allowed = grouped_window_mask(n_queries, n_past, window=window, groups=groups)
+        allowed = grouped_window_mask(
+            n_queries, n_past, window=window, groups=groups, window_limits_groups=self.config.window_limits_groups
+        )
         if key_padding is None:
             return allowed
         allowed = allowed & (key_padding[:, None, None, -(n_past + n_queries) :] != 0)

@@ -20,13 +20,14 @@ __all__ = ["SiglipVisionConfig", "SiglipVisionModel", "conv_weight_to_mlx"]
 
 @dataclass(frozen=True)
 class SiglipVisionConfig:
-    hidden_size: int = 1152
-    intermediate_size: int = 4304
-    num_hidden_layers: int = 27
-    num_attention_heads: int = 16
+    # transformers' defaults: published configs leave some of them out (PaliGemma 2's image_size, for one).
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
     num_channels: int = 3
-    image_size: int = 896
-    patch_size: int = 14
+    image_size: int = 224
+    patch_size: int = 16
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
 
