@@ -14,7 +14,6 @@ from typing import Any, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 from vlm_runtime import KVCache, PromptEmbedding, RotatingKVCache
 from vlm_runtime.vision_cache import VisionFeatureCache, content_key
 
@@ -22,7 +21,8 @@ from ..config import ConfigError, text_section
 from ..nn.gemma import SLIDING, GemmaDecoder, GemmaDecoderConfig, GemmaRMSNorm
 from ..nn.output import ModelOutput
 from ..nn.siglip import SiglipVisionConfig, SiglipVisionModel, conv_weight_to_mlx
-from ..nn.vision import cached_per_image, merge_features
+from ..nn.checkpoint import rename_prefix
+from ..nn.vision import cached_per_image, merge_features, vision_identity
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,8 @@ class Model(nn.Module):
         )
 
     def _cached_image_features(self, pixel_values: mx.array, vision_cache: VisionFeatureCache) -> list[mx.array]:
-        identity = self._vision_identity()
+        tower = self.model.vision_tower
+        identity = vision_identity(self, self.config.vision, tower.dtype, tower.embeddings.patch_embedding)
         keys = [content_key(pixel_values[i], identity) for i in range(pixel_values.shape[0])]
 
         def compute(indices: list[int]) -> list[mx.array]:
@@ -175,14 +176,6 @@ class Model(nn.Module):
             return [features[j] for j in range(len(indices))]
 
         return cached_per_image(keys, vision_cache, compute)
-
-    def _vision_identity(self) -> str:
-        """What besides the pixels decides the features: architecture, vision config, dtype, and a digest of the
-        (small) patch-embedding weights, so two checkpoints sharing a cache never collide."""
-        tower = self.model.vision_tower
-        patch_weights = [value for _, value in tree_flatten(tower.embeddings.patch_embedding.parameters())]
-        model_class = f"{type(self).__module__}.{type(self).__qualname__}"
-        return content_key(model_class, repr(self.config.vision), str(tower.dtype), patch_weights)
 
     def hidden_states(
         self,
@@ -258,21 +251,18 @@ _PREFIXES = (
 )
 
 
+_MLX_COMMUNITY_PREFIXES = (
+    # Ours -> the MLX-community names: the published layout's.
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+
 def canonical_name(key: str) -> str:
-    for prefix, ours in _PREFIXES:
-        if key.startswith(prefix):
-            return ours + key[len(prefix) :]
-    return key
+    return rename_prefix(key, _PREFIXES)
 
 
 def mlx_community_name(key: str) -> str:
-    """Ours -> the MLX-community names: the published layout's (``vision_tower.vision_model.*`` and so on)."""
-    for ours, theirs in (
-        ("model.language_model.", "language_model.model."),
-        ("model.vision_tower.", "vision_tower.vision_model."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-        ("lm_head.", "language_model.lm_head."),
-    ):
-        if key.startswith(ours):
-            return theirs + key[len(ours) :]
-    return key
+    return rename_prefix(key, _MLX_COMMUNITY_PREFIXES)

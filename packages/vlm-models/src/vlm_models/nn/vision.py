@@ -6,10 +6,12 @@ from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
+from vlm_runtime.vision_cache import content_key
 
 from .rope import apply_rotary
 
-__all__ = ["VisionAttention", "VisionBlock", "cached_per_image", "merge_features"]
+__all__ = ["VisionAttention", "VisionBlock", "cached_per_image", "merge_features", "vision_identity"]
 
 
 class VisionAttention(nn.Module):
@@ -87,3 +89,12 @@ def cached_per_image(
             found[key] = features
             vision_cache.put(key, features)
     return [found[key] for key in keys]
+
+
+def vision_identity(model: nn.Module, vision_config: Any, dtype: mx.Dtype, patch_embedding: nn.Module) -> str:
+    """What besides the pixels decides a model's vision features: its class, the vision config, the weights'
+    dtype, and a digest of the (small) patch-embedding weights, so two checkpoints of one architecture sharing a
+    cache never collide. Computed per call, so swapped weights never serve stale features."""
+    patch_weights = [value for _, value in tree_flatten(patch_embedding.parameters())]
+    model_class = f"{type(model).__module__}.{type(model).__qualname__}"
+    return content_key(model_class, repr(vision_config), str(dtype), patch_weights)

@@ -26,6 +26,7 @@ __all__ = [
     "ImageLoadError",
     "ImageSource",
     "MAX_IMAGE_BYTES",
+    "image_settings",
     "URL_TIMEOUT_S",
     "load_image",
     "rescale_and_normalize",
@@ -224,3 +225,22 @@ def _per_channel(values: float | Sequence[float], channels: int, what: str) -> l
     if len(values) != channels:
         raise ValueError(f"image {what} has {len(values)} values but the image has {channels} channels")
     return values
+
+
+def image_settings(cfg: dict, int_keys: Sequence[str] = ()) -> dict:
+    """The settings image processor configs spell alike (``resample``, the ``do_*`` switches, rescale factor,
+    mean and std) plus ``int_keys``, as keyword arguments; a missing or null value is left to the default."""
+    kwargs: dict = {}
+    for key in ("resample", *int_keys):
+        if cfg.get(key) is not None:
+            kwargs[key] = int(cfg[key])
+    for key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+        if cfg.get(key) is not None:
+            kwargs[key] = bool(cfg[key])
+    if cfg.get("rescale_factor") is not None:
+        kwargs["rescale_factor"] = float(cfg["rescale_factor"])
+    for key in ("image_mean", "image_std"):
+        if cfg.get(key) is not None:
+            value = cfg[key]
+            kwargs[key] = tuple(float(v) for v in (value if isinstance(value, Sequence) else [value] * 3))
+    return kwargs

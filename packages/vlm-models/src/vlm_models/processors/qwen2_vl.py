@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .image import rescale_and_normalize, resize, to_rgb
+from .image import image_settings, rescale_and_normalize, resize, to_rgb
 
 __all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "Qwen2VLImageProcessor", "smart_resize"]
 
@@ -77,19 +77,7 @@ class Qwen2VLImageProcessor:
         As in transformers 5.x, top-level ``min_pixels``/``max_pixels`` override ``size.shortest_edge``/
         ``size.longest_edge``, and a ``size`` dict replaces the defaults wholesale.
         """
-        kwargs: dict[str, Any] = {}
-        for key in ("patch_size", "temporal_patch_size", "merge_size", "resample"):
-            if cfg.get(key) is not None:
-                kwargs[key] = int(cfg[key])
-        for key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
-            if cfg.get(key) is not None:
-                kwargs[key] = bool(cfg[key])
-        if cfg.get("rescale_factor") is not None:
-            kwargs["rescale_factor"] = float(cfg["rescale_factor"])
-        for key in ("image_mean", "image_std"):
-            if cfg.get(key) is not None:
-                value = cfg[key]
-                kwargs[key] = tuple(float(v) for v in (value if isinstance(value, Sequence) else [value] * 3))
+        kwargs: dict[str, Any] = image_settings(cfg, int_keys=("patch_size", "temporal_patch_size", "merge_size"))
 
         # A size dict replaces the defaults wholesale (older configs spell its keys min_pixels/max_pixels, which
         # transformers only accepts alongside the top-level keys; taking them here changes no working config).

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .image import rescale_and_normalize, resize, to_rgb
+from .image import image_settings, rescale_and_normalize, resize, to_rgb
 
 __all__ = ["SiglipImageProcessor", "IMAGENET_STANDARD_MEAN", "IMAGENET_STANDARD_STD"]
 
@@ -38,24 +38,12 @@ class SiglipImageProcessor:
     @classmethod
     def config_values(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         """The fields this class declares, from a ``preprocessor_config.json`` dict; null means the default."""
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = image_settings(cfg, int_keys=("image_seq_length",))
         size = cfg.get("size")
         if isinstance(size, dict):
             if "height" not in size or "width" not in size:
                 raise ValueError(f"preprocessor config size={size!r} needs height and width")
             kwargs.update(height=int(size["height"]), width=int(size["width"]))
-        for key in ("resample", "image_seq_length"):
-            if cfg.get(key) is not None:
-                kwargs[key] = int(cfg[key])
-        for key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
-            if cfg.get(key) is not None:
-                kwargs[key] = bool(cfg[key])
-        if cfg.get("rescale_factor") is not None:
-            kwargs["rescale_factor"] = float(cfg["rescale_factor"])
-        for key in ("image_mean", "image_std"):
-            if cfg.get(key) is not None:
-                value = cfg[key]
-                kwargs[key] = tuple(float(v) for v in (value if isinstance(value, Sequence) else [value] * 3))
         return kwargs
 
     @classmethod
