@@ -141,3 +141,85 @@ def test_quantized_mlx_community_fixture(family: str, ref: Reference) -> None:
         rel = np.abs(ours - expected).mean() / np.abs(expected).mean()
         corr = np.corrcoef(ours.reshape(-1), expected.reshape(-1))[0, 1]
         assert rel < 0.5 and corr > 0.9, f"{case}: relative error {rel:.3f}, correlation {corr:.3f}"
+
+
+# The sparse config.json files the Hub checkpoints carry (transformers fills the rest with its defaults).
+GEMMA3_4B_IT = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "boi_token_index": 255999,
+    "eoi_token_index": 256000,
+    "eos_token_id": [1, 106],
+    "image_token_index": 262144,
+    "mm_tokens_per_image": 256,
+    "model_type": "gemma3",
+    "text_config": {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024,
+    },
+    "vision_config": {
+        "hidden_size": 1152,
+        "image_size": 896,
+        "intermediate_size": 4304,
+        "model_type": "siglip_vision_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "patch_size": 14,
+        "vision_use_head": False,
+    },
+}
+PALIGEMMA2_3B_224 = {
+    "architectures": ["PaliGemmaForConditionalGeneration"],
+    "hidden_size": 2048,
+    "image_token_index": 257152,
+    "model_type": "paligemma",
+    "projection_dim": 2304,
+    "text_config": {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "model_type": "gemma2",
+        "num_attention_heads": 8,
+        "num_hidden_layers": 26,
+        "num_key_value_heads": 4,
+        "query_pre_attn_scalar": 256,
+        "vocab_size": 257216,
+    },
+    "vision_config": {
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "model_type": "siglip_vision_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "patch_size": 14,
+        "projection_dim": 2304,
+        "vision_use_head": False,
+    },
+}
+
+
+def test_published_gemma3_config_fills_the_transformers_defaults() -> None:
+    from vlm_models.models.gemma3 import ModelConfig
+
+    c = ModelConfig.from_hf(GEMMA3_4B_IT)
+    t = c.text
+    assert (t.vocab_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim) == (262208, 8, 4, 256)
+    assert t.layer_types.count("full_attention") == 5 and t.layer_types[5] == "full_attention"
+    assert (t.sliding_window, t.global_rope_theta, t.local_rope_theta) == (1024, 1e6, 1e4)
+    assert t.global_rope_position_scale == 1 / 8 and t.qk_norm and t.attn_logit_softcapping is None
+    assert (c.vision.image_size, c.vision.patches_per_side, c.mm_tokens_per_image) == (896, 64, 256)
+
+
+def test_published_paligemma2_config_fills_the_transformers_defaults() -> None:
+    from vlm_models.models.paligemma import ModelConfig
+
+    c = ModelConfig.from_hf(PALIGEMMA2_3B_224)
+    t = c.text
+    assert (t.hidden_size, t.head_dim, t.sliding_window) == (2304, 256, 4096)  # not the top-level 2048
+    assert t.layer_types[:2] == ("sliding_attention", "full_attention") and not t.qk_norm
+    assert (t.attn_logit_softcapping, t.final_logit_softcapping, t.first_position) == (50.0, 30.0, 1)
+    assert t.global_rope_theta == t.local_rope_theta == 10_000.0
+    assert (c.vision.image_size, c.projection_dim, c.image_token_id) == (224, 2304, 257152)

@@ -25,6 +25,25 @@ from ..nn.checkpoint import rename_prefix
 from ..nn.vision import cached_per_image, merge_features, vision_identity
 
 
+TEXT_DEFAULTS = {
+    # transformers' Gemma3TextConfig defaults, for the keys published configs omit.
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+    "rms_norm_eps": 1e-6,
+    "hidden_activation": "gelu_pytorch_tanh",
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model_type: str
@@ -37,8 +56,6 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, config: Mapping[str, Any]) -> "ModelConfig":
         text = text_section(config)
-        if "vocab_size" not in text:
-            text["vocab_size"] = 262_208  # the published configs leave the default out
         vision = SiglipVisionConfig.from_hf(config.get("vision_config") or {})
         tokens = int(config.get("mm_tokens_per_image") or 256)
         side = int(round(tokens**0.5))
@@ -49,7 +66,7 @@ class ModelConfig:
             )
         return cls(
             model_type=str(config.get("model_type")),
-            text=GemmaDecoderConfig.from_hf(text, qk_norm=True, sliding_pattern=6),
+            text=GemmaDecoderConfig.from_hf(text, defaults=TEXT_DEFAULTS, qk_norm=True),
             vision=vision,
             mm_tokens_per_image=tokens,
             image_token_id=int(config.get("image_token_index", config.get("image_token_id", 262_144))),

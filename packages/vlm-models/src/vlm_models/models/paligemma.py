@@ -21,6 +21,26 @@ from ..nn.siglip import SiglipVisionConfig
 from . import gemma3
 
 
+TEXT_DEFAULTS = {
+    # transformers' Gemma2Config defaults, for the keys published configs omit; PaliGemma's vocabulary.
+    "vocab_size": 257_216,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 2,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "rope_theta": 10_000.0,
+    "rms_norm_eps": 1e-6,
+    "hidden_activation": "gelu_pytorch_tanh",
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model_type: str
@@ -36,14 +56,13 @@ class ModelConfig:
         text_type = (config.get("text_config") or {}).get("model_type", "gemma2")
         if text_type != "gemma2":
             raise ConfigError(f"PaliGemma with a {text_type!r} text model is not supported (PaliGemma 2 uses gemma2)")
-        if "vocab_size" not in text:
-            text["vocab_size"] = 257_216
         vision_values = dict(config.get("vision_config") or {})
         vision = SiglipVisionConfig.from_hf(vision_values)
         return cls(
             model_type=str(config.get("model_type")),
-            text=GemmaDecoderConfig.from_hf(text, qk_norm=False, sliding_pattern=2, first_position=1,
-                                            window_limits_groups=False),
+            text=GemmaDecoderConfig.from_hf(
+                text, defaults=TEXT_DEFAULTS, qk_norm=False, first_position=1, window_limits_groups=False
+            ),
             vision=vision,
             # transformers copies the top-level value into the vision config; it wins.
             projection_dim=int(config.get("projection_dim") or vision_values.get("projection_dim") or 2048),

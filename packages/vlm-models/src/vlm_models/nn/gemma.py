@@ -54,22 +54,26 @@ class GemmaDecoderConfig:
         cls,
         text: Mapping[str, Any],
         *,
+        defaults: Mapping[str, Any],
         qk_norm: bool,
-        sliding_pattern: int,
         first_position: int = 0,
         window_limits_groups: bool = True,
     ) -> "GemmaDecoderConfig":
         """From a Gemma 2 / 3 text config in either layout: transformers 5 ``layer_types`` and per-type
         ``rope_parameters``, or the published ``sliding_window_pattern``, ``rope_theta``,
-        ``rope_local_base_freq`` and ``rope_scaling``."""
+        ``rope_local_base_freq`` and ``rope_scaling``. ``defaults`` are the family's transformers defaults,
+        which published configs leave out (Gemma 3 4B's names neither its heads nor its vocabulary)."""
+        text = {**defaults, **text}
+        sliding_pattern = int(text.get("sliding_window_pattern") or 6)
         try:
             n_layers = int(text["num_hidden_layers"])
             hidden = int(text["hidden_size"])
             heads = int(text["num_attention_heads"])
         except KeyError as exc:
             raise ConfigError(f"text config lacks {exc.args[0]!r}") from None
-        pattern = int(text.get("sliding_window_pattern") or sliding_pattern)
-        layer_types = tuple(text.get("layer_types") or [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)])
+        layer_types = tuple(
+            text.get("layer_types") or [SLIDING if (i + 1) % sliding_pattern else FULL for i in range(n_layers)]
+        )
         unknown = set(layer_types) - {SLIDING, FULL}
         if unknown or len(layer_types) != n_layers:
             raise ConfigError(f"layer_types must name {n_layers} layers of {SLIDING!r}/{FULL!r}, got {layer_types}")
