@@ -33,6 +33,11 @@ class Reference:
     def cases(self) -> list[str]:
         return sorted({k.split("/")[0] for k in self.arrays.files})
 
+    @property
+    def single_cases(self) -> list[str]:
+        """The cases of one prompt (not a padded batch)."""
+        return [c for c in self.cases if self.arrays[f"{c}/input_ids"].shape[0] == 1]
+
     def get(self, case: str, name: str) -> np.ndarray | None:
         key = f"{case}/{name}"
         return self.arrays[key] if key in self.arrays.files else None

@@ -49,7 +49,7 @@ def logits_of(model, ref: Reference, case: str) -> np.ndarray:
 
 @pytest.mark.parametrize("step", [5, 13])
 def test_chunked_prefill_keeps_each_bidirectional_span_whole(model, ref: Reference, step: int) -> None:
-    for case in ref.cases:
+    for case in ref.single_cases:
         prompt = model.embed_prompt(**inputs_of(ref, case))
         last = prefill(model, prompt, model.make_cache(), step)
         diff = np.abs(np.array(last[0]) - ref.get(case, "logits")[0, -1]).max()
@@ -62,7 +62,7 @@ def test_chunked_prefill_keeps_each_bidirectional_span_whole(model, ref: Referen
 def test_decode_after_prefill_equals_a_full_forward(model, ref: Reference) -> None:
     """Generated tokens attend causally (PaliGemma: token type 1) and stop seeing the window's oldest keys:
     a prefill plus one-token steps equals one forward over prompt and continuation."""
-    for case in ref.cases:
+    for case in ref.single_cases:
         inputs = inputs_of(ref, case)
         new = mx.array(ref.get(case, "greedy")[:, :8])
         cache = model.make_cache()
