@@ -223,3 +223,20 @@ def test_published_paligemma2_config_fills_the_transformers_defaults() -> None:
     assert (t.attn_logit_softcapping, t.final_logit_softcapping, t.first_position) == (50.0, 30.0, 1)
     assert t.global_rope_theta == t.local_rope_theta == 10_000.0
     assert (c.vision.image_size, c.projection_dim, c.image_token_id) == (224, 2304, 257152)
+
+
+def test_a_bounded_cache_shorter_than_the_prompt_prefills_alike_in_chunks(model, ref: Reference) -> None:
+    """max_kv_size below the prompt length makes every layer's cache a rolling one: prefilled in chunks (each
+    seeing only what the caches kept) or in one piece (seeing everything under the window mask), the result is
+    the same."""
+    from vlm_runtime import RotatingKVCache
+
+    prompt = model.embed_prompt(**inputs_of(ref, "two_images"))
+    assert prompt.inputs_embeds.shape[1] > 24
+
+    def bounded() -> list:
+        return [RotatingKVCache(min(24, getattr(c, "max_size", 24))) for c in model.make_cache()]
+
+    whole = np.array(prefill(model, prompt, bounded(), 10_000))
+    chunked = np.array(prefill(model, prompt, bounded(), 7))
+    np.testing.assert_allclose(chunked, whole, atol=TOL, rtol=0)

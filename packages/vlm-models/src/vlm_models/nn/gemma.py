@@ -258,8 +258,12 @@ class GemmaDecoder(nn.Module):
             return None
         n_past = 0
         if cache is not None:
-            # A sliding cache hands attention at most window - 1 earlier keys before the new ones.
-            n_past = cache.offset if window is None else min(cache.offset, getattr(cache, "max_size", window) - 1)
+            # A rolling cache (a sliding layer's, or any layer's under max_kv_size) hands attention at most
+            # max_size - 1 earlier keys before the new ones, and bounds what a query sees to its window.
+            cache_window = getattr(cache, "max_size", None)
+            n_past = cache.offset if cache_window is None else min(cache.offset, cache_window - 1)
+            if cache_window is not None:
+                window = cache_window if window is None else min(window, cache_window)
         if groups is None and key_padding is None and (window is None or n_past + n_queries <= window):
             return "causal"
         allowed = grouped_window_mask(
