@@ -127,3 +127,25 @@ def test_grouped_window_mask_invariants(n_past: int, spans: list[tuple[int, bool
     np.testing.assert_array_equal(mask, (plain | same_group) & in_window)
     assert mask[:, n_past:][np.array(ids) < 0].sum() == plain[:, n_past:][np.array(ids) < 0].sum(), \
         "text queries never see later keys"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(mm_tokens_per_image=15), "mm_tokens_per_image=15 must be a square"),
+        (lambda c: c["text_config"].update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "unsupported rope"),
+        (lambda c: c["text_config"].update(layer_types=["sliding_attention"]), "layer_types must name 4 layers"),
+    ],
+    ids=["tokens-per-image", "rope-type", "layer-types"],
+)
+def test_config_problems_are_named(tmp_path, change, message: str) -> None:
+    import shutil
+
+    from vlm_models import ModelLoadError
+
+    path = shutil.copytree(ROOT / "hf4", tmp_path / "model")
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=message):
+        load(path)
