@@ -18,7 +18,7 @@ from vlm_runtime import KVCache, PromptEmbedding, RotatingKVCache
 from vlm_runtime.vision_cache import VisionFeatureCache, content_key
 
 from ..config import ConfigError, text_section
-from ..nn.gemma import SLIDING, GemmaDecoder, GemmaDecoderConfig, GemmaRMSNorm
+from ..nn.gemma import GEMMA_DEFAULTS, SLIDING, GemmaDecoder, GemmaDecoderConfig, GemmaRMSNorm
 from ..nn.output import ModelOutput
 from ..nn.siglip import SiglipVisionConfig, SiglipVisionModel, conv_weight_to_mlx
 from ..nn.checkpoint import rename_prefix
@@ -26,21 +26,11 @@ from ..nn.vision import cached_per_image, merge_features, vision_identity
 
 
 TEXT_DEFAULTS = {
-    # transformers' Gemma3TextConfig defaults, for the keys published configs omit.
+    **GEMMA_DEFAULTS,  # and transformers' Gemma3TextConfig's own
     "vocab_size": 262_208,
-    "hidden_size": 2304,
-    "intermediate_size": 9216,
-    "num_hidden_layers": 26,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "head_dim": 256,
-    "query_pre_attn_scalar": 256,
-    "sliding_window": 4096,
     "sliding_window_pattern": 6,
     "rope_theta": 1_000_000.0,
     "rope_local_base_freq": 10_000.0,
-    "rms_norm_eps": 1e-6,
-    "hidden_activation": "gelu_pytorch_tanh",
 }
 
 

@@ -16,28 +16,18 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import ConfigError, text_section
-from ..nn.gemma import GemmaDecoderConfig
+from ..nn.gemma import GEMMA_DEFAULTS, GemmaDecoderConfig
 from ..nn.siglip import SiglipVisionConfig
 from . import gemma3
 
 
 TEXT_DEFAULTS = {
-    # transformers' Gemma2Config defaults, for the keys published configs omit; PaliGemma's vocabulary.
+    **GEMMA_DEFAULTS,  # and transformers' Gemma2Config's own, with PaliGemma's vocabulary
     "vocab_size": 257_216,
-    "hidden_size": 2304,
-    "intermediate_size": 9216,
-    "num_hidden_layers": 26,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "head_dim": 256,
-    "query_pre_attn_scalar": 256,
-    "sliding_window": 4096,
     "sliding_window_pattern": 2,
     "attn_logit_softcapping": 50.0,
     "final_logit_softcapping": 30.0,
     "rope_theta": 10_000.0,
-    "rms_norm_eps": 1e-6,
-    "hidden_activation": "gelu_pytorch_tanh",
 }
 
 

@@ -18,9 +18,23 @@ from ..config import ConfigError
 from .layers import Attention, GatedMLP
 from .rope import Rotary, Rotate
 
-__all__ = ["GemmaDecoder", "GemmaDecoderConfig", "GemmaRMSNorm", "SLIDING", "FULL", "softcap"]
+__all__ = ["GEMMA_DEFAULTS", "GemmaDecoder", "GemmaDecoderConfig", "GemmaRMSNorm", "SLIDING", "FULL", "softcap"]
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+
+GEMMA_DEFAULTS = {
+    # The transformers defaults Gemma 2 and Gemma 3 text configs share; published configs omit some of them.
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "rms_norm_eps": 1e-6,
+    "hidden_activation": "gelu_pytorch_tanh",
+}
 
 
 @dataclass(frozen=True)
