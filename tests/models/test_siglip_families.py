@@ -240,3 +240,12 @@ def test_a_bounded_cache_shorter_than_the_prompt_prefills_alike_in_chunks(model,
     whole = np.array(prefill(model, prompt, bounded(), 10_000))
     chunked = np.array(prefill(model, prompt, bounded(), 7))
     np.testing.assert_allclose(chunked, whole, atol=TOL, rtol=0)
+
+
+def test_sanitize_is_idempotent_on_the_mlx_community_layout(family: str) -> None:
+    quantized, _ = load(FIXTURES / family / "mlx_community_4bit")
+    raw = dict(mx.load(str(FIXTURES / family / "mlx_community_4bit" / "model.safetensors")))
+    once = quantized.sanitize(raw)
+    twice = quantized.sanitize(once)
+    assert once.keys() == twice.keys() and all(mx.array_equal(once[k], twice[k]).item() for k in once)
+    assert all(k.startswith(("model.", "lm_head.")) for k in once)
