@@ -7,8 +7,19 @@ import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "gemma3", "paligemma2"]
 LAYOUTS = ["hf4", "hf5", "mlx_community"]
+FAMILY_LAYOUTS = {
+    "qwen2_vl": LAYOUTS,
+    "qwen2_5_vl": LAYOUTS,
+    "llava": LAYOUTS,
+    "llava_next": LAYOUTS,
+    # No peer-converted folder: its MLX-community layout is written by our own converter (test_gemma3.py).
+    "gemma3": ["hf4", "hf5"],
+    "paligemma2": ["hf4", "hf5"],
+}
+PREFIX_LM = {"paligemma2"}
+"""Families whose whole prompt attends both ways: a token decoded after a prefill is no longer in the prompt."""
 
 
 class Reference:
@@ -23,6 +34,11 @@ class Reference:
     @property
     def cases(self) -> list[str]:
         return sorted({k.split("/")[0] for k in self.arrays.files})
+
+    @property
+    def single_cases(self) -> list[str]:
+        """The cases of one prompt (not a padded batch)."""
+        return [c for c in self.cases if self.arrays[f"{c}/input_ids"].shape[0] == 1]
 
     def get(self, case: str, name: str) -> np.ndarray | None:
         key = f"{case}/{name}"

@@ -140,15 +140,16 @@ def _read_json(file: Path) -> dict[str, Any]:
 
 
 def _image_processor_config(path: Path) -> dict[str, Any]:
-    """transformers 4 writes preprocessor_config.json; transformers 5 nests it in processor_config.json. The
-    processor's own top-level settings there (e.g. LLaVA's patch_size) fill in keys the image processor lacks."""
-    processor = _read_json(path / "processor_config.json") if (path / "processor_config.json").is_file() else {}
+    """transformers 4 writes preprocessor_config.json; transformers 5 nests it in processor_config.json, whose
+    own plain settings (such as Gemma's ``image_seq_length``) apply too."""
+    config: dict[str, Any] = {}
+    if (path / "processor_config.json").is_file():
+        processor = _read_json(path / "processor_config.json")
+        config.update({k: v for k, v in processor.items() if not isinstance(v, (dict, list))})
+        config.update(processor.get("image_processor") or {})
     if (path / "preprocessor_config.json").is_file():
-        image = _read_json(path / "preprocessor_config.json")
-    else:
-        image = dict(processor.get("image_processor") or {})
-    shared = {k: v for k, v in processor.items() if not isinstance(v, dict)}
-    return {**shared, **image}
+        config.update(_read_json(path / "preprocessor_config.json"))
+    return config
 
 
 def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, trust_remote_code: bool) -> Processor:
@@ -172,7 +173,7 @@ def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, tr
         tokenizer,
         image_processor,
         image_token=arch.image_token,
-        chat_template=load_chat_template(path) or getattr(tokenizer, "chat_template", None),
+        chat_template=load_chat_template(path) or getattr(tokenizer, "chat_template", None) or arch.default_chat_template,
         eos_token_ids=eos,
     )
 

@@ -49,21 +49,14 @@ class Processor:
         if images:
             pictures = [load_image(i) for i in images]
             outputs.update(self.image_processor(pictures))
-            prompt = self._expand_image_tokens(prompt, self.image_processor.image_token_counts(outputs))
+            prompt = self.image_processor.expand_prompt(prompt, self.image_token, outputs)
         bos = getattr(self.tokenizer, "bos_token", None)
-        add_special = not (bos and prompt.startswith(bos))
+        # A prompt that holds <bos> already (chat templates start with it; PaliGemma puts it after the images).
+        add_special = not (bos and bos in prompt)
         ids = self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
         outputs["input_ids"] = np.asarray([ids], dtype=np.int64)
         outputs["attention_mask"] = np.ones_like(outputs["input_ids"])
         return outputs
-
-    def _expand_image_tokens(self, prompt: str, counts: Sequence[int]) -> str:
-        pieces = prompt.split(self.image_token)
-        out = [pieces[0]]
-        for count, piece in zip(counts, pieces[1:]):
-            out.append(self.image_token * count)
-            out.append(piece)
-        return "".join(out)
 
     def prepare_inputs(self, prompt: str, images: Sequence[Any] = ()) -> dict[str, mx.array]:
         return {k: mx.array(v) for k, v in self(prompt, images).items()}

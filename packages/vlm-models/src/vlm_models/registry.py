@@ -20,6 +20,8 @@ class Architecture:
     image_processor: str
     """``module:Class`` of the numpy image processor."""
     image_token: str = "<|image_pad|>"
+    default_chat_template: str | None = None
+    """For families published without a chat template: how a user message becomes a prompt."""
 
     def load_module(self) -> ModuleType:
         return importlib.import_module(f"vlm_models.models.{self.module}")
@@ -29,11 +31,27 @@ class Architecture:
         return getattr(importlib.import_module(f"vlm_models.processors.{module}"), name)
 
 
+# PaliGemma's checkpoints have no chat template: its prompt is the images' slots then the task text ("caption en");
+# the processor adds <bos> and the closing newline.
+_IMAGES_THEN_TEXT = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for item in message['content'] if item['type'] == 'image' -%}<image>{%- endfor -%}"
+    "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_vl": Architecture("qwen2_vl", "qwen2_vl:Qwen2VLImageProcessor"),
     "qwen2_5_vl": Architecture("qwen2_5_vl", "qwen2_vl:Qwen2VLImageProcessor"),
     "llava": Architecture("llava", "clip:CLIPImageProcessor", image_token="<image>"),
     "llava_next": Architecture("llava_next", "clip:LlavaNextImageProcessor", image_token="<image>"),
+    "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),
+    "paligemma": Architecture(
+        "paligemma", "paligemma:PaliGemmaImageProcessor", image_token="<image>", default_chat_template=_IMAGES_THEN_TEXT
+    ),
 }
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import Cache
 from .cache_settings import CacheSettings, make_prompt_cache
@@ -108,16 +109,19 @@ def prefill(
     Chunking bounds the attention scores' memory on long prompts; evaluating each chunk before building the
     next keeps the graph small.
     """
-    embeds, positions = prompt.inputs_embeds, prompt.position_ids
+    embeds, positions, groups = prompt.inputs_embeds, prompt.position_ids, prompt.attention_groups
     length = embeds.shape[1]
     start = 0
     while length - start > step_size:
-        stop = start + step_size
+        stop = _chunk_end(groups, start + step_size)
+        if stop >= length:
+            break
         model.hidden_states(
             embeds[:, start:stop],
             cache=cache,
             position_ids=_slice_positions(positions, start, stop),
             attention_mask=None if prompt.attention_mask is None else prompt.attention_mask[:, :stop],
+            **_groups_slice(groups, start, stop),
         )
         mx.eval([c.state for c in cache])
         start = stop
@@ -126,8 +130,24 @@ def prefill(
         cache=cache,
         position_ids=_slice_positions(positions, start, length),
         attention_mask=prompt.attention_mask,
+        **_groups_slice(groups, start, length),
     )
     return model.compute_logits(hidden[:, -1, :])
+
+
+def _chunk_end(groups: mx.array | None, stop: int) -> int:
+    """Move a chunk boundary past any bidirectional group it would split: the group's early tokens must see
+    its later ones, so a group is prefilled in one piece."""
+    if groups is None:
+        return stop
+    row = np.asarray(groups)
+    while stop < row.shape[1] and ((row[:, stop] >= 0) & (row[:, stop] == row[:, stop - 1])).any():
+        stop += 1
+    return stop
+
+
+def _groups_slice(groups: mx.array | None, start: int, stop: int) -> dict[str, mx.array]:
+    return {} if groups is None else {"attention_groups": groups[:, start:stop]}
 
 
 def embed(model: GenerativeModel, inputs: dict[str, mx.array], vision_cache: Any = None) -> PromptEmbedding:
@@ -142,10 +162,12 @@ def drop_prefix(prompt: PromptEmbedding, n: int) -> PromptEmbedding:
     if n == 0:
         return prompt
     mask = prompt.attention_mask
+    length = prompt.inputs_embeds.shape[1]
     return PromptEmbedding(
         prompt.inputs_embeds[:, n:],
-        _slice_positions(prompt.position_ids, n, prompt.inputs_embeds.shape[1]),
+        _slice_positions(prompt.position_ids, n, length),
         mask,
+        None if prompt.attention_groups is None else prompt.attention_groups[:, n:length],
     )
 
 

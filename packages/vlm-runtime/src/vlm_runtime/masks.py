@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["causal_mask", "padded_causal_mask", "block_diagonal_mask"]
+__all__ = ["causal_mask", "padded_causal_mask", "block_diagonal_mask", "grouped_window_mask"]
 
 
 def causal_mask(n_queries: int, offset: int = 0) -> mx.array:
@@ -36,3 +36,36 @@ def block_diagonal_mask(boundaries: list[int]) -> mx.array | None:
         raise ValueError(f"segment boundaries must be non-decreasing, got {boundaries}")
     segment = mx.array(np.repeat(np.arange(len(lengths)), lengths))
     return segment[:, None] == segment[None, :]
+
+
+def grouped_window_mask(
+    n_queries: int,
+    n_past: int,
+    *,
+    window: int | None = None,
+    groups: mx.array | None = None,
+    window_limits_groups: bool = True,
+) -> mx.array:
+    """Causal mask with bidirectional groups and an optional sliding window.
+
+    Query i sits at position ``n_past + i`` and sees key j (keys are the ``n_past`` earlier tokens, then the
+    queries) when j is not later, or when both carry the same group id >= 0: ``groups`` (batch, n_queries) marks
+    spans that attend both ways, like an image's tokens in Gemma 3 or the prefix in PaliGemma. With ``window``,
+    a query only sees keys fewer than ``window`` positions before it; with ``window_limits_groups`` off, a group
+    sees all of itself however long (PaliGemma's prefix), otherwise the window bounds it too (Gemma 3's images).
+    Returns (n_queries, n_keys), or (batch, 1, n_queries, n_keys) with groups.
+    """
+    q_pos = mx.arange(n_past, n_past + n_queries)[:, None]
+    k_pos = mx.arange(n_past + n_queries)[None, :]
+    allowed = q_pos >= k_pos
+    in_window = None if window is None else q_pos - k_pos < window
+    if in_window is not None and not window_limits_groups:
+        allowed = allowed & in_window
+    if groups is not None:
+        past = mx.full((groups.shape[0], n_past), -1, dtype=groups.dtype)
+        key_groups = mx.concatenate([past, groups], axis=1)[:, None, :]
+        same = (groups[:, :, None] == key_groups) & (groups[:, :, None] >= 0)
+        allowed = (allowed[None] | same)[:, None]
+    if in_window is not None and window_limits_groups:
+        allowed = allowed & in_window
+    return allowed

@@ -21,6 +21,9 @@ class PromptEmbedding:
     inputs_embeds: mx.array
     position_ids: mx.array | None = None
     attention_mask: mx.array | None = None
+    attention_groups: mx.array | None = None
+    """(batch, length) ints: tokens sharing an id >= 0 attend to each other both ways (an image in Gemma 3, the
+    prefix in PaliGemma); -1 is plain causal. Models that set it take it as ``hidden_states``' keyword."""
 
 
 class GenerativeModel(Protocol):

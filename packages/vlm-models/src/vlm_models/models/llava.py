@@ -13,9 +13,8 @@ from typing import Any, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 from vlm_runtime import PromptEmbedding
-from vlm_runtime.vision_cache import VisionFeatureCache, content_key, model_identity
+from vlm_runtime.vision_cache import VisionFeatureCache, content_key
 
 from ..config import ConfigError, from_dict
 from ..nn.clip import CLIPVisionConfig, CLIPVisionTower, conv2d_weight_to_mlx
@@ -23,7 +22,7 @@ from ..nn.decoder import DecoderConfig, TextDecoder, TextGeneration
 from ..nn.layers import activation
 from ..nn.output import ModelOutput
 from ..nn.rope import Rotary
-from ..nn.vision import merge_features
+from ..nn.vision import cached_per_image, merge_features, vision_identity
 
 # transformers' defaults for the text models LLaVA checkpoints use: published configs leave out what equals them.
 TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -175,29 +174,19 @@ class Model(TextGeneration, nn.Module):
         self, pixel_values: mx.array, vision_cache: VisionFeatureCache, **image_inputs: mx.array
     ) -> list[mx.array]:
         """Per image: its features from ``vision_cache`` or, for the images it lacks, one tower call over them."""
-        identity = self._vision_identity()
+        tower, c = self.model.vision_tower, self.config
+        settings = (c.vision, c.vision_feature_layers, c.vision_feature_select_strategy, c.image_grid_pinpoints)
+        identity = vision_identity(self, settings, tower.dtype, tower.embeddings.patch_embedding)
         pixels = self.image_pixels(pixel_values, **image_inputs)
         extras = {k: np.asarray(v) for k, v in image_inputs.items()}
         keys = [content_key(p, *(v[i] for v in extras.values()), identity) for i, p in enumerate(pixels)]
-        found = {key: vision_cache.get(key) for key in dict.fromkeys(keys)}
-        missing = [keys.index(key) for key, value in found.items() if value is None]
-        if missing:
-            batch = mx.concatenate([pixels[i] for i in missing])
-            index = mx.array(missing)
-            computed = self.image_features(batch, **{k: v[index] for k, v in image_inputs.items()})
-            for i, features in zip(missing, computed):
-                found[keys[i]] = features
-                vision_cache.put(keys[i], features)
-        return [found[key] for key in keys]
 
-    def _vision_identity(self) -> str:
-        """What besides the pixels decides the features: architecture, configs, dtype, patch-embedding weights."""
-        tower = self.model.vision_tower
-        patch = [value for _, value in tree_flatten(tower.embeddings.patch_embedding.parameters())]
-        c = self.config
-        settings = (c.vision, c.vision_feature_layers, c.vision_feature_select_strategy, c.image_grid_pinpoints)
-        model_class = f"{type(self).__module__}.{type(self).__qualname__}"
-        return model_identity(self, patch, model_class, repr(settings), str(tower.dtype))
+        def compute(order: list[int]) -> list[mx.array]:
+            index = mx.array(order)
+            batch = mx.concatenate([pixels[i] for i in order])
+            return self.image_features(batch, **{k: v[index] for k, v in image_inputs.items()})
+
+        return cached_per_image(keys, vision_cache, compute)
 
     # -- runtime protocol (the decoder steps come from TextGeneration)
     def embed_prompt(

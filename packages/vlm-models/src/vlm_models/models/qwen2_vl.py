@@ -12,17 +12,17 @@ from typing import Any, Callable, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 from vlm_runtime import PromptEmbedding
 from vlm_runtime.masks import block_diagonal_mask
-from vlm_runtime.vision_cache import VisionFeatureCache, content_key, model_identity
+from vlm_runtime.vision_cache import VisionFeatureCache, content_key
 
 from ..config import ConfigError, from_dict, text_section
 from ..nn.decoder import DecoderConfig, TextDecoder, TextGeneration
 from ..nn.layers import MLP
 from ..nn.rope import MultimodalRotary, inverse_frequencies
 from ..nn.output import ModelOutput
-from ..nn.vision import VisionBlock, merge_features
+from ..nn.checkpoint import rename_prefix
+from ..nn.vision import VisionBlock, cached_per_image, merge_features, vision_identity
 
 
 @dataclass(frozen=True)
@@ -285,45 +285,21 @@ class Model(TextGeneration, nn.Module):
         patches_per_image = grid.prod(axis=1)
         patch_bounds = np.concatenate([[0], np.cumsum(patches_per_image)]).tolist()
         pixels = [pixel_values[patch_bounds[i] : patch_bounds[i + 1]] for i in range(len(grid))]
-        identity = self._vision_identity()
+        visual = self.model.visual
+        identity = vision_identity(self, self.config.vision, visual.dtype, visual.patch_embed)
         keys = [content_key(pixels[i], grid[i], identity) for i in range(len(grid))]
+        rows_per_image = patches_per_image // self.config.vision.spatial_merge_size**2
 
-        features: dict[str, mx.array] = {}
-        missing: dict[str, int] = {}  # key -> first image with it: an image repeated in the prompt runs once
-        for i, key in enumerate(keys):
-            if key in features or key in missing:
-                continue
-            cached = vision_cache.get(key)
-            if cached is None:
-                missing[key] = i
-            else:
-                features[key] = cached
-        if missing:
+        def compute(order: list[int]) -> list[mx.array]:
             # One tower call over the misses, each keeping its own grid row: the block-diagonal (and, in
             # Qwen2.5-VL, per-image window) attention keeps images apart, as in a call over all of them.
-            order = list(missing.values())
             batch = pixel_values if len(order) == len(grid) else mx.concatenate([pixels[i] for i in order])
-            computed = self.model.visual(batch, grid[order])
-            rows_per_image = patches_per_image // self.config.vision.spatial_merge_size**2
-            start = 0
-            for key, i in missing.items():
-                stop = start + int(rows_per_image[i])
-                features[key] = computed[start:stop]
-                vision_cache.put(key, features[key])
-                start = stop
-        if len(keys) == 1:
-            return features[keys[0]]
-        return mx.concatenate([features[key] for key in keys])
+            computed = visual(batch, grid[order])
+            bounds = np.concatenate([[0], np.cumsum(rows_per_image[order])]).tolist()
+            return [computed[bounds[j] : bounds[j + 1]] for j in range(len(order))]
 
-    def _vision_identity(self) -> str:
-        """What besides the pixels decides the vision features: the architecture, the vision config, the
-        weights' dtype, and a digest of the (small) patch-embedding weights, so two checkpoints of one
-        architecture sharing a cache do not collide. Swapped weights give a new digest, so they never serve
-        stale features."""
-        visual = self.model.visual
-        patch_weights = [value for _, value in tree_flatten(visual.patch_embed.parameters())]
-        model_class = f"{type(self).__module__}.{type(self).__qualname__}"
-        return model_identity(self, patch_weights, model_class, repr(self.config.vision), str(visual.dtype))
+        features = cached_per_image(keys, vision_cache, compute)
+        return features[0] if len(features) == 1 else mx.concatenate(features)
 
     # -- the Hugging Face contract
     def __call__(
@@ -381,20 +357,18 @@ _PREFIXES = (
 
 
 def _canonical_name(key: str) -> str:
-    for prefix, ours in _PREFIXES:
-        if key.startswith(prefix):
-            return ours + key[len(prefix) :]
-    return key
+    return rename_prefix(key, _PREFIXES)
+
+
+_MLX_COMMUNITY_PREFIXES = (
+    ("model.language_model.", "language_model.model."),
+    ("model.visual.", "vision_tower."),
+    ("lm_head.", "language_model.lm_head."),
+)
 
 
 def _mlx_community_name(key: str) -> str:
-    if key.startswith("model.language_model."):
-        return "language_model.model." + key[len("model.language_model.") :]
-    if key.startswith("model.visual."):
-        return "vision_tower." + key[len("model.visual.") :]
-    if key.startswith("lm_head."):
-        return "language_model." + key
-    return key
+    return rename_prefix(key, _MLX_COMMUNITY_PREFIXES)
 
 
 def _conv3d_to_linear(weight: mx.array, in_channels: int) -> mx.array:

@@ -32,26 +32,40 @@ class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (``n_kv_heads`` divides ``n_heads``)."""
 
     def __init__(
-        self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool, out_bias: bool = False
+        self,
+        hidden: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool,
+        out_bias: bool = False,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
         self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=out_bias)
 
-    def __call__(self, x: mx.array, rotate: Rotate, mask: Any, cache: Any = None) -> mx.array:
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values as (batch, heads, length, head_dim), before rotation."""
         batch, length, _ = x.shape
         q = self.q_proj(x).reshape(batch, length, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q, k = rotate(q), rotate(k)
+        return q, k, v
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, cache: Any) -> mx.array:
         if cache is None:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        else:
-            out = cache.attend(q, k, v, scale=self.scale, mask=mask)
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return cache.attend(q, k, v, scale=self.scale, mask=mask)
+
+    def __call__(self, x: mx.array, rotate: Rotate, mask: Any, cache: Any = None) -> mx.array:
+        batch, length, _ = x.shape
+        q, k, v = self.project(x)
+        out = self.attend(rotate(q), rotate(k), v, mask, cache)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["Rotate", "apply_rotary", "inverse_frequencies", "MultimodalRotary", "Rotary", "rotate_half"]
+__all__ = ["Rotate", "Rotary", "apply_rotary", "inverse_frequencies", "MultimodalRotary", "rotate_half"]
 
 Rotate = Callable[[mx.array], mx.array]
 """Applies the rotation for a fixed set of positions to (batch, heads, length, head_dim) queries or keys."""
@@ -44,7 +44,41 @@ def _rotate_with(cos: mx.array, sin: mx.array) -> Rotate:
     return lambda x: (_apply_rotary_decode if x.shape[2] == 1 else apply_rotary)(x, cos, sin)
 
 
-class MultimodalRotary:
+class Rotary:
+    """Plain RoPE; ``position_scale`` multiplies every position (1 / factor of "linear" rope scaling)."""
+
+    def __init__(self, head_dim: int, theta: float, position_scale: float = 1.0) -> None:
+        self.head_dim = head_dim
+        self.theta = float(theta)
+        self.position_scale = float(position_scale)
+        self._inv_freq = inverse_frequencies(head_dim, theta)
+
+    def at_positions(self, position_ids: mx.array) -> Rotate:
+        """``position_ids``: (batch, length)."""
+        positions = position_ids.astype(mx.float32) * self.position_scale
+        return _rotate_with(*_tables(positions[..., None] * self._inv_freq))
+
+    def at_offset(self, offset: int | mx.array) -> Rotate:
+        """Consecutive positions starting at ``offset`` (an int, or one per batch row)."""
+        if mx.default_device() == mx.gpu:
+            return lambda x: mx.fast.rope(
+                x, self.head_dim, traditional=False, base=self.theta, scale=self.position_scale, offset=offset
+            )
+        # On the CPU, MLX's rope is built from many small ops per call; one table serves every layer.
+        start = mx.array(offset).reshape(-1, 1)
+        cache: dict[int, Rotate] = {}
+
+        def rotate(x: mx.array) -> mx.array:
+            length = x.shape[2]
+            if length not in cache:
+                positions = (start + mx.arange(length)).astype(mx.float32) * self.position_scale
+                cache[length] = _rotate_with(*_tables(positions[..., None] * self._inv_freq))
+            return cache[length](x)
+
+        return rotate
+
+
+class MultimodalRotary(Rotary):
     """M-RoPE: each frequency takes its position from one of (time, height, width).
 
     ``sections`` splits the head_dim/2 frequencies into consecutive groups using axes 0, 1, 2. Text tokens have
@@ -54,9 +88,7 @@ class MultimodalRotary:
     def __init__(self, head_dim: int, theta: float, sections: Sequence[int]) -> None:
         if sum(sections) != head_dim // 2:
             raise ValueError(f"mrope_section {list(sections)} must sum to head_dim/2 = {head_dim // 2}")
-        self.head_dim = head_dim
-        self.theta = float(theta)
-        self._inv_freq = inverse_frequencies(head_dim, theta)
+        super().__init__(head_dim, theta)
         self._axis_of_freq = mx.array(np.repeat(np.arange(len(sections)), sections))
 
     def at_positions(self, position_ids: mx.array) -> Rotate:
@@ -65,29 +97,3 @@ class MultimodalRotary:
             position_ids = mx.broadcast_to(position_ids[None], (3, *position_ids.shape))
         per_freq = position_ids.astype(mx.float32)[self._axis_of_freq]  # (half, batch, length)
         return _rotate_with(*_tables(per_freq.transpose(1, 2, 0) * self._inv_freq))
-
-    def at_offset(self, offset: int | mx.array) -> Rotate:
-        """Consecutive positions starting at ``offset`` (an int, or one per batch row)."""
-        if mx.default_device() == mx.gpu:
-            return lambda x: mx.fast.rope(
-                x, self.head_dim, traditional=False, base=self.theta, scale=1.0, offset=offset
-            )
-        # On the CPU, MLX's rope is built from many small ops per call; one table serves every layer.
-        start = mx.array(offset).reshape(-1, 1)
-        cache: dict[int, Rotate] = {}
-
-        def rotate(x: mx.array) -> mx.array:
-            length = x.shape[2]
-            if length not in cache:
-                positions = (start + mx.arange(length)).astype(mx.float32)
-                cache[length] = _rotate_with(*_tables(positions[..., None] * self._inv_freq))
-            return cache[length](x)
-
-        return rotate
-
-
-class Rotary(MultimodalRotary):
-    """Plain 1D RoPE (Llama, Mistral): one position per token drives every frequency."""
-
-    def __init__(self, head_dim: int, theta: float) -> None:
-        super().__init__(head_dim, theta, (head_dim // 2,))

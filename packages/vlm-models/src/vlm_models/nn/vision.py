@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
+from vlm_runtime.vision_cache import model_identity
 
 from .rope import apply_rotary
 
-__all__ = ["VisionAttention", "VisionBlock", "merge_features"]
+__all__ = ["VisionAttention", "VisionBlock", "cached_per_image", "merge_features", "vision_identity"]
 
 
 class VisionAttention(nn.Module):
@@ -65,3 +67,34 @@ def merge_features(
     index = mx.maximum(mx.cumsum(slots.reshape(-1).astype(mx.int32)) - 1, 0)
     gathered = features.astype(inputs_embeds.dtype)[index].reshape(inputs_embeds.shape)
     return mx.where(slots[..., None], gathered, inputs_embeds)
+
+
+def cached_per_image(
+    keys: list[str], vision_cache: Any, compute: Callable[[list[int]], list[mx.array]]
+) -> list[mx.array]:
+    """Per-image features for images named by content ``keys``: from ``vision_cache`` where it has them, the
+    rest from one ``compute(indices)`` call (an image repeated in the prompt is computed once)."""
+    found: dict[str, mx.array] = {}
+    missing: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key in found or key in missing:
+            continue
+        cached = vision_cache.get(key)
+        if cached is None:
+            missing[key] = i
+        else:
+            found[key] = cached
+    if missing:
+        for key, features in zip(missing, compute(list(missing.values()))):
+            found[key] = features
+            vision_cache.put(key, features)
+    return [found[key] for key in keys]
+
+
+def vision_identity(model: nn.Module, vision_config: Any, dtype: mx.Dtype, patch_embedding: nn.Module) -> str:
+    """What besides the pixels decides a model's vision features: its class, the vision config, the weights'
+    dtype, and a digest of the (small) patch-embedding weights, so two checkpoints of one architecture sharing a
+    cache never collide. Swapped weights give a new digest, so they never serve stale features."""
+    patch_weights = [value for _, value in tree_flatten(patch_embedding.parameters())]
+    model_class = f"{type(model).__module__}.{type(model).__qualname__}"
+    return model_identity(model, patch_weights, model_class, repr(vision_config), str(dtype))

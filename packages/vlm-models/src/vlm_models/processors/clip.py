@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .image import config_values, rescale_and_normalize, resize, to_rgb
+from .image import RepeatsImageTokens, image_settings, rescale_and_normalize, resize, to_rgb
 from .qwen2_vl import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = ["CLIPImageProcessor", "LlavaNextImageProcessor", "select_best_resolution", "unpadded_grid"]
@@ -70,7 +70,7 @@ def pad_to_square(image: Image.Image, color: tuple[int, ...]) -> Image.Image:
 
 
 @dataclass
-class CLIPImageProcessor:
+class CLIPImageProcessor(RepeatsImageTokens):
     """Images -> ``pixel_values`` (images, C, crop height, crop width) float32.
 
     The processor-level settings (``patch_size``, ``vision_feature_select_strategy``,
@@ -95,10 +95,8 @@ class CLIPImageProcessor:
 
     @classmethod
     def config_kwargs(cls, cfg: dict[str, Any]) -> dict[str, Any]:
-        kwargs = config_values(
-            cfg,
-            ints=("resample", "patch_size", "num_additional_image_tokens"),
-            bools=("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad"),
+        kwargs = image_settings(
+            cfg, int_keys=("patch_size", "num_additional_image_tokens"), bool_keys=("do_center_crop", "do_pad")
         )
         if cfg.get("size") is not None:
             kwargs["size"] = _size_pair(cfg["size"], "size")

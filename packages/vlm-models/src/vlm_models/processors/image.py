@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,8 +26,9 @@ __all__ = [
     "ImageLoadError",
     "ImageSource",
     "MAX_IMAGE_BYTES",
+    "image_settings",
     "URL_TIMEOUT_S",
-    "config_values",
+    "RepeatsImageTokens",
     "load_image",
     "rescale_and_normalize",
     "resize",
@@ -218,25 +219,6 @@ def rescale_and_normalize(
     return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
-def config_values(cfg: dict[str, Any], ints: Sequence[str] = (), bools: Sequence[str] = ()) -> dict[str, Any]:
-    """The keys of a preprocessor config that are set (not None), typed: ``ints`` and ``bools`` as named, and the
-    ``rescale_factor`` / ``image_mean`` / ``image_std`` every processor has (a scalar mean/std is per channel)."""
-    values: dict[str, Any] = {}
-    for key in ints:
-        if cfg.get(key) is not None:
-            values[key] = int(cfg[key])
-    for key in bools:
-        if cfg.get(key) is not None:
-            values[key] = bool(cfg[key])
-    if cfg.get("rescale_factor") is not None:
-        values["rescale_factor"] = float(cfg["rescale_factor"])
-    for key in ("image_mean", "image_std"):
-        if cfg.get(key) is not None:
-            value = cfg[key]
-            values[key] = tuple(float(v) for v in (value if isinstance(value, Sequence) else [value] * 3))
-    return values
-
-
 def _per_channel(values: float | Sequence[float], channels: int, what: str) -> list[float]:
     if isinstance(values, (int, float)):
         return [float(values)] * channels
@@ -244,3 +226,42 @@ def _per_channel(values: float | Sequence[float], channels: int, what: str) -> l
     if len(values) != channels:
         raise ValueError(f"image {what} has {len(values)} values but the image has {channels} channels")
     return values
+
+
+def image_settings(cfg: dict, int_keys: Sequence[str] = (), bool_keys: Sequence[str] = ()) -> dict:
+    """The settings image processor configs spell alike (``resample``, the ``do_*`` switches, rescale factor,
+    mean and std) plus ``int_keys`` / ``bool_keys``, as keyword arguments; a missing or null value is left to
+    the default."""
+    kwargs: dict = {}
+    for key in ("resample", *int_keys):
+        if cfg.get(key) is not None:
+            kwargs[key] = int(cfg[key])
+    for key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb", *bool_keys):
+        if cfg.get(key) is not None:
+            kwargs[key] = bool(cfg[key])
+    if cfg.get("rescale_factor") is not None:
+        kwargs["rescale_factor"] = float(cfg["rescale_factor"])
+    for key in ("image_mean", "image_std"):
+        if cfg.get(key) is not None:
+            value = cfg[key]
+            kwargs[key] = tuple(float(v) for v in (value if isinstance(value, Sequence) else [value] * 3))
+    return kwargs
+
+
+class RepeatsImageTokens:
+    """For image processors whose prompt expansion repeats each image's slot token once per feature: they
+    give ``image_token_counts(outputs)``, this gives ``expand_prompt``."""
+
+    def image_token_counts(self, outputs: dict[str, np.ndarray]) -> list[int]:
+        raise NotImplementedError
+
+    def expand_prompt(self, prompt: str, image_token: str, outputs: dict[str, np.ndarray]) -> str:
+        counts = self.image_token_counts(outputs)
+        pieces = prompt.split(image_token)
+        if len(pieces) - 1 != len(counts):
+            raise ValueError(f"the prompt has {len(pieces) - 1} image slot(s) for {len(counts)} image(s)")
+        out = [pieces[0]]
+        for count, piece in zip(counts, pieces[1:]):
+            out.append(image_token * count)
+            out.append(piece)
+        return "".join(out)

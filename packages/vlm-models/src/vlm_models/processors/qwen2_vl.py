@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .image import config_values, rescale_and_normalize, resize, to_rgb
+from .image import RepeatsImageTokens, image_settings, rescale_and_normalize, resize, to_rgb
 
 __all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "Qwen2VLImageProcessor", "smart_resize"]
 
@@ -53,7 +53,7 @@ def smart_resize(
 
 
 @dataclass
-class Qwen2VLImageProcessor:
+class Qwen2VLImageProcessor(RepeatsImageTokens):
     """Images -> ``pixel_values`` (patches, C*T*P*P) float32 and ``image_grid_thw`` (images, 3) int64."""
 
     patch_size: int = 14
@@ -77,11 +77,7 @@ class Qwen2VLImageProcessor:
         As in transformers 5.x, top-level ``min_pixels``/``max_pixels`` override ``size.shortest_edge``/
         ``size.longest_edge``, and a ``size`` dict replaces the defaults wholesale.
         """
-        kwargs = config_values(
-            cfg,
-            ints=("patch_size", "temporal_patch_size", "merge_size", "resample"),
-            bools=("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"),
-        )
+        kwargs: dict[str, Any] = image_settings(cfg, int_keys=("patch_size", "temporal_patch_size", "merge_size"))
 
         # A size dict replaces the defaults wholesale (older configs spell its keys min_pixels/max_pixels, which
         # transformers only accepts alongside the top-level keys; taking them here changes no working config).
