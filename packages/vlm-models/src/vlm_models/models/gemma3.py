@@ -20,7 +20,8 @@ from vlm_runtime.vision_cache import VisionFeatureCache, content_key
 from ..config import ConfigError, text_section
 from ..nn.gemma import GEMMA_DEFAULTS, SLIDING, GemmaDecoder, GemmaDecoderConfig, GemmaRMSNorm
 from ..nn.output import ModelOutput
-from ..nn.siglip import SiglipVisionConfig, SiglipVisionModel, conv_weight_to_mlx
+from ..nn.siglip import SiglipVisionConfig, SiglipVisionModel
+from ..nn.vit import conv2d_weight_to_mlx
 from ..nn.checkpoint import rename_prefix
 from ..nn.vision import cached_per_image, merge_features, vision_identity
 
@@ -235,7 +236,7 @@ class Model(nn.Module):
             if key == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             if key.endswith("patch_embedding.weight"):
-                value = conv_weight_to_mlx(value, self.config.vision.num_channels)
+                value = conv2d_weight_to_mlx(value, self.config.vision.num_channels)
             out[key] = value
         return out
 

@@ -17,7 +17,8 @@ from vlm_runtime import PromptEmbedding
 from vlm_runtime.vision_cache import VisionFeatureCache, content_key
 
 from ..config import ConfigError, from_dict
-from ..nn.clip import CLIPVisionConfig, CLIPVisionTower, conv2d_weight_to_mlx
+from ..nn.clip import CLIPVisionConfig, CLIPVisionTower
+from ..nn.vit import conv2d_weight_to_mlx
 from ..nn.decoder import DecoderConfig, TextDecoder, TextGeneration
 from ..nn.layers import activation
 from ..nn.output import ModelOutput

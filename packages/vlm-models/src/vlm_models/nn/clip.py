@@ -13,9 +13,9 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import MLP
+from .vit import EncoderLayer
 
-__all__ = ["CLIPVisionConfig", "CLIPVisionTower", "EncoderLayer", "SelfAttention"]
+__all__ = ["CLIPVisionConfig", "CLIPVisionTower"]
 
 
 @dataclass(frozen=True)
@@ -34,44 +34,6 @@ class CLIPVisionConfig:
     @property
     def patches_per_side(self) -> int:
         return self.image_size // self.patch_size
-
-
-class SelfAttention(nn.Module):
-    """Bidirectional multi-head attention over (batch, tokens, dim), with biased q/k/v/out projections."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        batch, length, _ = x.shape
-
-        def heads(t: mx.array) -> mx.array:
-            return t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
-
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
-
-
-class EncoderLayer(nn.Module):
-    """Pre-norm ViT layer with LayerNorms: x + attn(ln1(x)), then + mlp(ln2(x))."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, act: str, eps: float) -> None:
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
-        self.self_attn = SelfAttention(dim, num_heads)
-        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, mlp_dim, act)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -136,10 +98,3 @@ class Encoder(nn.Module):
             EncoderLayer(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.hidden_act, c.layer_norm_eps)
             for _ in range(c.num_hidden_layers)
         ]
-
-
-def conv2d_weight_to_mlx(weight: mx.array, in_channels: int) -> mx.array:
-    """Accept PyTorch's Conv2d layout (out, in, kh, kw) or MLX's (out, kh, kw, in); return MLX's."""
-    if weight.ndim == 4 and weight.shape[1] == in_channels and weight.shape[-1] != in_channels:
-        return weight.transpose(0, 2, 3, 1)
-    return weight

@@ -13,9 +13,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import from_dict
-from .layers import MLP
+from .vit import EncoderLayer
 
-__all__ = ["SiglipVisionConfig", "SiglipVisionModel", "conv_weight_to_mlx"]
+__all__ = ["SiglipVisionConfig", "SiglipVisionModel"]
 
 
 @dataclass(frozen=True)
@@ -40,46 +40,13 @@ class SiglipVisionConfig:
         return self.image_size // self.patch_size
 
 
-class SiglipAttention(nn.Module):
-    """Full (bidirectional) multi-head attention over one image's patches."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        batch, n, _ = x.shape
-
-        def heads(t: mx.array) -> mx.array:
-            return t.reshape(batch, n, self.num_heads, -1).transpose(0, 2, 1, 3)
-
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, n, -1))
-
-
-class SiglipEncoderLayer(nn.Module):
-    def __init__(self, c: SiglipVisionConfig) -> None:
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.self_attn = SiglipAttention(c.hidden_size, c.num_attention_heads)
-        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.mlp = MLP(c.hidden_size, c.intermediate_size, c.hidden_act)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
 class SiglipEncoder(nn.Module):
     def __init__(self, c: SiglipVisionConfig) -> None:
         super().__init__()
-        self.layers = [SiglipEncoderLayer(c) for _ in range(c.num_hidden_layers)]
+        self.layers = [
+            EncoderLayer(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.hidden_act, c.layer_norm_eps)
+            for _ in range(c.num_hidden_layers)
+        ]
 
 
 class SiglipEmbeddings(nn.Module):
@@ -122,10 +89,3 @@ class SiglipVisionModel(nn.Module):
         for layer in self.encoder.layers:
             x = layer(x)
         return self.post_layernorm(x)
-
-
-def conv_weight_to_mlx(weight: mx.array, in_channels: int) -> mx.array:
-    """A PyTorch Conv2d weight (out, in, kh, kw) in MLX's (out, kh, kw, in) layout; MLX layouts pass through."""
-    if weight.ndim == 4 and weight.shape[1] == in_channels and weight.shape[-1] != in_channels:
-        return weight.transpose(0, 2, 3, 1)
-    return weight
