@@ -46,6 +46,7 @@ def prepare_model(model: nn.Module, config: TrainingConfig) -> dict[str, Any] | 
         q = config.quantization
         applied = quantize_model(model, bits=q.bits, group_size=q.group_size)
     model.freeze()
+    mx.random.seed(config.seed)  # the adapters' initial values depend on the seed only
     apply_lora(model, config.lora)
     return applied
 
@@ -179,17 +180,15 @@ class Trainer:
         return collate([self.train_samples[i] for i in self._batches[within]], self.pad_id)
 
     # -- one update
-    def train_step(self) -> dict[str, float]:
+    def gradients(self) -> tuple[dict, float, int]:
+        """The mean gradient over this step's micro-batches, weighted by their assistant tokens (so padding and
+        the split into micro-batches change nothing), with the mean loss and the tokens seen."""
         config, model = self.config, self.model
-        mx.random.seed(config.seed * 1_000_003 + self.step)  # dropout draws depend on the step only: resumable
-        model.train()
         loss_and_grad = nn.value_and_grad(model, sample_loss)
-        tic = time.perf_counter()
         total_grad, loss_sum, n_loss, n_tokens = None, 0.0, 0.0, 0
         for j in range(config.grad_accumulation):
             batch = self.micro_batch(self.step * config.grad_accumulation + j)
             (loss, n), grad = loss_and_grad(model, batch)
-            # Weight each micro-batch by its assistant tokens: the update is the mean over all of them.
             grad = tree_map(lambda g: g * n, grad)
             total_grad = grad if total_grad is None else tree_map(mx.add, total_grad, grad)
             mx.eval(total_grad, loss, n)
@@ -197,6 +196,14 @@ class Trainer:
             n_loss += n.item()
             n_tokens += batch.n_tokens
         grads = tree_map(lambda g: g / max(n_loss, 1.0), total_grad)
+        return grads, loss_sum / max(n_loss, 1.0), n_tokens
+
+    def train_step(self) -> dict[str, float]:
+        config, model = self.config, self.model
+        mx.random.seed(config.seed * 1_000_003 + self.step)  # dropout draws depend on the step only: resumable
+        model.train()
+        tic = time.perf_counter()
+        grads, loss, n_tokens = self.gradients()
         if config.max_grad_norm is not None:
             grads, _ = optim.clip_grad_norm(grads, config.max_grad_norm)
         learning_rate = float(self.schedule(mx.array(self.step)).item())
@@ -206,7 +213,7 @@ class Trainer:
         seconds = time.perf_counter() - tic
         entry = {
             "step": self.step,
-            "loss": loss_sum / max(n_loss, 1.0),
+            "loss": loss,
             "learning_rate": learning_rate,
             "tokens": n_tokens,
             "tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
@@ -215,10 +222,10 @@ class Trainer:
         self.history.append(entry)
         return entry
 
-    def evaluate(self) -> float:
-        """Token-weighted mean loss over the validation set (or its first ``val_batches`` batches)."""
+    def evaluate(self, samples: list[EncodedSample] | None = None) -> float:
+        """Token-weighted mean loss over ``samples`` (the validation set, or its first ``val_batches`` batches)."""
         self.model.eval()
-        samples = sorted(self.val_samples, key=len)
+        samples = sorted(self.val_samples if samples is None else samples, key=len)
         size = self.config.batch_size
         groups = [samples[i : i + size] for i in range(0, len(samples), size)]
         if self.config.val_batches:
