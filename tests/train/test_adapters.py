@@ -101,3 +101,9 @@ def test_adapter_errors_name_the_file(tmp_path: Path) -> None:
     config_file.write_text(json.dumps(config))
     with pytest.raises(AdapterError, match="unknown fine_tune_type"):
         load(FLOAT_MODEL, adapter_path=adapter)
+
+
+def test_full_fine_tune_fuses_to_a_plain_checkpoint(tmp_path: Path) -> None:
+    adapter, trained_logits = trained_adapter(tmp_path, fine_tune_type="full", learning_rate=3e-3)
+    fused, processor = load(fuse(str(FLOAT_MODEL), str(adapter), tmp_path / "fused"))
+    np.testing.assert_allclose(np.array(probe_logits(fused, processor)), np.array(trained_logits), atol=1e-4)

@@ -94,3 +94,24 @@ def test_shapes_data_trains(tmp_path: Path, capsys) -> None:
     code = vlm(["train", "--model", str(FLOAT_MODEL), "--data", str(tmp_path / "shapes"), "--output",
                 str(tmp_path / "adapter"), "--steps", "2", "--no-progress", "--on-bad-sample", "error"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_init_writes_a_fresh_model_that_trains_from_scratch(tmp_path: Path, capsys) -> None:
+    from vlm_models import load
+
+    out = tmp_path / "fresh"
+    code = vlm(["train", "init", "--like", str(FLOAT_MODEL), "--output", str(out), "--hidden-size", "32",
+                "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate-size", "64",
+                "--vision-embed-dim", "16", "--vision-heads", "2", "--vision-depth", "1"])
+    assert code == 0, capsys.readouterr().err
+    model, _ = load(out)
+    assert model.config.text.hidden_size == 32 and len(model.model.language_model.layers) == 1
+    assert model.config.vision.embed_dim == 16 and model.config.mrope_section == (2, 3, 3)
+    data = small_dataset(tmp_path / "data")
+    code = vlm(["train", "--model", str(out), "--data", str(data), "--output", str(tmp_path / "trained"),
+                "--fine-tune-type", "full", "--steps", "2", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    code = vlm(["train", "fuse", "--model", str(out), "--adapter-path", str(tmp_path / "trained"), "--output",
+                str(tmp_path / "fused")])
+    assert code == 0, capsys.readouterr().err
+    assert load(tmp_path / "fused")[0].config.text.hidden_size == 32

@@ -1,7 +1,8 @@
 """``vlm train`` (through the ``vlm.commands`` entry point) and the standalone ``vlm-train`` script.
 
 ``vlm train --model M --data D ...`` trains; ``vlm train fuse ...`` merges an adapter into its base;
-``vlm train shapes ...`` writes the synthetic shapes data set.
+``vlm train shapes ...`` writes the synthetic shapes data set; ``vlm train init ...`` writes a randomly
+initialised small model to train from scratch.
 """
 
 from __future__ import annotations
@@ -140,8 +141,27 @@ def _shapes(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
 
 
+def _init(args: argparse.Namespace) -> None:
+    from .scratch import ModelSizes, init_model
+
+    sizes = ModelSizes(
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        intermediate_size=args.intermediate_size,
+        vision_embed_dim=args.vision_embed_dim,
+        vision_depth=args.vision_depth,
+        vision_num_heads=args.vision_heads,
+    )
+    out, n_params = init_model(args.like, args.output, sizes, seed=args.seed)
+    print(f"wrote a randomly initialised model ({n_params / 1e6:.2f}M parameters) to {out}", file=sys.stderr)
+
+
 def _add_subcommands(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="train_command", metavar="{fuse,shapes}")
+    from .scratch import ModelSizes
+
+    sub = parser.add_subparsers(dest="train_command", metavar="{fuse,shapes,init}")
     fuse = sub.add_parser("fuse", help="merge an adapter into its base model and save the result")
     fuse.add_argument("--model", required=True, help="the base checkpoint the adapter was trained on")
     fuse.add_argument("--adapter-path", required=True, help="folder with adapters.safetensors")
@@ -161,6 +181,22 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--verbose", action="store_true")
     shapes.set_defaults(handler=_shapes)
+
+    init = sub.add_parser("init", help="write a randomly initialised small model to train from scratch")
+    init.add_argument("--like", required=True, help="checkpoint whose architecture, tokenizer and processor to use")
+    init.add_argument("--output", required=True)
+    sizes = ModelSizes()
+    init.add_argument("--hidden-size", type=int, default=sizes.hidden_size)
+    init.add_argument("--layers", type=int, default=sizes.num_hidden_layers)
+    init.add_argument("--heads", type=int, default=sizes.num_attention_heads)
+    init.add_argument("--kv-heads", type=int, default=sizes.num_key_value_heads)
+    init.add_argument("--intermediate-size", type=int, default=sizes.intermediate_size)
+    init.add_argument("--vision-embed-dim", type=int, default=sizes.vision_embed_dim)
+    init.add_argument("--vision-depth", type=int, default=sizes.vision_depth)
+    init.add_argument("--vision-heads", type=int, default=sizes.vision_num_heads)
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--verbose", action="store_true")
+    init.set_defaults(handler=_init)
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
