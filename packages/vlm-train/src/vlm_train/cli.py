@@ -23,8 +23,14 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
 
     what = parser.add_argument_group("what to train")
     what.add_argument("--model", help="base checkpoint: local folder or Hugging Face repo id")
-    what.add_argument("--data", help="JSONL of chat samples, or a folder with train.jsonl (and valid.jsonl)")
-    what.add_argument("--val-data", default=None, help="JSONL of validation samples")
+    what.add_argument(
+        "--data",
+        help="JSONL of chat samples, a parquet/Arrow table, or a folder (train.jsonl + valid.jsonl, train/ +"
+        " validation/ splits, train-*.parquet shards, or a datasets save_to_disk folder)",
+    )
+    what.add_argument("--val-data", default=None, help="validation samples, in any of the --data forms")
+    for column, usual in (("image", "image, images"), ("question", "question, prompt, ..."), ("answer", "answer, response, ...")):
+        what.add_argument(f"--{column}-column", default=None, help=f"table column with the {column} ({usual})")
     what.add_argument("--output", "--adapter-path", dest="output", default="adapters", help="folder for the adapters")
     what.add_argument("--fine-tune-type", default="lora", choices=FINE_TUNE_TYPES)
     what.add_argument("--rank", type=int, default=8, help="LoRA rank")
@@ -70,7 +76,7 @@ def _split(text: str | None) -> tuple[str, ...]:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    from .config import LoRAConfig, QuantizationConfig, TrainingConfig
+    from .config import LoRAConfig, QuantizationConfig, TableColumns, TrainingConfig
 
     if not args.model or not args.data:
         raise ValueError("training needs --model and --data")
@@ -79,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         model=args.model,
         train_data=args.data,
         val_data=args.val_data,
+        columns=TableColumns(image=args.image_column, question=args.question_column, answer=args.answer_column),
         output=args.output,
         fine_tune_type=args.fine_tune_type,
         lora=LoRAConfig(

@@ -7,7 +7,16 @@ from typing import Any
 
 from vlm_models.adapters import FINE_TUNE_TYPES, LoRAConfig
 
-__all__ = ["BAD_SAMPLE_POLICIES", "LR_SCHEDULES", "LoRAConfig", "QuantizationConfig", "TrainingConfig"]
+from .tables import TableColumns
+
+__all__ = [
+    "BAD_SAMPLE_POLICIES",
+    "LR_SCHEDULES",
+    "LoRAConfig",
+    "QuantizationConfig",
+    "TableColumns",
+    "TrainingConfig",
+]
 
 BAD_SAMPLE_POLICIES = ("skip", "error")
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -32,7 +41,9 @@ class TrainingConfig:
     model: str
     """Base checkpoint: a local folder or a Hugging Face repo id."""
     train_data: str
-    """A JSONL file of chat samples, or a folder holding train.jsonl (and valid.jsonl)."""
+    """A JSONL file of chat samples, a parquet / Arrow table, or a folder of them (see ``resolve_data_files``)."""
+    columns: TableColumns = field(default_factory=TableColumns)
+    """Which table columns hold the image, question and answer (tables without a ``messages`` column)."""
     output: str = "adapters"
     """Folder for adapters.safetensors, adapter_config.json, loss.png and checkpoints/."""
     val_data: str | None = None
@@ -84,4 +95,5 @@ class TrainingConfig:
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["lora"] = self.lora.to_dict()
+        values["columns"] = asdict(self.columns)
         return values

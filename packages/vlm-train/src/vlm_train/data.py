@@ -89,38 +89,87 @@ class Batch:
         return int(self.attention_mask.sum().item())
 
 
+_VALID_NAMES = ("valid", "validation", "val")
+
+
+def _split_in(folder: Path, names: tuple[str, ...]) -> Path | None:
+    """``folder/<name>.jsonl``, a ``folder/<name>/`` split folder of shards, or ``<name>*`` shard files."""
+    from .tables import TABLE_SUFFIXES, table_files
+
+    for name in names:
+        if (folder / f"{name}.jsonl").is_file():
+            return folder / f"{name}.jsonl"
+        if (folder / name).is_dir() and table_files(folder / name):
+            return folder / name
+        for suffix in TABLE_SUFFIXES:
+            shards = sorted(folder.glob(f"{name}-*{suffix}")) + sorted(folder.glob(f"{name}{suffix}"))
+            if shards:
+                return shards[0] if len(shards) == 1 else folder / f"{name}-*{suffix}"  # a glob of the shards
+    return None
+
+
 def resolve_data_files(data: str | Path, val_data: str | Path | None) -> tuple[Path, Path | None]:
-    """A JSONL file, or a folder with ``train.jsonl`` (and ``valid.jsonl``, used unless ``val_data`` is given)."""
+    """Where the training and validation splits are. ``data`` is a JSONL, parquet or Arrow file, or a folder:
+    with ``train.jsonl`` (and ``valid.jsonl``); with ``train/`` and ``validation/`` split folders (a ``datasets``
+    DatasetDict saved to disk, or a hub download's ``data/``); with ``train-*.parquet`` shards; or holding the
+    shards of one split itself (a saved Dataset)."""
+    from .tables import table_files
+
     path = Path(data)
-    if path.is_dir():
-        train = path / "train.jsonl"
-        if not train.is_file():
-            raise DataError(f"{path} is a folder without train.jsonl")
-        valid = path / "valid.jsonl"
-        return train, Path(val_data) if val_data else (valid if valid.is_file() else None)
-    if not path.is_file():
+    val = Path(val_data) if val_data else None
+    if val is not None and not val.exists():
+        raise DataError(f"validation data not found: {val}")
+    if path.is_file():
+        return path, val
+    if not path.is_dir():
         raise DataError(f"training data not found: {path}")
-    if val_data is not None and not Path(val_data).is_file():
-        raise DataError(f"validation data not found: {val_data}")
-    return path, Path(val_data) if val_data else None
+    for folder in (path, path / "data"):
+        if not folder.is_dir():
+            continue
+        train = _split_in(folder, ("train",))
+        if train is not None:
+            return train, val if val is not None else _split_in(folder, _VALID_NAMES)
+    if table_files(path):
+        return path, val
+    raise DataError(f"{path} holds no train.jsonl, train split or parquet/arrow shards")
+
+
+def _records(path: Path) -> tuple[int | None, Any]:
+    """``(count or None, iterator of (source, raw record))``: JSON text for JSONL lines, dicts for table rows."""
+    from .tables import is_table, read_rows
+
+    if is_table(path):
+        return None, read_rows(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    return len(lines), ((f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip())
 
 
 # --------------------------------------------------------------------------------------------------- encoding
 
 
-def _image_source(item: Mapping[str, Any]) -> Any:
+def _image_source(item: Mapping[str, Any], row_images: list[Any]) -> Any:
     value = item.get("image", item.get("image_url"))
     if isinstance(value, Mapping):
-        value = value.get("url")
+        value = value.get("url") or value.get("bytes") or value.get("path")
+    if value is None and row_images:
+        return row_images.pop(0)  # a path-less image item takes the sample's next image
+    if isinstance(value, (bytes, bytearray)) and value:
+        return bytes(value)
     if not isinstance(value, str) or not value:
-        raise _SampleProblem(f"an image item has no path or URL: {json.dumps(item)[:200]}")
+        raise _SampleProblem(f"an image item has no path or URL: {str(dict(item))[:200]}")
     return value
 
 
-def _normalise(messages: Any, base: Path) -> tuple[list[dict[str, Any]], list[Any]]:
+def _normalise(
+    messages: Any, base: Path, row_images: Sequence[Any] = ()
+) -> tuple[list[dict[str, Any]], list[Any]]:
     """Messages in the template's form (image items become ``{"type": "image"}``) and the image sources."""
     if not isinstance(messages, list) or not messages:
         raise _SampleProblem("'messages' must be a non-empty list")
+    pending = list(row_images)
     out, images = [], []
     for message in messages:
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
@@ -135,17 +184,20 @@ def _normalise(messages: Any, base: Path) -> tuple[list[dict[str, Any]], list[An
         for item in content:
             if not isinstance(item, Mapping):
                 raise _SampleProblem("content items must be objects")
-            kind = item.get("type") or ("image" if "image" in item or "image_url" in item else "text")
+            kind = item.get("type") or ("image" if item.get("image") or item.get("image_url") else "text")
             if kind in ("image", "image_url"):
-                source = _image_source(item)
-                local = not _REMOTE.match(source)
-                images.append(str(base / source) if local and not Path(source).is_absolute() else source)
+                source = _image_source(item, pending)
+                if isinstance(source, str) and not _REMOTE.match(source) and not Path(source).is_absolute():
+                    source = str(base / source)
+                images.append(source)
                 items.append({"type": "image"})
             elif kind == "text":
-                items.append({"type": "text", "text": str(item.get("text", ""))})
+                items.append({"type": "text", "text": str(item.get("text") or "")})
             else:
                 raise _SampleProblem(f"unsupported content type {kind!r} (text and images only)")
         out.append({"role": message["role"], "content": items})
+    if pending:
+        raise _SampleProblem(f"{len(pending)} image(s) of the sample have no image item in the messages")
     return out, images
 
 
@@ -228,22 +280,30 @@ def load_samples(
     on_bad_sample: str,
     report: Callable[[BadSample], None],
     progress: bool = False,
+    columns: Any = None,
 ) -> tuple[list[EncodedSample], list[BadSample]]:
-    """Every usable sample of ``file``; bad ones are reported (and skipped) or, with ``on_bad_sample="error"``,
-    stop the run with :class:`BadSampleError` before any training."""
+    """Every usable sample of ``file`` (JSONL, or a parquet / Arrow table read with ``columns``, a
+    :class:`vlm_train.tables.TableColumns`); bad ones are reported (and skipped) or, with
+    ``on_bad_sample="error"``, stop the run with :class:`BadSampleError` before any training."""
     from tqdm import tqdm
 
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {file}: {exc}") from None
+    from .tables import TableColumns, row_to_record
+
+    columns = columns or TableColumns()
+    total, records = _records(file)
     samples, bad = [], []
-    for number, line in enumerate(tqdm(lines, desc=f"encoding {file.name}", unit="sample", disable=not progress), 1):
-        if not line.strip():
-            continue
-        source = f"{file}:{number}"
+    base = file.parent if file.is_file() or not file.exists() else file
+    for source, raw in tqdm(records, total=total, desc=f"encoding {file.name}", unit="sample", disable=not progress):
         try:
-            sample = _encode_line(line, file.parent, processor, source)
+            if isinstance(raw, str):
+                record = _parse_line(raw)
+            else:
+                try:
+                    record = row_to_record(raw, columns)
+                except ValueError as exc:
+                    raise _SampleProblem(str(exc)) from None
+            messages, images = _normalise(record["messages"], base, record.get("images") or ())
+            sample = encode_messages(processor, messages, images, source)
             if len(sample) > max_length:
                 raise _SampleProblem(f"{len(sample)} tokens, longer than the maximum length {max_length}")
             if sample.n_loss_tokens == 0:
@@ -261,15 +321,14 @@ def load_samples(
     return samples, bad
 
 
-def _encode_line(line: str, base: Path, processor: Processor, source: str) -> EncodedSample:
+def _parse_line(line: str) -> Mapping[str, Any]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise _SampleProblem(f"not valid JSON: {exc}") from None
     if not isinstance(record, Mapping) or "messages" not in record:
         raise _SampleProblem("a sample must be an object with 'messages'")
-    messages, images = _normalise(record["messages"], base)
-    return encode_messages(processor, messages, images, source)
+    return record
 
 
 # --------------------------------------------------------------------------------------------------- batching

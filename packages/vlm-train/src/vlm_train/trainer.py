@@ -163,6 +163,7 @@ class Trainer:
             on_bad_sample=self.config.on_bad_sample,
             report=skip,
             progress=self.config.progress,
+            columns=self.config.columns,
         )
         if bad:
             self.report(f"{file}: skipped {len(bad)} bad sample(s), kept {len(samples)}")
