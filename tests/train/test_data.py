@@ -73,7 +73,12 @@ def _bad_file(tmp_path: Path) -> Path:
             {"messages": [{"role": "user", "content": "Only a question"}]},
             chat("Long?", "word " * 200),
             "{not json",
-            {"messages": [{"role": "user", "content": [{"type": "video", "video": "a.mp4"}]}, {"role": "assistant", "content": "x"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "video", "video": "a.mp4"}]},
+                    {"role": "assistant", "content": "x"},
+                ]
+            },
             "",
             chat("Fine?", "Fine."),
         ],

@@ -61,7 +61,8 @@ def test_default_targets_are_the_language_model_projections() -> None:
     layers = model.config.text.num_hidden_layers
     assert len(paths) == 7 * layers
     assert all(p.startswith("model.language_model.layers.") for p in paths)
-    assert {p.rsplit(".", 1)[1] for p in paths} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {p.rsplit(".", 1)[1] for p in paths} == projections
 
 
 def test_vision_and_projector_targets_are_separate() -> None:

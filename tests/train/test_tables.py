@@ -60,7 +60,8 @@ def test_messages_column_with_an_images_column(tmp_path: Path, float_processor) 
         {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "What?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A picture."}]},
     ]
-    pq.write_table(pa.table({"messages": [messages, messages], "images": [[_image()], [_image()]]}), tmp_path / "m.parquet")
+    table = pa.table({"messages": [messages, messages], "images": [[_image()], [_image()]]})
+    pq.write_table(table, tmp_path / "m.parquet")
     samples, _ = _load(tmp_path / "m.parquet", float_processor)
     assert len(samples) == 2 and samples[0].image_grid_thw.shape == (1, 3)
 

@@ -197,7 +197,13 @@ def test_an_interrupted_run_leaves_a_resumable_checkpoint(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"steps": 0}, {"fine_tune_type": "dora"}, {"on_bad_sample": "ignore"}, {"warmup_steps": 100}, {"learning_rate": 0}],
+    [
+        {"steps": 0},
+        {"fine_tune_type": "dora"},
+        {"on_bad_sample": "ignore"},
+        {"warmup_steps": 100},
+        {"learning_rate": 0},
+    ],
 )
 def test_invalid_training_config(tmp_path: Path, overrides) -> None:
     base = TrainingConfig(model="m", train_data="d")

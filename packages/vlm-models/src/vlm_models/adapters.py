@@ -190,9 +190,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     if not paths:
         raise AdapterError(f"no linear layer matches the LoRA targets {config.targets or config.modules}")
     modules = dict(model.named_modules())
-    model.update_modules(
-        tree_unflatten([(p, LoRALinear.from_base(modules[p], config.rank, config.scale, config.dropout)) for p in paths])
-    )
+    wrapped = [(p, LoRALinear.from_base(modules[p], config.rank, config.scale, config.dropout)) for p in paths]
+    model.update_modules(tree_unflatten(wrapped))
     return paths
 
 

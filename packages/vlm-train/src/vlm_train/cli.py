@@ -18,8 +18,9 @@ EXIT_USAGE = 2
 
 
 def _add_training_args(parser: argparse.ArgumentParser) -> None:
-    from .config import BAD_SAMPLE_POLICIES, LR_SCHEDULES
     from vlm_models.adapters import FINE_TUNE_TYPES, TARGET_GROUPS
+
+    from .config import BAD_SAMPLE_POLICIES, LR_SCHEDULES
 
     what = parser.add_argument_group("what to train")
     what.add_argument("--model", help="base checkpoint: local folder or Hugging Face repo id")
@@ -29,7 +30,8 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         " validation/ splits, train-*.parquet shards, or a datasets save_to_disk folder)",
     )
     what.add_argument("--val-data", default=None, help="validation samples, in any of the --data forms")
-    for column, usual in (("image", "image, images"), ("question", "question, prompt, ..."), ("answer", "answer, response, ...")):
+    usual_names = {"image": "image, images", "question": "question, prompt, ...", "answer": "answer, response, ..."}
+    for column, usual in usual_names.items():
         what.add_argument(f"--{column}-column", default=None, help=f"table column with the {column} ({usual})")
     what.add_argument("--output", "--adapter-path", dest="output", default="adapters", help="folder for the adapters")
     what.add_argument("--fine-tune-type", default="lora", choices=FINE_TUNE_TYPES)

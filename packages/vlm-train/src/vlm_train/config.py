@@ -80,7 +80,8 @@ class TrainingConfig:
         if self.on_bad_sample not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"--on-bad-sample must be skip or error, got {self.on_bad_sample!r}")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+            known = ", ".join(LR_SCHEDULES)
+            raise ValueError(f"learning-rate schedule must be one of {known}, got {self.lr_schedule!r}")
         for name in ("steps", "batch_size", "grad_accumulation", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -39,7 +39,9 @@ def prepare_model(model: nn.Module, config: TrainingConfig) -> dict[str, Any] | 
     applied = None
     if config.fine_tune_type == "full":
         if _is_quantized(model):
-            raise ValueError("full fine-tuning needs a float checkpoint; this one is quantized (use --fine-tune-type qlora)")
+            raise ValueError(
+                "full fine-tuning needs a float checkpoint; this one is quantized (use --fine-tune-type qlora)"
+            )
         model.unfreeze()
         return None
     if config.fine_tune_type == "qlora" and not _is_quantized(model):
