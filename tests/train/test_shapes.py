@@ -58,3 +58,58 @@ def test_the_seed_fixes_the_data_set(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in first[0].read_text().splitlines()]
     assert len(rows) >= 5 * 2  # at least the "what" and "how many" question for every image
     assert all(r["messages"][0]["content"][0]["image"].startswith("images/train_") for r in rows)
+
+
+def _read_scene(image) -> dict[str, tuple[str, str]]:
+    """A pixel-rule oracle: quadrant -> (colour, kind), from the quadrant's centre, corner and edge pixels."""
+    pixels = np.asarray(image).astype(int)
+    half = pixels.shape[0] // 2
+    found = {}
+    for index, quadrant in enumerate(QUADRANTS):
+        row, column = divmod(index, 2)
+        top, left = row * half, column * half
+        centre = pixels[top + half // 2, left + half // 2]
+        colour = next((name for name, rgb in COLOURS.items() if np.abs(centre - rgb).max() < 10), None)
+        if colour is None:
+            continue
+        inset = int(half * 0.2)
+
+        def filled(y: int, x: int) -> bool:
+            return bool(np.abs(pixels[top + y, left + x] - COLOURS[colour]).max() < 10)
+
+        if filled(inset, inset):
+            kind = "square"
+        elif filled(half - inset, inset):
+            kind = "triangle"  # the base is filled at the bottom corners, the top corners are empty
+        else:
+            kind = "circle"
+        found[quadrant] = (colour, kind)
+    return found
+
+
+def _oracle(image, question: str) -> str:
+    from vlm_train.shapes import Scene, Shape, questions
+
+    shapes = tuple(Shape(kind, colour, q) for q, (colour, kind) in _read_scene(image).items())
+    return dict(questions(Scene(shapes, (0, 0, 0))))[question]
+
+
+def test_score_counts_exact_answers() -> None:
+    from vlm_train.shapes import score
+
+    perfect = score(_oracle, count=30, seed=5)
+    assert perfect.total > 60 and perfect.accuracy == 1.0
+    assert set(perfect.by_question) == {"what", "how many", "colour", "where"}
+    guessing = score(lambda image, question: "Two.", count=30, seed=5)
+    assert guessing.by_question["how many"][0] < guessing.by_question["how many"][1]
+    assert guessing.correct == guessing.by_question["how many"][0] and guessing.accuracy < 0.3
+
+
+def test_shapes_score_command(capsys) -> None:
+    from vlm_models.cli import main as vlm
+
+    from .conftest import FLOAT_MODEL
+
+    assert vlm(["train", "shapes-score", "--model", str(FLOAT_MODEL), "--count", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("exact answers: ") and "how many" in out

@@ -1,8 +1,8 @@
 """``vlm train`` (through the ``vlm.commands`` entry point) and the standalone ``vlm-train`` script.
 
 ``vlm train --model M --data D ...`` trains; ``vlm train fuse ...`` merges an adapter into its base;
-``vlm train shapes ...`` writes the synthetic shapes data set; ``vlm train init ...`` writes a randomly
-initialised small model to train from scratch.
+``vlm train shapes ...`` writes the synthetic shapes data set, ``vlm train shapes-score ...`` scores a model on
+fresh shapes images; ``vlm train init ...`` writes a randomly initialised small model to train from scratch.
 """
 
 from __future__ import annotations
@@ -150,6 +150,17 @@ def _shapes(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
 
 
+def _score(args: argparse.Namespace) -> None:
+    from vlm_models import load
+
+    from .shapes import model_answerer, score
+
+    model, processor = load(args.model, adapter_path=args.adapter_path)
+    result = score(model_answerer(model, processor), count=args.count, seed=args.seed, size=args.size)
+    parts = ", ".join(f"{kind} {c}/{n}" for kind, (c, n) in sorted(result.by_question.items()))
+    print(f"exact answers: {result.correct}/{result.total} = {result.accuracy:.1%} ({parts})")
+
+
 def _init(args: argparse.Namespace) -> None:
     from .scratch import ModelSizes, init_model
 
@@ -170,7 +181,7 @@ def _init(args: argparse.Namespace) -> None:
 def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     from .scratch import ModelSizes
 
-    sub = parser.add_subparsers(dest="train_command", metavar="{fuse,shapes,init}")
+    sub = parser.add_subparsers(dest="train_command", metavar="{fuse,shapes,shapes-score,init}")
     fuse = sub.add_parser("fuse", help="merge an adapter into its base model and save the result")
     fuse.add_argument("--model", required=True, help="the base checkpoint the adapter was trained on")
     fuse.add_argument("--adapter-path", required=True, help="folder with adapters.safetensors")
@@ -190,6 +201,15 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--verbose", action="store_true")
     shapes.set_defaults(handler=_shapes)
+
+    scoring = sub.add_parser("shapes-score", help="exact-answer accuracy of a model on fresh shapes images")
+    scoring.add_argument("--model", required=True)
+    scoring.add_argument("--adapter-path", default=None)
+    scoring.add_argument("--count", type=int, default=200, help="images (each asked all its questions)")
+    scoring.add_argument("--seed", type=int, default=1)
+    scoring.add_argument("--size", type=int, default=56)
+    scoring.add_argument("--verbose", action="store_true")
+    scoring.set_defaults(handler=_score)
 
     init = sub.add_parser("init", help="write a randomly initialised small model to train from scratch")
     init.add_argument("--like", required=True, help="checkpoint whose architecture, tokenizer and processor to use")

@@ -6,12 +6,25 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["COLOURS", "KINDS", "QUADRANTS", "Scene", "Shape", "questions", "random_scene", "render", "write_dataset"]
+__all__ = [
+    "COLOURS",
+    "KINDS",
+    "QUADRANTS",
+    "Scene",
+    "Score",
+    "Shape",
+    "model_answerer",
+    "questions",
+    "random_scene",
+    "render",
+    "score",
+    "write_dataset",
+]
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -132,3 +145,56 @@ def write_dataset(
         file.write_text("\n".join(lines) + "\n")
         files.append(file)
     return files
+
+
+@dataclass(frozen=True)
+class Score:
+    correct: int
+    total: int
+    by_question: dict[str, tuple[int, int]]
+    """Question kind (``what``, ``how many``, ``colour``, ``where``) -> (correct, asked)."""
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def _kind(question: str) -> str:
+    prefixes = {"What shapes": "what", "How many": "how many", "What colour": "colour", "Where": "where"}
+    for prefix, kind in prefixes.items():
+        if question.startswith(prefix):
+            return kind
+    return "other"
+
+
+def score(answer: Callable[[Image.Image, str], str], *, count: int = 200, seed: int = 1, size: int = 56) -> Score:
+    """Ask ``answer(image, question)`` every question of ``count`` fresh scenes; an answer counts when it equals
+    the expected one exactly (surrounding whitespace aside). Use a seed other than the training data's."""
+    from tqdm import tqdm
+
+    rng = np.random.default_rng([seed, 7919])  # never the stream write_dataset uses for the same seed
+    correct = total = 0
+    by_question: dict[str, list[int]] = {}
+    for _ in tqdm(range(count), desc="scoring", unit="image"):
+        scene = random_scene(rng)
+        image = render(scene, size)
+        for question, expected in questions(scene):
+            ok = answer(image, question).strip() == expected
+            tally = by_question.setdefault(_kind(question), [0, 0])
+            tally[0] += ok
+            tally[1] += 1
+            correct += ok
+            total += 1
+    return Score(correct, total, {k: (v[0], v[1]) for k, v in by_question.items()})
+
+
+def model_answerer(model: Any, processor: Any, max_tokens: int = 24) -> Callable[[Image.Image, str], str]:
+    """Greedy answers of a loaded model, through its chat template."""
+    from vlm_models import apply_chat_template
+    from vlm_runtime import generate
+
+    def answer(image: Image.Image, question: str) -> str:
+        prompt = apply_chat_template(processor, None, question, num_images=1)
+        return generate(model, processor, prompt, image=image, max_tokens=max_tokens).text
+
+    return answer

@@ -228,11 +228,13 @@ class Trainer:
     def evaluate(self, samples: list[EncodedSample] | None = None) -> float:
         """Token-weighted mean loss over ``samples`` (the validation set, or its first ``val_batches`` batches)."""
         self.model.eval()
-        samples = sorted(self.val_samples if samples is None else samples, key=len)
         size = self.config.batch_size
+        if samples is None:
+            samples = self.val_samples
+            if self.config.val_batches:  # the first samples in file order, not the shortest
+                samples = samples[: self.config.val_batches * size]
+        samples = sorted(samples, key=len)  # similar lengths together: less padding
         groups = [samples[i : i + size] for i in range(0, len(samples), size)]
-        if self.config.val_batches:
-            groups = groups[: self.config.val_batches]
         loss_sum = n_sum = 0.0
         for group in groups:
             loss, n = sample_loss(self.model, collate(group, self.pad_id))
