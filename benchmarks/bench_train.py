@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100, help="shapes images in the data set")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--grad-checkpoint", action="store_true")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of lora,qlora,full")
     parser.add_argument("--model", default=None, help="train this checkpoint instead of a fresh demo-sized one")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -94,7 +95,7 @@ def main() -> None:
             f"{args.steps} timed steps after {args.warmup} warm-up | grad checkpoint {args.grad_checkpoint}"
         )
         print(f"{'mode':<6} {'tokens/s':>9} {'peak MB':>8} {'trainable':>10} {'loss first->last':>18}")
-        for mode in MODES:
+        for mode in args.modes.split(","):
             command = [
                 sys.executable, __file__, "--mode", mode, "--model", str(model), "--data", str(Path(tmp) / "data"),
                 "--workdir", tmp, "--steps", str(args.steps), "--warmup", str(args.warmup),

@@ -209,3 +209,13 @@ def test_invalid_training_config(tmp_path: Path, overrides) -> None:
     base = TrainingConfig(model="m", train_data="d")
     with pytest.raises(ValueError):
         dataclasses.replace(base, **overrides)
+
+
+def test_vision_tower_and_projector_adapters_learn(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, steps=2, lora=LoRAConfig(targets=("vision", "projector")))
+    before = {k: np.array(v) for k, v in tree_flatten(trainer.model.trainable_parameters())}
+    assert before and all(k.startswith("model.visual.") for k in before)
+    trainer.run()
+    after = dict(tree_flatten(trainer.model.trainable_parameters()))
+    changed = {k for k in before if not np.array_equal(before[k], np.array(after[k]))}
+    assert any(".merger." in k for k in changed) and any(".blocks." in k for k in changed)
