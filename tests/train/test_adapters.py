@@ -67,7 +67,8 @@ def test_fuse_can_quantize(tmp_path: Path) -> None:
 def test_qlora_adapter_fuses_onto_its_quantized_base(tmp_path: Path) -> None:
     adapter, trained_logits = trained_adapter(tmp_path, QUANTIZED_MODEL, fine_tune_type="qlora")
     dense_dir = fuse(str(QUANTIZED_MODEL), str(adapter), tmp_path / "dense", FuseOptions(dequantize=True))
-    assert "quantization" not in json.loads((dense_dir / "config.json").read_text())
+    dense_config = json.loads((dense_dir / "config.json").read_text())
+    assert "quantization" not in dense_config and "quantization_config" not in dense_config
     dense, processor = load(dense_dir)
     assert not any(isinstance(m, nn.QuantizedLinear) for _, m in dense.named_modules())
     np.testing.assert_allclose(np.array(probe_logits(dense, processor)), np.array(trained_logits), atol=1e-4)

@@ -175,6 +175,9 @@ def test_resume_refuses_a_different_run(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path / "b", steps=4, resume_from=str(checkpoint), lora=LoRAConfig(rank=4))
     with pytest.raises(ValueError, match="lora"):
         trainer.run()
+    final = make_trainer(tmp_path / "c", steps=4, resume_from=str(tmp_path / "a" / "out"))
+    with pytest.raises(ValueError, match="not a resumable checkpoint"):
+        final.run()
 
 
 def test_an_interrupted_run_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:

@@ -52,4 +52,8 @@ def fuse(model_path: str, adapter_path: str, output: str | Path, options: FuseOp
     output = Path(output)
     if output.resolve() == source.resolve():
         raise ValueError("the fused model must go to a new folder, not over its base")
+    # MLX-community configs repeat the quantization under this name; keep it in step with what is written.
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    if quantization is not None:
+        config["quantization_config"] = dict(quantization)
     return save_model(model, output, source=source, config=config, quantization=quantization)

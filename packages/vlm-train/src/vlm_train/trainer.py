@@ -151,6 +151,8 @@ class Trainer:
         self.optimizer = optim.AdamW(learning_rate=self.schedule, weight_decay=config.weight_decay)
         self.pad_id = _pad_id(processor)
         self.step = 0
+        self._epoch: int | None = None  # the epoch whose batch order is in _batches
+        self._batches: list[list[int]] = []
         self.history: list[dict[str, float]] = []
         self.validation: list[dict[str, float]] = []
 
@@ -175,10 +177,10 @@ class Trainer:
     # -- batches
     def micro_batch(self, index: int) -> Batch:
         """The ``index``-th micro-batch of the run: a pure function of the seed and the index."""
-        lengths = [len(s) for s in self.train_samples]
-        per_epoch = math.ceil(len(lengths) / self.config.batch_size)
+        per_epoch = math.ceil(len(self.train_samples) / self.config.batch_size)
         epoch, within = divmod(index, per_epoch)
-        if getattr(self, "_epoch", None) != epoch:
+        if self._epoch != epoch:
+            lengths = [len(s) for s in self.train_samples]
             self._epoch, self._batches = epoch, epoch_batches(lengths, self.config.batch_size, self.config.seed, epoch)
         return collate([self.train_samples[i] for i in self._batches[within]], self.pad_id)
 
@@ -284,8 +286,11 @@ class Trainer:
     def resume(self, folder: str | Path) -> None:
         folder = Path(folder)
         state_file = folder / STATE_FILE
-        if not state_file.is_file():
-            raise ValueError(f"{folder} is not a training checkpoint (no {STATE_FILE})")
+        if not state_file.is_file() or not (folder / OPTIMIZER_FILE).is_file():
+            raise ValueError(
+                f"{folder} is not a resumable checkpoint (it needs {STATE_FILE} and {OPTIMIZER_FILE};"
+                " they are in OUTPUT/checkpoints/step_N)"
+            )
         state = json.loads(state_file.read_text(encoding="utf-8"))
         saved = state.get("config", {})
         for key in ("model", "fine_tune_type", "lora", "batch_size", "grad_accumulation", "seed"):
