@@ -160,3 +160,30 @@ def test_collate_pads_right_and_masks_padding(float_processor) -> None:
     assert not loss[0, len(short) :].any()
     assert np.array_equal(loss[1], long.loss_mask)
     assert batch.pixel_values is None and batch.n_tokens == len(short) + len(long)
+
+
+def test_images_by_url(tmp_path: Path, float_processor) -> None:
+    import http.server
+    import threading
+
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "a.png").write_bytes(IMAGE.read_bytes())
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path / "served"), **kwargs)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/a.png"
+        question = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]
+        row = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "A picture."}]}
+        file = write_jsonl(tmp_path / "train.jsonl", [row])
+        samples, bad = load_samples(file, float_processor, max_length=500, on_bad_sample="error", report=lambda b: None)
+    finally:
+        server.shutdown()
+    assert not bad and samples[0].pixel_values is not None
