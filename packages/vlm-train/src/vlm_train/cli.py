@@ -8,14 +8,10 @@ fresh shapes images; ``vlm train init ...`` writes a randomly initialised small 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any, Sequence
 
 __all__ = ["main", "register"]
-
-EXIT_USAGE = 2
-
 
 def _add_training_args(parser: argparse.ArgumentParser) -> None:
     from vlm_models.adapters import FINE_TUNE_TYPES, TARGET_GROUPS
@@ -228,33 +224,19 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     init.set_defaults(handler=_init)
 
 
-def _configure(parser: argparse.ArgumentParser) -> None:
+def register(subparsers: Any) -> None:
+    """The ``vlm.commands`` entry point: adds ``vlm train``."""
+    parser = subparsers.add_parser("train", help="fine-tune a model (LoRA, QLoRA, full); fuse adapters")
     _add_training_args(parser)
     _add_subcommands(parser)
     parser.set_defaults(handler=_train)
 
 
-def register(subparsers: Any) -> None:
-    """The ``vlm.commands`` entry point: adds ``vlm train``."""
-    _configure(subparsers.add_parser("train", help="fine-tune a model (LoRA, QLoRA, full); fuse adapters"))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``vlm-train`` script: the same options as ``vlm train``."""
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    parser = argparse.ArgumentParser(prog="vlm-train", description="Fine-tune vision-language models on MLX.")
-    _configure(parser)
-    args = parser.parse_args(argv)
-    try:
-        args.handler(args)
-    except KeyboardInterrupt:
-        return 130
-    except (ValueError, OSError) as exc:  # our errors (data, config, loading) are ValueErrors with one-line messages
-        if args.verbose:
-            raise
-        print(f"vlm-train: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    return 0
+    """The ``vlm-train`` script: ``vlm train`` with the same options, messages and exit codes."""
+    from vlm_models.cli import main as vlm_main
+
+    return vlm_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
