@@ -40,11 +40,18 @@ def test_train_generate_and_fuse(tmp_path: Path, capsys) -> None:
         colours = np.unique(np.asarray(curve.convert("RGB")).reshape(-1, 3), axis=0)
         assert len(colours) > 3  # something was drawn
 
-    code = vlm(["generate", "--model", str(FLOAT_MODEL), "--adapter-path", str(out), "--image", str(IMAGE),
-                "--prompt", "What is item 3?", "--max-tokens", "5"])
+    question = ["--image", str(IMAGE), "--prompt", "What is item 3?", "--max-tokens", "8"]
+    assert vlm(["generate", "--model", str(FLOAT_MODEL), *question]) == 0
+    plain = capsys.readouterr().out
+    code = vlm(["generate", "--model", str(FLOAT_MODEL), "--adapter-path", str(out), *question])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "generation:" in captured.err
+    assert captured.out != plain, "the adapter should change the greedy answer"
+    assert vlm(["train", "fuse", "--model", str(FLOAT_MODEL), "--adapter-path", str(out), "--output",
+                str(tmp_path / "fused-float")]) == 0
+    assert vlm(["generate", "--model", str(tmp_path / "fused-float"), *question]) == 0
+    assert capsys.readouterr().out == captured.out  # the fused model answers as the adapter does
 
     code = vlm(["train", "fuse", "--model", str(FLOAT_MODEL), "--adapter-path", str(out), "--output",
                 str(tmp_path / "fused"), "--quantize", "--q-group-size", "32"])
