@@ -33,6 +33,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local folder or Hugging Face repo id")
+    parser.add_argument("--adapter-path", default=None, help="folder with adapters.safetensors from `vlm train`")
     parser.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
     parser.add_argument("--prompt", default="Describe this image.", help="the user message")
     parser.add_argument("--system", default=None, help="system message")
@@ -70,7 +71,9 @@ def _load_and_format(args: argparse.Namespace) -> tuple[Any, Any, str]:
     from .chat import apply_chat_template
     from .loading import load
 
-    model, processor = load(args.model, trust_remote_code=args.trust_remote_code)
+    model, processor = load(
+        args.model, adapter_path=args.adapter_path, trust_remote_code=args.trust_remote_code
+    )
     prompt = apply_chat_template(
         processor,
         None,

@@ -187,12 +187,16 @@ def load(
 ) -> tuple[nn.Module, Processor]:
     """Load a model and its processor from a local folder or a Hugging Face repo id.
 
-    Reads the transformers 4 and 5 layouts and MLX-community conversions (quantized included).
+    Reads the transformers 4 and 5 layouts and MLX-community conversions (quantized included). With
+    ``adapter_path`` (a folder written by ``vlm train``), its LoRA layers or fine-tuned weights are applied.
     """
-    if adapter_path is not None:
-        raise ModelLoadError("LoRA adapters are not supported yet (they arrive with vlm-train)")
     path = resolve_model_path(path_or_repo, revision)
     config = load_config(path)
     arch = architecture_for(config.get("model_type"))
     model = load_model(path, config, arch)
+    if adapter_path is not None:
+        from .adapters import load_adapters
+
+        load_adapters(model, adapter_path)
+        model.eval()
     return model, load_processor(path, config, arch, trust_remote_code)

@@ -1,0 +1,367 @@
+"""Chat samples from JSONL, encoded through the checkpoint's own chat template with a loss mask on the
+assistant turns, and padding-aware batches of them.
+
+A line is ``{"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
+{"type": "text", "text": "..."}]}, {"role": "assistant", "content": "..."}]}``; content may be a string, image
+items may also be ``{"type": "image_url", "image_url": {"url": ...}}``, and relative image paths are relative to
+the JSONL file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import mlx.core as mx
+import numpy as np
+from vlm_models.processor import Processor
+from vlm_models.processors.image import ImageLoadError, load_image
+
+__all__ = [
+    "BadSample",
+    "BadSampleError",
+    "Batch",
+    "DataError",
+    "EncodedSample",
+    "collate",
+    "encode_messages",
+    "epoch_batches",
+    "load_samples",
+    "resolve_data_files",
+]
+
+_REMOTE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://|data:)", re.IGNORECASE)
+
+
+class DataError(ValueError):
+    """The data cannot be used at all (no file, nothing left after skipping bad samples)."""
+
+
+class BadSampleError(DataError):
+    """One sample is unusable and ``--on-bad-sample error`` was chosen; the message starts with ``file:line``."""
+
+
+class _SampleProblem(ValueError):
+    """Raised while encoding one sample; becomes a :class:`BadSample` with the sample's source."""
+
+
+@dataclass(frozen=True)
+class BadSample:
+    source: str
+    """``file:line``."""
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
+
+
+@dataclass
+class EncodedSample:
+    source: str
+    input_ids: np.ndarray
+    """(length,) int32 token ids, image placeholders expanded."""
+    loss_mask: np.ndarray
+    """(length,) bool: True on the tokens the model learns to produce (the assistant turns)."""
+    pixel_values: np.ndarray | None = None
+    image_grid_thw: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return int(self.loss_mask[1:].sum())
+
+
+@dataclass
+class Batch:
+    input_ids: mx.array
+    attention_mask: mx.array
+    loss_mask: mx.array
+    pixel_values: mx.array | None
+    image_grid_thw: mx.array | None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum().item())
+
+
+_VALID_NAMES = ("valid", "validation", "val")
+
+
+def _split_in(folder: Path, names: tuple[str, ...]) -> Path | None:
+    """``folder/<name>.jsonl``, a ``folder/<name>/`` split folder of shards, or ``<name>*`` shard files."""
+    from .tables import TABLE_SUFFIXES, table_files
+
+    for name in names:
+        if (folder / f"{name}.jsonl").is_file():
+            return folder / f"{name}.jsonl"
+        if (folder / name).is_dir() and table_files(folder / name):
+            return folder / name
+        for suffix in TABLE_SUFFIXES:
+            shards = sorted(folder.glob(f"{name}-*{suffix}")) + sorted(folder.glob(f"{name}{suffix}"))
+            if shards:
+                return shards[0] if len(shards) == 1 else folder / f"{name}-*{suffix}"  # a glob of the shards
+    return None
+
+
+def resolve_data_files(data: str | Path, val_data: str | Path | None) -> tuple[Path, Path | None]:
+    """Where the training and validation splits are. ``data`` is a JSONL, parquet or Arrow file, or a folder:
+    with ``train.jsonl`` (and ``valid.jsonl``); with ``train/`` and ``validation/`` split folders (a ``datasets``
+    DatasetDict saved to disk, or a hub download's ``data/``); with ``train-*.parquet`` shards; or holding the
+    shards of one split itself (a saved Dataset)."""
+    from .tables import table_files
+
+    path = Path(data)
+    val = Path(val_data) if val_data else None
+    if val is not None and not val.exists():
+        raise DataError(f"validation data not found: {val}")
+    if path.is_file():
+        return path, val
+    if not path.is_dir():
+        raise DataError(f"training data not found: {path}")
+    for folder in (path, path / "data"):
+        if not folder.is_dir():
+            continue
+        train = _split_in(folder, ("train",))
+        if train is not None:
+            return train, val if val is not None else _split_in(folder, _VALID_NAMES)
+    if table_files(path):
+        return path, val
+    raise DataError(f"{path} holds no train.jsonl, train split or parquet/arrow shards")
+
+
+def _records(path: Path) -> tuple[int | None, Any]:
+    """``(count or None, iterator of (source, raw record))``: JSON text for JSONL lines, dicts for table rows."""
+    from .tables import is_table, read_rows
+
+    if is_table(path):
+        return None, read_rows(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    return len(lines), ((f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip())
+
+
+# --------------------------------------------------------------------------------------------------- encoding
+
+
+def _image_source(item: Mapping[str, Any], row_images: list[Any]) -> Any:
+    value = item.get("image", item.get("image_url"))
+    if isinstance(value, Mapping):
+        value = value.get("url") or value.get("bytes") or value.get("path")
+    if value is None and row_images:
+        return row_images.pop(0)  # a path-less image item takes the sample's next image
+    if isinstance(value, (bytes, bytearray)) and value:
+        return bytes(value)
+    if not isinstance(value, str) or not value:
+        raise _SampleProblem(f"an image item has no path or URL: {str(dict(item))[:200]}")
+    return value
+
+
+def _normalise(
+    messages: Any, base: Path, row_images: Sequence[Any] = ()
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Messages in the template's form (image items become ``{"type": "image"}``) and the image sources."""
+    if not isinstance(messages, list) or not messages:
+        raise _SampleProblem("'messages' must be a non-empty list")
+    pending = list(row_images)
+    out, images = [], []
+    for message in messages:
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise _SampleProblem("every message needs a 'role'")
+        content = message.get("content")
+        if isinstance(content, str):
+            out.append({"role": message["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise _SampleProblem(f"a {message['role']} message has no text or content list")
+        items = []
+        for item in content:
+            if not isinstance(item, Mapping):
+                raise _SampleProblem("content items must be objects")
+            kind = item.get("type") or ("image" if item.get("image") or item.get("image_url") else "text")
+            if kind in ("image", "image_url"):
+                source = _image_source(item, pending)
+                if isinstance(source, str) and not _REMOTE.match(source) and not Path(source).is_absolute():
+                    source = str(base / source)
+                images.append(source)
+                items.append({"type": "image"})
+            elif kind == "text":
+                items.append({"type": "text", "text": str(item.get("text") or "")})
+            else:
+                raise _SampleProblem(f"unsupported content type {kind!r} (text and images only)")
+        out.append({"role": message["role"], "content": items})
+    if pending:
+        raise _SampleProblem(f"{len(pending)} image(s) of the sample have no image item in the messages")
+    return out, images
+
+
+def _render(processor: Processor, messages: Sequence[Mapping[str, Any]], generation_prompt: bool) -> str:
+    return processor.tokenizer.apply_chat_template(
+        list(messages), chat_template=processor.chat_template, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def assistant_spans(processor: Processor, messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant turn (its text and end marker, not
+    the role header the template writes before it)."""
+    full = _render(processor, messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(processor, messages[:i], True)
+        through = _render(processor, messages[: i + 1], False)
+        if not (full.startswith(through) and through.startswith(before)):
+            raise _SampleProblem(
+                f"the chat template does not render turn {i + 1} as a prefix of the conversation, so the assistant"
+                " tokens cannot be located"
+            )
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def encode_messages(
+    processor: Processor, messages: Sequence[Mapping[str, Any]], images: Sequence[Any] = (), source: str = ""
+) -> EncodedSample:
+    """Tokens of the whole conversation, with the loss mask on the assistant turns only."""
+    if processor.chat_template is None:
+        raise DataError("the checkpoint has no chat template, so chat samples cannot be formatted")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _SampleProblem("no assistant turn, nothing to learn")
+    text, spans = assistant_spans(processor, messages)
+    n_slots = text.count(processor.image_token)
+    if n_slots != len(images):
+        raise _SampleProblem(f"the conversation has {n_slots} image slot(s) but {len(images)} image(s)")
+    vision: dict[str, np.ndarray] = {}
+    if images:
+        try:
+            pictures = [load_image(image) for image in images]
+        except ImageLoadError as exc:
+            raise _SampleProblem(str(exc)) from None
+        vision = processor.image_processor(pictures)
+    grids = iter(vision.get("image_grid_thw", ()))
+
+    bounds = [0, *(b for span in spans for b in span), len(text)]
+    ids: list[int] = []
+    mask: list[bool] = []
+    bos = getattr(processor.tokenizer, "bos_token", None)
+    for k in range(len(bounds) - 1):
+        piece = text[bounds[k] : bounds[k + 1]]
+        if not piece:
+            continue
+        parts = piece.split(processor.image_token)
+        expanded = parts[0]
+        for part in parts[1:]:
+            expanded += processor.image_token * processor.image_processor.num_image_tokens(next(grids)) + part
+        add_special = not ids and not (bos and expanded.startswith(bos))
+        tokens = processor.tokenizer(expanded, add_special_tokens=add_special)["input_ids"]
+        ids.extend(tokens)
+        mask.extend([k % 2 == 1] * len(tokens))  # odd pieces are the assistant spans
+    return EncodedSample(
+        source=source,
+        input_ids=np.asarray(ids, dtype=np.int32),
+        loss_mask=np.asarray(mask, dtype=bool),
+        pixel_values=vision.get("pixel_values"),
+        image_grid_thw=vision.get("image_grid_thw"),
+    )
+
+
+def load_samples(
+    file: Path,
+    processor: Processor,
+    *,
+    max_length: int,
+    on_bad_sample: str,
+    report: Callable[[BadSample], None],
+    progress: bool = False,
+    columns: Any = None,
+) -> tuple[list[EncodedSample], list[BadSample]]:
+    """Every usable sample of ``file`` (JSONL, or a parquet / Arrow table read with ``columns``, a
+    :class:`vlm_train.tables.TableColumns`); bad ones are reported (and skipped) or, with
+    ``on_bad_sample="error"``, stop the run with :class:`BadSampleError` before any training."""
+    from tqdm import tqdm
+
+    from .tables import TableColumns, row_to_record
+
+    columns = columns or TableColumns()
+    total, records = _records(file)
+    samples, bad = [], []
+    base = file.parent if file.is_file() or not file.exists() else file
+    for source, raw in tqdm(records, total=total, desc=f"encoding {file.name}", unit="sample", disable=not progress):
+        try:
+            if isinstance(raw, str):
+                record = _parse_line(raw)
+            else:
+                try:
+                    record = row_to_record(raw, columns)
+                except ValueError as exc:
+                    raise _SampleProblem(str(exc)) from None
+            messages, images = _normalise(record["messages"], base, record.get("images") or ())
+            sample = encode_messages(processor, messages, images, source)
+            if len(sample) > max_length:
+                raise _SampleProblem(f"{len(sample)} tokens, longer than the maximum length {max_length}")
+            if sample.n_loss_tokens == 0:
+                raise _SampleProblem("the assistant turns encode to no tokens")
+        except _SampleProblem as exc:
+            problem = BadSample(source, str(exc))
+            if on_bad_sample == "error":
+                raise BadSampleError(str(problem)) from None
+            bad.append(problem)
+            report(problem)
+            continue
+        samples.append(sample)
+    if not samples:
+        raise DataError(f"{file} has no usable sample ({len(bad)} bad)")
+    return samples, bad
+
+
+def _parse_line(line: str) -> Mapping[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise _SampleProblem(f"not valid JSON: {exc}") from None
+    if not isinstance(record, Mapping) or "messages" not in record:
+        raise _SampleProblem("a sample must be an object with 'messages'")
+    return record
+
+
+# --------------------------------------------------------------------------------------------------- batching
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Sample indices grouped into batches of similar length (little padding), in a shuffled order that depends
+    only on ``(seed, epoch)``, so a resumed run sees the batches the uninterrupted run would have."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    # Sort within windows of a few batches: similar lengths share a batch, yet the epoch stays shuffled.
+    window = batch_size * 16
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window].tolist(), key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def collate(samples: Iterable[EncodedSample], pad_id: int) -> Batch:
+    """Right-padded token ids, attention and loss masks, and the images of all samples in order."""
+    samples = list(samples)
+    width = max(len(s) for s in samples)
+    ids = np.full((len(samples), width), pad_id, dtype=np.int32)
+    attention = np.zeros((len(samples), width), dtype=np.int32)
+    loss = np.zeros((len(samples), width), dtype=bool)
+    for row, sample in enumerate(samples):
+        ids[row, : len(sample)] = sample.input_ids
+        attention[row, : len(sample)] = 1
+        loss[row, : len(sample)] = sample.loss_mask
+    with_images = [s for s in samples if s.pixel_values is not None]
+    pixels = grids = None
+    if with_images:
+        pixels = mx.array(np.concatenate([s.pixel_values for s in with_images]))
+        grids = mx.array(np.concatenate([s.image_grid_thw for s in with_images]))
+    return Batch(mx.array(ids), mx.array(attention), mx.array(loss), pixels, grids)
