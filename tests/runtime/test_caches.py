@@ -7,6 +7,7 @@ loading (also in a fresh interpreter), and the settings factory's warnings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -21,10 +22,13 @@ from vlm_runtime.cache import (
     ArraysCache,
     AttentionCache,
     BatchKVCache,
+    BatchQuantizedKVCache,
+    BatchRotatingKVCache,
     Cache,
     KVCache,
     QuantizedKVCache,
     RotatingKVCache,
+    batch_cache_like,
     quantized_attention,
 )
 from vlm_runtime.cache_io import load_prompt_cache, save_prompt_cache
@@ -428,6 +432,97 @@ def test_filter_extend_and_extract_keep_rows_unchanged(model: ToyModel) -> None:
     )
 
 
+# The single kinds a batch can hold, and the batched kind each becomes. A window of 5 is shorter than most
+# prompts here, so windows slide during prefill and decode.
+BATCHABLE = {
+    "plain": (KVCache, BatchKVCache),
+    "rotating": (lambda: RotatingKVCache(5), BatchRotatingKVCache),
+    "quantized": (lambda: QuantizedKVCache(8, 32), BatchQuantizedKVCache),
+}
+
+
+def prefill_kind(model: ToyModel, ids: list[int], kind: str) -> tuple[list, mx.array]:
+    make, _ = BATCHABLE[kind]
+    cache = [make() for _ in model.qkv]
+    return cache, forward(model, mx.array([ids]), cache)[:, -1]
+
+
+@contextlib.contextmanager
+def small_step():
+    """Drop stale sliding-window columns every 3 tokens instead of every 256, so tests see it happen."""
+    saved = BatchRotatingKVCache.step
+    BatchRotatingKVCache.step = 3
+    try:
+        yield
+    finally:
+        BatchRotatingKVCache.step = saved
+
+
+@FAST
+@given(
+    kind=st.sampled_from(sorted(BATCHABLE)),
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+    steps=st.integers(1, 8),
+)
+def test_each_batched_kind_decodes_like_each_row_alone(
+    model: ToyModel, kind: str, lengths: list[int], steps: int
+) -> None:
+    """Merge single caches of one kind, decode, let the first row leave, decode on: every row's logits equal
+    its own cache's, step by step."""
+    with small_step():
+        _decode_merged_and_filtered(model, kind, lengths, steps)
+
+
+def _decode_merged_and_filtered(model: ToyModel, kind: str, lengths: list[int], steps: int) -> None:
+    prompts = [prompt_ids(n, seed=i) for i, n in enumerate(lengths)]
+    alone = [prefill_kind(model, ids, kind) for ids in prompts]
+    merged = [BatchKVCache.merge([c[layer] for c, _ in alone]) for layer in range(len(model.qkv))]
+    assert type(merged[0]) is BATCHABLE[kind][1]
+    after = 3
+    fed, expected = decode_rows_alone(model, [c for c, _ in alone], [l for _, l in alone], steps + after)
+    got = decode_batch(model, merged, fed, 0, steps)
+    np.testing.assert_allclose(np.array(got), np.array(expected)[:, :steps], atol=1e-4)
+    if len(prompts) > 1:
+        keep = list(range(1, len(prompts)))
+        for layer in merged:
+            layer.filter(keep)
+        got = decode_batch(model, merged, [fed[r] for r in keep], steps, after)
+        np.testing.assert_allclose(np.array(got), np.array(expected)[keep, steps:], atol=1e-4)
+    if kind == "rotating":
+        # Memory stays bounded: stale columns are dropped once step of them have piled up.
+        assert merged[0].keys.shape[2] <= merged[0].max_size + 2 * BatchRotatingKVCache.step
+
+
+@pytest.mark.parametrize("kind", sorted(BATCHABLE))
+def test_left_padded_prefill_of_each_kind_equals_rows_alone(model: ToyModel, kind: str) -> None:
+    with small_step():
+        _left_padded_prefill(model, kind)
+
+
+def _left_padded_prefill(model: ToyModel, kind: str) -> None:
+    prompts = [prompt_ids(9, seed=1), prompt_ids(3, seed=2), prompt_ids(6, seed=3)]
+    padding = [9 - len(p) for p in prompts]
+    tokens = mx.array([[0] * pad + ids for pad, ids in zip(padding, prompts)])
+    make, batched = BATCHABLE[kind]
+    cache = [batch_cache_like(make(), padding) for _ in model.qkv]
+    assert type(cache[0]) is batched
+    logits = forward(model, tokens, cache)[:, -1]
+    alone = [prefill_kind(model, ids, kind) for ids in prompts]
+    np.testing.assert_allclose(np.array(logits), np.array(mx.concatenate([l for _, l in alone])), atol=1e-4)
+    fed, expected = decode_rows_alone(model, [c for c, _ in alone], [l for _, l in alone], 7)
+    np.testing.assert_allclose(np.array(decode_batch(model, cache, fed, 0, 7)), np.array(expected), atol=1e-4)
+
+
+def test_merge_refuses_mixed_kinds_and_unbatchable_layers() -> None:
+    plain, window = KVCache(), RotatingKVCache(4)
+    for layer in (plain, window):
+        layer.update_and_fetch(mx.zeros((1, 1, 3, 32)), mx.zeros((1, 1, 3, 32)))
+    with pytest.raises(ValueError, match="different kinds"):
+        BatchKVCache.merge([plain, window])
+    with pytest.raises(TypeError, match="cannot be batched"):
+        batch_cache_like(ArraysCache(1), [0])
+
+
 def test_merge_rejects_mismatched_or_empty_caches() -> None:
     a, b = KVCache(), KVCache()
     a.update_and_fetch(mx.zeros((1, 2, 3, 8)), mx.zeros((1, 2, 3, 8)))
@@ -451,20 +546,34 @@ def filled(kind: str) -> object:
         "quantized4": QuantizedKVCache(4, 32),
         "quantized_float": QuantizedKVCache(8, 64),
         "batch": BatchKVCache([3, 0]),
+        "batch_rotating": BatchRotatingKVCache([3, 0], 6),
+        "batch_quantized": BatchQuantizedKVCache([3, 0], 8, 32),
+        "batch_quantized_float": BatchQuantizedKVCache([3, 0], 8, 64),
         "empty": KVCache(),
     }[kind]
     if kind == "empty":
         return cache
-    batch = 2 if kind == "batch" else 1
+    batch = 2 if kind.startswith("batch") else 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantized_float's fallback warning
         for n in (5, 1, 1, 1):
             attend(cache, *random_qkv(rng, n, dim=32, batch=batch))
-    cache.position_delta = mx.array([-3, 0]) if kind == "batch" else -2
+    cache.position_delta = mx.array([-3, 0]) if kind.startswith("batch") else -2
     return cache
 
 
-SAVEABLE = ["kv", "rotating", "quantized8", "quantized4", "quantized_float", "batch", "empty"]
+SAVEABLE = [
+    "kv",
+    "rotating",
+    "quantized8",
+    "quantized4",
+    "quantized_float",
+    "batch",
+    "batch_rotating",
+    "batch_quantized",
+    "batch_quantized_float",
+    "empty",
+]
 
 
 def test_save_load_round_trips_every_type(tmp_path: Path) -> None:
@@ -488,7 +597,7 @@ def test_save_load_round_trips_every_type(tmp_path: Path) -> None:
         assert isinstance(after.position_delta, int) == isinstance(before.position_delta, int)
     rng = np.random.default_rng(12)
     for kind, before, after in zip(SAVEABLE, originals, loaded):
-        qkv = random_qkv(rng, 3, dim=32, batch=2 if kind == "batch" else 1)
+        qkv = random_qkv(rng, 3, dim=32, batch=2 if kind.startswith("batch") else 1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             np.testing.assert_array_equal(attend(after, *qkv), attend(before, *qkv))

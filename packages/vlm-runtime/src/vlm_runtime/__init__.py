@@ -1,7 +1,16 @@
 """vlm_runtime: model-agnostic generation for vision-language models on MLX."""
 
 from .batch import BatchGenerator, batch_generate
-from .cache import ArraysCache, BatchKVCache, Cache, KVCache, QuantizedKVCache, RotatingKVCache
+from .cache import (
+    ArraysCache,
+    BatchKVCache,
+    BatchQuantizedKVCache,
+    BatchRotatingKVCache,
+    Cache,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+)
 from .cache_io import load_prompt_cache, save_prompt_cache
 from .cache_settings import CacheSettings, make_prompt_cache
 from .generate import GenerationConfig, GenerationResult, generate, generate_step, stream_generate
@@ -16,6 +25,8 @@ __all__ = [
     "ArraysCache",
     "BatchGenerator",
     "BatchKVCache",
+    "BatchQuantizedKVCache",
+    "BatchRotatingKVCache",
     "Cache",
     "CacheSettings",
     "GenerationConfig",

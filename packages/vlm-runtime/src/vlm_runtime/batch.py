@@ -2,7 +2,8 @@
 
 ``BatchGenerator`` is the core a serving engine drives: requests are submitted at any time, each is prefilled
 alone (its own images, its own length), then joins the running batch between two decode steps; a finished or
-cancelled request leaves at the next step. Rows are left-padded to a common length inside ``BatchKVCache``,
+cancelled request leaves at the next step. Rows are left-padded to a common length inside batched caches
+(``BatchKVCache`` and its sliding-window and quantized kin),
 which also carries each row's rotary position, so a row's tokens are what it would get generated alone.
 """
 
@@ -14,7 +15,7 @@ from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 
-from .cache import BatchKVCache, KVCache
+from .cache import BatchKVCache, Cache, batch_cache_like, can_batch
 from .generate import (
     GenerationConfig,
     GenerationResult,
@@ -25,7 +26,7 @@ from .generate import (
     generation_settings,
     prefill,
 )
-from .cache_settings import CacheSettings
+from .cache_settings import CacheSettings, make_prompt_cache
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
 from .sampling import LogitsProcessor, Sampler, SamplingParams, greedy, make_logits_processors, make_sampler
 from .text_output import TextOutput
@@ -89,17 +90,21 @@ class BatchGenerator:
         max_batch_size: int = 32,
         prefill_step_size: int = 2048,
         vision_cache: Any = None,
+        cache_settings: CacheSettings = CacheSettings(),
     ) -> None:
+        """``cache_settings`` (a sliding window, or quantized keys/values) hold for every row: the rows share
+        their caches' buffers."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model, self.processor = model, processor
+        self.cache_settings = cache_settings
         self.max_batch_size = max_batch_size
         self.prefill_step_size = prefill_step_size
         self.vision_cache = vision_cache
         self._uids = itertools.count()
         self._pending: list[_Pending] = []
         self._rows: list[_Row] = []
-        self._cache: list[BatchKVCache] | None = None
+        self._cache: list[Any] | None = None
         self._cancelled: set[int] = set()
 
     @property
@@ -139,7 +144,7 @@ class BatchGenerator:
         self._drop_cancelled(events)
         if self._rows:
             events.extend(self._decode())
-        joining: list[tuple[list[_Row], list[KVCache]]] = []
+        joining: list[tuple[list[_Row], list[Cache]]] = []
         group: list[tuple[_Row, PromptEmbedding]] = []
         while self._pending and len(self._rows) + sum(len(r) for r, _ in joining) + len(group) < self.max_batch_size:
             request = self._pending.pop(0)
@@ -163,7 +168,7 @@ class BatchGenerator:
         """Whether ``prompt`` may be prefilled together with ``group``: the padded batch stays within one
         prefill chunk of tokens (bounding the attention scores' memory), and the prompts carry nothing but
         embeddings and positions (no padding mask of their own)."""
-        if prompt.attention_mask is not None or any(p.attention_mask is not None for _, p in group):
+        if any(_has_own_mask(p) for p in (prompt, *(p for _, p in group))):
             return False
         if (prompt.position_ids is None) != (group[0][1].position_ids is None):
             return False
@@ -172,18 +177,19 @@ class BatchGenerator:
 
     def _prefill_group(
         self, group: list[tuple[_Row, PromptEmbedding]], events: list[BatchEvent]
-    ) -> list[tuple[list[_Row], list[KVCache]]]:
+    ) -> list[tuple[list[_Row], list[Cache]]]:
         """Prefill the group's prompts as one left-padded batch and emit each row's first token; return the
         rows still running with their cache, to join (one request alone keeps a plain cache)."""
-        layers = self.model.make_cache()
-        if not all(type(c) is KVCache for c in layers):
-            raise ValueError("batched generation supports models whose layers all use a plain KVCache")
+        layers = make_prompt_cache(self.model, self.cache_settings)
+        unbatchable = sorted({type(c).__name__ for c in layers if not can_batch(c)})
+        if unbatchable:
+            raise ValueError(f"batched generation cannot hold {', '.join(unbatchable)} layers (recurrent state)")
         if len(group) == 1:
-            cache: list[KVCache] = layers
+            cache: list[Any] = layers
             prompt = group[0][1]
         else:
             prompt, padding = _left_padded_batch([p for _, p in group])
-            cache = [BatchKVCache(padding) for _ in layers]
+            cache = [batch_cache_like(layer, padding) for layer in layers]
         logits = prefill(self.model, prompt, cache, self.prefill_step_size)
         chosen = [self._choose(row, logits[i : i + 1]) for i, (row, _) in enumerate(group)]
         tokens = mx.concatenate([token.reshape(-1) for token, _ in chosen]).tolist()
@@ -220,7 +226,7 @@ class BatchGenerator:
             history=mx.array([prompt_list], mx.int32) if processors else None,
         )
 
-    def _join(self, joining: list[tuple[list[_Row], list[KVCache]]]) -> None:
+    def _join(self, joining: list[tuple[list[_Row], list[Cache]]]) -> None:
         """Add the rows admitted in one step with one merge per layer, evaluated now: joining them one by one
         would copy the growing batch once per request, and a lazy merge would stall the next decode step."""
         if not joining:
@@ -324,6 +330,12 @@ class BatchGenerator:
             layer.filter(keep)
 
 
+def _has_own_mask(prompt: PromptEmbedding) -> bool:
+    """A padding mask, or spans that attend both ways (images in Gemma 3, PaliGemma's prefix): such a prompt
+    is prefilled alone, as its model shapes the mask."""
+    return prompt.attention_mask is not None or getattr(prompt, "attention_groups", None) is not None
+
+
 def _left_padded_batch(prompts: list[PromptEmbedding]) -> tuple[PromptEmbedding, list[int]]:
     """Single prompts stacked into one batch, each left-padded to the longest; padding columns get zero
     embeddings and position 0 (the cache's mask hides them). Returns the batch and each row's padding."""
@@ -357,10 +369,8 @@ def batch_generate(
     if images is not None and len(images) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(images)} image entries")
     settings = generation_settings(**options)
-    if settings.cache != CacheSettings():
-        raise ValueError("batch_generate does not support max_kv_size / kv_bits yet")
     sampling, config, thinking = settings.sampling, settings.config, settings.thinking
-    engine = BatchGenerator(model, processor, max_batch_size=max_batch_size)
+    engine = BatchGenerator(model, processor, max_batch_size=max_batch_size, cache_settings=settings.cache)
     order: dict[int, int] = {}
     for i, prompt in enumerate(prompts):
         inputs = processor.prepare_inputs(prompt, images=_as_list(images[i] if images is not None else None))

@@ -13,12 +13,30 @@ from typing import Mapping
 
 import mlx.core as mx
 
-from .cache import ArraysCache, BatchKVCache, Cache, KVCache, QuantizedKVCache, RotatingKVCache
+from .cache import (
+    ArraysCache,
+    BatchKVCache,
+    BatchQuantizedKVCache,
+    BatchRotatingKVCache,
+    Cache,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+)
 
 __all__ = ["CACHE_CLASSES", "load_prompt_cache", "register_cache_class", "save_prompt_cache"]
 
 CACHE_CLASSES: dict[str, type] = {
-    cls.__name__: cls for cls in (KVCache, RotatingKVCache, QuantizedKVCache, ArraysCache, BatchKVCache)
+    cls.__name__: cls
+    for cls in (
+        KVCache,
+        RotatingKVCache,
+        QuantizedKVCache,
+        ArraysCache,
+        BatchKVCache,
+        BatchRotatingKVCache,
+        BatchQuantizedKVCache,
+    )
 }
 """The cache classes a file may name; a model package with its own cache class adds it explicitly."""
 

@@ -238,13 +238,15 @@ class GemmaDecoder(nn.Module):
     ) -> mx.array:
         length = inputs_embeds.shape[1]
         offset = cache[0].offset if cache else 0
+        # A batch's rows continue from their own positions (left padding, rows joined at other lengths).
+        start = offset + (cache[0].position_delta if cache else 0) + self.config.first_position
         rotate: dict[str, Rotate] = {}
         masks: dict[str, Any] = {}
         for kind, rotary in self._rotary.items():
             if kind not in self.config.layer_types:
                 continue
             if position_ids is None:
-                rotate[kind] = rotary.at_offset(offset + self.config.first_position)
+                rotate[kind] = rotary.at_offset(start)
             else:
                 rotate[kind] = rotary.at_positions(position_ids)
             first = self.config.layer_types.index(kind)
