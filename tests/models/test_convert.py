@@ -60,7 +60,8 @@ def stored(folder: Path) -> dict[str, mx.array]:
 
 def layout_weights(model: nn.Module) -> dict[str, mx.array]:
     """What the MLX-community layout holds for ``model`` (float source: our reference for names and values)."""
-    return model.mlx_community_names(dict(tree_flatten(model.parameters())))
+    params = dict(tree_flatten(model.parameters()))
+    return model.mlx_community_names(params) if hasattr(model, "mlx_community_names") else params
 
 
 def quantized_layers(weights: dict[str, mx.array]) -> list[str]:
@@ -88,6 +89,10 @@ def test_float_round_trip_every_layout(tmp_path: Path, family: str, layout: str,
     assert set(written) == set(expected)
     for key, value in expected.items():
         assert mx.array_equal(written[key], value), key
+    peer = FIXTURES / family / "mlx_community"  # for Qwen, mlx-vlm's own conversion: ours is the same, bit for bit
+    if peer.is_dir():
+        theirs = stored(peer)
+        assert set(theirs) == set(written) and all(mx.array_equal(written[k], theirs[k]) for k in theirs)
     # Tokenizer, processor and chat template travel: the converted folder formats and tokenizes a prompt the same.
     meta = ref.meta["cases"]["one_image"]
     images = [FIXTURES / "images" / name for name in meta.get("images", [])]
@@ -105,6 +110,19 @@ def test_mlx_community_output_is_a_fixed_point(tmp_path: Path, family: str) -> N
     a, b = stored(first), stored(second)
     assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]) for k in a)
     assert json.loads((first / "config.json").read_text()) == json.loads((second / "config.json").read_text())
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if (FIXTURES / f / "mlx_community_4bit").is_dir()])
+def test_quantized_source_passes_through(tmp_path: Path, family: str, references) -> None:
+    """Without -q or --dequantize a quantized checkpoint is rewritten as it is: same tensors, same entry."""
+    source = FIXTURES / family / "mlx_community_4bit"
+    report = convert(source, tmp_path / "out", ConvertOptions())
+    assert not report.quantized and not report.dequantized
+    written, original = stored(report.destination), stored(source)
+    assert set(written) == set(original) and all(mx.array_equal(written[k], original[k]) for k in written)
+    quantization = json.loads((source / "config.json").read_text())["quantization"]
+    assert json.loads((report.destination / "config.json").read_text())["quantization"] == quantization
+    assert_same_logits(load(report.destination)[0], load(source)[0], references[family])
 
 
 # --- quantized: load is exact, the weights are MLX's quantization of the source's, the logits stay close ---------

@@ -331,6 +331,10 @@ class ConvertReport:
     dequantized: int = 0
 
 
+def _vision_stays_float(path: str) -> str | None:
+    return "vision tower, --skip-vision" if is_vision_tower(path) else None
+
+
 def _check_destination(source: Path, destination: Path) -> None:
     if destination.resolve() == source.resolve():
         raise ConvertError(f"--mlx-path {destination} is the source folder; write the conversion to a new folder")
@@ -371,8 +375,7 @@ def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str],
     kept: dict[str, str] = {}
     quantization: dict[str, Any] | None = dict(config["quantization"]) if quantized_source and not dequantized else None
     if options.quantize is not None:
-        keep_vision = (lambda path: "vision tower, --skip-vision" if is_vision_tower(path) else None) if options.skip_vision else None
-        quantized, kept = quantize_layers(model, options.quantize, keep_vision)
+        quantized, kept = quantize_layers(model, options.quantize, _vision_stays_float if options.skip_vision else None)
         if not quantized:
             raise ConvertError(
                 f"no layer of {source} can be quantized with group size {options.quantize.group_size}; "
