@@ -206,6 +206,29 @@ def test_mode_defaults_follow_mlx() -> None:
             QuantizeOptions.for_mode(mode, bits, group_size)
 
 
+def mlx_quantizes(mode: str, bits: int, group_size: int) -> bool:
+    try:
+        mx.eval(mx.quantize(mx.ones((2, 256)), group_size, bits, mode=mode))
+        return True
+    except ValueError:
+        return False
+
+
+def test_the_mode_rules_are_what_mlx_accepts() -> None:
+    """Every (mode, bits, group size) we accept MLX quantizes; the fp modes' fixed settings are exactly MLX's.
+    (Affine's 1 bit, which MLX also takes, is left out: nothing useful survives it.)"""
+    for mode in ("affine", "mxfp4", "mxfp8", "nvfp4"):
+        for bits in range(1, 9):
+            for group_size in (16, 32, 64, 128):
+                try:
+                    QuantizeOptions.for_mode(mode, bits, group_size)
+                    accepted = True
+                except ConvertError:
+                    accepted = False
+                expected = mlx_quantizes(mode, bits, group_size) and not (mode == "affine" and bits == 1)
+                assert accepted == expected, (mode, bits, group_size)
+
+
 def test_layers_that_cannot_be_quantized_stay_float_and_are_recorded(tmp_path: Path, references) -> None:
     """Group size 128: the 32- and 64-wide layers (and Qwen's 1176-wide patch embedding, a convolution in the
     layout) stay float, the report says why, and the config records each as ``false``."""
