@@ -2,7 +2,7 @@
 
     python benchmarks/quantize_checkpoint.py SRC DST [--bits 4] [--group-size 64]
 
-(`vlm convert` will offer this as a command; until then benchmarks use this script.)
+(`vlm convert -q` does the same, with more modes and options; this script stays for the benchmarks' recipes.)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``vlm`` command: ``vlm generate``, ``vlm bench``.
+"""The ``vlm`` command: ``vlm generate``, ``vlm bench``, ``vlm convert``.
 
 Other packages add subcommands through the ``vlm.commands`` entry-point group (a callable that takes the
 subparsers object), so this module never imports them.
@@ -184,6 +184,82 @@ def _bench(args: argparse.Namespace) -> None:
     print(f"median: vision {mid[0]:.4f} s | prompt {mid[1]:.1f} tok/s | generation {mid[2]:.1f} tok/s | peak {mid[3]:.3f} GB")
 
 
+_SIZE_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+
+
+def _shard_size(text: str) -> int:
+    """'5GB', '512MB', '64KB' or a byte count (1KB = 1024 bytes) -> bytes."""
+    value = text.strip().upper()
+    unit = next((u for u in ("KB", "MB", "GB", "B") if value.endswith(u)), "B")
+    number = value[: len(value) - len(unit)] if value.endswith(unit) else value
+    try:
+        size = int(float(number) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 512MB or 4096") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the shard size must be positive")
+    return size
+
+
+def _add_convert_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hf-path", required=True, help="source: local folder or Hugging Face repo id, any layout")
+    parser.add_argument("--mlx-path", required=True, help="new folder for the MLX-community layout")
+    parser.add_argument("--revision", default=None, help="of a Hugging Face repo id")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="cast floating-point weights (default: keep the checkpoint's)")
+    parser.add_argument("-q", "--quantize", action="store_true", help="quantize linear and embedding layers")
+    parser.add_argument("--q-bits", type=int, choices=[2, 3, 4, 6, 8], default=None,
+                        help="bits per weight (affine: default 4; fixed by the fp modes)")
+    parser.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=None,
+                        help="weights sharing a scale (affine: default 64; mxfp4/mxfp8 fix 32, nvfp4 16)")
+    parser.add_argument("--q-mode", choices=["affine", "mxfp4", "mxfp8", "nvfp4"], default=None,
+                        help="quantization format (default affine)")
+    parser.add_argument("--skip-vision", action="store_true", help="with -q: keep the vision tower in float")
+    parser.add_argument("--dequantize", action="store_true", help="turn a quantized checkpoint back into float")
+    parser.add_argument("--max-shard-size", type=_shard_size, default="5GB",
+                        help="largest safetensors shard, e.g. 5GB, 512MB (default 5GB)")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .convert import ConvertOptions, QuantizeOptions, convert
+
+    quantize = None
+    if args.quantize:
+        quantize = QuantizeOptions.for_mode(args.q_mode or "affine", args.q_bits, args.q_group_size)
+    else:
+        given = [flag for flag, value in (("--q-bits", args.q_bits), ("--q-group-size", args.q_group_size),
+                                          ("--q-mode", args.q_mode), ("--skip-vision", args.skip_vision)) if value]
+        if given:
+            raise CommandError(f"without -q there is nothing to quantize: drop {', '.join(given)} or add -q")
+    options = ConvertOptions(
+        dtype=args.dtype,
+        quantize=quantize,
+        skip_vision=args.skip_vision,
+        dequantize=args.dequantize,
+        max_shard_bytes=args.max_shard_size,
+        progress=True,
+        revision=args.revision,
+    )
+    report = convert(args.hf_path, args.mlx_path, options)
+    for reason in sorted(set(report.kept_float.values())):
+        layers = sorted(layer for layer, why in report.kept_float.items() if why == reason)
+        shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
+        print(f"kept in float ({reason}): {shown}", file=sys.stderr)
+    if quantize is not None:
+        print(
+            f"quantized {len(report.quantized)} layers ({quantize.mode}, {quantize.bits} bits, "
+            f"group size {quantize.group_size}); {len(report.kept_float)} stay float",
+            file=sys.stderr,
+        )
+    if report.dequantized:
+        print(f"dequantized {report.dequantized} layers", file=sys.stderr)
+    print(
+        f"wrote {report.destination} ({report.model_type}): {report.tensors} tensors in {report.shards} shard(s), "
+        f"{report.total_bytes / 1e6:.1f} MB"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description="Run vision-language models on MLX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1)
     bench.add_argument("--verbose", action="store_true")
     bench.set_defaults(handler=_bench)
+
+    conv = sub.add_parser("convert", help="write a checkpoint in the MLX-community layout, cast or (de)quantized")
+    _add_convert_args(conv)
+    conv.set_defaults(handler=_convert)
 
     for ep in entry_points(group="vlm.commands"):
         ep.load()(sub)

@@ -12,6 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError
+from .convert import float_dtype, keep_embedding_dtype
 from .processor import Processor, load_chat_template
 from .registry import Architecture, architecture_for
 
@@ -64,7 +65,8 @@ def load_config(path: Path) -> dict[str, Any]:
 def _read_weights(path: Path) -> dict[str, mx.array]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ModelLoadError(f"{path} has no *.safetensors weight files")
+        pytorch = " (only PyTorch *.bin files, which are not read)" if any(path.glob("*.bin")) else ""
+        raise ModelLoadError(f"{path} has no *.safetensors weight files{pytorch}")
     weights: dict[str, mx.array] = {}
     for file in files:
         try:
@@ -81,22 +83,42 @@ def _summarise(keys: set[str], limit: int = 8) -> str:
 
 
 def apply_quantization(model: nn.Module, quantization: Mapping[str, Any], weights: Mapping[str, mx.array]) -> None:
-    """Swap in quantized layers wherever the checkpoint stores quantized weights (``<path>.scales``)."""
+    """Swap in quantized layers wherever the checkpoint stores quantized weights (``<path>.scales``), with a
+    layer's own settings where ``quantization`` has an entry for its path (``false``: the layer stays float)."""
     defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
 
     def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
-        if f"{path}.scales" not in weights:
-            return False
         override = quantization.get(path)
+        if override is False or f"{path}.scales" not in weights:
+            return False
         return {**defaults, **override} if isinstance(override, dict) else True
 
+    # None lets MLX pick the mode's own group size and width (mxfp4, nvfp4, ... fix them).
     nn.quantize(
         model,
-        group_size=defaults.get("group_size", 64),
-        bits=defaults.get("bits", 4),
+        group_size=defaults.get("group_size"),
+        bits=defaults.get("bits"),
         mode=defaults.get("mode", "affine"),
         class_predicate=predicate,
     )
+    keep_embedding_dtype(model, float_dtype(weights.values()))
+
+
+def _layer_entries_as_ours(
+    model: nn.Module, quantization: Mapping[str, Any], stored: Mapping[str, mx.array]
+) -> dict[str, Any]:
+    """``quantization`` with its per-layer entries, keyed by the checkpoint's layer names, renamed to this model's
+    layer paths (through ``sanitize``, so every layout's names work)."""
+    out: dict[str, Any] = {}
+    for key, value in quantization.items():
+        weight = f"{key}.weight"
+        if isinstance(value, (dict, bool)) and weight in stored:
+            renamed = model.sanitize({weight: stored[weight]})
+            if len(renamed) != 1:
+                continue  # a tensor this model does not keep (a tied head)
+            key = next(iter(renamed)).removesuffix(".weight")
+        out[key] = value
+    return out
 
 
 def load_model(path: Path, config: Mapping[str, Any], arch: Architecture) -> nn.Module:
@@ -104,9 +126,10 @@ def load_model(path: Path, config: Mapping[str, Any], arch: Architecture) -> nn.
         model = arch.load_module().Model.from_hf_config(config)
     except ConfigError as exc:
         raise ModelLoadError(f"{path / 'config.json'}: {exc}") from None
-    weights = model.sanitize(_read_weights(path))
+    stored = _read_weights(path)
+    weights = model.sanitize(stored)
     if "quantization" in config:
-        apply_quantization(model, config["quantization"], weights)
+        apply_quantization(model, _layer_entries_as_ours(model, config["quantization"], stored), weights)
     expected = {name: value for name, value in tree_flatten(model.parameters())}
     missing, extra = set(expected) - set(weights), set(weights) - set(expected)
     if missing or extra:
