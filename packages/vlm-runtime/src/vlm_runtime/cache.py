@@ -135,7 +135,17 @@ class _AppendOnly:
         return sum(a.nbytes for a in self.state)  # type: ignore[attr-defined]
 
 
-class KVCache(_AppendOnly):
+class _StoresFloat:
+    """Caches that hand attention their keys and values as float arrays (from their ``update_and_fetch``)."""
+
+    def attend(
+        self, queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None
+    ) -> mx.array:
+        keys, values = self.update_and_fetch(keys, values)
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+
+class KVCache(_StoresFloat, _AppendOnly):
     """Keys and values of shape (batch, kv_heads, tokens, head_dim), grown in blocks of ``step`` tokens.
 
     Growing in blocks keeps decode from reallocating every token; slicing to ``offset`` hides the spare room.
@@ -176,12 +186,6 @@ class KVCache(_AppendOnly):
     def make_mask(self, n_queries: int, dtype: mx.Dtype) -> mx.array | str | None:
         return None if n_queries == 1 else "causal"
 
-    def attend(
-        self, queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None
-    ) -> mx.array:
-        keys, values = self.update_and_fetch(keys, values)
-        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
-
     @property
     def state(self) -> list[mx.array]:
         if self.keys is None:
@@ -206,7 +210,7 @@ class KVCache(_AppendOnly):
         return f"KVCache(offset={self.offset})"
 
 
-class RotatingKVCache:
+class RotatingKVCache(_StoresFloat):
     """A sliding window: the query at position p sees the keys at positions k with 0 <= p - k < ``max_size``.
 
     The buffer holds at most ``max_size`` tokens. One-token updates (decode) write into a ring in place, so a
@@ -296,12 +300,6 @@ class RotatingKVCache:
             return "causal"  # no key is old enough to leave any query's window
         distance = mx.arange(retained, n_keys)[:, None] - mx.arange(n_keys)[None, :]
         return (distance >= 0) & (distance < self.max_size)
-
-    def attend(
-        self, queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None
-    ) -> mx.array:
-        keys, values = self.update_and_fetch(keys, values)
-        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
     @property
     def state(self) -> list[mx.array]:
