@@ -58,6 +58,7 @@ class ModelConfig:
     video_token_id: int
     vision_start_token_id: int
     tie_word_embeddings: bool
+    mrope_interleaved: bool = False
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any], vision_cls: type = VisionConfig) -> "ModelConfig":
@@ -78,6 +79,7 @@ class ModelConfig:
                 video_token_id=int(text.get("video_token_id", 151656)),
                 vision_start_token_id=int(text.get("vision_start_token_id", 151652)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+                mrope_interleaved=bool(rope.get("mrope_interleaved", False)),
             )
         except KeyError as exc:
             raise ConfigError(f"config.json lacks {exc.args[0]!r}") from None
@@ -89,10 +91,10 @@ class ModelConfig:
 class PatchEmbed(nn.Module):
     """The reference's Conv3d with stride equal to its kernel is a matmul over flattened patches."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, bias: bool = False) -> None:
         super().__init__()
         c = config
-        self.proj = nn.Linear(c.in_channels * c.temporal_patch_size * c.patch_size**2, c.width, bias=False)
+        self.proj = nn.Linear(c.in_channels * c.temporal_patch_size * c.patch_size**2, c.width, bias=bias)
 
     def __call__(self, pixel_values: mx.array) -> mx.array:
         return self.proj(pixel_values)
@@ -130,6 +132,14 @@ def frame_boundaries(grid_thw: np.ndarray) -> list[int]:
     return [0, *np.cumsum(per_frame).tolist()]
 
 
+def vision_rotary(positions: np.ndarray, inv_freq: mx.array) -> tuple[mx.array, mx.array]:
+    """cos/sin tables (tokens, head_dim) for (tokens, 2) row/column positions: the first half of each head's
+    frequencies reads the row, the second the column."""
+    angles = (mx.array(positions).astype(mx.float32)[..., None] * inv_freq).reshape(len(positions), -1)
+    emb = mx.concatenate([angles, angles], axis=-1)
+    return mx.cos(emb), mx.sin(emb)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -153,9 +163,7 @@ class VisionTransformer(nn.Module):
         return self.merger.ln_q.weight.dtype
 
     def rotary(self, positions: np.ndarray) -> tuple[mx.array, mx.array]:
-        angles = (mx.array(positions).astype(mx.float32)[..., None] * self._inv_freq).reshape(len(positions), -1)
-        emb = mx.concatenate([angles, angles], axis=-1)
-        return mx.cos(emb), mx.sin(emb)
+        return vision_rotary(positions, self._inv_freq)
 
     def __call__(self, pixel_values: mx.array, grid_thw: np.ndarray) -> mx.array:
         x = self.patch_embed(pixel_values.astype(self.dtype))
@@ -215,7 +223,9 @@ class Qwen2VLModel(nn.Module):
     def __init__(self, config: ModelConfig, vision_tower: type[nn.Module]) -> None:
         super().__init__()
         self.visual = vision_tower(config.vision)
-        rotary = MultimodalRotary(config.text.attention_head_dim, config.rope_theta, config.mrope_section)
+        rotary = MultimodalRotary(
+            config.text.attention_head_dim, config.rope_theta, config.mrope_section, config.mrope_interleaved
+        )
         self.language_model = TextDecoder(config.text, rotary)
 
 
@@ -256,7 +266,7 @@ class Model(TextGeneration, nn.Module):
             raise ValueError(f"{self.config.model_type}: video inputs are not supported yet")
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pixel_values and image_grid_thw must be given together")
-        embeds = self.embed_tokens(input_ids)
+        embeds = self.prompt_token_embeddings(input_ids)
         grid = None
         if pixel_values is not None:
             grid = np.asarray(image_grid_thw).astype(np.int64).reshape(-1, 3)
@@ -276,6 +286,10 @@ class Model(TextGeneration, nn.Module):
         )
         padded = mask is not None and not bool(mask.all())
         return PromptEmbedding(embeds, mx.array(positions), attention_mask if padded else None)
+
+    def prompt_token_embeddings(self, input_ids: mx.array) -> mx.array:
+        """The embeddings the image features replace at the image tokens (wider than the decoder in Qwen3-VL)."""
+        return self.embed_tokens(input_ids)
 
     def _cached_image_features(
         self, pixel_values: mx.array, grid: np.ndarray, vision_cache: VisionFeatureCache
