@@ -17,9 +17,8 @@ FAMILY_LAYOUTS = {
     # No peer-converted folder: its MLX-community layout is written by our own converter (test_gemma3.py).
     "gemma3": ["hf4", "hf5"],
     "paligemma2": ["hf4", "hf5"],
-    # mlx_community: written by our own converter (make_own_mlx_fixtures.py), float; the 4-bit one is in
-    # test_qwen3_vl.py.
-    "qwen3_vl": ["hf4", "hf5"],
+    # mlx_community: written by our own converter (make_mlx_community_llava.py), float; 4-bit in test_qwen3_vl.py.
+    "qwen3_vl": LAYOUTS,
 }
 PREFIX_LM = {"paligemma2"}
 """Families whose whole prompt attends both ways: a token decoded after a prefill is no longer in the prompt."""

@@ -35,7 +35,12 @@ def quantize_model(model: nn.Module, *, bits: int = 4, group_size: int = 64, mod
     Returns the ``quantization`` entry for config.json. Layers that cannot be quantized stay in float.
     """
 
+    # Layers the MLX-community layout stores as convolutions (Qwen's patch embedding) stay float there.
+    float_only = tuple(getattr(model, "float_only_modules", ()))
+
     def quantizable(path: str, module: nn.Module) -> bool:
+        if float_only and path.endswith(float_only):
+            return False
         return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
 
     nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=quantizable)

@@ -235,6 +235,8 @@ class Model(TextGeneration, nn.Module):
 
     vision_config_class = VisionConfig
     vision_tower = VisionTransformer
+    float_only_modules = ("patch_embed.proj",)
+    """Quantizing leaves these float: the MLX-community layout stores the patch embedding as a Conv3d."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

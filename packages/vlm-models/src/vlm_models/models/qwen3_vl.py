@@ -160,7 +160,8 @@ class Model(qwen2_vl.Model):
         base = qwen2_vl.ModelConfig.from_hf(config, cls.vision_config_class)
         # Qwen3: queries and keys are RMS-normed per head, and q/k/v carry no bias unless the config says so.
         text = from_dict(DecoderConfig, text_section(config), qk_norm=True)
-        return cls(dataclasses.replace(base, text=text))
+        # M-RoPE is always interleaved here, as in transformers, whatever "mrope_interleaved" says.
+        return cls(dataclasses.replace(base, text=text, mrope_interleaved=True))
 
     @property
     def deepstack_levels(self) -> int:
