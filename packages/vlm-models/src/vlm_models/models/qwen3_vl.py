@@ -51,10 +51,6 @@ class VisionConfig:
         return self.hidden_size
 
     @property
-    def out_size(self) -> int:
-        return self.out_hidden_size
-
-    @property
     def rope_theta(self) -> float:
         return float((self.rope_parameters or {}).get("rope_theta", 10000.0))
 
