@@ -1,6 +1,6 @@
 """Qwen3-VL beyond the shared parity tests: the image processor against transformers' under Qwen3-VL's
 settings, the chat template, the 4-bit MLX-community folder, proof that the fixture exercises deepstack and
-interleaved M-RoPE, and the invariants of the position-table resampling."""
+interleaved M-RoPE, video inputs, and the invariants of the position-table resampling."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from vlm_models.convert import dequantize_model
 from vlm_models.models.qwen3_vl import Model, interpolation_taps
 from vlm_models.nn.rope import axis_of_frequency
 from vlm_models.processors.qwen2_vl import Qwen2VLImageProcessor
+from vlm_runtime import GenerationConfig, SamplingParams, generate_step, make_sampler
 
 from .conftest import FIXTURES, Reference
 
@@ -149,3 +150,30 @@ def test_interleaved_axes_give_each_axis_its_section(time: int, spatial: int) ->
     axis = axis_of_frequency(sections, interleaved=True)
     assert np.bincount(axis, minlength=3).tolist() == list(sections)
     assert (axis[: 3 * spatial] == np.tile([0, 1, 2], spatial)).all()
+
+
+VIDEO_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+@pytest.mark.parametrize("layout", ["hf4", "hf5", "mlx_community"])
+def test_video_and_image_prompt_matches_transformers(layout: str) -> None:
+    """A video (two temporal patches, timestamped frames) and an image in one prompt: the video runs through the
+    tower per frame, both feed deepstack, and each frame takes its own M-RoPE grid."""
+    video = np.load(ROOT / "video_reference.npz")
+    model, _ = load(ROOT / layout)
+    inputs = {name: mx.array(video[name]) for name in VIDEO_INPUTS}
+    prompt = model.embed_prompt(**inputs)
+    np.testing.assert_array_equal(np.array(prompt.position_ids), video["position_ids"])
+    diff = np.abs(np.array(model(**inputs).logits) - video["logits"]).max()
+    assert diff <= TOL, f"max |logits - reference| = {diff:.2e}"
+    expected = video["greedy"].reshape(-1).tolist()
+    config = GenerationConfig(max_tokens=len(expected))
+    steps = generate_step(model, inputs, sampler=make_sampler(SamplingParams()), config=config)
+    assert [t for t, _ in steps] == expected
+
+
+def test_video_inputs_come_in_pairs(loaded) -> None:
+    model, _ = loaded
+    video = np.load(ROOT / "video_reference.npz")
+    with pytest.raises(ValueError, match="pixel_values_videos and video_grid_thw"):
+        model.embed_prompt(mx.array(video["input_ids"]), pixel_values_videos=mx.array(video["pixel_values_videos"]))

@@ -185,24 +185,30 @@ def multimodal_position_ids(
     image_token_id: int,
     vision_start_token_id: int,
     merge: int,
+    video_grid_thw: np.ndarray | None = None,
+    video_token_id: int | None = None,
 ) -> np.ndarray:
     """(3, batch, length) positions: text advances all three axes together; an image's tokens take
     (time, row, column) offsets from the position after the preceding text, and the following text continues
-    after the image's largest position. Padding gets position 1, as in the reference."""
+    after the image's largest position. Padding gets position 1, as in the reference. Runs of
+    ``video_token_id`` take their grids from ``video_grid_thw`` in the same way."""
     batch, length = input_ids.shape
     mask = np.ones_like(input_ids) if attention_mask is None else attention_mask
     positions = np.ones((3, batch, length), dtype=np.int64)
-    next_image = 0
+    grids = {image_token_id: ("image", image_grid_thw), video_token_id: ("video", video_grid_thw)}
+    used = {image_token_id: 0, video_token_id: 0}
+    media = [image_token_id] if video_token_id is None else [image_token_id, video_token_id]
     for b in range(batch):
         keep = mask[b] == 1
         tokens = input_ids[b][keep]
-        starts = np.nonzero((tokens[1:] == image_token_id) & (tokens[:-1] == vision_start_token_id))[0] + 1
+        starts = np.nonzero(np.isin(tokens[1:], media) & (tokens[:-1] == vision_start_token_id))[0] + 1
         parts, cursor, next_pos = [], 0, 0
         for start in starts:
-            if image_grid_thw is None or next_image >= len(image_grid_thw):
-                raise ValueError("the prompt has more image slots than images were given")
-            t, h, w = (int(v) for v in image_grid_thw[next_image])
-            next_image += 1
+            kind, given = grids[int(tokens[start])]
+            if given is None or used[int(tokens[start])] >= len(given):
+                raise ValueError(f"the prompt has more {kind} slots than {kind}s were given")
+            t, h, w = (int(v) for v in given[used[int(tokens[start])]])
+            used[int(tokens[start])] += 1
             gh, gw = h // merge, w // merge
             n_text = start - cursor
             parts.append(np.broadcast_to(np.arange(n_text) + next_pos, (3, n_text)))
@@ -261,13 +267,15 @@ class Model(TextGeneration, nn.Module):
         *,
         vision_cache: VisionFeatureCache | None = None,
     ) -> PromptEmbedding:
-        """Token embeddings with the image features merged in, and their M-RoPE positions. With a
-        ``vision_cache``, images seen before (same pixels, grid and model) reuse their features instead of
-        running the vision tower."""
-        if pixel_values_videos is not None or video_grid_thw is not None:
+        """Token embeddings with the image (and, where supported, video) features merged in, and their M-RoPE
+        positions. With a ``vision_cache``, images seen before (same pixels, grid and model) reuse their features
+        instead of running the vision tower."""
+        if (pixel_values_videos is not None or video_grid_thw is not None) and not self.supports_video:
             raise ValueError(f"{self.config.model_type}: video inputs are not supported yet")
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pixel_values and image_grid_thw must be given together")
+        if (pixel_values_videos is None) != (video_grid_thw is None):
+            raise ValueError("pixel_values_videos and video_grid_thw must be given together")
         embeds = self.prompt_token_embeddings(input_ids)
         grid = None
         if pixel_values is not None:
@@ -277,6 +285,12 @@ class Model(TextGeneration, nn.Module):
             else:
                 features = self._cached_image_features(pixel_values, grid, vision_cache)
             embeds = merge_features(embeds, input_ids, self.config.image_token_id, features)
+        frames = None
+        if pixel_values_videos is not None:
+            video_grid = np.asarray(video_grid_thw).astype(np.int64).reshape(-1, 3)
+            features = self.model.visual(pixel_values_videos, video_grid)
+            embeds = merge_features(embeds, input_ids, self.config.video_token_id, features, kind="video")
+            frames = self.video_position_grids(video_grid)
         mask = None if attention_mask is None else np.asarray(attention_mask)
         positions = multimodal_position_ids(
             np.asarray(input_ids),
@@ -285,9 +299,17 @@ class Model(TextGeneration, nn.Module):
             image_token_id=self.config.image_token_id,
             vision_start_token_id=self.config.vision_start_token_id,
             merge=self.config.vision.spatial_merge_size,
+            video_grid_thw=frames,
+            video_token_id=None if frames is None else self.config.video_token_id,
         )
         padded = mask is not None and not bool(mask.all())
         return PromptEmbedding(embeds, mx.array(positions), attention_mask if padded else None)
+
+    supports_video = False
+
+    def video_position_grids(self, video_grid: np.ndarray) -> np.ndarray:
+        """The grid each run of video tokens in the prompt takes its positions from."""
+        return video_grid
 
     def prompt_token_embeddings(self, input_ids: mx.array) -> mx.array:
         """The embeddings the image features replace at the image tokens (wider than the decoder in Qwen3-VL)."""

@@ -159,6 +159,15 @@ class Model(qwen2_vl.Model):
         # M-RoPE is always interleaved here, as in transformers, whatever "mrope_interleaved" says.
         return cls(dataclasses.replace(base, text=text, mrope_interleaved=True))
 
+    supports_video = True
+
+    def video_position_grids(self, video_grid: np.ndarray) -> np.ndarray:
+        """Each frame is a run of its own (the prompt puts a timestamp between frames): one (1, h, w) grid per
+        temporal patch."""
+        frames = np.repeat(video_grid, video_grid[:, 0], axis=0)
+        frames[:, 0] = 1
+        return frames
+
     @property
     def deepstack_levels(self) -> int:
         return len(self.config.vision.deepstack_visual_indexes)
