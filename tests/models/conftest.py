@@ -54,3 +54,20 @@ class Reference:
 @pytest.fixture(scope="session")
 def references() -> dict[str, Reference]:
     return {family: Reference(family) for family in FAMILIES}
+
+
+def check_chunked_prefill(model, ref: Reference, case: str, step: int, tol: float = 1e-4) -> None:
+    """Prefilling ``case`` in chunks of ``step`` tokens gives the reference's last logits and greedy tokens."""
+    import mlx.core as mx
+    from vlm_runtime import GenerationConfig, SamplingParams, generate_step, make_sampler
+    from vlm_runtime.generate import prefill
+
+    def inputs() -> dict:
+        return {k: mx.array(v) for k, v in ref.inputs(case).items()}
+
+    last = prefill(model, model.embed_prompt(**inputs()), model.make_cache(), step)
+    diff = np.abs(np.array(last[0]) - ref.get(case, "logits")[0, -1]).max()
+    assert diff <= tol, f"{case}, chunks of {step}: {diff:.2e}"
+    config = GenerationConfig(max_tokens=8, prefill_step_size=step)
+    steps = generate_step(model, inputs(), sampler=make_sampler(SamplingParams()), config=config)
+    assert [t for t, _ in steps] == ref.get(case, "greedy")[0, :8].tolist(), case

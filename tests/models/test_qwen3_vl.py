@@ -21,7 +21,7 @@ from vlm_models.nn.rope import axis_of_frequency
 from vlm_models.processors.qwen2_vl import Qwen2VLImageProcessor
 from vlm_runtime import GenerationConfig, SamplingParams, generate_step, make_sampler
 
-from .conftest import FIXTURES, Reference
+from .conftest import FIXTURES, Reference, check_chunked_prefill
 
 ROOT = FIXTURES / "qwen3_vl"
 TOL = 1e-4
@@ -109,6 +109,15 @@ def test_deepstack_features_change_the_logits(loaded, ref: Reference) -> None:
     diff = np.abs(np.array(plain) - expected)
     assert diff[0, :first_image].max() <= TOL
     assert diff[0, first_image:].max() > 100 * TOL
+
+
+@pytest.mark.parametrize("step", [5, 16])
+def test_chunked_prefill_carries_the_deepstack_channels(loaded, ref: Reference, step: int) -> None:
+    """Chunks cut through the image tokens: each chunk's slice of the packed embedding still holds its deepstack
+    features, so the logits and greedy tokens are those of the reference."""
+    model, _ = loaded
+    for case in ("one_image", "two_images"):
+        check_chunked_prefill(model, ref, case, step)
 
 
 def test_interleaved_mrope_is_what_matches(loaded, ref: Reference) -> None:
