@@ -150,6 +150,7 @@ class VisionTransformer(nn.Module):
 class Model(qwen2_vl.Model):
     vision_config_class = VisionConfig
     vision_tower = VisionTransformer
+    supports_video = True
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> "Model":
@@ -158,8 +159,6 @@ class Model(qwen2_vl.Model):
         text = from_dict(DecoderConfig, text_section(config), qk_norm=True)
         # M-RoPE is always interleaved here, as in transformers, whatever "mrope_interleaved" says.
         return cls(dataclasses.replace(base, text=text, mrope_interleaved=True))
-
-    supports_video = True
 
     def video_position_grids(self, video_grid: np.ndarray) -> np.ndarray:
         """Each frame is a run of its own (the prompt puts a timestamp between frames): one (1, h, w) grid per
