@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "gemma3", "paligemma2"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "gemma3", "paligemma2", "qwen3_vl"]
 LAYOUTS = ["hf4", "hf5", "mlx_community"]
 FAMILY_LAYOUTS = {
     "qwen2_vl": LAYOUTS,
@@ -17,6 +17,8 @@ FAMILY_LAYOUTS = {
     # No peer-converted folder: its MLX-community layout is written by our own converter (test_gemma3.py).
     "gemma3": ["hf4", "hf5"],
     "paligemma2": ["hf4", "hf5"],
+    # mlx_community: written by our own converter (make_mlx_community_llava.py), float; 4-bit in test_qwen3_vl.py.
+    "qwen3_vl": LAYOUTS,
 }
 PREFIX_LM = {"paligemma2"}
 """Families whose whole prompt attends both ways: a token decoded after a prefill is no longer in the prompt."""
@@ -52,3 +54,20 @@ class Reference:
 @pytest.fixture(scope="session")
 def references() -> dict[str, Reference]:
     return {family: Reference(family) for family in FAMILIES}
+
+
+def check_chunked_prefill(model, ref: Reference, case: str, step: int, tol: float = 1e-4) -> None:
+    """Prefilling ``case`` in chunks of ``step`` tokens gives the reference's last logits and greedy tokens."""
+    import mlx.core as mx
+    from vlm_runtime import GenerationConfig, SamplingParams, generate_step, make_sampler
+    from vlm_runtime.generate import prefill
+
+    def inputs() -> dict:
+        return {k: mx.array(v) for k, v in ref.inputs(case).items()}
+
+    last = prefill(model, model.embed_prompt(**inputs()), model.make_cache(), step)
+    diff = np.abs(np.array(last[0]) - ref.get(case, "logits")[0, -1]).max()
+    assert diff <= tol, f"{case}, chunks of {step}: {diff:.2e}"
+    config = GenerationConfig(max_tokens=8, prefill_step_size=step)
+    steps = generate_step(model, inputs(), sampler=make_sampler(SamplingParams()), config=config)
+    assert [t for t, _ in steps] == ref.get(case, "greedy")[0, :8].tolist(), case

@@ -14,11 +14,10 @@ import pytest
 from PIL import Image
 from vlm_models import load
 from vlm_models.convert import dequantize_model, save_model
-from vlm_runtime import GenerationConfig, SamplingParams, generate_step, make_sampler
 from vlm_runtime.generate import prefill
 from vlm_runtime.vision_cache import VisionFeatureCache
 
-from .conftest import FIXTURES, Reference
+from .conftest import FIXTURES, Reference, check_chunked_prefill
 
 TOL = 1e-4
 FAMILIES = ["gemma3", "paligemma2"]
@@ -50,13 +49,7 @@ def logits_of(model, ref: Reference, case: str) -> np.ndarray:
 @pytest.mark.parametrize("step", [5, 13])
 def test_chunked_prefill_keeps_each_bidirectional_span_whole(model, ref: Reference, step: int) -> None:
     for case in ref.single_cases:
-        prompt = model.embed_prompt(**inputs_of(ref, case))
-        last = prefill(model, prompt, model.make_cache(), step)
-        diff = np.abs(np.array(last[0]) - ref.get(case, "logits")[0, -1]).max()
-        assert diff <= TOL, f"{case}, chunks of {step}: {diff:.2e}"
-        config = GenerationConfig(max_tokens=8, prefill_step_size=step)
-        steps = generate_step(model, inputs_of(ref, case), sampler=make_sampler(SamplingParams()), config=config)
-        assert [t for t, _ in steps] == ref.get(case, "greedy")[0, :8].tolist(), case
+        check_chunked_prefill(model, ref, case, step)
 
 
 def test_decode_after_prefill_equals_a_full_forward(model, ref: Reference) -> None:

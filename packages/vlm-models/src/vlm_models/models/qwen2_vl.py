@@ -58,6 +58,7 @@ class ModelConfig:
     video_token_id: int
     vision_start_token_id: int
     tie_word_embeddings: bool
+    mrope_interleaved: bool = False
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any], vision_cls: type = VisionConfig) -> "ModelConfig":
@@ -78,6 +79,7 @@ class ModelConfig:
                 video_token_id=int(text.get("video_token_id", 151656)),
                 vision_start_token_id=int(text.get("vision_start_token_id", 151652)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+                mrope_interleaved=bool(rope.get("mrope_interleaved", False)),
             )
         except KeyError as exc:
             raise ConfigError(f"config.json lacks {exc.args[0]!r}") from None
@@ -89,10 +91,10 @@ class ModelConfig:
 class PatchEmbed(nn.Module):
     """The reference's Conv3d with stride equal to its kernel is a matmul over flattened patches."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, bias: bool = False) -> None:
         super().__init__()
         c = config
-        self.proj = nn.Linear(c.in_channels * c.temporal_patch_size * c.patch_size**2, c.width, bias=False)
+        self.proj = nn.Linear(c.in_channels * c.temporal_patch_size * c.patch_size**2, c.width, bias=bias)
 
     def __call__(self, pixel_values: mx.array) -> mx.array:
         return self.proj(pixel_values)
@@ -130,6 +132,14 @@ def frame_boundaries(grid_thw: np.ndarray) -> list[int]:
     return [0, *np.cumsum(per_frame).tolist()]
 
 
+def vision_rotary(positions: np.ndarray, inv_freq: mx.array) -> tuple[mx.array, mx.array]:
+    """cos/sin tables (tokens, head_dim) for (tokens, 2) row/column positions: the first half of each head's
+    frequencies reads the row, the second the column."""
+    angles = (mx.array(positions).astype(mx.float32)[..., None] * inv_freq).reshape(len(positions), -1)
+    emb = mx.concatenate([angles, angles], axis=-1)
+    return mx.cos(emb), mx.sin(emb)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -153,9 +163,7 @@ class VisionTransformer(nn.Module):
         return self.merger.ln_q.weight.dtype
 
     def rotary(self, positions: np.ndarray) -> tuple[mx.array, mx.array]:
-        angles = (mx.array(positions).astype(mx.float32)[..., None] * self._inv_freq).reshape(len(positions), -1)
-        emb = mx.concatenate([angles, angles], axis=-1)
-        return mx.cos(emb), mx.sin(emb)
+        return vision_rotary(positions, self._inv_freq)
 
     def __call__(self, pixel_values: mx.array, grid_thw: np.ndarray) -> mx.array:
         x = self.patch_embed(pixel_values.astype(self.dtype))
@@ -177,24 +185,30 @@ def multimodal_position_ids(
     image_token_id: int,
     vision_start_token_id: int,
     merge: int,
+    video_grid_thw: np.ndarray | None = None,
+    video_token_id: int | None = None,
 ) -> np.ndarray:
     """(3, batch, length) positions: text advances all three axes together; an image's tokens take
     (time, row, column) offsets from the position after the preceding text, and the following text continues
-    after the image's largest position. Padding gets position 1, as in the reference."""
+    after the image's largest position. Padding gets position 1, as in the reference. Runs of
+    ``video_token_id`` take their grids from ``video_grid_thw`` in the same way."""
     batch, length = input_ids.shape
     mask = np.ones_like(input_ids) if attention_mask is None else attention_mask
     positions = np.ones((3, batch, length), dtype=np.int64)
-    next_image = 0
+    grids = {image_token_id: ("image", image_grid_thw), video_token_id: ("video", video_grid_thw)}
+    used = {image_token_id: 0, video_token_id: 0}
+    media = [image_token_id] if video_token_id is None else [image_token_id, video_token_id]
     for b in range(batch):
         keep = mask[b] == 1
         tokens = input_ids[b][keep]
-        starts = np.nonzero((tokens[1:] == image_token_id) & (tokens[:-1] == vision_start_token_id))[0] + 1
+        starts = np.nonzero(np.isin(tokens[1:], media) & (tokens[:-1] == vision_start_token_id))[0] + 1
         parts, cursor, next_pos = [], 0, 0
         for start in starts:
-            if image_grid_thw is None or next_image >= len(image_grid_thw):
-                raise ValueError("the prompt has more image slots than images were given")
-            t, h, w = (int(v) for v in image_grid_thw[next_image])
-            next_image += 1
+            kind, given = grids[int(tokens[start])]
+            if given is None or used[int(tokens[start])] >= len(given):
+                raise ValueError(f"the prompt has more {kind} slots than {kind}s were given")
+            t, h, w = (int(v) for v in given[used[int(tokens[start])]])
+            used[int(tokens[start])] += 1
             gh, gw = h // merge, w // merge
             n_text = start - cursor
             parts.append(np.broadcast_to(np.arange(n_text) + next_pos, (3, n_text)))
@@ -215,7 +229,9 @@ class Qwen2VLModel(nn.Module):
     def __init__(self, config: ModelConfig, vision_tower: type[nn.Module]) -> None:
         super().__init__()
         self.visual = vision_tower(config.vision)
-        rotary = MultimodalRotary(config.text.attention_head_dim, config.rope_theta, config.mrope_section)
+        rotary = MultimodalRotary(
+            config.text.attention_head_dim, config.rope_theta, config.mrope_section, config.mrope_interleaved
+        )
         self.language_model = TextDecoder(config.text, rotary)
 
 
@@ -249,14 +265,16 @@ class Model(TextGeneration, nn.Module):
         *,
         vision_cache: VisionFeatureCache | None = None,
     ) -> PromptEmbedding:
-        """Token embeddings with the image features merged in, and their M-RoPE positions. With a
-        ``vision_cache``, images seen before (same pixels, grid and model) reuse their features instead of
-        running the vision tower."""
-        if pixel_values_videos is not None or video_grid_thw is not None:
+        """Token embeddings with the image (and, where supported, video) features merged in, and their M-RoPE
+        positions. With a ``vision_cache``, images seen before (same pixels, grid and model) reuse their features
+        instead of running the vision tower."""
+        if (pixel_values_videos is not None or video_grid_thw is not None) and not self.supports_video:
             raise ValueError(f"{self.config.model_type}: video inputs are not supported yet")
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pixel_values and image_grid_thw must be given together")
-        embeds = self.embed_tokens(input_ids)
+        if (pixel_values_videos is None) != (video_grid_thw is None):
+            raise ValueError("pixel_values_videos and video_grid_thw must be given together")
+        embeds = self.prompt_token_embeddings(input_ids)
         grid = None
         if pixel_values is not None:
             grid = np.asarray(image_grid_thw).astype(np.int64).reshape(-1, 3)
@@ -265,6 +283,12 @@ class Model(TextGeneration, nn.Module):
             else:
                 features = self._cached_image_features(pixel_values, grid, vision_cache)
             embeds = merge_features(embeds, input_ids, self.config.image_token_id, features)
+        frames = None
+        if pixel_values_videos is not None:
+            video_grid = np.asarray(video_grid_thw).astype(np.int64).reshape(-1, 3)
+            features = self.model.visual(pixel_values_videos, video_grid)
+            embeds = merge_features(embeds, input_ids, self.config.video_token_id, features, kind="video")
+            frames = self.video_position_grids(video_grid)
         mask = None if attention_mask is None else np.asarray(attention_mask)
         positions = multimodal_position_ids(
             np.asarray(input_ids),
@@ -273,9 +297,21 @@ class Model(TextGeneration, nn.Module):
             image_token_id=self.config.image_token_id,
             vision_start_token_id=self.config.vision_start_token_id,
             merge=self.config.vision.spatial_merge_size,
+            video_grid_thw=frames,
+            video_token_id=None if frames is None else self.config.video_token_id,
         )
         padded = mask is not None and not bool(mask.all())
         return PromptEmbedding(embeds, mx.array(positions), attention_mask if padded else None)
+
+    supports_video = False
+
+    def video_position_grids(self, video_grid: np.ndarray) -> np.ndarray:
+        """The grid each run of video tokens in the prompt takes its positions from."""
+        return video_grid
+
+    def prompt_token_embeddings(self, input_ids: mx.array) -> mx.array:
+        """The embeddings the image features replace at the image tokens (wider than the decoder in Qwen3-VL)."""
+        return self.embed_tokens(input_ids)
 
     def _cached_image_features(
         self, pixel_values: mx.array, grid: np.ndarray, vision_cache: VisionFeatureCache

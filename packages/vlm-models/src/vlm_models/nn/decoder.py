@@ -7,7 +7,7 @@ this class; families pass in their rotary embedding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,6 +33,8 @@ class DecoderConfig:
     head_dim: int | None = None
     hidden_act: str = "silu"
     attention_bias: bool = False
+    qk_norm: bool = False
+    """RMSNorm over each head's queries and keys (Qwen3)."""
 
     @property
     def attention_head_dim(self) -> int:
@@ -67,6 +69,7 @@ class TextDecoder(nn.Module):
                     config.num_key_value_heads,
                     head_dim,
                     qkv_bias=config.attention_bias,
+                    qk_norm=(lambda dim: nn.RMSNorm(dim, eps=config.rms_norm_eps)) if config.qk_norm else None,
                 ),
                 GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act),
                 config.hidden_size,
@@ -84,7 +87,9 @@ class TextDecoder(nn.Module):
         cache: list[Any] | None = None,
         position_ids: mx.array | None = None,
         attention_mask: mx.array | None = None,
+        layer_additions: Sequence[mx.array] = (),
     ) -> mx.array:
+        """``layer_additions[i]`` is added to the hidden states after layer i (Qwen3-VL's deepstack)."""
         length = inputs_embeds.shape[1]
         offset = cache[0].offset if cache else 0
         if position_ids is not None:
@@ -102,6 +107,8 @@ class TextDecoder(nn.Module):
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             h = layer(h, rotate, mask, cache[i] if cache else None)
+            if i < len(layer_additions):
+                h = h + layer_additions[i]
         return self.norm(h)
 
 

@@ -158,17 +158,9 @@ class GemmaAttention(Attention):
             qkv_bias=c.attention_bias,
             out_bias=c.attention_bias,
             scale=c.query_pre_attn_scalar**-0.5,
+            qk_norm=(lambda dim: GemmaRMSNorm(dim, c.rms_norm_eps)) if c.qk_norm else None,
         )
-        if c.qk_norm:
-            self.q_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps)
-            self.k_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps)
         self.logit_cap = c.attn_logit_softcapping
-
-    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        q, k, v = super().project(x)
-        if "q_norm" in self:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return q, k, v
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, cache: Any) -> mx.array:
         if self.logit_cap is None:

@@ -40,7 +40,9 @@ class Attention(nn.Module):
         qkv_bias: bool,
         out_bias: bool = False,
         scale: float | None = None,
+        qk_norm: Callable[[int], nn.Module] | None = None,
     ) -> None:
+        """``qk_norm`` builds a per-head norm (over head_dim) applied to queries and keys before rotation."""
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
@@ -48,6 +50,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=out_bias)
+        if qk_norm is not None:
+            self.q_norm = qk_norm(head_dim)
+            self.k_norm = qk_norm(head_dim)
 
     def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Queries, keys and values as (batch, heads, length, head_dim), before rotation."""
@@ -55,6 +60,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(batch, length, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, cache: Any) -> mx.array:

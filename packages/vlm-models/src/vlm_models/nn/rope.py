@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["Rotate", "Rotary", "apply_rotary", "inverse_frequencies", "MultimodalRotary", "rotate_half"]
+__all__ = ["Rotate", "Rotary", "apply_rotary", "inverse_frequencies", "MultimodalRotary", "axis_of_frequency", "rotate_half"]
 
 Rotate = Callable[[mx.array], mx.array]
 """Applies the rotation for a fixed set of positions to (batch, heads, length, head_dim) queries or keys."""
@@ -78,18 +78,31 @@ class Rotary:
         return rotate
 
 
+def axis_of_frequency(sections: Sequence[int], interleaved: bool = False) -> np.ndarray:
+    """Which position axis (0 time, 1 height, 2 width) each of the sum(sections) rotary frequencies reads."""
+    if not interleaved:
+        return np.repeat(np.arange(len(sections)), sections)
+    index = np.arange(sum(sections))
+    axis = np.zeros_like(index)
+    for dim in (1, 2):
+        axis[(index % 3 == dim) & (index < 3 * sections[dim])] = dim
+    return axis
+
+
 class MultimodalRotary(Rotary):
     """M-RoPE: each frequency takes its position from one of (time, height, width).
 
-    ``sections`` splits the head_dim/2 frequencies into consecutive groups using axes 0, 1, 2. Text tokens have
-    equal positions on all axes, so during decode this is plain RoPE.
+    ``sections`` splits the head_dim/2 frequencies into consecutive groups using axes 0, 1, 2; ``interleaved``
+    (Qwen3-VL) instead cycles time, height, width over the frequencies, the first ``3 * sections[1]`` taking
+    height and width in turn and the rest time. Text tokens have equal positions on all axes, so during decode
+    this is plain RoPE.
     """
 
-    def __init__(self, head_dim: int, theta: float, sections: Sequence[int]) -> None:
+    def __init__(self, head_dim: int, theta: float, sections: Sequence[int], interleaved: bool = False) -> None:
         if sum(sections) != head_dim // 2:
             raise ValueError(f"mrope_section {list(sections)} must sum to head_dim/2 = {head_dim // 2}")
         super().__init__(head_dim, theta)
-        self._axis_of_freq = mx.array(np.repeat(np.arange(len(sections)), sections))
+        self._axis_of_freq = mx.array(axis_of_frequency(sections, interleaved))
 
     def at_positions(self, position_ids: mx.array) -> Rotate:
         """``position_ids``: (3, batch, length) or (batch, length) for text-only positions."""
