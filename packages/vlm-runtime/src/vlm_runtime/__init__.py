@@ -4,6 +4,7 @@ from .batch import BatchGenerator, batch_generate
 from .cache import ArraysCache, BatchKVCache, Cache, KVCache, QuantizedKVCache, RotatingKVCache
 from .cache_io import load_prompt_cache, save_prompt_cache
 from .cache_settings import CacheSettings, make_prompt_cache
+from .engine import Engine, EngineBusy, RequestStream
 from .generate import GenerationConfig, GenerationResult, generate, generate_step, stream_generate
 from .prompt_cache import PromptCache
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
@@ -18,6 +19,8 @@ __all__ = [
     "BatchKVCache",
     "Cache",
     "CacheSettings",
+    "Engine",
+    "EngineBusy",
     "GenerationConfig",
     "GenerationResult",
     "GenerativeModel",
@@ -26,6 +29,7 @@ __all__ = [
     "PromptEmbedding",
     "PromptProcessor",
     "QuantizedKVCache",
+    "RequestStream",
     "RotatingKVCache",
     "SamplingParams",
     "ThinkingConfig",

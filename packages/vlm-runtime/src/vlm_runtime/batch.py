@@ -43,11 +43,13 @@ class BatchEvent:
     text: str
     reasoning: str
     finish_reason: str | None
-    """None while the request runs; "stop", "length" or "cancelled" on its last event."""
+    """None while the request runs; "stop", "length", "cancelled" or "error" on its last event."""
     prompt_tokens: int
     generation_tokens: int
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    error: str | None = None
+    """Why the request failed, on its last event when finish_reason is "error"."""
 
 
 @dataclass
@@ -140,7 +142,13 @@ class BatchGenerator:
         if self._rows:
             events.extend(self._decode())
         while self._pending and len(self._rows) < self.max_batch_size:
-            events.extend(self._admit(self._pending.pop(0)))
+            request = self._pending.pop(0)
+            try:
+                events.extend(self._admit(request))
+            except Exception as exc:  # one bad prompt fails alone; the batch keeps running
+                prompt_tokens = int(request.inputs["input_ids"].size)
+                message = f"{type(exc).__name__}: {exc}"
+                events.append(BatchEvent(request.uid, -1, "", "", "error", prompt_tokens, 0, error=message))
         self._drop_finished()
         return events
 
