@@ -48,6 +48,8 @@ class BatchEvent:
     generation_tokens: int
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    stop_string: str | None = None
+    """The stop string that ended the request, when one did."""
     error: str | None = None
     """Why the request failed, on its last event when finish_reason is "error"."""
 
@@ -258,6 +260,7 @@ class BatchGenerator:
             generation_tokens=row.generated,
             logprob=chosen,
             top_logprobs=top,
+            stop_string=row.text.matched_stop if finish == "stop" else None,
         )
 
     # -- leaving

@@ -128,6 +128,9 @@ class Engine:
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
         self.model, self.processor = model, processor
+        # MLX streams belong to the thread that made them: arrays still lazy from loading (weights, rotary
+        # tables) would be evaluated on the engine thread against the loading thread's stream, which MLX refuses.
+        mx.eval(list(_arrays_in(model)))
         self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
         self.vision_cache = vision_cache
         self._make_generator = lambda: BatchGenerator(
@@ -304,6 +307,28 @@ class Engine:
         else:
             counts["finished"] += 1
             self._latency.append(now - stream.submitted_at)
+
+
+def _arrays_in(root: Any, depth: int = 12) -> Iterator[mx.array]:
+    """Every MLX array an object graph holds: attributes, dict values and sequence items, each once."""
+    seen: set[int] = set()
+    todo: list[tuple[Any, int]] = [(root, 0)]
+    while todo:
+        obj, level = todo.pop()
+        if id(obj) in seen or level > depth:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, mx.array):
+            yield obj
+            continue
+        children: list[Any] = []
+        if isinstance(obj, dict):
+            children.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            children.extend(obj)
+        if hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(getattr(obj, "__func__", None)):
+            children.extend(v for v in vars(obj).values() if not callable(v) or isinstance(v, dict))
+        todo.extend((child, level + 1) for child in children)
 
 
 def _error_event(uid: int, message: str) -> BatchEvent:

@@ -1,0 +1,231 @@
+"""OpenAI's Chat Completions API over the engine."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import APIError
+from .host import LoadedModel
+from .prompts import ChatRequest, prepare, token_text
+from .running import collect, failure, sse, submit
+
+__all__ = ["ChatCompletionRequest", "router"]
+
+FINISH = {"stop": "stop", "length": "length"}
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ImageURL(_Open):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(_Open):
+    type: str
+    text: str | None = None
+    image_url: ImageURL | str | None = None
+    input_audio: dict[str, Any] | None = None
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Open):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Open):
+    model: str = ""
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    n: int | None = Field(default=1, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    enable_thinking: bool | None = None
+    thinking_budget: int | None = Field(default=None, ge=0)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
+    if (body.n or 1) != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    if body.tools and body.tool_choice != "none":
+        raise APIError(400, "tools are not supported by this server yet", param="tools")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise APIError(400, "response_format other than text is not supported by this server yet", param="response_format")
+    messages: list[dict[str, Any]] = []
+    images: list[str] = []
+    for message in body.messages:
+        role = "system" if message.role == "developer" else message.role
+        if isinstance(message.content, list):
+            parts: list[dict[str, Any]] = []
+            for part in message.content:
+                if part.type == "text":
+                    parts.append({"type": "text", "text": part.text or ""})
+                elif part.type == "image_url":
+                    url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+                    if not url:
+                        raise APIError(400, "an image_url part needs a url", param="messages")
+                    images.append(url)
+                    parts.append({"type": "image"})
+                elif part.type == "input_audio":
+                    raise APIError(400, "audio inputs are not supported by this model", param="messages")
+                else:
+                    raise APIError(400, f"unsupported content part type {part.type!r}", param="messages")
+            messages.append({"role": role, "content": parts})
+        else:
+            messages.append({"role": role, "content": message.content or ""})
+    sampling: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed"):
+        value = getattr(body, name)
+        if value is not None:
+            sampling[name] = value
+    if body.logit_bias:
+        try:
+            sampling["logit_bias"] = {int(k): v for k, v in body.logit_bias.items()}
+        except ValueError as e:
+            raise APIError(400, "logit_bias keys must be token ids", param="logit_bias") from e
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    top = body.top_logprobs or 0
+    if top and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return ChatRequest(
+        messages=messages,
+        images=images,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        stop=stop,
+        logprobs=bool(body.logprobs),
+        top_logprobs=top,
+        enable_thinking=body.enable_thinking,
+        thinking_budget=body.thinking_budget,
+    )
+
+
+def _logprob_entry(processor: Any, event: Any) -> dict[str, Any]:
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        text = token_text(processor, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    entry = item(event.token, event.logprob)
+    entry["top_logprobs"] = [item(t, lp) for t, lp in event.top_logprobs]
+    return entry
+
+
+def _has_logprob(loaded: LoadedModel, event: Any) -> bool:
+    return event.logprob is not None and event.token >= 0 and event.token not in loaded.processor.eos_token_ids
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    settings = request.app.state.settings
+    loaded = await request.app.state.engine.get(body.model)
+    prepared = await prepare(loaded, to_chat_request(body), settings)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    stream = submit(loaded, prepared)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = _stream(loaded, stream, completion_id, created, body.logprobs, include_usage)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    outcome = await collect(stream, request)
+    last = outcome.last
+    message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
+    if outcome.reasoning:
+        message["reasoning_content"] = outcome.reasoning
+    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": FINISH[last.finish_reason], "logprobs": None}
+    if body.logprobs:
+        choice["logprobs"] = {"content": [_logprob_entry(loaded.processor, e) for e in outcome.events if _has_logprob(loaded, e)]}
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": loaded.model_id,
+        "choices": [choice],
+        "usage": _usage(last.prompt_tokens, last.generation_tokens),
+    }
+
+
+async def _stream(
+    loaded: LoadedModel, stream: Any, completion_id: str, created: int, logprobs: bool | None, include_usage: bool
+) -> AsyncIterator[str]:
+    def chunk(delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> str:
+        data: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": loaded.model_id,
+            "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}],
+        }
+        if include_usage:
+            data["usage"] = None
+        return sse(data)
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        last = None
+        async for event in stream:
+            last = event
+            error = failure(event)
+            if error is not None:
+                yield sse({"error": {"message": error.message, "type": "server_error", "param": None, "code": None}})
+                break
+            delta: dict[str, Any] = {}
+            if event.reasoning:
+                delta["reasoning_content"] = event.reasoning
+            if event.text:
+                delta["content"] = event.text
+            lp = None
+            if logprobs and _has_logprob(loaded, event):
+                lp = {"content": [_logprob_entry(loaded.processor, event)]}
+            if delta or lp is not None:
+                yield chunk(delta, None, lp)
+            if event.finish_reason is not None:
+                yield chunk({}, FINISH[event.finish_reason])
+        if include_usage and last is not None and failure(last) is None:
+            yield sse({
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": loaded.model_id,
+                "choices": [],
+                "usage": _usage(last.prompt_tokens, last.generation_tokens),
+            })
+        yield "data: [DONE]\n\n"
+    finally:
+        stream.cancel()
