@@ -115,3 +115,34 @@ def test_full_queue_and_closed_engine_refuse(model: ToyModel) -> None:
     assert collect(first)[1] == "cancelled"
     with pytest.raises(EngineBusy):
         engine.submit(processor.prepare_inputs("c"))
+
+
+class OnlyAB:
+    """A stateful constraint: only 'a' or 'b', and it records the history it was shown."""
+
+    def __init__(self) -> None:
+        self.lengths: list[int] = []
+
+    def __call__(self, logits, history, generated):
+        import mlx.core as mx
+
+        self.lengths.append(history.shape[1])
+        allowed = mx.zeros(logits.shape[-1], dtype=mx.bool_)
+        allowed = mx.where(mx.arange(logits.shape[-1]) == ord("a"), True, allowed)
+        allowed = mx.where(mx.arange(logits.shape[-1]) == ord("b"), True, allowed)
+        return mx.where(allowed[None], logits, float("-inf"))
+
+
+def test_per_request_constraints(model: ToyModel) -> None:
+    processor = ByteProcessor()
+    config = GenerationConfig(max_tokens=9, ignore_eos=True)
+    constraint = OnlyAB()
+    expected = generate(model, processor, "free", max_tokens=9, ignore_eos=True).text
+    with Engine(model, processor) as engine:
+        constrained = engine.submit(processor.prepare_inputs("abc"), config=config, constraints=[constraint])
+        free = engine.submit(processor.prepare_inputs("free"), config=config)
+        text = collect(constrained)[0]
+        assert collect(free)[0] == expected  # the neighbour in the batch is untouched
+    assert len(text) == 9 and set(text) <= {"a", "b"}
+    prompt_length = len(processor.prepare_inputs("abc")["input_ids"][0])
+    assert constraint.lengths == list(range(prompt_length, prompt_length + 9))

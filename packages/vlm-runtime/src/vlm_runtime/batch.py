@@ -78,6 +78,7 @@ class _Pending:
     sampling: SamplingParams
     config: GenerationConfig
     thinking: ThinkingConfig
+    constraints: tuple[LogitsProcessor, ...] = ()
     rows: list[_Row] = field(default_factory=list)
 
 
@@ -124,13 +125,18 @@ class BatchGenerator:
         sampling: SamplingParams = SamplingParams(),
         config: GenerationConfig = GenerationConfig(),
         thinking: ThinkingConfig = ThinkingConfig(),
+        constraints: Sequence[LogitsProcessor] = (),
     ) -> int:
-        """Queue one prepared prompt (batch of one); returns its uid. It joins at the next ``step``."""
+        """Queue one prepared prompt (batch of one); returns its uid. It joins at the next ``step``.
+
+        ``constraints``: this request's own logits processors (a grammar, say), run after the sampling ones;
+        each sees the request's token history, so it may keep state across steps.
+        """
         ids = inputs["input_ids"]
         if ids.ndim != 2 or ids.shape[0] != 1:
             raise ValueError("submit one prompt at a time (input_ids of shape (1, length))")
         uid = next(self._uids)
-        self._pending.append(_Pending(uid, inputs, sampling, config, thinking))
+        self._pending.append(_Pending(uid, inputs, sampling, config, thinking, tuple(constraints)))
         return uid
 
     def cancel(self, uid: int) -> None:
@@ -179,7 +185,7 @@ class BatchGenerator:
         budget = None
         if marks is not None and request.thinking.budget is not None:
             budget = ThinkingBudget(marks, request.thinking.budget, inside=inside)
-        processors = make_logits_processors(request.sampling)
+        processors = make_logits_processors(request.sampling) + list(request.constraints)
         return _Row(
             uid=request.uid,
             config=request.config,

@@ -15,14 +15,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Mapping
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 import mlx.core as mx
 
 from .batch import BatchEvent, BatchGenerator
 from .generate import GenerationConfig
 from .protocols import GenerativeModel, PromptProcessor
-from .sampling import SamplingParams
+from .sampling import LogitsProcessor, SamplingParams
 from .thinking import ThinkingConfig
 
 __all__ = ["Engine", "EngineBusy", "EngineStats", "RequestStream"]
@@ -109,6 +109,7 @@ class _Submission:
     sampling: SamplingParams
     config: GenerationConfig
     thinking: ThinkingConfig
+    constraints: tuple[LogitsProcessor, ...]
 
 
 class Engine:
@@ -166,9 +167,11 @@ class Engine:
         sampling: SamplingParams = SamplingParams(),
         config: GenerationConfig = GenerationConfig(),
         thinking: ThinkingConfig = ThinkingConfig(),
+        constraints: Sequence[LogitsProcessor] = (),
     ) -> RequestStream:
         """Queue one prepared prompt (the processor's ``prepare_inputs`` output; numpy arrays are fine and are
-        turned into MLX arrays on the engine thread). Raises ``EngineBusy`` when the waiting queue is full."""
+        turned into MLX arrays on the engine thread). ``constraints`` are the request's own logits processors
+        (``BatchGenerator.submit``); they run on the engine thread. Raises ``EngineBusy`` when the waiting queue is full."""
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -179,7 +182,7 @@ class Engine:
             if self._waiting + len(self._incoming) >= self.max_waiting + max(0, self.max_batch_size - self._active):
                 raise EngineBusy(f"too many requests waiting ({self.max_waiting}); retry later")
             stream = RequestStream(self, next(self._ids), loop)
-            self._incoming.append(_Submission(stream, inputs, sampling, config, thinking))
+            self._incoming.append(_Submission(stream, inputs, sampling, config, thinking, tuple(constraints)))
             self._counts["requests"] += 1
             self._wake.notify()
         return stream
@@ -246,7 +249,11 @@ class Engine:
         try:
             inputs = {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in submission.inputs.items()}
             uid = self._generator.submit(
-                inputs, sampling=submission.sampling, config=submission.config, thinking=submission.thinking
+                inputs,
+                sampling=submission.sampling,
+                config=submission.config,
+                thinking=submission.thinking,
+                constraints=submission.constraints,
             )
         except Exception as exc:
             self._deliver([_error_event(-1, f"{type(exc).__name__}: {exc}")], {}, 0.0, direct=stream)

@@ -11,6 +11,7 @@ from typing import Any
 from vlm_runtime import Engine, VisionFeatureCache
 
 from .errors import APIError
+from .grammar import GrammarFactory
 from .settings import ServeSettings
 
 __all__ = ["LoadedModel", "ServingEngine"]
@@ -28,6 +29,11 @@ class LoadedModel:
     context_length: int
     vision_cache: VisionFeatureCache | None
     created: int = 0
+    grammars: GrammarFactory | None = None
+
+    def __post_init__(self) -> None:
+        if self.grammars is None:
+            self.grammars = GrammarFactory(self.processor)
 
 
 def context_length_of(config: dict[str, Any]) -> int:

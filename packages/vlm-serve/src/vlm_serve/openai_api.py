@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import APIError
+from .grammar import json_schema_grammar, response_format_schema
 from .host import LoadedModel
 from .prompts import ChatRequest, prepare, token_text
 from .running import collect, failure, sse, submit
@@ -68,6 +69,7 @@ class ChatCompletionRequest(_Open):
     stream_options: StreamOptions | None = None
     enable_thinking: bool | None = None
     thinking_budget: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -78,8 +80,6 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
         raise APIError(400, "only n=1 is supported", param="n")
     if body.tools and body.tool_choice != "none":
         raise APIError(400, "tools are not supported by this server yet", param="tools")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise APIError(400, "response_format other than text is not supported by this server yet", param="response_format")
     messages: list[dict[str, Any]] = []
     images: list[str] = []
     for message in body.messages:
@@ -117,7 +117,9 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
     top = body.top_logprobs or 0
     if top and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    schema = response_format_schema(body.response_format) if body.response_format else None
     return ChatRequest(
+        grammar=json_schema_grammar(schema) if schema is not None else None,
         messages=messages,
         images=images,
         max_tokens=max_tokens,
@@ -127,6 +129,7 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
         top_logprobs=top,
         enable_thinking=body.enable_thinking,
         thinking_budget=body.thinking_budget,
+        ignore_eos=bool(body.ignore_eos),
     )
 
 

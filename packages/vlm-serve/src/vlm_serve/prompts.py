@@ -36,6 +36,10 @@ class ChatRequest:
     top_logprobs: int = 0
     enable_thinking: bool | None = None
     thinking_budget: int | None = None
+    ignore_eos: bool = False
+    """Generate exactly max_tokens (benchmarks; vLLM's extension of the OpenAI API)."""
+    grammar: str | None = None
+    """An llguidance grammar the output must follow (structured outputs, forced tool calls)."""
 
 
 @dataclass
@@ -45,18 +49,25 @@ class PreparedRequest:
     sampling: SamplingParams
     config: GenerationConfig
     thinking: ThinkingConfig
+    constraints: tuple[Any, ...] = ()
 
 
 async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSettings) -> PreparedRequest:
     """Validate the options and build the engine inputs; every problem is a 4xx ``APIError``."""
     sampling, config, thinking = _options(request, settings)
+    enable = settings.enable_thinking if request.enable_thinking is None else request.enable_thinking
     if thinking.budget is not None:
         try:
             resolve_thinking_tokens(thinking, loaded.processor.encode)
         except ValueError as e:
             raise APIError(400, str(e), param="thinking_budget") from e
+    if request.grammar is not None and enable:
+        raise APIError(400, "structured outputs and forced tool calls cannot be combined with thinking yet")
+    constraints: tuple[Any, ...] = ()
+    if request.grammar is not None:
+        assert loaded.grammars is not None
+        constraints = (await asyncio.to_thread(loaded.grammars.constraint, request.grammar),)
     images = await asyncio.gather(*(fetch_image(source, settings) for source in request.images))
-    enable = settings.enable_thinking if request.enable_thinking is None else request.enable_thinking
     processor = loaded.processor
 
     def tokenize() -> dict[str, Any]:
@@ -81,11 +92,12 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
     wanted = request.max_tokens if request.max_tokens is not None else settings.max_tokens_limit
     config = GenerationConfig(
         max_tokens=min(wanted, settings.max_tokens_limit, room),
+        ignore_eos=request.ignore_eos,
         stop=config.stop,
         logprobs=config.logprobs,
         top_logprobs=config.top_logprobs,
     )
-    return PreparedRequest(inputs, prompt_tokens, sampling, config, thinking)
+    return PreparedRequest(inputs, prompt_tokens, sampling, config, thinking, constraints)
 
 
 def _options(request: ChatRequest, settings: ServeSettings) -> tuple[SamplingParams, GenerationConfig, ThinkingConfig]:

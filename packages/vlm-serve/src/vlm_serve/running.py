@@ -23,7 +23,11 @@ DISCONNECT_POLL_S = 0.25
 def submit(loaded: LoadedModel, prepared: PreparedRequest) -> RequestStream:
     try:
         return loaded.engine.submit(
-            prepared.inputs, sampling=prepared.sampling, config=prepared.config, thinking=prepared.thinking
+            prepared.inputs,
+            sampling=prepared.sampling,
+            config=prepared.config,
+            thinking=prepared.thinking,
+            constraints=prepared.constraints,
         )
     except EngineBusy as e:
         raise APIError(503, str(e)) from e
