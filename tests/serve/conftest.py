@@ -72,7 +72,7 @@ def make_server(loaded_model: tuple[Any, Any], **options: Any) -> Iterator[Serve
         thread.join(20)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(loaded_model: tuple[Any, Any]) -> Iterator[Server]:
     """Open server (no API key), local media allowed under the fixture images."""
     yield from make_server(loaded_model, allow_local_media=IMAGES, max_body_bytes=2 * 1024 * 1024)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, AsyncIterator, Literal
@@ -15,6 +16,7 @@ from .grammar import json_schema_grammar, response_format_schema
 from .host import LoadedModel
 from .prompts import ChatRequest, prepare, token_text
 from .running import collect, failure, sse, submit
+from .tools import Tool, ToolCall, ToolCallParser
 
 __all__ = ["ChatCompletionRequest", "router"]
 
@@ -37,10 +39,35 @@ class ContentPart(_Open):
     input_audio: dict[str, Any] | None = None
 
 
+class FunctionCall(_Open):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(_Open):
+    id: str = ""
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDefinition(_Open):
+    name: str = Field(min_length=1, max_length=64)
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Open):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
 
 
 class StreamOptions(_Open):
@@ -70,16 +97,15 @@ class ChatCompletionRequest(_Open):
     enable_thinking: bool | None = None
     thinking_budget: int | None = Field(default=None, ge=0)
     ignore_eos: bool | None = False
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
 
 def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
     if (body.n or 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n")
-    if body.tools and body.tool_choice != "none":
-        raise APIError(400, "tools are not supported by this server yet", param="tools")
     messages: list[dict[str, Any]] = []
     images: list[str] = []
     for message in body.messages:
@@ -99,9 +125,14 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
                     raise APIError(400, "audio inputs are not supported by this model", param="messages")
                 else:
                     raise APIError(400, f"unsupported content part type {part.type!r}", param="messages")
-            messages.append({"role": role, "content": parts})
+            entry: dict[str, Any] = {"role": role, "content": parts}
         else:
-            messages.append({"role": role, "content": message.content or ""})
+            entry = {"role": role, "content": message.content or ""}
+        if message.tool_calls:
+            entry["tool_calls"] = [_incoming_call(c) for c in message.tool_calls]
+        if message.role == "tool":
+            entry["tool_call_id"] = message.tool_call_id or ""
+        messages.append(entry)
     sampling: dict[str, Any] = {}
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed"):
         value = getattr(body, name)
@@ -118,7 +149,10 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
     if top and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     schema = response_format_schema(body.response_format) if body.response_format else None
+    tools = [Tool(t.function.name, t.function.description, t.function.parameters or {"type": "object"}) for t in body.tools or []]
     return ChatRequest(
+        tools=tools,
+        tool_choice=_tool_choice(body.tool_choice),
         grammar=json_schema_grammar(schema) if schema is not None else None,
         messages=messages,
         images=images,
@@ -131,6 +165,30 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
         thinking_budget=body.thinking_budget,
         ignore_eos=bool(body.ignore_eos),
     )
+
+
+def _tool_choice(choice: str | dict[str, Any] | None) -> str:
+    if choice is None or isinstance(choice, str):
+        return choice or "auto"
+    name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+    if choice.get("type") != "function" or not isinstance(name, str):
+        raise APIError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}', param="tool_choice")
+    return name
+
+
+def _incoming_call(call: ToolCallIn) -> dict[str, Any]:
+    arguments = call.function.arguments
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except json.JSONDecodeError as e:
+            raise APIError(400, f"tool call arguments of {call.function.name!r} are not valid JSON: {e}", param="messages") from e
+    return {"id": call.id, "name": call.function.name, "arguments": arguments}
+
+
+def _outgoing_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json}}
+    return out if index is None else {"index": index, **out}
 
 
 def _logprob_entry(processor: Any, event: Any) -> dict[str, Any]:
@@ -164,14 +222,24 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     stream = submit(loaded, prepared)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _stream(loaded, stream, completion_id, created, body.logprobs, include_usage)
+        parser = ToolCallParser() if prepared.parse_tools else None
+        chunks = _stream(loaded, stream, completion_id, created, body.logprobs, include_usage, parser)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     outcome = await collect(stream, request)
     last = outcome.last
-    message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
+    text, calls = outcome.text, []
+    if prepared.parse_tools:
+        parser = ToolCallParser()
+        head, calls = parser.feed(text)
+        tail, more = parser.finish()
+        text, calls = head + tail, calls + more
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    if calls:
+        message["tool_calls"] = [_outgoing_call(c) for c in calls]
     if outcome.reasoning:
         message["reasoning_content"] = outcome.reasoning
-    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": FINISH[last.finish_reason], "logprobs": None}
+    finish = "tool_calls" if calls else FINISH[last.finish_reason]
+    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
     if body.logprobs:
         choice["logprobs"] = {"content": [_logprob_entry(loaded.processor, e) for e in outcome.events if _has_logprob(loaded, e)]}
     return {
@@ -185,7 +253,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 
 
 async def _stream(
-    loaded: LoadedModel, stream: Any, completion_id: str, created: int, logprobs: bool | None, include_usage: bool
+    loaded: LoadedModel,
+    stream: Any,
+    completion_id: str,
+    created: int,
+    logprobs: bool | None,
+    include_usage: bool,
+    parser: ToolCallParser | None,
 ) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> str:
         data: dict[str, Any] = {
@@ -211,15 +285,24 @@ async def _stream(
             delta: dict[str, Any] = {}
             if event.reasoning:
                 delta["reasoning_content"] = event.reasoning
-            if event.text:
-                delta["content"] = event.text
+            text, calls = event.text, []
+            if parser is not None:
+                text, calls = parser.feed(text)
+                if event.finish_reason is not None:
+                    tail, more = parser.finish()
+                    text, calls = text + tail, calls + more
+            if text:
+                delta["content"] = text
+            if calls:
+                first = len(parser.calls) - len(calls) if parser is not None else 0
+                delta["tool_calls"] = [_outgoing_call(c, first + i) for i, c in enumerate(calls)]
             lp = None
             if logprobs and _has_logprob(loaded, event):
                 lp = {"content": [_logprob_entry(loaded.processor, event)]}
             if delta or lp is not None:
                 yield chunk(delta, None, lp)
             if event.finish_reason is not None:
-                yield chunk({}, FINISH[event.finish_reason])
+                yield chunk({}, "tool_calls" if parser is not None and parser.calls else FINISH[event.finish_reason])
         if include_usage and last is not None and failure(last) is None:
             yield sse({
                 "id": completion_id,

@@ -16,6 +16,7 @@ from .errors import APIError
 from .host import LoadedModel
 from .media import fetch_image
 from .settings import ServeSettings
+from .tools import Tool, forced_call_grammar, render_tools, resolve_choice
 
 __all__ = ["ChatRequest", "PreparedRequest", "prepare", "token_text"]
 
@@ -39,7 +40,10 @@ class ChatRequest:
     ignore_eos: bool = False
     """Generate exactly max_tokens (benchmarks; vLLM's extension of the OpenAI API)."""
     grammar: str | None = None
-    """An llguidance grammar the output must follow (structured outputs, forced tool calls)."""
+    """An llguidance grammar the output must follow (structured outputs)."""
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: str = "auto"
+    """"auto", "none", "required" or the name of the tool to call."""
 
 
 @dataclass
@@ -50,6 +54,8 @@ class PreparedRequest:
     config: GenerationConfig
     thinking: ThinkingConfig
     constraints: tuple[Any, ...] = ()
+    parse_tools: bool = False
+    """The output may hold tool calls to parse out."""
 
 
 async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSettings) -> PreparedRequest:
@@ -61,17 +67,28 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
             resolve_thinking_tokens(thinking, loaded.processor.encode)
         except ValueError as e:
             raise APIError(400, str(e), param="thinking_budget") from e
-    if request.grammar is not None and enable:
+    choice = resolve_choice(request.tool_choice, request.tools)
+    tools = request.tools if choice != "none" else []
+    grammar = request.grammar
+    forced = forced_call_grammar(tools, choice)
+    if forced is not None:
+        if grammar is not None:
+            raise APIError(400, "a structured output format cannot be combined with a forced tool call", param="tool_choice")
+        grammar = forced
+    if grammar is not None and enable:
         raise APIError(400, "structured outputs and forced tool calls cannot be combined with thinking yet")
     constraints: tuple[Any, ...] = ()
-    if request.grammar is not None:
+    if grammar is not None:
         assert loaded.grammars is not None
-        constraints = (await asyncio.to_thread(loaded.grammars.constraint, request.grammar),)
+        constraints = (await asyncio.to_thread(loaded.grammars.constraint, grammar),)
+    messages, template_tools = render_tools(request.messages, tools, loaded.processor.chat_template)
     images = await asyncio.gather(*(fetch_image(source, settings) for source in request.images))
     processor = loaded.processor
 
     def tokenize() -> dict[str, Any]:
-        prompt = apply_chat_template(processor, None, request.messages, enable_thinking=True if enable else None)
+        prompt = apply_chat_template(
+            processor, None, messages, enable_thinking=True if enable else None, tools=template_tools
+        )
         return processor(prompt, list(images))
 
     try:
@@ -97,7 +114,7 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
         logprobs=config.logprobs,
         top_logprobs=config.top_logprobs,
     )
-    return PreparedRequest(inputs, prompt_tokens, sampling, config, thinking, constraints)
+    return PreparedRequest(inputs, prompt_tokens, sampling, config, thinking, constraints, parse_tools=bool(tools))
 
 
 def _options(request: ChatRequest, settings: ServeSettings) -> tuple[SamplingParams, GenerationConfig, ThinkingConfig]:
