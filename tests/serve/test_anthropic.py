@@ -77,3 +77,49 @@ def test_errors_in_anthropic_shape(server) -> None:
     body = response.json()
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
     assert "max_tokens" in body["error"]["message"]
+
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 10}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+
+
+def test_tool_use_round_trip(server, client) -> None:
+    import jsonschema
+
+    messages = [{"role": "user", "content": "Weather in Rome?"}]
+    first = client.messages.create(
+        model=server.model_id, max_tokens=200, messages=messages, tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"}
+    )
+    assert first.stop_reason == "tool_use"
+    (use,) = [b for b in first.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and use.id.startswith("toolu_")
+    jsonschema.validate(use.input, WEATHER["input_schema"])
+    messages += [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny and warm"}]},
+    ]
+    reply = client.messages.create(model=server.model_id, max_tokens=6, messages=messages, tools=[WEATHER])
+    assert reply.usage.input_tokens > first.usage.input_tokens
+    assert reply.stop_reason in ("end_turn", "max_tokens", "tool_use")
+
+
+def test_tool_use_streaming(server, client) -> None:
+    import jsonschema
+
+    with client.messages.stream(
+        model=server.model_id, max_tokens=200, messages=[{"role": "user", "content": "go"}], tools=[WEATHER], tool_choice={"type": "any"}
+    ) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_message()
+    assert "input_json" in kinds or "content_block_delta" in kinds
+    (use,) = [b for b in final.content if b.type == "tool_use"]
+    jsonschema.validate(use.input, WEATHER["input_schema"])
+    assert final.stop_reason == "tool_use"

@@ -13,6 +13,7 @@ from .errors import APIError
 from .host import LoadedModel
 from .prompts import ChatRequest, prepare
 from .running import collect, failure, sse, submit
+from .tools import Tool, ToolCall, ToolCallParser
 
 __all__ = ["MessagesRequest", "router"]
 
@@ -32,6 +33,24 @@ class ContentBlock(_Open):
     type: str
     text: str | None = None
     source: ImageSource | None = None
+    id: str | None = None
+    name: str | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = None
+    content: str | list[dict[str, Any]] | None = None
+    is_error: bool | None = None
+
+
+class ToolDefinition(_Open):
+    name: str = Field(min_length=1, max_length=128)
+    description: str = ""
+    input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    type: str | None = None
+
+
+class ToolChoice(_Open):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
 
 
 class Message(_Open):
@@ -60,24 +79,27 @@ class MessagesRequest(_Open):
     top_k: int | None = Field(default=None, ge=0)
     stream: bool | None = False
     thinking: ThinkingOption | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
 
 
 class CountTokensRequest(_Open):
     model: str = ""
     messages: list[Message] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
     thinking: ThinkingOption | None = None
 
 
-STOP_REASON = {"length": "max_tokens"}
 
 
 def to_chat_request(body: MessagesRequest | CountTokensRequest) -> ChatRequest:
-    if body.tools and not (isinstance(body, MessagesRequest) and (body.tool_choice or {}).get("type") == "none"):
-        raise APIError(400, "tools are not supported by this server yet")
+    tools = []
+    for tool in body.tools or []:
+        if tool.type not in (None, "custom"):
+            raise APIError(400, f"server tool {tool.type!r} is not available here; only client tools are supported")
+        tools.append(Tool(tool.name, tool.description, tool.input_schema))
     messages: list[dict[str, Any]] = []
     images: list[str] = []
     if body.system:
@@ -88,8 +110,20 @@ def to_chat_request(body: MessagesRequest | CountTokensRequest) -> ChatRequest:
             messages.append({"role": message.role, "content": message.content})
             continue
         parts: list[dict[str, Any]] = []
+        calls: list[dict[str, Any]] = []
         for block in message.content:
-            if block.type == "text":
+            if block.type == "tool_use":
+                if message.role != "assistant" or not block.name:
+                    raise APIError(400, "tool_use blocks belong in assistant messages and need a name")
+                calls.append({"id": block.id or "", "name": block.name, "arguments": block.input or {}})
+            elif block.type == "tool_result":
+                result = block.content if isinstance(block.content, str) else "".join(
+                    b.get("text", "") for b in block.content or [] if isinstance(b, dict) and b.get("type") == "text"
+                )
+                if block.is_error:
+                    result = f"Error: {result}"
+                messages.append({"role": "tool", "content": result, "tool_call_id": block.tool_use_id or ""})
+            elif block.type == "text":
                 parts.append({"type": "text", "text": block.text or ""})
             elif block.type == "image":
                 images.append(_image_source(block.source))
@@ -98,9 +132,13 @@ def to_chat_request(body: MessagesRequest | CountTokensRequest) -> ChatRequest:
                 continue  # earlier turns' reasoning is not fed back, as the chat templates drop it too
             else:
                 raise APIError(400, f"unsupported content block type {block.type!r}")
-        messages.append({"role": message.role, "content": parts})
+        if parts or calls or not messages or messages[-1]["role"] != "tool":
+            entry: dict[str, Any] = {"role": message.role, "content": parts}
+            if calls:
+                entry["tool_calls"] = calls
+            messages.append(entry)
     thinking = body.thinking
-    request = ChatRequest(messages=messages, images=images)
+    request = ChatRequest(messages=messages, images=images, tools=tools, tool_choice=_tool_choice(body.tool_choice))
     if thinking is not None:
         request.enable_thinking = thinking.type != "disabled"
         request.thinking_budget = thinking.budget_tokens if thinking.type == "enabled" else None
@@ -109,6 +147,16 @@ def to_chat_request(body: MessagesRequest | CountTokensRequest) -> ChatRequest:
         request.stop = list(body.stop_sequences or [])
         request.sampling = {k: v for k in ("temperature", "top_p", "top_k") if (v := getattr(body, k)) is not None}
     return request
+
+
+def _tool_choice(choice: ToolChoice | None) -> str:
+    if choice is None or choice.type == "auto":
+        return "auto"
+    if choice.type == "tool":
+        if not choice.name:
+            raise APIError(400, 'tool_choice of type "tool" needs a name')
+        return choice.name
+    return {"any": "required", "none": "none"}[choice.type]
 
 
 def _image_source(source: ImageSource | None) -> str:
@@ -123,12 +171,18 @@ def _image_source(source: ImageSource | None) -> str:
     return f"data:{source.media_type};base64,{source.data}"
 
 
-def _stop(loaded: LoadedModel, event: Any, stops: list[str]) -> tuple[str, str | None]:
+def _stop(event: Any, used_tools: bool) -> tuple[str, str | None]:
+    if used_tools:
+        return "tool_use", None
     if event.finish_reason == "length":
         return "max_tokens", None
     if event.stop_string is not None:
         return "stop_sequence", event.stop_string
     return "end_turn", None
+
+
+def _tool_use(call: ToolCall) -> dict[str, Any]:
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
 
 
 router = APIRouter()
@@ -148,15 +202,23 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
     prepared = await prepare(loaded, chat, request.app.state.settings)
     message_id = f"msg_{uuid.uuid4().hex}"
     stream = submit(loaded, prepared)
+    parser = ToolCallParser("toolu_") if prepared.parse_tools else None
     if body.stream:
-        events = _stream(loaded, stream, message_id, prepared.prompt_tokens, chat.stop)
+        events = _stream(loaded, stream, message_id, prepared.prompt_tokens, parser)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     outcome = await collect(stream, request)
+    text, calls = outcome.text, []
+    if parser is not None:
+        head, calls = parser.feed(text)
+        tail, more = parser.finish()
+        text, calls = head + tail, calls + more
     content: list[dict[str, Any]] = []
     if outcome.reasoning:
         content.append({"type": "thinking", "thinking": outcome.reasoning, "signature": ""})
-    content.append({"type": "text", "text": outcome.text})
-    stop_reason, stop_sequence = _stop(loaded, outcome.last, chat.stop)
+    if text or not calls:
+        content.append({"type": "text", "text": text})
+    content.extend(_tool_use(c) for c in calls)
+    stop_reason, stop_sequence = _stop(outcome.last, bool(calls))
     return {
         "id": message_id,
         "type": "message",
@@ -169,21 +231,40 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
     }
 
 
-async def _stream(loaded: LoadedModel, stream: Any, message_id: str, prompt_tokens: int, stops: list[str]) -> AsyncIterator[str]:
+async def _stream(
+    loaded: LoadedModel, stream: Any, message_id: str, prompt_tokens: int, parser: ToolCallParser | None
+) -> AsyncIterator[str]:
     index = -1
     open_kind: str | None = None
+    wrote_text = False
 
-    def start(kind: str) -> str:
+    def start(block: dict[str, Any]) -> str:
         nonlocal index, open_kind
         index += 1
-        open_kind = kind
-        block = {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else {"type": "text", "text": ""}
+        open_kind = block["type"]
         return sse({"type": "content_block_start", "index": index, "content_block": block}, "content_block_start")
 
     def stop_block() -> str:
         nonlocal open_kind
         open_kind = None
         return sse({"type": "content_block_stop", "index": index}, "content_block_stop")
+
+    def delta(payload: dict[str, Any]) -> str:
+        return sse({"type": "content_block_delta", "index": index, "delta": payload}, "content_block_delta")
+
+    def pieces(kind: str, piece: str) -> list[str]:
+        nonlocal wrote_text
+        out = []
+        if open_kind != kind:
+            if open_kind is not None:
+                out.append(stop_block())
+            out.append(start({"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else {"type": "text", "text": ""}))
+        if kind == "thinking":
+            out.append(delta({"type": "thinking_delta", "thinking": piece}))
+        else:
+            wrote_text = True
+            out.append(delta({"type": "text_delta", "text": piece}))
+        return out
 
     try:
         yield sse({
@@ -198,22 +279,33 @@ async def _stream(loaded: LoadedModel, stream: Any, message_id: str, prompt_toke
             if error is not None:
                 yield sse({"type": "error", "error": {"type": "api_error", "message": error.message}}, "error")
                 return
-            for kind, piece in (("thinking", event.reasoning), ("text", event.text)):
-                if not piece:
-                    continue
-                if open_kind != kind:
-                    if open_kind is not None:
-                        yield stop_block()
-                    yield start(kind)
-                delta = {"type": "thinking_delta", "thinking": piece} if kind == "thinking" else {"type": "text_delta", "text": piece}
-                yield sse({"type": "content_block_delta", "index": index, "delta": delta}, "content_block_delta")
-            if event.finish_reason is not None:
-                if open_kind != "text":  # the answer always has its text block, empty or not
-                    if open_kind is not None:
-                        yield stop_block()
-                    yield start("text")
+            text, calls = event.text, []
+            if parser is not None:
+                text, calls = parser.feed(text)
+                if event.finish_reason is not None:
+                    tail, more = parser.finish()
+                    text, calls = text + tail, calls + more
+            if event.reasoning:
+                for line in pieces("thinking", event.reasoning):
+                    yield line
+            if text:
+                for line in pieces("text", text):
+                    yield line
+            for call in calls:
+                if open_kind is not None:
+                    yield stop_block()
+                yield start({"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
+                yield delta({"type": "input_json_delta", "partial_json": call.arguments_json})
                 yield stop_block()
-                stop_reason, stop_sequence = _stop(loaded, event, stops)
+            if event.finish_reason is not None:
+                used_tools = parser is not None and bool(parser.calls)
+                if not wrote_text and not used_tools:  # an answer always has its text block, even empty
+                    if open_kind is not None:
+                        yield stop_block()
+                    yield start({"type": "text", "text": ""})
+                if open_kind is not None:
+                    yield stop_block()
+                stop_reason, stop_sequence = _stop(event, used_tools)
                 yield sse({
                     "type": "message_delta",
                     "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
