@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import anthropic_api, openai_api
+from . import anthropic_api, openai_api, responses_api
 from .errors import APIError, error_body
 from .host import ServingEngine
 from .settings import ServeSettings
@@ -48,6 +48,7 @@ def create_app(engine: ServingEngine | None = None, settings: ServeSettings | No
     app.state.engine = engine
     app.state.settings = settings
     app.state.counters = ServerCounters()
+    app.state.responses = responses_api.ResponseStore()
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -69,6 +70,7 @@ def create_app(engine: ServingEngine | None = None, settings: ServeSettings | No
 
     app.include_router(openai_api.router)
     app.include_router(anthropic_api.router)
+    app.include_router(responses_api.router)
     _add_admin_routes(app)
     app.add_middleware(_Guard, settings=settings, counters=app.state.counters)
     return app
@@ -190,7 +192,7 @@ class _Guard:
 
 
 _KNOWN = frozenset({
-    "/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/models", "/models", "/health", "/metrics", "/unload",
+    "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/v1/models", "/models", "/health", "/metrics", "/unload",
 })
 
 
