@@ -75,15 +75,11 @@ class RequestStream:
             self._engine._cancel(self)
 
     def _put(self, event: BatchEvent) -> None:
-        """Called on the engine thread."""
-        if self._loop is None:
+        """Called on the engine thread (plain streams) or on the stream's loop (asyncio streams)."""
+        if self._async_queue is None:
             self._sync_queue.put(event)
-            return
-        assert self._async_queue is not None
-        try:
-            self._loop.call_soon_threadsafe(self._async_queue.put_nowait, event)
-        except RuntimeError:  # the caller's loop has closed: nobody is listening any more
-            pass
+        else:
+            self._async_queue.put_nowait(event)
 
     def __iter__(self) -> Iterator[BatchEvent]:
         if self._loop is not None:
@@ -299,8 +295,18 @@ class Engine:
                 routed.append((stream, event))
             self._active = self._generator.active
             self._waiting = self._generator.waiting
+        # One wake-up per event loop per step, not one per event: with many streams that is most of the cost.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, BatchEvent]]] = {}
         for stream, event in routed:
-            stream._put(event)
+            if stream._loop is None:
+                stream._put(event)
+            else:
+                by_loop.setdefault(stream._loop, []).append((stream, event))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_hand_over, batch)
+            except RuntimeError:  # that loop has closed: nobody is listening any more
+                pass
 
     def _finish(self, stream: RequestStream, event: BatchEvent, uid_of: dict[int, int], now: float) -> None:
         uid_of.pop(stream.request_id, None)
@@ -314,6 +320,12 @@ class Engine:
         else:
             counts["finished"] += 1
             self._latency.append(now - stream.submitted_at)
+
+
+def _hand_over(batch: list[tuple[RequestStream, BatchEvent]]) -> None:
+    """Runs on a caller's event loop: queue a step's events for their streams."""
+    for stream, event in batch:
+        stream._put(event)
 
 
 def _arrays_in(root: Any, depth: int = 12) -> Iterator[mx.array]:
