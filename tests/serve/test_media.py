@@ -15,36 +15,27 @@ from .conftest import IMAGES, MODEL, make_server
 PNG = (IMAGES / "rgb_56x56.png").read_bytes()
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
-        if self.path == "/ok.png":
-            self._reply(PNG, "image/png")
-        elif self.path == "/big.png":
-            self._reply(b"\0" * 300_000, "image/png")
-        elif self.path == "/big-unsized.png":
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.end_headers()
-            for _ in range(40):
-                self.wfile.write(b"\0" * 10_000)
-        elif self.path == "/slow.png":
-            time.sleep(3)
-            self._reply(PNG, "image/png")
-        elif self.path == "/redirect":
-            self.send_response(302)
-            self.send_header("Location", "/ok.png")
-            self.end_headers()
-        elif self.path == "/page":
-            self._reply(b"<html>hello</html>", "text/html")
-        else:
-            self.send_error(404)
+# path -> (status, headers, body chunks, delay before answering)
+ROUTES: dict[str, tuple[int, dict[str, str], list[bytes], float]] = {
+    "/ok.png": (200, {"Content-Type": "image/png", "Content-Length": str(len(PNG))}, [PNG], 0.0),
+    "/big.png": (200, {"Content-Type": "image/png", "Content-Length": "300000"}, [b"\0" * 300_000], 0.0),
+    "/big-unsized.png": (200, {"Content-Type": "image/png"}, [b"\0" * 10_000] * 40, 0.0),  # no length: counted
+    "/slow.png": (200, {"Content-Type": "image/png", "Content-Length": str(len(PNG))}, [PNG], 3.0),
+    "/redirect": (302, {"Location": "/ok.png", "Content-Length": "0"}, [], 0.0),
+    "/page": (200, {"Content-Type": "text/html", "Content-Length": "18"}, [b"<html>hello</html>"], 0.0),
+}
 
-    def _reply(self, body: bytes, kind: str) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
+
+class MediaHost(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        status, headers, chunks, delay = ROUTES.get(self.path, (404, {"Content-Length": "0"}, [], 0.0))
+        time.sleep(delay)
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        for chunk in chunks:
+            self.wfile.write(chunk)
 
     def log_message(self, *args) -> None:
         pass
@@ -52,12 +43,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def media_host() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    thread.join(10)
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MediaHost)
+    serving = threading.Thread(target=host.serve_forever, daemon=True)
+    serving.start()
+    try:
+        yield f"http://127.0.0.1:{host.server_address[1]}"
+    finally:
+        host.shutdown()
+        serving.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from .errors import APIError
 from .host import LoadedModel
 from .prompts import ChatRequest, prepare
 from .running import collect, failure, sse, submit
-from .tools import Tool, ToolCall, ToolCallParser
+from .tools import Tool, ToolCall, ToolCallParser, split_calls
 
 __all__ = ["MessagesRequest", "router"]
 
@@ -207,11 +207,7 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
         events = _stream(loaded, stream, message_id, prepared.prompt_tokens, parser)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     outcome = await collect(stream, request)
-    text, calls = outcome.text, []
-    if parser is not None:
-        head, calls = parser.feed(text)
-        tail, more = parser.finish()
-        text, calls = head + tail, calls + more
+    text, calls = split_calls(parser, outcome.text, final=True)
     content: list[dict[str, Any]] = []
     if outcome.reasoning:
         content.append({"type": "thinking", "thinking": outcome.reasoning, "signature": ""})
@@ -279,12 +275,7 @@ async def _stream(
             if error is not None:
                 yield sse({"type": "error", "error": {"type": "api_error", "message": error.message}}, "error")
                 return
-            text, calls = event.text, []
-            if parser is not None:
-                text, calls = parser.feed(text)
-                if event.finish_reason is not None:
-                    tail, more = parser.finish()
-                    text, calls = text + tail, calls + more
+            text, calls = split_calls(parser, event.text, final=event.finish_reason is not None)
             if event.reasoning:
                 for line in pieces("thinking", event.reasoning):
                     yield line

@@ -16,7 +16,7 @@ from .grammar import json_schema_grammar, response_format_schema
 from .host import LoadedModel
 from .prompts import ChatRequest, prepare, token_text
 from .running import collect, failure, sse, submit
-from .tools import Tool, ToolCall, ToolCallParser
+from .tools import Tool, ToolCall, ToolCallParser, split_calls
 
 __all__ = ["ChatCompletionRequest", "router"]
 
@@ -227,12 +227,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     outcome = await collect(stream, request)
     last = outcome.last
-    text, calls = outcome.text, []
-    if prepared.parse_tools:
-        parser = ToolCallParser()
-        head, calls = parser.feed(text)
-        tail, more = parser.finish()
-        text, calls = head + tail, calls + more
+    text, calls = split_calls(ToolCallParser() if prepared.parse_tools else None, outcome.text, final=True)
     message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
     if calls:
         message["tool_calls"] = [_outgoing_call(c) for c in calls]
@@ -285,12 +280,7 @@ async def _stream(
             delta: dict[str, Any] = {}
             if event.reasoning:
                 delta["reasoning_content"] = event.reasoning
-            text, calls = event.text, []
-            if parser is not None:
-                text, calls = parser.feed(text)
-                if event.finish_reason is not None:
-                    tail, more = parser.finish()
-                    text, calls = text + tail, calls + more
+            text, calls = split_calls(parser, event.text, final=event.finish_reason is not None)
             if text:
                 delta["content"] = text
             if calls:

@@ -17,7 +17,7 @@ from .errors import APIError
 from .grammar import json_schema_grammar, response_format_schema
 from .prompts import ChatRequest, prepare
 from .running import collect, failure, sse, submit
-from .tools import Tool, ToolCall, ToolCallParser
+from .tools import Tool, ToolCall, ToolCallParser, split_calls
 
 __all__ = ["ResponseStore", "ResponsesRequest", "router"]
 
@@ -218,13 +218,7 @@ class _Builder:
         self.sequence = 0
 
     def split(self, text: str, *, final: bool) -> tuple[str, list[ToolCall]]:
-        if self.parser is None:
-            return text, []
-        head, calls = self.parser.feed(text)
-        if final:
-            tail, more = self.parser.finish()
-            head, calls = head + tail, calls + more
-        return head, calls
+        return split_calls(self.parser, text, final=final)
 
     def _message(self, text: str, status: str = "completed") -> dict[str, Any]:
         content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []

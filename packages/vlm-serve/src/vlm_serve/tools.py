@@ -18,7 +18,7 @@ import llguidance
 from .errors import APIError
 from .grammar import JSON_LAYOUT
 
-__all__ = ["Tool", "ToolCall", "ToolCallParser", "forced_call_grammar", "render_tools", "resolve_choice"]
+__all__ = ["Tool", "ToolCall", "ToolCallParser", "forced_call_grammar", "render_tools", "resolve_choice", "split_calls"]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -206,6 +206,17 @@ class ToolCallParser:
         if not isinstance(arguments, dict):
             return None
         return ToolCall(new_call_id(self._prefix), value["name"], arguments)
+
+
+def split_calls(parser: ToolCallParser | None, text: str, *, final: bool) -> tuple[str, list[ToolCall]]:
+    """``text`` through ``parser`` (none: no tools, all text); ``final`` also flushes what it held back."""
+    if parser is None:
+        return text, []
+    head, calls = parser.feed(text)
+    if final:
+        tail, more = parser.finish()
+        head, calls = head + tail, calls + more
+    return head, calls
 
 
 def _partial_suffix(text: str, tag: str) -> int:
