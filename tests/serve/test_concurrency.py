@@ -73,3 +73,23 @@ def test_disconnect_mid_stream(server) -> None:
             break
         assert time.monotonic() < deadline, engine
         time.sleep(0.05)
+
+
+def test_disconnect_while_waiting_for_a_whole_answer(server) -> None:
+    """A non-streaming client that gives up is noticed too, and its request stops."""
+    before = httpx.get(f"{server.url}/metrics").json()["engine"]
+    body = {"model": server.model_id, "messages": [{"role": "user", "content": "long"}], "max_tokens": 4000, "ignore_eos": True}
+    try:
+        httpx.post(f"{server.base}/chat/completions", json=body, timeout=0.5)
+    except httpx.TimeoutException:
+        pass
+    else:
+        raise AssertionError("4000 tokens came back within half a second; the test needs a longer request")
+    deadline = time.monotonic() + 10
+    while True:
+        engine = httpx.get(f"{server.url}/metrics").json()["engine"]
+        if engine["cancelled"] > before["cancelled"] and engine["running"] == 0:
+            break
+        assert time.monotonic() < deadline, engine
+        time.sleep(0.05)
+    assert engine["generation_tokens"] - before["generation_tokens"] < 4000
