@@ -10,7 +10,7 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vlm_serve.tools import ToolCallParser
+from vlm_serve.tools import ToolCallParser, ToolFormat, forced_call_grammar, tool_format_for
 
 WEATHER = {
     "type": "function",
@@ -68,6 +68,56 @@ def test_parser_streamed_in_any_pieces_equals_whole(cuts) -> None:
         calls += c
     t, c = parser.finish()
     assert (text + t, [(x.name, x.arguments) for x in calls + c]) == parse_whole(SAMPLE)
+
+
+def run_parser(parser, pieces):
+    text, calls = "", []
+    for piece in pieces:
+        t, c = parser.feed(piece)
+        text += t
+        calls += c
+    t, c = parser.finish()
+    return text + t, [(x.name, x.arguments) for x in calls + c]
+
+
+@pytest.mark.parametrize(
+    "style, answer, expected",
+    [
+        ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": "{}"}]', ("", [("f", {"x": 1}), ("g", {})])),
+        ("mistral", ' [{"name": "f", "arguments": {}}]', ("", [("f", {})])),  # the marker was decoded away
+        ("mistral", "[1] is a citation", ("[1] is a citation", [])),
+        ("mistral", "plain answer", ("plain answer", [])),
+        ("pythonic", '[get_weather(city="Paris", unit="C"), now()]', ("", [("get_weather", {"city": "Paris", "unit": "C"}), ("now", {})])),
+        ("pythonic", "[f(1)]", ("[f(1)]", [])),  # positional arguments are not a call we can name
+        ("pythonic", "[os.system('x')]", ("[os.system('x')]", [])),
+        ("pythonic", "[f(x=open('y'))]", ("[f(x=open('y'))]", [])),  # only literal values
+        ("pythonic", "Hello [there]", ("Hello [there]", [])),
+    ],
+)
+def test_whole_answer_formats(style, answer, expected) -> None:
+    assert run_parser(ToolFormat(style).parser(), [answer]) == expected
+    assert run_parser(ToolFormat(style).parser(), list(answer)) == expected  # one character at a time
+
+
+def test_plain_text_streams_at_once_in_whole_answer_formats() -> None:
+    parser = ToolFormat("pythonic").parser()
+    assert parser.feed("Hi") == ("Hi", [])
+    assert parser.feed(" there") == (" there", [])
+
+
+def test_format_detection_and_forced_grammars() -> None:
+    assert tool_format_for("{{ '[TOOL_CALLS]' }}").style == "mistral"
+    assert tool_format_for("[func_name1(params_name1=params_value1)]").style == "pythonic"
+    assert tool_format_for("{% for tool in tools %}<tool_call>").style == "hermes"
+    assert tool_format_for(None).style == "hermes"
+    from vlm_serve.tools import Tool
+
+    tools = [Tool("f", "", {"type": "object"})]
+    assert forced_call_grammar(tools, "required", "mistral") and forced_call_grammar(tools, "auto", "mistral") is None
+    from vlm_serve.errors import APIError
+
+    with pytest.raises(APIError, match="pythonic"):
+        forced_call_grammar(tools, "f", "pythonic")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from .errors import APIError
 from .host import LoadedModel
 from .prompts import ChatRequest, prepare
 from .running import collect, failure, sse, submit
-from .tools import Tool, ToolCall, ToolCallParser, split_calls
+from .tools import CallParser, Tool, ToolCall, split_calls
 
 __all__ = ["MessagesRequest", "router"]
 
@@ -202,7 +202,7 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
     prepared = await prepare(loaded, chat, request.app.state.settings)
     message_id = f"msg_{uuid.uuid4().hex}"
     stream = submit(loaded, prepared)
-    parser = ToolCallParser("toolu_") if prepared.parse_tools else None
+    parser = prepared.tool_parser("toolu_")
     if body.stream:
         events = _stream(loaded, stream, message_id, prepared.prompt_tokens, parser)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -228,7 +228,7 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
 
 
 async def _stream(
-    loaded: LoadedModel, stream: Any, message_id: str, prompt_tokens: int, parser: ToolCallParser | None
+    loaded: LoadedModel, stream: Any, message_id: str, prompt_tokens: int, parser: CallParser | None
 ) -> AsyncIterator[str]:
     index = -1
     open_kind: str | None = None

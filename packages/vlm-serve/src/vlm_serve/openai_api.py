@@ -16,7 +16,7 @@ from .grammar import json_schema_grammar, response_format_schema
 from .host import LoadedModel
 from .prompts import ChatRequest, prepare, token_text
 from .running import collect, failure, sse, submit
-from .tools import Tool, ToolCall, ToolCallParser, split_calls
+from .tools import CallParser, Tool, ToolCall, split_calls
 
 __all__ = ["ChatCompletionRequest", "router"]
 
@@ -222,12 +222,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     stream = submit(loaded, prepared)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        parser = ToolCallParser() if prepared.parse_tools else None
+        parser = prepared.tool_parser()
         chunks = _stream(loaded, stream, completion_id, created, body.logprobs, include_usage, parser)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     outcome = await collect(stream, request)
     last = outcome.last
-    text, calls = split_calls(ToolCallParser() if prepared.parse_tools else None, outcome.text, final=True)
+    text, calls = split_calls(prepared.tool_parser(), outcome.text, final=True)
     message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
     if calls:
         message["tool_calls"] = [_outgoing_call(c) for c in calls]
@@ -254,7 +254,7 @@ async def _stream(
     created: int,
     logprobs: bool | None,
     include_usage: bool,
-    parser: ToolCallParser | None,
+    parser: CallParser | None,
 ) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> str:
         data: dict[str, Any] = {

@@ -16,7 +16,7 @@ from .errors import APIError
 from .host import LoadedModel
 from .media import fetch_image
 from .settings import ServeSettings
-from .tools import Tool, forced_call_grammar, render_tools, resolve_choice
+from .tools import CallParser, Tool, ToolFormat, render_tools, resolve_choice, tool_format_for
 
 __all__ = ["ChatRequest", "PreparedRequest", "prepare", "token_text"]
 
@@ -54,8 +54,11 @@ class PreparedRequest:
     config: GenerationConfig
     thinking: ThinkingConfig
     constraints: tuple[Any, ...] = ()
-    parse_tools: bool = False
-    """The output may hold tool calls to parse out."""
+    tool_format: ToolFormat | None = None
+    """Where the output may hold tool calls: the format to parse them out of."""
+
+    def tool_parser(self, id_prefix: str = "call_") -> CallParser | None:
+        return self.tool_format.parser(id_prefix) if self.tool_format is not None else None
 
 
 async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSettings) -> PreparedRequest:
@@ -70,7 +73,8 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
     choice = resolve_choice(request.tool_choice, request.tools)
     tools = request.tools if choice != "none" else []
     grammar = request.grammar
-    forced = forced_call_grammar(tools, choice)
+    tool_format = tool_format_for(loaded.processor.chat_template)
+    forced = tool_format.forced_grammar(tools, choice) if tools else None
     if forced is not None:
         if grammar is not None:
             raise APIError(400, "a structured output format cannot be combined with a forced tool call", param="tool_choice")
@@ -114,7 +118,7 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
         logprobs=config.logprobs,
         top_logprobs=config.top_logprobs,
     )
-    return PreparedRequest(inputs, prompt_tokens, sampling, config, thinking, constraints, parse_tools=bool(tools))
+    return PreparedRequest(inputs, prompt_tokens, sampling, config, thinking, constraints, tool_format if tools else None)
 
 
 def _options(request: ChatRequest, settings: ServeSettings) -> tuple[SamplingParams, GenerationConfig, ThinkingConfig]:

@@ -17,7 +17,7 @@ from .errors import APIError
 from .grammar import json_schema_grammar, response_format_schema
 from .prompts import ChatRequest, prepare
 from .running import collect, failure, sse, submit
-from .tools import Tool, ToolCall, ToolCallParser, split_calls
+from .tools import CallParser, Tool, ToolCall, split_calls
 
 __all__ = ["ResponseStore", "ResponsesRequest", "router"]
 
@@ -189,7 +189,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     )
     prepared = await prepare(loaded, chat, request.app.state.settings)
     stream = submit(loaded, prepared)
-    builder = _Builder(body, loaded.model_id, ToolCallParser() if prepared.parse_tools else None)
+    builder = _Builder(body, loaded.model_id, prepared.tool_parser())
 
     def remember(text: str, calls: list[ToolCall]) -> None:
         if body.store is False:
@@ -210,7 +210,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
 class _Builder:
     """The response object and its streaming events for one request."""
 
-    def __init__(self, body: ResponsesRequest, model_id: str, parser: ToolCallParser | None) -> None:
+    def __init__(self, body: ResponsesRequest, model_id: str, parser: CallParser | None) -> None:
         self.body, self.model_id, self.parser = body, model_id, parser
         self.id = f"resp_{uuid.uuid4().hex}"
         self.message_id = f"msg_{uuid.uuid4().hex}"

@@ -1,5 +1,8 @@
-"""Tool calling in the Hermes / Qwen format: definitions into the prompt, ``<tool_call>{json}</tool_call>``
-blocks out of the generated text (streamed or not), and a grammar that forces a call when the request says so.
+"""Tool calling: definitions into the prompt, calls out of the generated text (streamed or not), and a grammar
+that forces a call when the request says so.
+
+Three output formats, chosen from the checkpoint's chat template: Hermes / Qwen ``<tool_call>{json}</tool_call>``
+blocks (the default), Mistral's ``[TOOL_CALLS][{json}, ...]`` and the pythonic ``[f(x=1), g()]`` of Llama 3.2+.
 
 Templates that render tools themselves (Qwen2.5's, Hermes') get the definitions and the tool messages as they
 are; for templates that do not, the tools are described in a system message and calls/results are written in
@@ -8,17 +11,29 @@ the same tags, so the conversation still reads the way the model family was trai
 
 from __future__ import annotations
 
+import ast
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import llguidance
 
 from .errors import APIError
 from .grammar import JSON_LAYOUT
 
-__all__ = ["Tool", "ToolCall", "ToolCallParser", "forced_call_grammar", "render_tools", "resolve_choice", "split_calls"]
+__all__ = [
+    "Tool",
+    "ToolCall",
+    "ToolCallParser",
+    "ToolFormat",
+    "WholeAnswerCallParser",
+    "forced_call_grammar",
+    "render_tools",
+    "resolve_choice",
+    "split_calls",
+    "tool_format_for",
+]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -59,11 +74,8 @@ def resolve_choice(choice: str, tools: list[Tool]) -> str:
     return choice
 
 
-def forced_call_grammar(tools: list[Tool], choice: str) -> str | None:
-    """For "required" or a named tool: a grammar that admits exactly one call block of an allowed tool, with
-    arguments valid under that tool's schema. None for "auto"."""
-    if choice in ("auto", "none"):
-        return None
+def _call_schema(tools: list[Tool], choice: str) -> dict[str, Any]:
+    """The JSON schema of one call of an allowed tool: {"name": <that tool>, "arguments": <its schema>}."""
     allowed = [t for t in tools if choice == "required" or t.name == choice]
     variants = [
         {
@@ -74,10 +86,24 @@ def forced_call_grammar(tools: list[Tool], choice: str) -> str | None:
         }
         for t in allowed
     ]
-    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
-    schema = {**schema, "x-guidance": JSON_LAYOUT}
-    lark = f'start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\ncall: %json {json.dumps(schema)}\n'
-    return llguidance.LLMatcher.grammar_from_lark(lark)
+    return variants[0] if len(variants) == 1 else {"anyOf": variants}
+
+
+def forced_call_grammar(tools: list[Tool], choice: str, style: str = "hermes") -> str | None:
+    """For "required" or a named tool: a grammar that admits exactly one call of an allowed tool, with
+    arguments valid under that tool's schema, in the model's format. None for "auto"."""
+    if choice in ("auto", "none"):
+        return None
+    schema = _call_schema(tools, choice)
+    if style == "hermes":
+        schema = {**schema, "x-guidance": JSON_LAYOUT}
+        lark = f'start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\ncall: %json {json.dumps(schema)}\n'
+        return llguidance.LLMatcher.grammar_from_lark(lark)
+    if style == "mistral":  # the [TOOL_CALLS] marker is a control token: the list of calls follows it
+        return llguidance.LLMatcher.grammar_from_json_schema(
+            {"type": "array", "items": schema, "minItems": 1, "maxItems": 1}, defaults=JSON_LAYOUT
+        )
+    raise APIError(400, f"tool_choice {choice!r} cannot be enforced for this model's {style} tool-call format", param="tool_choice")
 
 
 def template_renders_tools(chat_template: str | None) -> bool:
@@ -208,7 +234,7 @@ class ToolCallParser:
         return ToolCall(new_call_id(self._prefix), value["name"], arguments)
 
 
-def split_calls(parser: ToolCallParser | None, text: str, *, final: bool) -> tuple[str, list[ToolCall]]:
+def split_calls(parser: CallParser | None, text: str, *, final: bool) -> tuple[str, list[ToolCall]]:
     """``text`` through ``parser`` (none: no tools, all text); ``final`` also flushes what it held back."""
     if parser is None:
         return text, []
@@ -217,6 +243,135 @@ def split_calls(parser: ToolCallParser | None, text: str, *, final: bool) -> tup
         tail, more = parser.finish()
         head, calls = head + tail, calls + more
     return head, calls
+
+
+class CallParser(Protocol):
+    calls: list[ToolCall]
+
+    def feed(self, piece: str) -> tuple[str, list[ToolCall]]: ...
+
+    def finish(self) -> tuple[str, list[ToolCall]]: ...
+
+
+class WholeAnswerCallParser:
+    """For formats where the whole answer is the list of calls (Mistral, pythonic): an answer whose first
+    non-blank text starts with ``opener`` is held back and parsed at the end; any other answer is plain text,
+    streamed as it comes. An answer that does not parse stays text."""
+
+    def __init__(self, opener: str, parse: Callable[[str], list[tuple[str, dict[str, Any]]] | None], id_prefix: str = "call_") -> None:
+        self._opener, self._parse, self._prefix = opener, parse, id_prefix
+        self._buffer = ""
+        self._mode: str | None = None  # None: undecided, "text", "calls"
+        self.calls: list[ToolCall] = []
+
+    def feed(self, piece: str) -> tuple[str, list[ToolCall]]:
+        if self._mode == "text":
+            return piece, []
+        self._buffer += piece
+        start = self._buffer.lstrip()
+        if self._mode is None and start:
+            if start.startswith(self._opener):
+                self._mode = "calls"
+            elif not self._opener.startswith(start):
+                self._mode = "text"
+                text, self._buffer = self._buffer, ""
+                return text, []
+        return "", []
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        text, self._buffer = self._buffer, ""
+        if self._mode != "calls":
+            return text, []
+        parsed = self._parse(text.strip())
+        if not parsed:
+            return text, []
+        calls = [ToolCall(new_call_id(self._prefix), name, arguments) for name, arguments in parsed]
+        self.calls.extend(calls)
+        return "", calls
+
+
+MISTRAL_MARKER = "[TOOL_CALLS]"
+
+
+def parse_json_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
+    """Mistral's list of {"name": ..., "arguments": {...}} (one bare object is accepted too)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        arguments = item.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                return None
+        if not isinstance(arguments, dict):
+            return None
+        calls.append((item["name"], arguments))
+    return calls or None
+
+
+def parse_pythonic_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
+    """``[f(a=1, b="x"), g()]``: a list of calls with keyword arguments whose values are Python literals."""
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        return None
+    if not isinstance(tree, ast.List) or not tree.elts:
+        return None
+    calls = []
+    for node in tree.elts:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+            return None
+        try:
+            arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg is not None}
+        except ValueError:
+            return None
+        if len(arguments) != len(node.keywords):
+            return None
+        calls.append((node.func.id, arguments))
+    return calls
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    style: str
+    """"hermes", "mistral" or "pythonic"."""
+
+    def parser(self, id_prefix: str = "call_") -> CallParser:
+        if self.style == "mistral":
+            # The marker is a special token that decoding usually drops; the answer then starts with the list.
+            return _MistralParser(id_prefix)
+        if self.style == "pythonic":
+            return WholeAnswerCallParser("[", parse_pythonic_calls, id_prefix)
+        return ToolCallParser(id_prefix)
+
+    def forced_grammar(self, tools: list[Tool], choice: str) -> str | None:
+        return forced_call_grammar(tools, choice, self.style)
+
+
+class _MistralParser(WholeAnswerCallParser):
+    def __init__(self, id_prefix: str) -> None:
+        super().__init__("[", self._parse_marked, id_prefix)
+
+    @staticmethod
+    def _parse_marked(text: str) -> list[tuple[str, dict[str, Any]]] | None:
+        return parse_json_calls(text[len(MISTRAL_MARKER) :] if text.startswith(MISTRAL_MARKER) else text)
+
+
+def tool_format_for(chat_template: str | None) -> ToolFormat:
+    """The tool-call format a checkpoint's template speaks (Hermes / Qwen when it says nothing else)."""
+    template = chat_template or ""
+    if MISTRAL_MARKER in template:
+        return ToolFormat("mistral")
+    if "func_name1(" in template or "[func_name(" in template:  # how Llama 3.2+ templates spell the format
+        return ToolFormat("pythonic")
+    return ToolFormat("hermes")
 
 
 def _partial_suffix(text: str, tag: str) -> int:
