@@ -69,6 +69,11 @@ class RequestStream:
         self.first_token_at: float | None = None
         self.done = False
 
+    @property
+    def pending(self) -> int:
+        """Events delivered but not read yet."""
+        return self._async_queue.qsize() if self._async_queue is not None else self._sync_queue.qsize()
+
     def cancel(self) -> None:
         """Stop generating; the stream then ends with a "cancelled" event. A no-op once the request is done."""
         if not self.done:

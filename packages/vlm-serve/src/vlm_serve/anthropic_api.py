@@ -6,13 +6,12 @@ import uuid
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import APIError
 from .host import LoadedModel
 from .prompts import ChatRequest, prepare
-from .running import collect, failure, sse, submit
+from .running import collect, failure, sse, streaming_response, submit
 from .tools import CallParser, Tool, ToolCall, split_calls
 
 __all__ = ["MessagesRequest", "router"]
@@ -205,7 +204,7 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
     parser = prepared.tool_parser("toolu_")
     if body.stream:
         events = _stream(loaded, stream, message_id, prepared.prompt_tokens, parser)
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return streaming_response(events, stream)
     outcome = await collect(stream, request)
     text, calls = split_calls(parser, outcome.text, final=True)
     content: list[dict[str, Any]] = []

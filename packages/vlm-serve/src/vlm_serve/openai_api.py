@@ -8,14 +8,13 @@ import uuid
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import APIError
 from .grammar import json_schema_grammar, response_format_schema
 from .host import LoadedModel
 from .prompts import ChatRequest, prepare, token_text
-from .running import collect, failure, sse, submit
+from .running import collect, failure, sse, streaming_response, submit
 from .tools import CallParser, Tool, ToolCall, split_calls
 
 __all__ = ["ChatCompletionRequest", "router"]
@@ -224,7 +223,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         parser = prepared.tool_parser()
         chunks = _stream(loaded, stream, completion_id, created, body.logprobs, include_usage, parser)
-        return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return streaming_response(chunks, stream)
     outcome = await collect(stream, request)
     last = outcome.last
     text, calls = split_calls(prepared.tool_parser(), outcome.text, final=True)

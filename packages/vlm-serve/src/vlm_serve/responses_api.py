@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import APIError
 from .grammar import json_schema_grammar, response_format_schema
 from .prompts import ChatRequest, prepare
-from .running import collect, failure, sse, submit
+from .running import collect, failure, sse, streaming_response, submit
 from .tools import CallParser, Tool, ToolCall, split_calls
 
 __all__ = ["ResponseStore", "ResponsesRequest", "router"]
@@ -200,7 +199,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
         store.put(builder.id, history + [turn], images)
 
     if body.stream:
-        return StreamingResponse(builder.stream(stream, remember), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return streaming_response(builder.stream(stream, remember), stream)
     outcome = await collect(stream, request)
     text, calls = builder.split(outcome.text, final=True)
     remember(text, calls)

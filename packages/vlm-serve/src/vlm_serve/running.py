@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from vlm_runtime import EngineBusy, RequestStream
 from vlm_runtime.batch import BatchEvent
 
@@ -15,7 +16,7 @@ from .errors import APIError
 from .host import LoadedModel
 from .prompts import PreparedRequest
 
-__all__ = ["Outcome", "collect", "sse", "submit"]
+__all__ = ["Outcome", "collect", "sse", "streaming_response", "submit"]
 
 DISCONNECT_POLL_S = 0.25
 
@@ -78,6 +79,23 @@ async def _cancel_on_disconnect(stream: RequestStream, request: Request) -> None
             stream.cancel()
             return
         await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+async def coalesce(chunks: AsyncIterator[str], stream: RequestStream) -> AsyncIterator[str]:
+    """Join the SSE chunks of events that were already waiting into one write: under load the engine runs
+    ahead of the event loop, and one socket write per token per client is then most of the server's work."""
+    held: list[str] = []
+    async for chunk in chunks:
+        held.append(chunk)
+        if stream.pending == 0:
+            yield "".join(held)
+            held = []
+    if held:
+        yield "".join(held)
+
+
+def streaming_response(chunks: AsyncIterator[str], stream: RequestStream) -> StreamingResponse:
+    return StreamingResponse(coalesce(chunks, stream), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def sse(data: Any, event: str | None = None) -> str:
