@@ -41,6 +41,9 @@ def image(url: str) -> list:
         ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
         ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 50, "logprobs": True}, 400, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "x"}], "stop": [""]}, 400, "stop"),
+        ({"messages": [{"role": "user", "content": "x"}], "thinking_budget": 3}, 400, "thinking block"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n=1"),
+        ({"messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]}, 400, "video"),
     ],
 )
 def test_malformed_requests(server, body, status, says) -> None:

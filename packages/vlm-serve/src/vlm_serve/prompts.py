@@ -69,7 +69,9 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
         try:
             resolve_thinking_tokens(thinking, loaded.processor.encode)
         except ValueError as e:
-            raise APIError(400, str(e), param="thinking_budget") from e
+            if request.thinking_budget is not None:
+                raise APIError(400, str(e), param="thinking_budget") from e
+            thinking = ThinkingConfig()  # the server's default budget; this model has no thinking block
     choice = resolve_choice(request.tool_choice, request.tools)
     tools = request.tools if choice != "none" else []
     grammar = request.grammar
