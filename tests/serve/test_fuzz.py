@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
@@ -21,13 +22,18 @@ def fuzz_schema(loaded_model):
     engine.close()
 
 
-def test_no_server_errors(fuzz_schema) -> None:
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_no_server_errors(fuzz_schema, mode) -> None:
+    """Positive: data that fits the schema (it generates, within 3 tokens); negative: data that breaks it."""
     operations = [result.ok() for result in fuzz_schema.get_all_operations()]
     assert len(operations) == 9  # every route is in the schema
+    if mode is GenerationMode.NEGATIVE:  # only a body can be wrong: the other routes take no input
+        operations = [op for op in operations if len(op.body) > 0]
+        assert len(operations) == 4
     for operation in operations:
 
-        @given(operation.as_strategy())
-        @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(operation.as_strategy(mode))
+        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def call(case) -> None:
             response = case.call()
             case.validate_response(response, checks=[not_a_server_error])

@@ -81,6 +81,13 @@ def test_body_over_the_limit(server) -> None:
     assert response.status_code == 413 and response.json()["error"]["type"] == "request_too_large"
 
 
+def test_wrong_method_and_path(server) -> None:
+    assert openai_error(httpx.get(f"{server.base}/chat/completions"), 405)
+    assert openai_error(httpx.get(f"{server.base}/nowhere"), 404)
+    response = httpx.get(f"{server.url}/v1/messages")
+    assert response.status_code == 405 and response.json()["type"] == "error"
+
+
 def test_server_still_serves_after_bad_input(server) -> None:
     assert post(server, chat(server, "still there?")).status_code == 200
 
