@@ -184,17 +184,13 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
     return {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
 
 
-router = APIRouter()
 
-
-@router.post("/v1/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
     loaded = await request.app.state.engine.get(body.model)
     prepared = await prepare(loaded, to_chat_request(body), request.app.state.settings)
     return {"input_tokens": prepared.prompt_tokens}
 
 
-@router.post("/v1/messages")
 async def messages(body: MessagesRequest, request: Request) -> Any:
     loaded = await request.app.state.engine.get(body.model)
     chat = to_chat_request(body)
@@ -304,3 +300,11 @@ async def _stream(
                 yield sse({"type": "message_stop"}, "message_stop")
     finally:
         stream.cancel()
+
+
+def router() -> APIRouter:
+    """This API's routes, made fresh for each app."""
+    routes = APIRouter()
+    routes.add_api_route("/v1/messages/count_tokens", count_tokens, methods=["POST"])
+    routes.add_api_route("/v1/messages", messages, methods=["POST"])
+    return routes

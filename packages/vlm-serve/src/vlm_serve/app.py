@@ -68,9 +68,9 @@ def create_app(engine: ServingEngine | None = None, settings: ServeSettings | No
         message = f"internal error: {type(exc).__name__}: {exc}"
         return JSONResponse(error_body(500, message, request.url.path), status_code=500)
 
-    app.include_router(openai_api.router)
-    app.include_router(anthropic_api.router)
-    app.include_router(responses_api.router)
+    app.include_router(openai_api.router())
+    app.include_router(anthropic_api.router())
+    app.include_router(responses_api.router())
     _add_admin_routes(app)
     app.add_middleware(_Guard, settings=settings, counters=app.state.counters)
     return app

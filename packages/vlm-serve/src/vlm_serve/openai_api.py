@@ -208,10 +208,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-router = APIRouter()
 
-
-@router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     settings = request.app.state.settings
     loaded = await request.app.state.engine.get(body.model)
@@ -304,3 +301,10 @@ async def _stream(
         yield "data: [DONE]\n\n"
     finally:
         stream.cancel()
+
+
+def router() -> APIRouter:
+    """This API's routes, made fresh for each app."""
+    routes = APIRouter()
+    routes.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    return routes

@@ -161,10 +161,7 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> str:
     raise APIError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", "name": ...}', param="tool_choice")
 
 
-router = APIRouter()
 
-
-@router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request) -> Any:
     store: ResponseStore = request.app.state.responses
     loaded = await request.app.state.engine.get(body.model)
@@ -320,3 +317,10 @@ class _Builder:
             yield self.event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
         finally:
             stream.cancel()
+
+
+def router() -> APIRouter:
+    """This API's routes, made fresh for each app."""
+    routes = APIRouter()
+    routes.add_api_route("/v1/responses", create_response, methods=["POST"])
+    return routes
