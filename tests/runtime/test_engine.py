@@ -146,3 +146,23 @@ def test_per_request_constraints(model: ToyModel) -> None:
     assert len(text) == 9 and set(text) <= {"a", "b"}
     prompt_length = len(processor.prepare_inputs("abc")["input_ids"][0])
     assert constraint.lengths == list(range(prompt_length, prompt_length + 9))
+
+
+def test_a_failing_constraint_ends_only_its_request(model: ToyModel) -> None:
+    processor = ByteProcessor()
+    config = GenerationConfig(max_tokens=8, ignore_eos=True)
+    calls = []
+
+    def breaks_on_the_third_token(logits, history, generated):
+        calls.append(generated)
+        if len(calls) == 3:
+            raise RuntimeError("grammar in an error state")
+        return logits
+
+    expected = generate(model, processor, "steady", max_tokens=8, ignore_eos=True).text
+    with Engine(model, processor) as engine:
+        doomed = engine.submit(processor.prepare_inputs("doomed"), config=config, constraints=[breaks_on_the_third_token])
+        steady = engine.submit(processor.prepare_inputs("steady"), config=config)
+        text, finish, events = collect(doomed)
+        assert finish == "error" and "grammar in an error state" in events[-1].error and len(events) == 3
+        assert collect(steady)[0] == expected

@@ -219,7 +219,13 @@ class BatchGenerator:
             return [self._emit(row, self._overridden(row, t), None) for row, t in zip(self._rows, chosen)]
         events = []
         for i, row in enumerate(self._rows):
-            token, logprobs = self._choose(row, logits[i : i + 1])
+            try:
+                token, logprobs = self._choose(row, logits[i : i + 1])
+            except Exception as exc:  # a request's own processor (a grammar, say) failed: that request ends
+                row.finish = "error"
+                message = f"{type(exc).__name__}: {exc}"
+                events.append(BatchEvent(row.uid, -1, "", "", "error", row.prompt_tokens, row.generated, error=message))
+                continue
             events.append(self._emit(row, self._overridden(row, token.item()), logprobs))
         return events
 
