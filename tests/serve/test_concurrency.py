@@ -4,20 +4,36 @@ leaves mid-stream frees its slot without disturbing the others."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 
 import httpx
 import openai
 
+from .conftest import IMAGES
+
 CLIENTS = 32
 TOKENS = 12
 
 
-def prompts() -> list[str]:
-    return [f"Client {i} asks: {'why ' * (i % 5)}?" for i in range(CLIENTS)]
+IMAGES_FOR = {3: "rgb_56x56.png", 10: "rgb_112x168.png", 17: "gray_120x80.png", 24: "rgb_56x56.png"}
+"""Some clients send an image: they are prefilled alone (vision tower, their own rotary offsets), then decode
+in the shared batch."""
 
 
-async def stream_one(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int = TOKENS) -> str:
+def prompts() -> list:
+    out: list = []
+    for i in range(CLIENTS):
+        text = f"Client {i} asks: {'why ' * (i % 5)}?"
+        if i in IMAGES_FOR:
+            image = base64.b64encode((IMAGES / IMAGES_FOR[i]).read_bytes()).decode()
+            out.append([{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}, {"type": "text", "text": text}])
+        else:
+            out.append(text)
+    return out
+
+
+async def stream_one(client: openai.AsyncOpenAI, model: str, prompt, max_tokens: int = TOKENS) -> str:
     stream = await client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True
     )
@@ -35,14 +51,17 @@ def test_concurrent_streams_equal_single_requests(server) -> None:
         async with openai.AsyncOpenAI(base_url=server.base, api_key="x", max_retries=0) as client:
             return await asyncio.gather(*(stream_one(client, server.model_id, p) for p in prompts()))
 
+    hits_before = httpx.get(f"{server.url}/metrics").json()["vision_cache"]["hits"]
     together = asyncio.run(main())
     assert together == alone
+    # The images were seen in the single-request pass: their vision features come from the cache now.
+    assert httpx.get(f"{server.url}/metrics").json()["vision_cache"]["hits"] >= hits_before + len(IMAGES_FOR)
     assert len(set(alone)) > CLIENTS // 2  # distinct prompts, distinct answers: no cross-talk to hide behind
 
 
 def test_disconnect_mid_stream(server) -> None:
     before = httpx.get(f"{server.url}/metrics").json()["engine"]["cancelled"]
-    survivors = prompts()[:4]
+    survivors = prompts()[:4]  # one of them with an image
     sync = openai.OpenAI(base_url=server.base, api_key="x", max_retries=0)
     alone = [
         sync.chat.completions.create(model=server.model_id, messages=[{"role": "user", "content": p}], max_tokens=40).choices[0].message.content
