@@ -33,7 +33,7 @@ def test_no_server_errors(fuzz_schema, mode) -> None:
     for operation in operations:
 
         @given(operation.as_strategy(mode))
-        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def call(case) -> None:
             response = case.call()
             case.validate_response(response, checks=[not_a_server_error])

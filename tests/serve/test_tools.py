@@ -60,14 +60,7 @@ def test_parser_unclosed_block_at_the_end() -> None:
 def test_parser_streamed_in_any_pieces_equals_whole(cuts) -> None:
     points = sorted(set(cuts))
     pieces = [SAMPLE[a:b] for a, b in zip([0, *points], [*points, len(SAMPLE)])]
-    parser = ToolCallParser()
-    text, calls = "", []
-    for piece in pieces:
-        t, c = parser.feed(piece)
-        text += t
-        calls += c
-    t, c = parser.finish()
-    assert (text + t, [(x.name, x.arguments) for x in calls + c]) == parse_whole(SAMPLE)
+    assert run_parser(ToolCallParser(), pieces) == parse_whole(SAMPLE)
 
 
 def run_parser(parser, pieces):

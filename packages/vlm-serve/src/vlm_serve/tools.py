@@ -218,20 +218,10 @@ class ToolCallParser:
 
     def _parse(self, body: str) -> ToolCall | None:
         try:
-            value = json.loads(body)
+            call = _name_and_arguments(json.loads(body))
         except json.JSONDecodeError:
             return None
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-            return None
-        arguments = value.get("arguments", value.get("parameters", {}))
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                return None
-        if not isinstance(arguments, dict):
-            return None
-        return ToolCall(new_call_id(self._prefix), value["name"], arguments)
+        return ToolCall(new_call_id(self._prefix), *call) if call is not None else None
 
 
 def split_calls(parser: CallParser | None, text: str, *, final: bool) -> tuple[str, list[ToolCall]]:
@@ -299,21 +289,21 @@ def parse_json_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
         value = json.loads(text)
     except json.JSONDecodeError:
         return None
-    items = value if isinstance(value, list) else [value]
-    calls = []
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+    calls = [_name_and_arguments(item) for item in (value if isinstance(value, list) else [value])]
+    return None if not calls or None in calls else calls  # type: ignore[return-value]
+
+
+def _name_and_arguments(value: Any) -> tuple[str, dict[str, Any]] | None:
+    """{"name": str, "arguments": {...}} (arguments may be a JSON string, or be called "parameters")."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
             return None
-        arguments = item.get("arguments", {})
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                return None
-        if not isinstance(arguments, dict):
-            return None
-        calls.append((item["name"], arguments))
-    return calls or None
+    return (value["name"], arguments) if isinstance(arguments, dict) else None
 
 
 def parse_pythonic_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
