@@ -80,7 +80,23 @@ def test_remote_images(capped, media_host) -> None:
 
 
 def test_unload_then_lazy_reload(capped) -> None:
+    lines: list[str] = []
+    body = {"model": capped.model_id, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4000, "ignore_eos": True, "stream": True}
+
+    def long_stream() -> None:
+        with httpx.stream("POST", f"{capped.base}/chat/completions", json=body, timeout=30) as response:
+            lines.extend(line for line in response.iter_lines() if line)
+
+    reader = threading.Thread(target=long_stream)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{capped.url}/metrics").json()["engine"]["running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     assert httpx.post(f"{capped.url}/unload").json() == {"unloaded": capped.model_id}
+    reader.join(30)
+    # The stream in flight is told, in its own format, and still ends properly.
+    assert "unloaded" in lines[-2] and '"error"' in lines[-2] and lines[-1] == "data: [DONE]"
     assert httpx.get(f"{capped.url}/health").json()["loaded"] is False
     assert [m["id"] for m in httpx.get(f"{capped.base}/models").json()["data"]] == [capped.model_id]
     body = {"model": capped.model_id, "messages": [{"role": "user", "content": "back?"}], "max_tokens": 2}

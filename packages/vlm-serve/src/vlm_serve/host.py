@@ -86,7 +86,7 @@ class ServingEngine:
             if current is not None and self._accepts(target, current.model_id):
                 return current
             if current is not None:
-                self._unload()
+                await asyncio.to_thread(self._unload)  # joining the engine thread must not stall the loop
             self._loaded = await asyncio.to_thread(self._load, target)
             return self._loaded
 
@@ -104,7 +104,7 @@ class ServingEngine:
 
     async def unload(self) -> str | None:
         async with self._lock:
-            return self._unload()
+            return await asyncio.to_thread(self._unload)
 
     def _unload(self) -> str | None:
         current, self._loaded = self._loaded, None
