@@ -178,3 +178,47 @@ def test_bad_tool_requests(server) -> None:
     ]:
         response = httpx.post(f"{server.base}/chat/completions", json={**base, **extra}, timeout=30)
         assert response.status_code == 400 and says in response.json()["error"]["message"], response.text
+
+
+CONVERSATION = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "name": "get_weather", "arguments": {"city": "Oslo"}}]},
+    {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+]
+NATIVE_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nTOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}<|im_end|>\n{% endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% endif %}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }}{{ c.function.arguments | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+)
+
+
+def test_templates_that_render_tools_get_them_as_they_are(loaded_model) -> None:
+    import copy
+
+    from vlm_models import apply_chat_template
+    from vlm_serve.tools import Tool, render_tools
+
+    processor = copy.copy(loaded_model[1])
+    processor.chat_template = NATIVE_TEMPLATE
+    tools = [Tool("get_weather", "weather", WEATHER["function"]["parameters"])]
+    messages, for_template = render_tools(CONVERSATION, tools, NATIVE_TEMPLATE)
+    prompt = apply_chat_template(processor, None, messages, tools=for_template)
+    assert "TOOLS:get_weather;" in prompt
+    assert '<|im_start|>assistant\n<tool_call>get_weather{"city": "Oslo"}</tool_call>' in prompt
+    assert "<|im_start|>tool\nsunny<|im_end|>" in prompt
+
+
+def test_templates_without_tools_get_a_description_and_tagged_turns(loaded_model) -> None:
+    from vlm_models import apply_chat_template
+    from vlm_serve.tools import Tool, render_tools
+
+    processor = loaded_model[1]
+    tools = [Tool("get_weather", "weather", WEATHER["function"]["parameters"])]
+    messages, for_template = render_tools(CONVERSATION, tools, processor.chat_template)
+    assert for_template is None
+    prompt = apply_chat_template(processor, None, messages)
+    definition = json.dumps(tools[0].as_openai())
+    assert prompt.startswith("<|im_start|>system\n") and f"<tools>\n{definition}\n</tools>" in prompt
+    assert '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>' in prompt
+    assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>" in prompt
