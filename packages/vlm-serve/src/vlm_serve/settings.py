@@ -25,9 +25,6 @@ class ServeSettings:
     """Upper bound on a request's max_tokens (larger requests are clipped to it)."""
     context_length: int | None = None
     """Prompt plus generation limit in tokens; None: the model config's max_position_embeddings."""
-    kv_bits: int | None = None
-    kv_group_size: int = 64
-    max_kv_size: int | None = None
     vision_cache_size: int = 32
     """Images whose vision features are kept (0 turns the cache off)."""
     enable_thinking: bool = False
