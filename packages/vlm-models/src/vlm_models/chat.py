@@ -20,11 +20,13 @@ def apply_chat_template(
     num_audios: int = 0,
     system: str | None = None,
     enable_thinking: bool | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     """Format ``prompt`` (a user message, or a list of chat messages) for generation.
 
     For a single user message the media slots come first, then the text, as the Qwen and most VLM templates
-    expect. ``config`` is the model's config dict; kept for templates that depend on it.
+    expect. ``config`` is the model's config dict; kept for templates that depend on it. ``tools`` (OpenAI-style
+    function definitions) go to templates that render them.
     """
     if num_audios:
         raise ValueError("audio inputs are not supported by this model")
@@ -38,7 +40,9 @@ def apply_chat_template(
         messages = [{"role": "system", "content": [{"type": "text", "text": system}]}, *messages]
     if processor.chat_template is None:
         raise ValueError("the checkpoint has no chat template; pass an already formatted prompt to generate")
-    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    extra: dict[str, Any] = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    if tools:
+        extra["tools"] = list(tools)
     return processor.tokenizer.apply_chat_template(
         messages, chat_template=processor.chat_template, tokenize=False, add_generation_prompt=True, **extra
     )

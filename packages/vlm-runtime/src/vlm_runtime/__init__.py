@@ -13,6 +13,7 @@ from .cache import (
 )
 from .cache_io import load_prompt_cache, save_prompt_cache
 from .cache_settings import CacheSettings, make_prompt_cache
+from .engine import Engine, EngineBusy, RequestStream
 from .generate import GenerationConfig, GenerationResult, generate, generate_step, stream_generate
 from .prompt_cache import PromptCache
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
@@ -29,6 +30,8 @@ __all__ = [
     "BatchRotatingKVCache",
     "Cache",
     "CacheSettings",
+    "Engine",
+    "EngineBusy",
     "GenerationConfig",
     "GenerationResult",
     "GenerativeModel",
@@ -37,6 +40,7 @@ __all__ = [
     "PromptEmbedding",
     "PromptProcessor",
     "QuantizedKVCache",
+    "RequestStream",
     "RotatingKVCache",
     "SamplingParams",
     "ThinkingConfig",

@@ -44,11 +44,15 @@ class BatchEvent:
     text: str
     reasoning: str
     finish_reason: str | None
-    """None while the request runs; "stop", "length" or "cancelled" on its last event."""
+    """None while the request runs; "stop", "length", "cancelled" or "error" on its last event."""
     prompt_tokens: int
     generation_tokens: int
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    stop_string: str | None = None
+    """The stop string that ended the request, when one did."""
+    error: str | None = None
+    """Why the request failed, on its last event when finish_reason is "error"."""
 
 
 @dataclass
@@ -75,6 +79,7 @@ class _Pending:
     sampling: SamplingParams
     config: GenerationConfig
     thinking: ThinkingConfig
+    constraints: tuple[LogitsProcessor, ...] = ()
     rows: list[_Row] = field(default_factory=list)
 
 
@@ -125,13 +130,18 @@ class BatchGenerator:
         sampling: SamplingParams = SamplingParams(),
         config: GenerationConfig = GenerationConfig(),
         thinking: ThinkingConfig = ThinkingConfig(),
+        constraints: Sequence[LogitsProcessor] = (),
     ) -> int:
-        """Queue one prepared prompt (batch of one); returns its uid. It joins at the next ``step``."""
+        """Queue one prepared prompt (batch of one); returns its uid. It joins at the next ``step``.
+
+        ``constraints``: this request's own logits processors (a grammar, say), run after the sampling ones;
+        each sees the request's token history, so it may keep state across steps.
+        """
         ids = inputs["input_ids"]
         if ids.ndim != 2 or ids.shape[0] != 1:
             raise ValueError("submit one prompt at a time (input_ids of shape (1, length))")
         uid = next(self._uids)
-        self._pending.append(_Pending(uid, inputs, sampling, config, thinking))
+        self._pending.append(_Pending(uid, inputs, sampling, config, thinking, tuple(constraints)))
         return uid
 
     def cancel(self, uid: int) -> None:
@@ -148,17 +158,21 @@ class BatchGenerator:
         group: list[tuple[_Row, PromptEmbedding]] = []
         while self._pending and len(self._rows) + sum(len(r) for r, _ in joining) + len(group) < self.max_batch_size:
             request = self._pending.pop(0)
-            row = self._new_row(request, request.inputs["input_ids"][0].tolist())
-            if request.config.max_tokens == 0:
-                events.append(self._event(row, -1, None, "length"))
+            try:
+                row = self._new_row(request, request.inputs["input_ids"][0].tolist())
+                if request.config.max_tokens == 0:
+                    events.append(self._event(row, -1, None, "length"))
+                    continue
+                prompt = embed(self.model, request.inputs, self.vision_cache)
+            except Exception as exc:  # one bad prompt fails alone; the batch keeps running
+                events.append(_error_event(request.uid, int(request.inputs["input_ids"].size), 0, exc))
                 continue
-            prompt = embed(self.model, request.inputs, self.vision_cache)
             if group and not self._fits(group, prompt):
-                joining.extend(self._prefill_group(group, events))
+                joining.extend(self._prefill_apart_on_error(group, events))
                 group = []
             group.append((row, prompt))
         if group:
-            joining.extend(self._prefill_group(group, events))
+            joining.extend(self._prefill_apart_on_error(group, events))
         self._join(joining)
         self._drop_finished()
         return events
@@ -174,6 +188,20 @@ class BatchGenerator:
             return False
         longest = max(prompt.inputs_embeds.shape[1], *(p.inputs_embeds.shape[1] for _, p in group))
         return longest * (len(group) + 1) <= self.prefill_step_size
+
+    def _prefill_apart_on_error(
+        self, group: list[tuple[_Row, PromptEmbedding]], events: list[BatchEvent]
+    ) -> list[tuple[list[_Row], list[Cache]]]:
+        """``_prefill_group``; if the group fails, each prompt again alone, so that one bad prompt fails alone."""
+        try:
+            return self._prefill_group(group, events)
+        except Exception as exc:
+            if len(group) == 1:
+                row = group[0][0]
+                row.finish = "error"
+                events.append(_error_event(row.uid, row.prompt_tokens, 0, exc))
+                return []
+        return [joined for member in group for joined in self._prefill_apart_on_error([member], events)]
 
     def _prefill_group(
         self, group: list[tuple[_Row, PromptEmbedding]], events: list[BatchEvent]
@@ -191,10 +219,19 @@ class BatchGenerator:
             prompt, padding = _left_padded_batch([p for _, p in group])
             cache = [batch_cache_like(layer, padding) for layer in layers]
         logits = prefill(self.model, prompt, cache, self.prefill_step_size)
-        chosen = [self._choose(row, logits[i : i + 1]) for i, (row, _) in enumerate(group)]
-        tokens = mx.concatenate([token.reshape(-1) for token, _ in chosen]).tolist()
+        chosen: dict[int, tuple[mx.array, mx.array]] = {}
+        for i, (row, _) in enumerate(group):
+            try:
+                chosen[i] = self._choose(row, logits[i : i + 1])
+            except Exception as exc:  # a request's own processor (a grammar, say) failed: that request ends
+                row.finish = "error"
+                events.append(_error_event(row.uid, row.prompt_tokens, row.generated, exc))
+        if not chosen:
+            return []
+        tokens = dict(zip(chosen, mx.concatenate([t.reshape(-1) for t, _ in chosen.values()]).tolist()))
         keep = []
-        for i, ((row, _), token, (_, logprobs)) in enumerate(zip(group, tokens, chosen)):
+        for i, (token, (_, logprobs)) in ((i, (tokens[i], chosen[i])) for i in chosen):
+            row = group[i][0]
             first = row.override(None) if row.override is not None else None
             events.append(self._emit(row, first if first is not None else token, logprobs))
             if row.finish is None:
@@ -213,7 +250,7 @@ class BatchGenerator:
         budget = None
         if marks is not None and request.thinking.budget is not None:
             budget = ThinkingBudget(marks, request.thinking.budget, inside=inside)
-        processors = make_logits_processors(request.sampling)
+        processors = make_logits_processors(request.sampling) + list(request.constraints)
         return _Row(
             uid=request.uid,
             config=request.config,
@@ -252,7 +289,12 @@ class BatchGenerator:
             return [self._emit(row, self._overridden(row, t), None) for row, t in zip(self._rows, chosen)]
         events = []
         for i, row in enumerate(self._rows):
-            token, logprobs = self._choose(row, logits[i : i + 1])
+            try:
+                token, logprobs = self._choose(row, logits[i : i + 1])
+            except Exception as exc:  # a request's own processor (a grammar, say) failed: that request ends
+                row.finish = "error"
+                events.append(_error_event(row.uid, row.prompt_tokens, row.generated, exc))
+                continue
             events.append(self._emit(row, self._overridden(row, token.item()), logprobs))
         return events
 
@@ -299,6 +341,7 @@ class BatchGenerator:
             generation_tokens=row.generated,
             logprob=chosen,
             top_logprobs=top,
+            stop_string=row.text.matched_stop if finish == "stop" else None,
         )
 
     # -- leaving
@@ -328,6 +371,10 @@ class BatchGenerator:
         assert self._cache is not None
         for layer in self._cache:
             layer.filter(keep)
+
+
+def _error_event(uid: int, prompt_tokens: int, generated: int, exc: Exception) -> BatchEvent:
+    return BatchEvent(uid, -1, "", "", "error", prompt_tokens, generated, error=f"{type(exc).__name__}: {exc}")
 
 
 def _has_own_mask(prompt: PromptEmbedding) -> bool:

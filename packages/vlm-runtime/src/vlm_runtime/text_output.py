@@ -40,6 +40,11 @@ class TextOutput:
         self._answer_started = False
         self.stopped = False
 
+    @property
+    def matched_stop(self) -> str | None:
+        """The stop string that ended the text, if one did."""
+        return self._stop.matched if self._stop is not None else None
+
     def add(self, token: int) -> TextDelta:
         if self.stopped:
             return TextDelta(stopped=True)

@@ -1,0 +1,42 @@
+"""API errors in each API's own JSON shape: OpenAI ``{"error": {...}}``, Anthropic ``{"type": "error", ...}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["APIError", "anthropic_path", "error_body"]
+
+# HTTP status -> (OpenAI error type, Anthropic error type)
+_TYPES = {
+    400: ("invalid_request_error", "invalid_request_error"),
+    401: ("authentication_error", "authentication_error"),
+    403: ("permission_error", "permission_error"),
+    404: ("not_found_error", "not_found_error"),
+    405: ("invalid_request_error", "invalid_request_error"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "invalid_request_error"),
+    422: ("invalid_request_error", "invalid_request_error"),
+    429: ("rate_limit_error", "rate_limit_error"),
+    500: ("server_error", "api_error"),
+    503: ("server_error", "overloaded_error"),
+}
+
+
+class APIError(Exception):
+    """A failure the client caused or must know about; becomes a JSON error response."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def anthropic_path(path: str) -> bool:
+    """Anthropic's endpoints answer errors in Anthropic's shape."""
+    return path.startswith("/v1/messages")
+
+
+def error_body(status: int, message: str, path: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    openai_type, anthropic_type = _TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error",) * 2)
+    if anthropic_path(path):
+        return {"type": "error", "error": {"type": anthropic_type, "message": message}}
+    return {"error": {"message": message, "type": openai_type, "param": param, "code": code}}

@@ -1,0 +1,144 @@
+"""From an API-neutral chat request to engine inputs: images fetched, the checkpoint's chat template applied
+(``vlm_models.apply_chat_template``), the prompt tokenized and checked against the context."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlm_models import apply_chat_template
+from vlm_runtime import GenerationConfig, SamplingParams, ThinkingConfig
+from vlm_runtime.stopping import StopStrings
+from vlm_runtime.thinking import resolve_thinking_tokens
+
+from .errors import APIError
+from .host import LoadedModel
+from .media import fetch_image
+from .settings import ServeSettings
+from .tools import CallParser, Tool, ToolFormat, render_tools, resolve_choice, tool_format_for
+
+__all__ = ["ChatRequest", "PreparedRequest", "prepare", "token_text"]
+
+
+@dataclass
+class ChatRequest:
+    """A chat request as both APIs can express it."""
+
+    messages: list[dict[str, Any]]
+    """Template messages: role, and content as a string or a list of {"type": "text"|"image", ...} parts."""
+    images: list[str] = field(default_factory=list)
+    """Image sources in the order of the messages' image parts."""
+    max_tokens: int | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    """SamplingParams fields the request set."""
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    enable_thinking: bool | None = None
+    thinking_budget: int | None = None
+    ignore_eos: bool = False
+    """Generate exactly max_tokens (benchmarks; vLLM's extension of the OpenAI API)."""
+    grammar: str | None = None
+    """An llguidance grammar the output must follow (structured outputs)."""
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: str = "auto"
+    """"auto", "none", "required" or the name of the tool to call."""
+
+
+@dataclass
+class PreparedRequest:
+    inputs: dict[str, Any]
+    prompt_tokens: int
+    sampling: SamplingParams
+    config: GenerationConfig
+    thinking: ThinkingConfig
+    constraints: tuple[Any, ...] = ()
+    tool_format: ToolFormat | None = None
+    """Where the output may hold tool calls: the format to parse them out of."""
+
+    def tool_parser(self, id_prefix: str = "call_") -> CallParser | None:
+        return self.tool_format.parser(id_prefix) if self.tool_format is not None else None
+
+
+async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSettings) -> PreparedRequest:
+    """Validate the options and build the engine inputs; every problem is a 4xx ``APIError``."""
+    sampling, config, thinking = _options(request, settings)
+    enable = settings.enable_thinking if request.enable_thinking is None else request.enable_thinking
+    if thinking.budget is not None:
+        try:
+            resolve_thinking_tokens(thinking, loaded.processor.encode)
+        except ValueError as e:
+            if request.thinking_budget is not None:
+                raise APIError(400, str(e), param="thinking_budget") from e
+            thinking = ThinkingConfig()  # the server's default budget; this model has no thinking block
+    choice = resolve_choice(request.tool_choice, request.tools)
+    tools = request.tools if choice != "none" else []
+    grammar = request.grammar
+    tool_format = tool_format_for(loaded.processor.chat_template)
+    forced = tool_format.forced_grammar(tools, choice) if tools else None
+    if forced is not None:
+        if grammar is not None:
+            raise APIError(400, "a structured output format cannot be combined with a forced tool call", param="tool_choice")
+        grammar = forced
+    if grammar is not None and enable:
+        raise APIError(400, "structured outputs and forced tool calls cannot be combined with thinking yet")
+    constraints: tuple[Any, ...] = ()
+    if grammar is not None:
+        assert loaded.grammars is not None
+        constraints = (await asyncio.to_thread(loaded.grammars.constraint, grammar),)
+    messages, template_tools = render_tools(request.messages, tools, loaded.processor.chat_template)
+    images = await asyncio.gather(*(fetch_image(source, settings) for source in request.images))
+    processor = loaded.processor
+
+    def tokenize() -> dict[str, Any]:
+        prompt = apply_chat_template(
+            processor, None, messages, enable_thinking=True if enable else None, tools=template_tools
+        )
+        return processor(prompt, list(images))
+
+    try:
+        inputs = await asyncio.to_thread(tokenize)
+    except APIError:
+        raise
+    except Exception as e:  # template errors (jinja raises its own types), slot/image count mismatches
+        raise APIError(400, f"cannot format the conversation: {e}") from e
+    prompt_tokens = int(inputs["input_ids"].shape[-1])
+    room = loaded.context_length - prompt_tokens
+    if room < 1:
+        raise APIError(
+            400,
+            f"the prompt is {prompt_tokens} tokens; this model's context is {loaded.context_length} tokens",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    wanted = request.max_tokens if request.max_tokens is not None else settings.max_tokens_limit
+    config = GenerationConfig(
+        max_tokens=min(wanted, settings.max_tokens_limit, room),
+        ignore_eos=request.ignore_eos,
+        stop=config.stop,
+        logprobs=config.logprobs,
+        top_logprobs=config.top_logprobs,
+    )
+    return PreparedRequest(inputs, prompt_tokens, sampling, config, thinking, constraints, tool_format if tools else None)
+
+
+def _options(request: ChatRequest, settings: ServeSettings) -> tuple[SamplingParams, GenerationConfig, ThinkingConfig]:
+    if request.top_logprobs > settings.top_logprobs_k:
+        raise APIError(400, f"top_logprobs must be at most {settings.top_logprobs_k} on this server", param="top_logprobs")
+    if request.max_tokens is not None and request.max_tokens < 0:
+        raise APIError(400, "max_tokens must be >= 0", param="max_tokens")
+    budget = settings.thinking_budget if request.thinking_budget is None else request.thinking_budget
+    try:
+        sampling = SamplingParams(**request.sampling)
+        config = GenerationConfig(stop=tuple(request.stop), logprobs=request.logprobs, top_logprobs=request.top_logprobs)
+        thinking = ThinkingConfig(budget=budget)
+        if request.stop:
+            StopStrings(request.stop)  # validates count and lengths now, not on the engine thread
+    except (ValueError, TypeError) as e:
+        raise APIError(400, str(e)) from e
+    return sampling, config, thinking
+
+
+def token_text(processor: Any, token: int) -> str:
+    return processor.decode([token])

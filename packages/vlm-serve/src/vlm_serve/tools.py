@@ -1,0 +1,372 @@
+"""Tool calling: definitions into the prompt, calls out of the generated text (streamed or not), and a grammar
+that forces a call when the request says so.
+
+Three output formats, chosen from the checkpoint's chat template: Hermes / Qwen ``<tool_call>{json}</tool_call>``
+blocks (the default), Mistral's ``[TOOL_CALLS][{json}, ...]`` and the pythonic ``[f(x=1), g()]`` of Llama 3.2+.
+
+Templates that render tools themselves (Qwen2.5's, Hermes') get the definitions and the tool messages as they
+are; for templates that do not, the tools are described in a system message and calls/results are written in
+the same tags, so the conversation still reads the way the model family was trained on.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import llguidance
+
+from .errors import APIError
+from .grammar import JSON_LAYOUT
+
+__all__ = [
+    "Tool",
+    "ToolCall",
+    "ToolCallParser",
+    "ToolFormat",
+    "WholeAnswerCallParser",
+    "forced_call_grammar",
+    "render_tools",
+    "resolve_choice",
+    "split_calls",
+    "tool_format_for",
+]
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    def as_openai(self) -> dict[str, Any]:
+        return {"type": "function", "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+    @property
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+
+def new_call_id(prefix: str = "call_") -> str:
+    return prefix + uuid.uuid4().hex[:24]
+
+
+def resolve_choice(choice: str, tools: list[Tool]) -> str:
+    """Check a normalised tool choice ("auto", "none", "required" or a tool's name) against the tools."""
+    if choice in ("auto", "none"):
+        return choice
+    if not tools:
+        raise APIError(400, "tool_choice asks for a tool call but no tools were given", param="tool_choice")
+    if choice != "required" and choice not in {t.name for t in tools}:
+        raise APIError(400, f"tool_choice names {choice!r}, which is not among the tools", param="tool_choice")
+    return choice
+
+
+def _call_schema(tools: list[Tool], choice: str) -> dict[str, Any]:
+    """The JSON schema of one call of an allowed tool: {"name": <that tool>, "arguments": <its schema>}."""
+    allowed = [t for t in tools if choice == "required" or t.name == choice]
+    variants = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t.name}, "arguments": t.parameters or {"type": "object"}},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in allowed
+    ]
+    return variants[0] if len(variants) == 1 else {"anyOf": variants}
+
+
+def forced_call_grammar(tools: list[Tool], choice: str, style: str = "hermes") -> str | None:
+    """For "required" or a named tool: a grammar that admits exactly one call of an allowed tool, with
+    arguments valid under that tool's schema, in the model's format. None for "auto"."""
+    if choice in ("auto", "none"):
+        return None
+    schema = _call_schema(tools, choice)
+    if style == "hermes":
+        schema = {**schema, "x-guidance": JSON_LAYOUT}
+        lark = f'start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\ncall: %json {json.dumps(schema)}\n'
+        return llguidance.LLMatcher.grammar_from_lark(lark)
+    if style == "mistral":  # the [TOOL_CALLS] marker is a control token: the list of calls follows it
+        return llguidance.LLMatcher.grammar_from_json_schema(
+            {"type": "array", "items": schema, "minItems": 1, "maxItems": 1}, defaults=JSON_LAYOUT
+        )
+    raise APIError(400, f"tool_choice {choice!r} cannot be enforced for this model's {style} tool-call format", param="tool_choice")
+
+
+def template_renders_tools(chat_template: str | None) -> bool:
+    return chat_template is not None and "tools" in chat_template
+
+
+def _describe(tools: list[Tool]) -> str:
+    lines = "\n".join(json.dumps(t.as_openai(), ensure_ascii=False) for t in tools)
+    return (
+        "You can call functions. Their definitions, one JSON object per line:\n"
+        f"<tools>\n{lines}\n</tools>\n"
+        f"To call one, answer with {OPEN}\n"
+        '{"name": "<function name>", "arguments": {<arguments as JSON>}}\n'
+        f"{CLOSE} (one block per call). Results come back inside <tool_response></tool_response>."
+    )
+
+
+def _call_block(call: dict[str, Any]) -> str:
+    return f"{OPEN}\n{json.dumps({'name': call['name'], 'arguments': call['arguments']}, ensure_ascii=False)}\n{CLOSE}"
+
+
+def render_tools(messages: list[dict[str, Any]], tools: list[Tool], chat_template: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Messages (assistant ones may carry ``tool_calls`` [{id, name, arguments}], role "tool" ones a result)
+    and tools, as the template takes them: (messages, tools for the template or None)."""
+    if template_renders_tools(chat_template):
+        out = []
+        for m in messages:
+            if m.get("tool_calls"):
+                calls = [{"type": "function", "id": c["id"], "function": {"name": c["name"], "arguments": c["arguments"]}} for c in m["tool_calls"]]
+                m = {**m, "tool_calls": calls}
+            out.append(m)
+        return out, [t.as_openai() for t in tools] or None
+    out = []
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            text = _text_of(m.get("content"))
+            blocks = "\n".join(_call_block(c) for c in m["tool_calls"])
+            out.append({"role": "assistant", "content": f"{text}\n{blocks}" if text else blocks})
+        elif m["role"] == "tool":
+            out.append({"role": "user", "content": f"<tool_response>\n{_text_of(m.get('content'))}\n</tool_response>"})
+        else:
+            out.append(m)
+    if tools:
+        description = _describe(tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{_text_of(out[0]['content'])}\n\n{description}"}
+        else:
+            out.insert(0, {"role": "system", "content": description})
+    return out, None
+
+
+def _text_of(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
+class ToolCallParser:
+    """Splits streamed text into answer text and tool calls. ``feed`` returns (text, calls) that are final;
+    the start of a possible ``<tool_call>`` is held back until it is known. A block that is not valid JSON of
+    the form {"name": ..., "arguments": {...}} stays in the text, as the model wrote it."""
+
+    def __init__(self, id_prefix: str = "call_") -> None:
+        self._held = ""
+        self._inside: str | None = None
+        self._prefix = id_prefix
+        self.calls: list[ToolCall] = []
+
+    def feed(self, piece: str) -> tuple[str, list[ToolCall]]:
+        text, calls = [], []
+        data = self._held + piece
+        self._held = ""
+        while data:
+            if self._inside is None:
+                start = data.find(OPEN)
+                if start < 0:
+                    keep = _partial_suffix(data, OPEN)
+                    text.append(data[: len(data) - keep])
+                    self._held = data[len(data) - keep :]
+                    break
+                text.append(data[:start])
+                self._inside, data = "", data[start + len(OPEN) :]
+            else:
+                buffer = self._inside + data  # the closing tag may straddle two pieces
+                end = buffer.find(CLOSE)
+                if end < 0:
+                    self._inside = buffer
+                    break
+                body, data = buffer[:end], buffer[end + len(CLOSE) :]
+                self._inside = None
+                call = self._parse(body)
+                if call is None:
+                    text.append(f"{OPEN}{body}{CLOSE}")
+                else:
+                    calls.append(call)
+        self.calls.extend(calls)
+        return "".join(text), calls
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """End of stream: an unclosed block is parsed as it stands (models sometimes stop before the tag)."""
+        held, self._held = self._held, ""
+        if self._inside is None:
+            return held, []
+        body, self._inside = self._inside, None
+        call = self._parse(body[: len(body) - _partial_suffix(body, CLOSE)])
+        if call is None:
+            return f"{held}{OPEN}{body}", []
+        self.calls.append(call)
+        return held, [call]
+
+    def _parse(self, body: str) -> ToolCall | None:
+        try:
+            call = _name_and_arguments(json.loads(body))
+        except json.JSONDecodeError:
+            return None
+        return ToolCall(new_call_id(self._prefix), *call) if call is not None else None
+
+
+def split_calls(parser: CallParser | None, text: str, *, final: bool) -> tuple[str, list[ToolCall]]:
+    """``text`` through ``parser`` (none: no tools, all text); ``final`` also flushes what it held back."""
+    if parser is None:
+        return text, []
+    head, calls = parser.feed(text)
+    if final:
+        tail, more = parser.finish()
+        head, calls = head + tail, calls + more
+    return head, calls
+
+
+class CallParser(Protocol):
+    calls: list[ToolCall]
+
+    def feed(self, piece: str) -> tuple[str, list[ToolCall]]: ...
+
+    def finish(self) -> tuple[str, list[ToolCall]]: ...
+
+
+class WholeAnswerCallParser:
+    """For formats where the whole answer is the list of calls (Mistral, pythonic): an answer whose first
+    non-blank text starts with ``opener`` is held back and parsed at the end; any other answer is plain text,
+    streamed as it comes. An answer that does not parse stays text."""
+
+    def __init__(self, opener: str, parse: Callable[[str], list[tuple[str, dict[str, Any]]] | None], id_prefix: str = "call_") -> None:
+        self._opener, self._parse, self._prefix = opener, parse, id_prefix
+        self._buffer = ""
+        self._mode: str | None = None  # None: undecided, "text", "calls"
+        self.calls: list[ToolCall] = []
+
+    def feed(self, piece: str) -> tuple[str, list[ToolCall]]:
+        if self._mode == "text":
+            return piece, []
+        self._buffer += piece
+        start = self._buffer.lstrip()
+        if self._mode is None and start:
+            if start.startswith(self._opener):
+                self._mode = "calls"
+            elif not self._opener.startswith(start):
+                self._mode = "text"
+                text, self._buffer = self._buffer, ""
+                return text, []
+        return "", []
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        text, self._buffer = self._buffer, ""
+        if self._mode != "calls":
+            return text, []
+        parsed = self._parse(text.strip())
+        if not parsed:
+            return text, []
+        calls = [ToolCall(new_call_id(self._prefix), name, arguments) for name, arguments in parsed]
+        self.calls.extend(calls)
+        return "", calls
+
+
+MISTRAL_MARKER = "[TOOL_CALLS]"
+
+
+def parse_json_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
+    """Mistral's list of {"name": ..., "arguments": {...}} (one bare object is accepted too)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    calls = [_name_and_arguments(item) for item in (value if isinstance(value, list) else [value])]
+    return None if not calls or None in calls else calls  # type: ignore[return-value]
+
+
+def _name_and_arguments(value: Any) -> tuple[str, dict[str, Any]] | None:
+    """{"name": str, "arguments": {...}} (arguments may be a JSON string, or be called "parameters")."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    return (value["name"], arguments) if isinstance(arguments, dict) else None
+
+
+def parse_pythonic_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
+    """``[f(a=1, b="x"), g()]``: a list of calls with keyword arguments whose values are Python literals."""
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        return None
+    if not isinstance(tree, ast.List) or not tree.elts:
+        return None
+    calls = []
+    for node in tree.elts:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+            return None
+        try:
+            arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg is not None}
+        except ValueError:
+            return None
+        if len(arguments) != len(node.keywords):
+            return None
+        calls.append((node.func.id, arguments))
+    return calls
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    style: str
+    """"hermes", "mistral" or "pythonic"."""
+
+    def parser(self, id_prefix: str = "call_") -> CallParser:
+        if self.style == "mistral":
+            # The marker is a special token that decoding usually drops; the answer then starts with the list.
+            return _MistralParser(id_prefix)
+        if self.style == "pythonic":
+            return WholeAnswerCallParser("[", parse_pythonic_calls, id_prefix)
+        return ToolCallParser(id_prefix)
+
+    def forced_grammar(self, tools: list[Tool], choice: str) -> str | None:
+        return forced_call_grammar(tools, choice, self.style)
+
+
+class _MistralParser(WholeAnswerCallParser):
+    def __init__(self, id_prefix: str) -> None:
+        super().__init__("[", self._parse_marked, id_prefix)
+
+    @staticmethod
+    def _parse_marked(text: str) -> list[tuple[str, dict[str, Any]]] | None:
+        return parse_json_calls(text[len(MISTRAL_MARKER) :] if text.startswith(MISTRAL_MARKER) else text)
+
+
+def tool_format_for(chat_template: str | None) -> ToolFormat:
+    """The tool-call format a checkpoint's template speaks (Hermes / Qwen when it says nothing else)."""
+    template = chat_template or ""
+    if MISTRAL_MARKER in template:
+        return ToolFormat("mistral")
+    if "func_name1(" in template or "[func_name(" in template:  # how Llama 3.2+ templates spell the format
+        return ToolFormat("pythonic")
+    return ToolFormat("hermes")
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0

@@ -1,0 +1,32 @@
+"""``vlm serve`` is registered through the entry point; bad flags fail in one line with exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+from vlm_models.cli import build_parser
+from vlm_models.cli import main as vlm_main
+from vlm_serve.cli import main as serve_main
+
+
+def test_vlm_serve_subcommand_and_defaults() -> None:
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.model, args.max_concurrency) == ("127.0.0.1", 8080, None, 32)
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--model", "/no/such/model"], "no model folder"),
+        (["--kv-bits", "4", "--max-kv-size", "64"], "cannot be combined"),
+        (["--max-kv-size", "0"], "max_kv_size"),
+        (["--allow-local-media", "/no/such/dir"], "not a folder"),
+        (["--max-concurrency", "0"], "max-concurrency"),
+    ],
+)
+def test_bad_flags(capsys, argv, says) -> None:
+    assert serve_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("vlm-serve: error: ") and says in err.splitlines()[-1]
+    assert vlm_main(["serve", *argv]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("vlm serve: error: ")

@@ -1,0 +1,129 @@
+"""Remote images: fetched over http with a size cap and a total timeout; a lazily loaded model; /unload."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from typing import Iterator
+
+import httpx
+import pytest
+
+from .conftest import IMAGES, MODEL, make_server
+
+PNG = (IMAGES / "rgb_56x56.png").read_bytes()
+
+
+# path -> (status, headers, body chunks, delay before answering)
+ROUTES: dict[str, tuple[int, dict[str, str], list[bytes], float]] = {
+    "/ok.png": (200, {"Content-Type": "image/png", "Content-Length": str(len(PNG))}, [PNG], 0.0),
+    "/big.png": (200, {"Content-Type": "image/png", "Content-Length": "300000"}, [b"\0" * 300_000], 0.0),
+    "/big-unsized.png": (200, {"Content-Type": "image/png"}, [b"\0" * 10_000] * 40, 0.0),  # no length: counted
+    "/slow.png": (200, {"Content-Type": "image/png", "Content-Length": str(len(PNG))}, [PNG], 3.0),
+    "/redirect": (302, {"Location": "/ok.png", "Content-Length": "0"}, [], 0.0),
+    "/page": (200, {"Content-Type": "text/html", "Content-Length": "18"}, [b"<html>hello</html>"], 0.0),
+}
+
+
+class MediaHost(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        status, headers, chunks, delay = ROUTES.get(self.path, (404, {"Content-Length": "0"}, [], 0.0))
+        time.sleep(delay)
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        for chunk in chunks:
+            self.wfile.write(chunk)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def media_host() -> Iterator[str]:
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MediaHost)
+    serving = threading.Thread(target=host.serve_forever, daemon=True)
+    serving.start()
+    try:
+        yield f"http://127.0.0.1:{host.server_address[1]}"
+    finally:
+        host.shutdown()
+        serving.join(10)
+
+
+@pytest.fixture(scope="module")
+def capped(loaded_model):
+    yield from make_server(loaded_model, max_media_bytes=200_000, media_timeout_s=1.0)
+
+
+def ask(server, url: str) -> httpx.Response:
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]
+    body = {"model": server.model_id, "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+    return httpx.post(f"{server.base}/chat/completions", json=body, timeout=30)
+
+
+def test_remote_images(capped, media_host) -> None:
+    assert ask(capped, f"{media_host}/ok.png").status_code == 200
+    assert ask(capped, f"{media_host}/redirect").status_code == 200
+    for path, status, says in [
+        ("/big.png", 413, "larger than"),
+        ("/big-unsized.png", 413, "larger than"),
+        ("/slow.png", 400, "longer than"),
+        ("/page", 400, "not an image"),
+        ("/missing.png", 400, "HTTP 404"),
+    ]:
+        response = ask(capped, media_host + path)
+        assert response.status_code == status and says in response.json()["error"]["message"], (path, response.text)
+    assert "allow-local-media" in ask(capped, str(IMAGES / "rgb_56x56.png")).json()["error"]["message"]
+
+
+def test_unload_then_lazy_reload(capped) -> None:
+    lines: list[str] = []
+    body = {"model": capped.model_id, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4000, "ignore_eos": True, "stream": True}
+
+    def long_stream() -> None:
+        with httpx.stream("POST", f"{capped.base}/chat/completions", json=body, timeout=30) as response:
+            lines.extend(line for line in response.iter_lines() if line)
+
+    reader = threading.Thread(target=long_stream)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{capped.url}/metrics").json()["engine"]["running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert httpx.post(f"{capped.url}/unload").json() == {"unloaded": capped.model_id}
+    reader.join(30)
+    # The stream in flight is told, in its own format, and still ends properly.
+    assert "unloaded" in lines[-2] and '"error"' in lines[-2] and lines[-1] == "data: [DONE]"
+    assert httpx.get(f"{capped.url}/health").json()["loaded"] is False
+    assert [m["id"] for m in httpx.get(f"{capped.base}/models").json()["data"]] == [capped.model_id]
+    body = {"model": capped.model_id, "messages": [{"role": "user", "content": "back?"}], "max_tokens": 2}
+    assert httpx.post(f"{capped.base}/chat/completions", json=body, timeout=60).status_code == 200
+    assert httpx.get(f"{capped.url}/health").json()["loaded"] is True
+
+
+def test_model_named_by_the_first_request() -> None:
+    from vlm_serve import ServeSettings, create_app
+
+    from .conftest import start
+
+    app = create_app(None, ServeSettings(context_length=512))
+    server, thread, url = start(app)
+    try:
+        assert httpx.get(f"{url}/v1/models").json()["data"] == []
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == 400 and "model" in response.json()["error"]["message"]
+        missing = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": "/no/such/model"}, timeout=30)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+        loaded = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": str(MODEL)}, timeout=60)
+        assert loaded.status_code == 200 and loaded.json()["usage"]["completion_tokens"] == 2
+        assert httpx.get(f"{url}/health").json()["model"] == str(MODEL)
+        metrics = httpx.get(f"{url}/metrics").json()
+        assert metrics["engine"]["finished"] == 1 and metrics["engine"]["generation_tokens"] == 2
+        assert metrics["http_statuses"]["404"] == 1
+    finally:
+        server.should_exit = True
+        thread.join(20)
