@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "gemma3", "paligemma2"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "gemma3", "paligemma2", "idefics3", "smolvlm"]
 LAYOUTS = ["hf4", "hf5", "mlx_community"]
 FAMILY_LAYOUTS = {
     "qwen2_vl": LAYOUTS,
@@ -17,6 +17,9 @@ FAMILY_LAYOUTS = {
     # No peer-converted folder: its MLX-community layout is written by our own converter (test_gemma3.py).
     "gemma3": ["hf4", "hf5"],
     "paligemma2": ["hf4", "hf5"],
+    # Their mlx_community folders are written by our own converter (tests/fixtures/make_own_mlx_fixtures.py).
+    "idefics3": LAYOUTS,
+    "smolvlm": LAYOUTS,
 }
 PREFIX_LM = {"paligemma2"}
 """Families whose whole prompt attends both ways: a token decoded after a prefill is no longer in the prompt."""
@@ -45,7 +48,7 @@ class Reference:
         return self.arrays[key] if key in self.arrays.files else None
 
     def inputs(self, case: str) -> dict[str, np.ndarray]:
-        names = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "image_sizes")
+        names = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask")
         return {n: self.get(case, n) for n in names if self.get(case, n) is not None}
 
 
