@@ -55,3 +55,28 @@ class Reference:
 @pytest.fixture(scope="session")
 def references() -> dict[str, Reference]:
     return {family: Reference(family) for family in FAMILIES}
+
+
+def check_quantized_fixture(family: str, ref: Reference, cases: tuple[str, ...] = ("one_image", "text")) -> None:
+    """``<family>/mlx_community_4bit`` (written by our converter, make_own_mlx_fixtures.py) loads quantized,
+    computes what its dequantized weights compute, and stays near transformers' float32 logits."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from vlm_models import load
+    from vlm_models.convert import dequantize_model
+
+    path = FIXTURES / family / "mlx_community_4bit"
+    quantized, _ = load(path)
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in quantized.named_modules())
+    twin, _ = load(path)
+    dequantize_model(twin)
+    for case in cases:
+        inputs = {k: mx.array(v) for k, v in ref.inputs(case).items()}
+        ours, expected = np.array(quantized(**inputs).logits), ref.get(case, "logits")
+        np.testing.assert_allclose(ours, np.array(twin(**inputs).logits), atol=1e-4, rtol=0)
+        # 4 bits on a random model this small: about 0.35 mean relative error; the logits still follow the
+        # reference closely (an unrelated model would correlate near 0). Argmax agreement is too noisy here:
+        # the tiny models' top logits are near ties.
+        rel = np.abs(ours - expected).mean() / np.abs(expected).mean()
+        corr = np.corrcoef(ours.reshape(-1), expected.reshape(-1))[0, 1]
+        assert rel < 0.5 and corr > 0.9, f"{case}: relative error {rel:.3f}, correlation {corr:.3f}"

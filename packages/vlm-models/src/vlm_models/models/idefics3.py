@@ -18,13 +18,12 @@ from vlm_runtime import PromptEmbedding
 from vlm_runtime.vision_cache import VisionFeatureCache, content_key
 
 from ..config import ConfigError, from_dict
-from ..nn.checkpoint import rename_prefix
-from ..nn.decoder import DecoderConfig, TextDecoder, TextGeneration
+from ..nn.checkpoint import rename_prefix, renamed_weights
+from ..nn.decoder import DecoderConfig, TextDecoder, TextGeneration, padded_prompt_embedding
 from ..nn.output import ModelOutput
 from ..nn.rope import Rotary
 from ..nn.siglip import SiglipVisionConfig, SiglipVisionModel
 from ..nn.vision import cached_per_image, merge_features, vision_identity
-from ..nn.vit import conv2d_weight_to_mlx
 from .llava import TEXT_DEFAULTS as LLAVA_TEXT_DEFAULTS
 
 # Idefics3Config's own defaults: its Llama text model (rms_norm_eps 1e-5) and its SigLIP-like vision model.
@@ -216,11 +215,7 @@ class Model(TextGeneration, nn.Module):
         if pixel_values is not None:
             features = self.image_features(pixel_values, pixel_attention_mask, vision_cache)
             embeds = merge_features(embeds, input_ids, self.config.image_token_id, features)
-        mask = None if attention_mask is None else np.asarray(attention_mask)
-        if mask is None or mask.all():
-            return PromptEmbedding(embeds)
-        positions = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 1)
-        return PromptEmbedding(embeds, mx.array(positions), attention_mask)
+        return padded_prompt_embedding(embeds, attention_mask)
 
     # -- the Hugging Face contract
     def __call__(
@@ -239,15 +234,8 @@ class Model(TextGeneration, nn.Module):
     # -- loading
     def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
         """Map any supported checkpoint layout onto this module's names. Pure and idempotent."""
-        out: dict[str, mx.array] = {}
-        for key, value in weights.items():
-            key = rename_prefix(key, _PREFIXES)
-            if key == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            if key.endswith("patch_embedding.weight"):
-                value = conv2d_weight_to_mlx(value, self.config.vision.num_channels)
-            out[key] = value
-        return out
+        c = self.config
+        return renamed_weights(weights, _PREFIXES, tied=c.tie_word_embeddings, num_channels=c.vision.num_channels)
 
     def mlx_community_names(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
         """The inverse of ``sanitize`` for writing checkpoints in the MLX-community layout."""

@@ -2,7 +2,8 @@
 embeddings, pre-norm blocks and a final LayerNorm. Idefics3's variant takes a patch mask: padding patches are
 hidden from attention and the real ones spread over the whole position grid (``navit_position_ids``). Module
 names follow the transformers 5 weights (``vision_tower.embeddings``, ``.encoder``, ``.post_layernorm``;
-published checkpoints put ``vision_model.`` in between). The optional attention-pooling head is not used by these models.
+published checkpoints put ``vision_model.`` in between). The optional attention-pooling head is not used by these
+models.
 """
 
 from __future__ import annotations
