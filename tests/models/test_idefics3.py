@@ -183,6 +183,10 @@ def test_unsupported_configs_are_named() -> None:
     sparse = ModelConfig.from_hf({"model_type": "idefics3", "vision_config": {"image_size": 364, "patch_size": 14}})
     assert (sparse.text.rms_norm_eps, sparse.vision.hidden_size, sparse.tokens_per_tile) == (1e-5, 1152, 169)
     assert (sparse.image_token_id, sparse.tie_word_embeddings) == (128_257, False)
+    # As in transformers, only the top-level value ties the embeddings (Idefics3Config and SmolVLMConfig agree).
+    text_tied = {**base, "text_config": {**base["text_config"], "tie_word_embeddings": True}}
+    text_tied.pop("tie_word_embeddings", None)
+    assert not ModelConfig.from_hf(text_tied).tie_word_embeddings
 
 
 @settings(max_examples=60, deadline=None)
@@ -213,3 +217,14 @@ def test_navit_positions_spread_real_patches_over_the_grid(side: int, data) -> N
     assert (np.diff(real) > 0).all() and real.min() == 0 and real.max() < side * side  # distinct, row-major
     assert real.reshape(rows, cols)[-1, -1] >= (side - side // rows - 1) * side  # the last row reaches down
     assert (ids[1][~mask[1].reshape(-1)] == 0).all()
+
+
+def test_lora_groups_name_the_decoder_the_tower_and_the_connector(model) -> None:
+    from vlm_models.adapters import LoRAConfig, target_paths
+
+    language = target_paths(model, LoRAConfig(targets=("language",)))
+    vision = target_paths(model, LoRAConfig(targets=("vision",)))
+    projector = target_paths(model, LoRAConfig(targets=("projector",)))
+    assert language and all(p.startswith("model.text_model.layers.") for p in language)
+    assert vision and all(p.startswith("model.vision_model.encoder.") for p in vision)
+    assert projector == ["model.connector.modality_projection.proj"]

@@ -69,7 +69,8 @@ class ModelConfig:
             rope_theta=float(rope.get("rope_theta", text["rope_theta"])),
             scale_factor=scale,
             image_token_id=int(config.get("image_token_id", 128_257)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            # The top-level value alone decides, as in transformers (a text-section value does not).
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         )
 
     @property
