@@ -57,10 +57,20 @@ def references() -> dict[str, Reference]:
     return {family: Reference(family) for family in FAMILIES}
 
 
+def inputs_of(ref: Reference, case: str) -> dict:
+    """A reference case's model inputs as MLX arrays."""
+    import mlx.core as mx
+
+    return {k: mx.array(v) for k, v in ref.inputs(case).items()}
+
+
+def logits_of(model, ref: Reference, case: str) -> np.ndarray:
+    return np.array(model(**inputs_of(ref, case)).logits)
+
+
 def check_quantized_fixture(family: str, ref: Reference, cases: tuple[str, ...] = ("one_image", "text")) -> None:
     """``<family>/mlx_community_4bit`` (written by our converter, make_own_mlx_fixtures.py) loads quantized,
     computes what its dequantized weights compute, and stays near transformers' float32 logits."""
-    import mlx.core as mx
     import mlx.nn as nn
     from vlm_models import load
     from vlm_models.convert import dequantize_model
@@ -71,9 +81,8 @@ def check_quantized_fixture(family: str, ref: Reference, cases: tuple[str, ...] 
     twin, _ = load(path)
     dequantize_model(twin)
     for case in cases:
-        inputs = {k: mx.array(v) for k, v in ref.inputs(case).items()}
-        ours, expected = np.array(quantized(**inputs).logits), ref.get(case, "logits")
-        np.testing.assert_allclose(ours, np.array(twin(**inputs).logits), atol=1e-4, rtol=0)
+        ours, expected = logits_of(quantized, ref, case), ref.get(case, "logits")
+        np.testing.assert_allclose(ours, logits_of(twin, ref, case), atol=1e-4, rtol=0)
         # 4 bits on a random model this small: about 0.35 mean relative error; the logits still follow the
         # reference closely (an unrelated model would correlate near 0). Argmax agreement is too noisy here:
         # the tiny models' top logits are near ties.

@@ -23,7 +23,7 @@ from vlm_models.nn.siglip import navit_position_ids
 from vlm_models.processors.idefics3 import Idefics3ImageProcessor, image_prompt
 from vlm_runtime.vision_cache import VisionFeatureCache
 
-from .conftest import FIXTURES, Reference, check_quantized_fixture
+from .conftest import FIXTURES, Reference, check_quantized_fixture, inputs_of, logits_of
 
 TOL = 1e-4
 FAMILIES = ["idefics3", "smolvlm"]
@@ -42,14 +42,6 @@ def ref(family: str) -> Reference:
 @pytest.fixture(scope="module")
 def model(family: str):
     return load(FIXTURES / family / "hf4")[0]
-
-
-def inputs_of(ref: Reference, case: str) -> dict[str, mx.array]:
-    return {k: mx.array(v) for k, v in ref.inputs(case).items()}
-
-
-def logits_of(model, ref: Reference, case: str) -> np.ndarray:
-    return np.array(model(**inputs_of(ref, case)).logits)
 
 
 @pytest.mark.parametrize("layout", ["hf4", "hf5", "mlx_community_4bit"])
@@ -76,7 +68,7 @@ def test_image_processor_matches_transformers(family: str, config: str) -> None:
     if config == "no_split":
         processor = dataclasses.replace(processor, do_image_splitting=False)
     elif config == "wide":
-        processor = dataclasses.replace(processor, longest_edge=160, tile_size=48)
+        processor = dataclasses.replace(processor, longest_edge=160, height=48, width=48)
     names = sorted({k.split("/")[1] for k in expected.files if k.startswith(config + "/")})
     assert len(names) == 7
     grids = set()

@@ -17,7 +17,7 @@ from vlm_runtime import GenerationConfig, SamplingParams, generate_step, make_sa
 from vlm_runtime.generate import prefill
 from vlm_runtime.vision_cache import VisionFeatureCache
 
-from .conftest import FIXTURES, Reference, check_quantized_fixture
+from .conftest import FIXTURES, Reference, check_quantized_fixture, inputs_of, logits_of
 
 TOL = 1e-4
 FAMILIES = ["gemma3", "paligemma2"]
@@ -36,14 +36,6 @@ def ref(family: str) -> Reference:
 @pytest.fixture(scope="module")
 def model(family: str):
     return load(FIXTURES / family / "hf4")[0]
-
-
-def inputs_of(ref: Reference, case: str) -> dict[str, mx.array]:
-    return {k: mx.array(v) for k, v in ref.inputs(case).items()}
-
-
-def logits_of(model, ref: Reference, case: str) -> np.ndarray:
-    return np.array(model(**inputs_of(ref, case)).logits)
 
 
 @pytest.mark.parametrize("step", [5, 13])

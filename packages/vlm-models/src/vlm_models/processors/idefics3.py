@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .image import image_settings, rescale_and_normalize, resize, to_rgb
-from .siglip import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
+from .image import image_settings, resize, to_rgb
+from .siglip import SiglipImageProcessor
 
 __all__ = ["Idefics3ImageProcessor", "image_prompt", "resized_to_longest_edge"]
 
@@ -71,34 +71,34 @@ def image_prompt(rows: int, cols: int, tokens_per_tile: int, image_token: str) -
 
 
 @dataclass
-class Idefics3ImageProcessor:
+class Idefics3ImageProcessor(SiglipImageProcessor):
     """Images -> ``pixel_values`` (1, frames, C, tile, tile) float32 and ``pixel_attention_mask`` (1, frames,
-    tile, tile), each image's tiles (row-major) followed by its global view."""
+    tile, tile), each image's tiles (row-major) followed by its global view. SigLIP's settings and per-frame
+    rescale/normalize, with ``height`` = ``width`` = the tile side (``max_image_size``) and ``image_seq_length``
+    the tokens per tile (the processor's ``image_seq_len``)."""
 
-    longest_edge: int = 4 * 364
-    tile_size: int = 364
-    do_image_splitting: bool = True
-    image_mean: tuple[float, ...] = field(default=IMAGENET_STANDARD_MEAN)
-    image_std: tuple[float, ...] = field(default=IMAGENET_STANDARD_STD)
-    rescale_factor: float = 1 / 255
-    do_resize: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
-    do_convert_rgb: bool = True
+    height: int = 364
+    width: int = 364
     resample: int = int(Image.Resampling.LANCZOS)
-    image_seq_len: int = 169
-    """Text placeholder tokens per tile (the model's patches per tile over scale_factor²)."""
+    image_seq_length: int = 169
+    longest_edge: int = 4 * 364
+    do_image_splitting: bool = True
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "Idefics3ImageProcessor":
-        kwargs: dict[str, Any] = image_settings(cfg, int_keys=("image_seq_len",), bool_keys=("do_image_splitting",))
-        for key, name in (("size", "longest_edge"), ("max_image_size", "tile_size")):
+        kwargs: dict[str, Any] = image_settings(cfg, bool_keys=("do_image_splitting",))
+        if cfg.get("image_seq_len") is not None:
+            kwargs["image_seq_length"] = int(cfg["image_seq_len"])
+        for key in ("size", "max_image_size"):
             value = cfg.get(key)
             if value is None:
                 continue
             if not isinstance(value, dict) or "longest_edge" not in value:
                 raise ValueError(f"preprocessor config {key}={value!r} needs a longest_edge")
-            kwargs[name] = int(value["longest_edge"])
+            if key == "size":
+                kwargs["longest_edge"] = int(value["longest_edge"])
+            else:
+                kwargs["height"] = kwargs["width"] = int(value["longest_edge"])
         return cls(**kwargs)
 
     def _resize(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -110,7 +110,7 @@ class Idefics3ImageProcessor:
             image = to_rgb(image)
         if self.do_resize:
             image = self._resize(image, resized_to_longest_edge(image.height, image.width, self.longest_edge))
-        tile = self.tile_size
+        tile = self.height
         if not self.do_image_splitting:
             return [self._resize(image, (tile, tile))], 0, 0
         image = self._resize(image, tile_multiple(image.height, image.width, tile))
@@ -122,24 +122,14 @@ class Idefics3ImageProcessor:
         ]
         return [*tiles, self._resize(image, (tile, tile))], rows, cols
 
-    def normalized(self, frame: Image.Image) -> np.ndarray:
-        array = np.asarray(frame)
-        if array.ndim == 2:  # mode L with do_convert_rgb off
-            array = array[..., None]
-        return rescale_and_normalize(
-            array,
-            self.rescale_factor if self.do_rescale else None,
-            self.image_mean if self.do_normalize else None,
-            self.image_std if self.do_normalize else None,
-        )
-
     def __call__(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
         if not images:
             raise ValueError("no images given")
         arrays, grids = [], []
         for image in images:
             frames, rows, cols = self.frames(image)
-            arrays.extend(self.normalized(frame) for frame in frames)
+            # Each frame has its final size already (SigLIP's resize to the tile leaves it as it is).
+            arrays.extend(self.preprocess(frame) for frame in frames)
             grids.append((rows, cols))
         # A bottom/right zero padding to the largest frame, marked in the pixel mask.
         height, width = max(a.shape[1] for a in arrays), max(a.shape[2] for a in arrays)
@@ -159,6 +149,6 @@ class Idefics3ImageProcessor:
             raise ValueError(f"the prompt has {len(pieces) - 1} image slot(s) for {len(grids)} image(s)")
         out = [pieces[0]]
         for (rows, cols), piece in zip(grids.tolist(), pieces[1:]):
-            out.append(image_prompt(rows, cols, self.image_seq_len, image_token))
+            out.append(image_prompt(rows, cols, self.image_seq_length, image_token))
             out.append(piece)
         return "".join(out)
