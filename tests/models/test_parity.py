@@ -67,10 +67,13 @@ def test_processor_matches_transformers(loaded, references: dict[str, Reference]
         if meta.get("pan_and_scan"):  # the reference ran this case with pan-and-scan switched on
             case_processor = copy.copy(processor)
             case_processor.image_processor = dataclasses.replace(processor.image_processor, **ref.meta["pan_and_scan"])
+        if meta.get("image_processor"):  # the reference ran this case with these image processor settings
+            case_processor = copy.copy(processor)
+            case_processor.image_processor = dataclasses.replace(processor.image_processor, **meta["image_processor"])
         ours = case_processor(meta["prompt"], images)
         np.testing.assert_array_equal(ours["input_ids"], ref.get(case, "input_ids"), err_msg=f"{family}/{case}")
         if images:
-            for name in ("image_grid_thw", "image_sizes", "num_crops"):
+            for name in ("image_grid_thw", "image_sizes", "num_crops", "pixel_attention_mask"):
                 if ref.get(case, name) is not None:
                     np.testing.assert_array_equal(ours[name], ref.get(case, name), err_msg=f"{family}/{case}/{name}")
             np.testing.assert_allclose(ours["pixel_values"], ref.get(case, "pixel_values"), atol=1e-5, rtol=0)

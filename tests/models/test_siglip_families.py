@@ -8,16 +8,15 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from PIL import Image
 from vlm_models import load
-from vlm_models.convert import dequantize_model, save_model
+from vlm_models.convert import save_model
 from vlm_runtime.generate import prefill
 from vlm_runtime.vision_cache import VisionFeatureCache
 
-from .conftest import FIXTURES, Reference, check_chunked_prefill
+from .conftest import FIXTURES, Reference, check_chunked_prefill, check_quantized_fixture, inputs_of, logits_of
 
 TOL = 1e-4
 FAMILIES = ["gemma3", "paligemma2"]
@@ -36,14 +35,6 @@ def ref(family: str) -> Reference:
 @pytest.fixture(scope="module")
 def model(family: str):
     return load(FIXTURES / family / "hf4")[0]
-
-
-def inputs_of(ref: Reference, case: str) -> dict[str, mx.array]:
-    return {k: mx.array(v) for k, v in ref.inputs(case).items()}
-
-
-def logits_of(model, ref: Reference, case: str) -> np.ndarray:
-    return np.array(model(**inputs_of(ref, case)).logits)
 
 
 @pytest.mark.parametrize("step", [5, 13])
@@ -118,22 +109,7 @@ def test_mlx_community_layout_round_trip(tmp_path: Path, family: str, model, ref
 
 
 def test_quantized_mlx_community_fixture(family: str, ref: Reference) -> None:
-    """Written by our converter (tests/fixtures/make_own_mlx_fixtures.py): loads quantized, computes what its
-    dequantized weights compute, and stays near transformers' float32 logits."""
-    path = FIXTURES / family / "mlx_community_4bit"
-    quantized, _ = load(path)
-    assert any(isinstance(m, nn.QuantizedLinear) for _, m in quantized.named_modules())
-    twin, _ = load(path)
-    dequantize_model(twin)
-    for case in ("one_image", "text"):
-        ours, expected = logits_of(quantized, ref, case), ref.get(case, "logits")
-        np.testing.assert_allclose(ours, logits_of(twin, ref, case), atol=TOL, rtol=0)
-        # 4 bits on a random model this small: about 0.35 mean relative error; the logits still follow the
-        # reference closely (an unrelated model would correlate near 0). Argmax agreement is too noisy here:
-        # the tiny models' top logits are near ties.
-        rel = np.abs(ours - expected).mean() / np.abs(expected).mean()
-        corr = np.corrcoef(ours.reshape(-1), expected.reshape(-1))[0, 1]
-        assert rel < 0.5 and corr > 0.9, f"{case}: relative error {rel:.3f}, correlation {corr:.3f}"
+    check_quantized_fixture(family, ref)
 
 
 # The sparse config.json files the Hub checkpoints carry (transformers fills the rest with its defaults).

@@ -197,7 +197,8 @@ def test_the_families_sharing_a_cache_do_not_collide() -> None:
         model, processor = load(FIXTURES / family / "hf4")
         inputs = prepare(processor, [FIRST])
         np.testing.assert_array_equal(embeddings(model, inputs, cache), embeddings(model, inputs))
-    assert (cache.hits, cache.misses, len(cache)) == (0, len(FAMILIES), len(FAMILIES))
+    # One entry per image, or per tile where a family caches its tiles (Idefics3, SmolVLM): never a hit.
+    assert cache.hits == 0 and cache.misses == len(cache) >= len(FAMILIES)
 
 
 def test_text_only_prompt_leaves_the_cache_alone(loaded) -> None:

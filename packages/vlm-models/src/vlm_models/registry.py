@@ -50,6 +50,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llava": Architecture("llava", "clip:CLIPImageProcessor", image_token="<image>"),
     "llava_next": Architecture("llava_next", "clip:LlavaNextImageProcessor", image_token="<image>"),
     "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),
+    "idefics3": Architecture("idefics3", "idefics3:Idefics3ImageProcessor", image_token="<image>"),
+    "smolvlm": Architecture("smolvlm", "idefics3:Idefics3ImageProcessor", image_token="<image>"),
     "paligemma": Architecture(
         "paligemma", "paligemma:PaliGemmaImageProcessor", image_token="<image>", default_chat_template=_IMAGES_THEN_TEXT
     ),

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from vlm_runtime import KVCache, PromptEmbedding
 from vlm_runtime.masks import padded_causal_mask
 
@@ -18,7 +19,13 @@ from .layers import Attention, DecoderLayer, GatedMLP
 from .output import ModelOutput
 from .rope import MultimodalRotary
 
-__all__ = ["DecoderConfig", "TextDecoder", "TextGeneration", "attention_mask_for"]
+__all__ = [
+    "DecoderConfig",
+    "TextDecoder",
+    "TextGeneration",
+    "attention_mask_for",
+    "padded_prompt_embedding",
+]
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,16 @@ def attention_mask_for(
         return None if n_queries == 1 else "causal"
     allowed = padded_causal_mask(attention_mask, n_queries)
     return mx.where(allowed, mx.array(0.0, dtype), mx.array(mx.finfo(dtype).min, dtype))
+
+
+def padded_prompt_embedding(inputs_embeds: mx.array, attention_mask: mx.array | None) -> PromptEmbedding:
+    """A plain-RoPE prompt: positions follow the cache unless the batch is padded; then each row counts only its
+    real tokens (padding sits at position 1), as transformers' generate does."""
+    mask = None if attention_mask is None else np.asarray(attention_mask)
+    if mask is None or mask.all():
+        return PromptEmbedding(inputs_embeds)
+    positions = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 1)
+    return PromptEmbedding(inputs_embeds, mx.array(positions), attention_mask)
 
 
 class TextDecoder(nn.Module):

@@ -1,7 +1,9 @@
 """The SigLIP vision tower (Gemma 3, PaliGemma, Idefics3/SmolVLM): a plain ViT with learned position
-embeddings, pre-norm blocks and a final LayerNorm. Module names follow the transformers 5 weights
-(``vision_tower.embeddings``, ``.encoder``, ``.post_layernorm``; published checkpoints put ``vision_model.`` in
-between). The optional attention-pooling head is not used by these models.
+embeddings, pre-norm blocks and a final LayerNorm. Idefics3's variant takes a patch mask: padding patches are
+hidden from attention and the real ones spread over the whole position grid (``navit_position_ids``). Module
+names follow the transformers 5 weights (``vision_tower.embeddings``, ``.encoder``, ``.post_layernorm``;
+published checkpoints put ``vision_model.`` in between). The optional attention-pooling head is not used by these
+models.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from typing import Any, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..config import from_dict
 from .vit import EncoderLayer
 
-__all__ = ["SiglipVisionConfig", "SiglipVisionModel"]
+__all__ = ["SiglipVisionConfig", "SiglipVisionModel", "navit_position_ids"]
 
 
 @dataclass(frozen=True)
@@ -49,19 +52,42 @@ class SiglipEncoder(nn.Module):
         ]
 
 
+def navit_position_ids(patch_mask: np.ndarray, patches_per_side: int) -> np.ndarray:
+    """(images, rows, cols) boolean patch masks (each image's real patches a top-left rectangle) -> (images,
+    rows * cols) position ids: real patch i of r along an axis lands in bucket floor(i * side / r) of the full
+    grid, so a smaller image spreads over all positions; padding patches take position 0.
+
+    Exact integer arithmetic: the reference buckets float32 coordinates against float32 boundaries, which agrees
+    with this for every rectangle on the grids the published checkpoints use (26, 27, 32 patches a side) but
+    can land a bucket low on some other sizes (19, 25, 29, 31, ... a side, even for a full grid)."""
+    side = patches_per_side
+    images, rows, cols = patch_mask.shape
+    real_rows = patch_mask[:, :, 0].sum(axis=1, keepdims=True)
+    real_cols = patch_mask[:, 0, :].sum(axis=1, keepdims=True)
+    row_ids = np.arange(rows)[None] * side // np.maximum(real_rows, 1)
+    col_ids = np.arange(cols)[None] * side // np.maximum(real_cols, 1)
+    ids = (row_ids[:, :, None] * side + col_ids[:, None, :]).reshape(images, -1)
+    return np.where(patch_mask.reshape(images, -1), ids, 0).astype(np.int32)
+
+
 class SiglipEmbeddings(nn.Module):
     def __init__(self, c: SiglipVisionConfig) -> None:
         super().__init__()
         # MLX convolutions are channels-last: the weight is (out, kh, kw, in).
         self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size)
         self.position_embedding = nn.Embedding(c.patches_per_side**2, c.hidden_size)
+        self.patches_per_side = c.patches_per_side
 
-    def __call__(self, pixel_values: mx.array) -> mx.array:
+    def __call__(self, pixel_values: mx.array, patch_mask: np.ndarray | None = None) -> mx.array:
         """(images, C, H, W) as the processors give them -> (images, patches, hidden), patches row-major."""
         patches = self.patch_embedding(pixel_values.transpose(0, 2, 3, 1))
         patches = patches.reshape(patches.shape[0], -1, patches.shape[-1])
+        if patch_mask is None:
+            positions = mx.arange(patches.shape[1])
+        else:
+            positions = mx.array(navit_position_ids(patch_mask, self.patches_per_side))
         # Called, not indexed: a quantized checkpoint stores the table packed.
-        return patches + self.position_embedding(mx.arange(patches.shape[1]))
+        return patches + self.position_embedding(positions)
 
 
 class SiglipVisionModel(nn.Module):
@@ -78,14 +104,19 @@ class SiglipVisionModel(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.post_layernorm.weight.dtype
 
-    def __call__(self, pixel_values: mx.array) -> mx.array:
+    def __call__(self, pixel_values: mx.array, patch_mask: np.ndarray | None = None) -> mx.array:
+        """``patch_mask`` (images, rows, cols) marks the patches holding image; None means all of them."""
         side = self.config.image_size
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (self.config.num_channels, side, side):
             raise ValueError(
                 f"pixel_values must be (images, {self.config.num_channels}, {side}, {side}), "
                 f"got {tuple(pixel_values.shape)}"
             )
-        x = self.embeddings(pixel_values.astype(self.dtype))
+        x = self.embeddings(pixel_values.astype(self.dtype), patch_mask)
+        mask = None
+        if patch_mask is not None and not patch_mask.all():
+            keys = mx.array(patch_mask.reshape(patch_mask.shape[0], 1, 1, -1))
+            mask = mx.where(keys, mx.array(0.0, x.dtype), mx.array(mx.finfo(x.dtype).min, x.dtype))
         for layer in self.encoder.layers:
-            x = layer(x)
+            x = layer(x, mask)
         return self.post_layernorm(x)

@@ -23,14 +23,15 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | None = None) -> mx.array:
+        """``mask``: additive, broadcastable to (batch, heads, tokens, tokens); None attends everywhere."""
         batch, length, _ = x.shape
 
         def heads(t: mx.array) -> mx.array:
             return t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
@@ -44,8 +45,8 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_dim, act)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def __call__(self, x: mx.array, mask: mx.array | None = None) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
