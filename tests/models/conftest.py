@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "gemma3", "paligemma2"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "gemma3", "paligemma2", "pixtral", "mistral3"]
 LAYOUTS = ["hf4", "hf5", "mlx_community"]
 FAMILY_LAYOUTS = {
     "qwen2_vl": LAYOUTS,
@@ -17,6 +17,9 @@ FAMILY_LAYOUTS = {
     # No peer-converted folder: its MLX-community layout is written by our own converter (test_gemma3.py).
     "gemma3": ["hf4", "hf5"],
     "paligemma2": ["hf4", "hf5"],
+    # mlx_community: written by our own converter (tests/fixtures/make_mlx_community_llava.py), as for LLaVA.
+    "pixtral": LAYOUTS,
+    "mistral3": LAYOUTS,
 }
 PREFIX_LM = {"paligemma2"}
 """Families whose whole prompt attends both ways: a token decoded after a prefill is no longer in the prompt."""

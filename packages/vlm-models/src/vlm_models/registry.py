@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any, Mapping
 
-__all__ = ["Architecture", "ARCHITECTURES", "architecture_for", "UnsupportedModelError"]
+__all__ = ["Architecture", "ARCHITECTURES", "VISION_VARIANTS", "architecture_for", "architecture_of", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(ValueError):
@@ -49,10 +50,25 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llava": Architecture("llava", "clip:CLIPImageProcessor", image_token="<image>"),
     "llava_next": Architecture("llava_next", "clip:LlavaNextImageProcessor", image_token="<image>"),
     "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),
+    "mistral3": Architecture("mistral3", "pixtral:PixtralImageProcessor", image_token="[IMG]"),
     "paligemma": Architecture(
         "paligemma", "paligemma:PaliGemmaImageProcessor", image_token="<image>", default_chat_template=_IMAGES_THEN_TEXT
     ),
 }
+
+
+VISION_VARIANTS: dict[tuple[str, str], Architecture] = {
+    # (model_type, vision_config.model_type): one model_type whose checkpoints carry another vision tower
+    ("llava", "pixtral"): Architecture("pixtral", "pixtral:PixtralImageProcessor", image_token="[IMG]"),
+}
+
+
+def architecture_of(config: Mapping[str, Any]) -> Architecture:
+    """The architecture of a config.json: by model_type, or by its vision tower where that varies."""
+    vision = config.get("vision_config")
+    vision_type = vision.get("model_type") if isinstance(vision, Mapping) else None
+    variant = VISION_VARIANTS.get((config.get("model_type") or "", vision_type or ""))
+    return variant or architecture_for(config.get("model_type"))
 
 
 def architecture_for(model_type: str | None) -> Architecture:
