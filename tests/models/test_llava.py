@@ -20,14 +20,15 @@ from vlm_runtime.vision_cache import VisionFeatureCache
 
 from .conftest import FIXTURES, Reference
 
-LLAVA_FAMILIES = ["llava", "llava_next"]
+LLAVA_FAMILIES = ["llava", "llava_next", "pixtral", "mistral3"]
+"""LLaVA and the families built on it (models/pixtral.py, models/mistral3.py)."""
 
 
 def as_mx(inputs: dict[str, np.ndarray]) -> dict[str, mx.array]:
     return {k: mx.array(v) for k, v in inputs.items()}
 
 
-@pytest.mark.parametrize("family", LLAVA_FAMILIES)
+@pytest.mark.parametrize("family", ["llava", "llava_next"])  # Pixtral's: test_pixtral.py
 def test_quantized_mlx_community_checkpoint_loads(family: str) -> None:
     """The 4-bit folder written by tests/fixtures/make_mlx_community_llava.py: quantized layers come back
     quantized, compute exactly what their dequantized weights compute, and stay near transformers' logits."""
@@ -52,8 +53,11 @@ def test_chat_template_through_the_checkpoint_tokenizer(family: str, layout: str
     ref = Reference(family)
     _, processor = load(FIXTURES / family / layout)
     for case, meta in ref.meta["cases"].items():
-        text = meta["messages"][0]["content"][-1]["text"]
-        prompt = apply_chat_template(processor, None, text, num_images=len(meta["images"]))
+        content = meta["messages"][0]["content"]
+        if [item["type"] for item in content] == ["image"] * len(meta["images"]) + ["text"]:
+            prompt = apply_chat_template(processor, None, content[-1]["text"], num_images=len(meta["images"]))
+        else:  # images between texts: the messages as they are
+            prompt = apply_chat_template(processor, None, meta["messages"])
         assert prompt == meta["prompt"], f"{family}/{layout}/{case}"
 
 
