@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -23,6 +25,15 @@ FAMILY_LAYOUTS = {
 }
 PREFIX_LM = {"paligemma2"}
 """Families whose whole prompt attends both ways: a token decoded after a prefill is no longer in the prompt."""
+
+
+def checkpoint_with_config(tmp_path: Path, family: str, change: Callable[[dict[str, Any]], Any]) -> Path:
+    """A copy of the family's hf4 fixture whose config.json ``change`` edited in place."""
+    path = Path(shutil.copytree(FIXTURES / family / "hf4", tmp_path / "model"))
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
 
 
 class Reference:

@@ -19,6 +19,7 @@ from vlm_models.convert import dequantize_model
 from vlm_runtime.vision_cache import VisionFeatureCache
 
 from .conftest import FIXTURES, Reference
+from .conftest import checkpoint_with_config as _with_config
 
 LLAVA_FAMILIES = ["llava", "llava_next", "pixtral", "mistral3"]
 """LLaVA and the families built on it (models/pixtral.py, models/mistral3.py)."""
@@ -86,14 +87,6 @@ def test_padded_batch_rows_match_each_prompt_alone() -> None:
     logits = np.array(model(mx.array(ids), mx.array(pixels), mx.array(mask)).logits)
     np.testing.assert_allclose(logits[0, pad:], ref.get("text", "logits")[0], atol=1e-4)
     np.testing.assert_allclose(logits[1], ref.get("one_image", "logits")[0], atol=1e-4)
-
-
-def _with_config(tmp_path: Path, family: str, change) -> Path:
-    path = Path(shutil.copytree(FIXTURES / family / "hf4", tmp_path / "model"))
-    config = json.loads((path / "config.json").read_text())
-    change(config)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ errors."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,7 +22,7 @@ from vlm_models.processors.pixtral import PixtralImageProcessor
 from vlm_models.registry import architecture_of
 from vlm_runtime.vision_cache import VisionFeatureCache
 
-from .conftest import FIXTURES, Reference
+from .conftest import FIXTURES, Reference, checkpoint_with_config
 
 FAMILIES = ["pixtral", "mistral3"]
 IMAGES = FIXTURES / "images"
@@ -150,14 +149,6 @@ def test_registry_picks_the_tower_of_a_llava_checkpoint() -> None:
         assert architecture_of(config).module == module
 
 
-def _with_config(tmp_path: Path, family: str, change) -> Path:
-    path = Path(shutil.copytree(FIXTURES / family / "hf4", tmp_path / "model"))
-    config = json.loads((path / "config.json").read_text())
-    change(config)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
-
-
 @pytest.mark.parametrize(
     ("family", "change", "message"),
     [
@@ -172,4 +163,4 @@ def _with_config(tmp_path: Path, family: str, change) -> Path:
 )
 def test_unsupported_configs_are_named(tmp_path: Path, family: str, change, message: str) -> None:
     with pytest.raises(ModelLoadError, match=message):
-        load(_with_config(tmp_path, family, change))
+        load(checkpoint_with_config(tmp_path, family, change))

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .image import image_settings, rescale_and_normalize, resize, to_rgb
+from .image import RepeatsImageTokens, image_settings, rescale_and_normalize, resize, to_rgb
 from .qwen2_vl import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = ["PixtralImageProcessor"]
@@ -37,7 +37,7 @@ def _square(value: Any, what: str) -> int:
 
 
 @dataclass
-class PixtralImageProcessor:
+class PixtralImageProcessor(RepeatsImageTokens):
     longest_edge: int = 1024
     patch_size: int = 16
     spatial_merge_size: int = 1
@@ -114,14 +114,10 @@ class PixtralImageProcessor:
         step = self.token_pixels
         return [(int(h) // step, int(w) // step) for h, w in outputs["image_sizes"].tolist()]
 
-    def expand_prompt(self, prompt: str, image_token: str, outputs: dict[str, np.ndarray]) -> str:
-        grids = self.token_grids(outputs)
-        pieces = prompt.split(image_token)
-        if len(pieces) - 1 != len(grids):
-            raise ValueError(f"the prompt has {len(pieces) - 1} image slot(s) for {len(grids)} image(s)")
-        out = [pieces[0]]
-        for (rows, cols), piece in zip(grids, pieces[1:]):
-            row = self.image_token * cols + self.image_break_token
-            out.append((row * rows)[: -len(self.image_break_token)] + self.image_end_token)
-            out.append(piece)
-        return "".join(out)
+    def image_token_counts(self, outputs: dict[str, np.ndarray]) -> list[int]:
+        """The [IMG] tokens of each image: one per feature (the breaks and the end marker are text tokens)."""
+        return [rows * cols for rows, cols in self.token_grids(outputs)]
+
+    def image_placeholders(self, image_token: str, outputs: dict[str, np.ndarray]) -> list[str]:
+        rows_of = [(self.image_token * cols + self.image_break_token) * rows for rows, cols in self.token_grids(outputs)]
+        return [rows[: -len(self.image_break_token)] + self.image_end_token for rows in rows_of]
