@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from vlm_models import ModelLoadError, apply_chat_template, load
 from vlm_models.convert import dequantize_model, quantize_model
+from vlm_models.models.mistral3 import PatchMerger
 from vlm_models.processors import load_image
 from vlm_models.processors.pixtral import PixtralImageProcessor
 from vlm_models.registry import architecture_of
@@ -164,3 +165,20 @@ def test_registry_picks_the_tower_of_a_llava_checkpoint() -> None:
 def test_unsupported_configs_are_named(tmp_path: Path, family: str, change, message: str) -> None:
     with pytest.raises(ModelLoadError, match=message):
         load(checkpoint_with_config(tmp_path, family, change))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 7), st.integers(1, 3), st.integers(1, 3))
+def test_patch_merger_lays_out_blocks_as_torch_unfold(rows: int, cols: int, merge: int, dim: int) -> None:
+    """Before its linear map, each token is one merge x merge block, channel-major and row-major inside the block
+    (torch's unfold), the blocks row-major; a trailing partial row or column of blocks is dropped."""
+    merger = PatchMerger(dim, merge)
+    merger.merging_layer = nn.Identity()
+    grid = np.arange(rows * cols * dim, dtype=np.float32).reshape(rows, cols, dim)
+    expected = [
+        [grid[bi * merge + ki, bj * merge + kj, c] for c in range(dim) for ki in range(merge) for kj in range(merge)]
+        for bi in range(rows // merge)
+        for bj in range(cols // merge)
+    ]
+    out = np.array(merger(mx.array(grid.reshape(-1, dim)), (rows, cols)))
+    np.testing.assert_array_equal(out, np.asarray(expected, np.float32).reshape(-1, dim * merge * merge))

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Mapping
 
-__all__ = ["Architecture", "ARCHITECTURES", "VISION_VARIANTS", "architecture_for", "architecture_of", "UnsupportedModelError"]
+__all__ = [
+    "Architecture", "ARCHITECTURES", "VISION_VARIANTS", "architecture_for", "architecture_of", "UnsupportedModelError"
+]
 
 
 class UnsupportedModelError(ValueError):
