@@ -94,7 +94,7 @@ def test_quantized_mlx_community_checkpoint_loads(loaded) -> None:
     """The 4-bit folder written by tests/fixtures/make_mlx_community_llava.py: quantized layers come back quantized
     (tower and decoder), compute what their dequantized weights compute and what quantizing the float checkpoint in
     memory computes; at 4 bits a model this small drifts far, so closeness to transformers is shown at 8 bits."""
-    family, float_model, _ = loaded
+    family, _, _ = loaded
     ref = Reference(family)
     model, _ = load(FIXTURES / family / "mlx_community_4bit")
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in model.model.language_model.named_modules())
@@ -108,23 +108,29 @@ def test_quantized_mlx_community_checkpoint_loads(loaded) -> None:
     np.testing.assert_allclose(ours, np.array(in_memory(**inputs).logits), atol=1e-4)
     expected = ref.get("two_images", "logits")
     assert np.abs(ours - expected).mean() / np.abs(expected).mean() < 0.5
-    quantize_model(float_model_copy := load(FIXTURES / family / "hf4")[0], bits=8, group_size=32)
-    eight = np.array(float_model_copy(**inputs).logits)
+    eight_bit, _ = load(FIXTURES / family / "hf4")
+    quantize_model(eight_bit, bits=8, group_size=32)
+    eight = np.array(eight_bit(**inputs).logits)
     assert (eight.argmax(-1) == expected.argmax(-1)).mean() > 0.9
 
 
 def test_images_batched_together_compute_what_each_computes_alone(loaded) -> None:
-    """Padding to the largest image and attention kept inside each image: the pair's features are each image's
-    own; the vision cache therefore keys an image by its own pixels and serves it across prompts."""
+    """Padding to the largest image, and attention inside each image only (transformers' block-diagonal mask):
+    the pair's features are each image's own; the vision cache therefore keys an image by its own pixels and serves it across prompts."""
     family, model, processor = loaded
-    images = [IMAGES / "rgb_200x100.png", IMAGES / "rgb_90x600.png"]
-    pair = processor.prepare_inputs(apply_chat_template(processor, None, "Compare.", num_images=2), images)
-    together = model.image_features(pair["pixel_values"], image_sizes=pair["image_sizes"])
+    # Two images of one grid (both square) among two of others: same-grid images run as one batch.
+    images = [IMAGES / n for n in ("rgb_200x100.png", "rgb_56x56.png", "rgb_90x600.png", "rgba_150x150.png")]
+    several = processor.prepare_inputs(apply_chat_template(processor, None, "Compare.", num_images=4), images)
+    sizes = [tuple(s) for s in np.array(several["image_sizes"]).tolist()]
+    assert sizes[1] == sizes[3] and len(set(sizes)) == 3
+    together = model.image_features(several["pixel_values"], image_sizes=several["image_sizes"])
     for image, features in zip(images, together):
         alone = processor.prepare_inputs(apply_chat_template(processor, None, "Describe.", num_images=1), [image])
         (single,) = model.image_features(alone["pixel_values"], image_sizes=alone["image_sizes"])
         np.testing.assert_allclose(np.array(features), np.array(single), atol=1e-5)
-    assert pair["pixel_values"].shape[-2:] != alone["pixel_values"].shape[-2:]  # the second image was padded
+    pair = processor.prepare_inputs(apply_chat_template(processor, None, "Compare.", num_images=2), images[2:])
+    alone = processor.prepare_inputs(apply_chat_template(processor, None, "Describe.", num_images=1), images[2:3])
+    assert pair["pixel_values"].shape[-2:] != alone["pixel_values"].shape[-2:]  # padded in the pair
     cache = VisionFeatureCache()
     model.embed_prompt(**pair, vision_cache=cache)
     cached = model.embed_prompt(**alone, vision_cache=cache).inputs_embeds

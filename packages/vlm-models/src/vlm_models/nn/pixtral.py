@@ -1,6 +1,6 @@
-"""The Pixtral vision encoder (Pixtral-12B, Mistral 3): images at their own sizes, patches of all images in one
-sequence with attention kept inside each image, 2D axial rotary positions, RMSNorm pre-norm blocks with a gated
-MLP, and no class token or learned positions.
+"""The Pixtral vision encoder (Pixtral-12B, Mistral 3): images at their own sizes, each attending only within
+itself, 2D axial rotary positions over patch rows and columns, RMSNorm pre-norm blocks with a gated MLP, and no
+class token or learned positions.
 
 Module names follow the transformers ``PixtralVisionModel`` weight names (``patch_conv``, ``ln_pre``,
 ``transformer.layers.*.{attention_norm,attention,ffn_norm,feed_forward}``).
@@ -66,7 +66,7 @@ class PixtralLayer(nn.Module):
         self.ffn_norm = nn.RMSNorm(c.hidden_size, eps=NORM_EPS)
         self.feed_forward = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act)
 
-    def __call__(self, x: mx.array, rotate: Rotate, mask: mx.array | None) -> mx.array:
+    def __call__(self, x: mx.array, rotate: Rotate, mask: Any) -> mx.array:
         x = x + self.attention(self.attention_norm(x), rotate, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -110,20 +110,23 @@ class PixtralVisionTower(nn.Module):
         self, pixel_values: mx.array, image_sizes: Sequence[tuple[int, int]], layers: Sequence[int] = (-1,)
     ) -> list[mx.array]:
         """Per image, (rows * cols, dim * len(layers)) hidden states of ``layers`` (indices as transformers'
-        ``hidden_states``), its patches in row-major order."""
+        ``hidden_states``), its patches in row-major order.
+
+        transformers packs all images into one sequence under a block-diagonal mask; attention inside each block is
+        all there is, so images of one grid run here as one batch and no mask (or its length-squared memory) exists.
+        """
         grids = self.patch_grids(pixel_values, image_sizes)
         patches = self.patch_conv(pixel_values.astype(self.dtype).transpose(0, 2, 3, 1))
         dim = patches.shape[-1]
-        flat = mx.concatenate([patches[i, :rows, :cols].reshape(-1, dim) for i, (rows, cols) in enumerate(grids)])
-        counts = [rows * cols for rows, cols in grids]
-        row_ids = np.concatenate([np.repeat(np.arange(rows), cols) for rows, cols in grids])
-        col_ids = np.concatenate([np.tile(np.arange(cols), rows) for rows, cols in grids])
-        rotate = self._rotary.at_grid(mx.array(row_ids), mx.array(col_ids))
-        mask = None
-        if len(grids) > 1:
-            image_of = np.repeat(np.arange(len(grids)), counts)
-            mask = mx.array(image_of[:, None] == image_of[None, :])  # block-diagonal: each image sees itself
-        blocks = [lambda x, layer=layer: layer(x, rotate, mask) for layer in self.transformer.layers]
-        hidden = selected_hidden_states(self.ln_pre(flat[None]), blocks, layers)[0]
-        bounds = np.cumsum([0, *counts]).tolist()
-        return [hidden[a:b] for a, b in zip(bounds, bounds[1:])]
+        out: list[mx.array] = [mx.array(0)] * len(grids)
+        for rows, cols in dict.fromkeys(grids):  # each distinct grid once, in order
+            members = [i for i, grid in enumerate(grids) if grid == (rows, cols)]
+            x = mx.stack([patches[i, :rows, :cols].reshape(-1, dim) for i in members])
+            rotate = self._rotary.at_grid(
+                mx.array(np.repeat(np.arange(rows), cols)), mx.array(np.tile(np.arange(cols), rows))
+            )
+            blocks = [lambda h, layer=layer: layer(h, rotate, None) for layer in self.transformer.layers]
+            hidden = selected_hidden_states(self.ln_pre(x), blocks, layers)
+            for j, i in enumerate(members):
+                out[i] = hidden[j]
+        return out
