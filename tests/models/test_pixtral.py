@@ -6,6 +6,7 @@ errors."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -148,6 +149,23 @@ def test_inputs_that_do_not_belong_together_are_clear_errors(loaded) -> None:
         model(**{**inputs, "image_sizes": inputs["image_sizes"] + 1})
     with pytest.raises(ValueError, match="do not match"):
         model(**{**inputs, "image_sizes": inputs["image_sizes"][:1]})
+
+
+def test_mlx_vlm_model_type_loads_as_pixtral(tmp_path: Path) -> None:
+    """mlx-vlm writes Pixtral-12B conversions with model_type "pixtral": the same model, transformers' logits."""
+    path = Path(shutil.copytree(FIXTURES / "pixtral" / "mlx_community", tmp_path / "model"))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "pixtral"}))
+    model, _ = load(path)
+    ref = Reference("pixtral")
+    logits = np.array(model(**as_mx(ref.inputs("two_images"))).logits)
+    assert np.abs(logits - ref.get("two_images", "logits")).max() <= 1e-4
+    vision_only = tmp_path / "vision_only"
+    vision_only.mkdir()
+    (vision_only / "config.json").write_text(json.dumps({"model_type": "pixtral", **config["vision_config"]}))
+    shutil.copy(path / "model.safetensors", vision_only)
+    with pytest.raises(ModelLoadError, match="no text_config"):
+        load(vision_only)
 
 
 def test_registry_picks_the_tower_of_a_llava_checkpoint() -> None:

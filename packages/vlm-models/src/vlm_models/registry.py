@@ -53,6 +53,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llava_next": Architecture("llava_next", "clip:LlavaNextImageProcessor", image_token="<image>"),
     "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),
     "mistral3": Architecture("mistral3", "pixtral:PixtralImageProcessor", image_token="[IMG]"),
+    # mlx-vlm's conversions of Pixtral-12B name the whole model "pixtral" (transformers keeps "llava", below).
+    "pixtral": Architecture("pixtral", "pixtral:PixtralImageProcessor", image_token="[IMG]"),
     "paligemma": Architecture(
         "paligemma", "paligemma:PaliGemmaImageProcessor", image_token="<image>", default_chat_template=_IMAGES_THEN_TEXT
     ),

@@ -24,6 +24,8 @@ __all__ = ["Model", "processor_defaults"]
 def parse_config(config: Mapping[str, Any], defaults: Mapping[str, Any] = {}) -> llava.ModelConfig:
     """LLaVA's config with the Pixtral tower's; ``defaults`` fill what the config leaves out."""
     config = {**defaults, **config}
+    if not config.get("text_config"):
+        raise ConfigError("config.json has no text_config: a Pixtral vision encoder alone is not a vision-language model")
     vision = PixtralVisionConfig.from_hf(config.get("vision_config") or {})
     parsed = llava.ModelConfig.from_hf(config, vision=vision)
     if parsed.vision_feature_select_strategy != "full":
