@@ -117,7 +117,8 @@ def test_quantized_mlx_community_checkpoint_loads(loaded) -> None:
 
 def test_images_batched_together_compute_what_each_computes_alone(loaded) -> None:
     """Padding to the largest image, and attention inside each image only (transformers' block-diagonal mask):
-    the pair's features are each image's own; the vision cache therefore keys an image by its own pixels and serves it across prompts."""
+    the batch's features are each image's own; the vision cache therefore keys an image by its own pixels and
+    serves it across prompts."""
     family, model, processor = loaded
     # Two images of one grid (both square) among two of others: same-grid images run as one batch.
     images = [IMAGES / n for n in ("rgb_200x100.png", "rgb_56x56.png", "rgb_90x600.png", "rgba_150x150.png")]

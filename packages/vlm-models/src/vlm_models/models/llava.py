@@ -86,7 +86,8 @@ class ModelConfig:
             return cls(
                 model_type=config["model_type"],
                 text=from_dict(DecoderConfig, text),
-                vision=vision or from_dict(CLIPVisionConfig, {**VISION_DEFAULTS, **(config.get("vision_config") or {})}),
+                vision=vision
+                or from_dict(CLIPVisionConfig, {**VISION_DEFAULTS, **(config.get("vision_config") or {})}),
                 rope_theta=float(rope.get("rope_theta", text["rope_theta"])),
                 image_token_id=int(config.get("image_token_id", config.get("image_token_index", 32000))),
                 vision_feature_layers=tuple(layers) if isinstance(layers, (list, tuple)) else (int(layers),),

@@ -21,11 +21,11 @@ from . import llava
 __all__ = ["Model", "processor_defaults"]
 
 
-def parse_config(config: Mapping[str, Any], defaults: Mapping[str, Any] = {}) -> llava.ModelConfig:
+def parse_config(config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> llava.ModelConfig:
     """LLaVA's config with the Pixtral tower's; ``defaults`` fill what the config leaves out."""
-    config = {**defaults, **config}
+    config = {**(defaults or {}), **config}
     if not config.get("text_config"):
-        raise ConfigError("config.json has no text_config: a Pixtral vision encoder alone is not a vision-language model")
+        raise ConfigError("config.json has no text_config: a Pixtral vision encoder alone is no vision-language model")
     vision = PixtralVisionConfig.from_hf(config.get("vision_config") or {})
     parsed = llava.ModelConfig.from_hf(config, vision=vision)
     if parsed.vision_feature_select_strategy != "full":
@@ -58,7 +58,7 @@ class Model(llava.Model):
         return self.model.vision_tower.patch_conv
 
     @staticmethod
-    def _sizes(pixel_values: mx.array, image_sizes: mx.array | None) -> list[tuple[int, int]]:
+    def _sizes(image_sizes: mx.array | None) -> list[tuple[int, int]]:
         if image_sizes is None:
             raise ValueError("Pixtral needs image_sizes with pixel_values (the processor gives both)")
         sizes = np.asarray(image_sizes).astype(np.int64).reshape(-1, 2)
@@ -70,14 +70,14 @@ class Model(llava.Model):
 
     def image_features(self, pixel_values: mx.array, image_sizes: mx.array | None = None, **_: Any) -> list[mx.array]:
         tower = self.model.vision_tower
-        sizes = self._sizes(pixel_values, image_sizes)
+        sizes = self._sizes(image_sizes)
         grids = tower.patch_grids(pixel_values, sizes)
         per_image = tower(pixel_values, sizes, self.config.vision_feature_layers)
         return [self.project(features, grid) for features, grid in zip(per_image, grids)]
 
     def image_pixels(self, pixel_values: mx.array, image_sizes: mx.array | None = None, **_: Any) -> list[mx.array]:
         """Each image's own pixels, without the padding that batched it with larger ones."""
-        sizes = self._sizes(pixel_values, image_sizes)
+        sizes = self._sizes(image_sizes)
         self.model.vision_tower.patch_grids(pixel_values, sizes)  # validates
         return [pixel_values[i : i + 1, :, :h, :w] for i, (h, w) in enumerate(sizes)]
 

@@ -119,5 +119,6 @@ class PixtralImageProcessor(RepeatsImageTokens):
         return [rows * cols for rows, cols in self.token_grids(outputs)]
 
     def image_placeholders(self, image_token: str, outputs: dict[str, np.ndarray]) -> list[str]:
-        rows_of = [(self.image_token * cols + self.image_break_token) * rows for rows, cols in self.token_grids(outputs)]
-        return [rows[: -len(self.image_break_token)] + self.image_end_token for rows in rows_of]
+        row_break, end = self.image_break_token, self.image_end_token
+        grids = [(self.image_token * cols + row_break) * rows for rows, cols in self.token_grids(outputs)]
+        return [grid[: -len(row_break)] + end for grid in grids]
