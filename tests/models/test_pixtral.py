@@ -19,6 +19,7 @@ from PIL import Image
 from vlm_models import ModelLoadError, apply_chat_template, load
 from vlm_models.convert import dequantize_model, quantize_model
 from vlm_models.models.mistral3 import PatchMerger
+from vlm_models.nn.rope import AxialRotary
 from vlm_models.processors import load_image
 from vlm_models.processors.pixtral import PixtralImageProcessor
 from vlm_models.registry import architecture_of
@@ -207,3 +208,26 @@ def test_patch_merger_lays_out_blocks_as_torch_unfold(rows: int, cols: int, merg
     ]
     out = np.array(merger(mx.array(grid.reshape(-1, dim)), (rows, cols)))
     np.testing.assert_array_equal(out, np.asarray(expected, np.float32).reshape(-1, dim * merge * merge))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=2, max_size=6),
+    st.integers(0, 30),
+    st.integers(0, 30),
+    st.integers(0, 2**31 - 1),
+)
+def test_axial_rotary_scores_depend_only_on_the_row_and_column_offsets(positions, shift_row, shift_col, seed) -> None:
+    """Query-key products after the 2D rotary are unchanged when every patch moves by the same (rows, cols), and
+    the rotation keeps each vector's length."""
+    rotary, rng = AxialRotary(16, 10000.0), np.random.default_rng(seed)
+    q, k = (mx.array(rng.standard_normal((1, 2, len(positions), 16)).astype(np.float32)) for _ in range(2))
+    rows, cols = (np.array(axis) for axis in zip(*positions))
+
+    def scores(dr: int, dc: int) -> np.ndarray:
+        rotate = rotary.at_grid(mx.array(rows + dr), mx.array(cols + dc))
+        lengths = np.linalg.norm(np.array(rotate(q)), axis=-1)
+        assert np.allclose(lengths, np.linalg.norm(np.array(q), axis=-1), atol=1e-4)
+        return np.array(rotate(q) @ rotate(k).transpose(0, 1, 3, 2))
+
+    np.testing.assert_allclose(scores(shift_row, shift_col), scores(0, 0), atol=2e-3)

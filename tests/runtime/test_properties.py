@@ -125,7 +125,8 @@ def test_sampled_tokens_lie_in_the_kept_set(lp: np.ndarray, seed: int, k: int) -
 @settings(max_examples=60, deadline=None)
 # U+FFFD itself is left out: a text that really contains it is indistinguishable from a cut character, so the
 # detokenizer holds it back until the next token (it still comes out, but not in its own piece).
-@given(text=st.text(alphabet=st.characters(blacklist_characters="\ufffd"), min_size=0, max_size=40))
+# Lone surrogates (category Cs) have no UTF-8 encoding, so no tokenizer ever produces them.
+@given(text=st.text(alphabet=st.characters(blacklist_characters="\ufffd", blacklist_categories=("Cs",)), max_size=40))
 def test_detokenizer_round_trips_unicode_bytewise(text: str) -> None:
     data = text.encode("utf-8")
     detok = StreamingDetokenizer(lambda ids: bytes(ids).decode("utf-8", errors="replace"))
