@@ -1,13 +1,27 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "gemma3", "paligemma2", "qwen3_vl", "idefics3", "smolvlm"]
+FAMILIES = [
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "llava",
+    "llava_next",
+    "pixtral",
+    "mistral3",
+    "gemma3",
+    "paligemma2",
+    "idefics3",
+    "smolvlm",
+]
 LAYOUTS = ["hf4", "hf5", "mlx_community"]
 FAMILY_LAYOUTS = {
     "qwen2_vl": LAYOUTS,
@@ -22,9 +36,21 @@ FAMILY_LAYOUTS = {
     # Their mlx_community folders are written by our own converter (tests/fixtures/make_own_mlx_fixtures.py).
     "idefics3": LAYOUTS,
     "smolvlm": LAYOUTS,
+    # mlx_community: written by our own converter (tests/fixtures/make_mlx_community_llava.py), as for LLaVA.
+    "pixtral": LAYOUTS,
+    "mistral3": LAYOUTS,
 }
 PREFIX_LM = {"paligemma2"}
 """Families whose whole prompt attends both ways: a token decoded after a prefill is no longer in the prompt."""
+
+
+def checkpoint_with_config(tmp_path: Path, family: str, change: Callable[[dict[str, Any]], Any]) -> Path:
+    """A copy of the family's hf4 fixture whose config.json ``change`` edited in place."""
+    path = Path(shutil.copytree(FIXTURES / family / "hf4", tmp_path / "model"))
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
 
 
 class Reference:

@@ -19,15 +19,17 @@ from vlm_models.convert import dequantize_model
 from vlm_runtime.vision_cache import VisionFeatureCache
 
 from .conftest import FIXTURES, Reference
+from .conftest import checkpoint_with_config as _with_config
 
-LLAVA_FAMILIES = ["llava", "llava_next"]
+LLAVA_FAMILIES = ["llava", "llava_next", "pixtral", "mistral3"]
+"""LLaVA and the families built on it (models/pixtral.py, models/mistral3.py)."""
 
 
 def as_mx(inputs: dict[str, np.ndarray]) -> dict[str, mx.array]:
     return {k: mx.array(v) for k, v in inputs.items()}
 
 
-@pytest.mark.parametrize("family", LLAVA_FAMILIES)
+@pytest.mark.parametrize("family", ["llava", "llava_next"])  # Pixtral's: test_pixtral.py
 def test_quantized_mlx_community_checkpoint_loads(family: str) -> None:
     """The 4-bit folder written by tests/fixtures/make_mlx_community_llava.py: quantized layers come back
     quantized, compute exactly what their dequantized weights compute, and stay near transformers' logits."""
@@ -52,8 +54,11 @@ def test_chat_template_through_the_checkpoint_tokenizer(family: str, layout: str
     ref = Reference(family)
     _, processor = load(FIXTURES / family / layout)
     for case, meta in ref.meta["cases"].items():
-        text = meta["messages"][0]["content"][-1]["text"]
-        prompt = apply_chat_template(processor, None, text, num_images=len(meta["images"]))
+        content = meta["messages"][0]["content"]
+        if [item["type"] for item in content] == ["image"] * len(meta["images"]) + ["text"]:
+            prompt = apply_chat_template(processor, None, content[-1]["text"], num_images=len(meta["images"]))
+        else:  # images between texts: the messages as they are
+            prompt = apply_chat_template(processor, None, meta["messages"])
         assert prompt == meta["prompt"], f"{family}/{layout}/{case}"
 
 
@@ -82,14 +87,6 @@ def test_padded_batch_rows_match_each_prompt_alone() -> None:
     logits = np.array(model(mx.array(ids), mx.array(pixels), mx.array(mask)).logits)
     np.testing.assert_allclose(logits[0, pad:], ref.get("text", "logits")[0], atol=1e-4)
     np.testing.assert_allclose(logits[1], ref.get("one_image", "logits")[0], atol=1e-4)
-
-
-def _with_config(tmp_path: Path, family: str, change) -> Path:
-    path = Path(shutil.copytree(FIXTURES / family / "hf4", tmp_path / "model"))
-    config = json.loads((path / "config.json").read_text())
-    change(config)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
 
 
 @pytest.mark.parametrize(

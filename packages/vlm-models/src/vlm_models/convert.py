@@ -346,13 +346,13 @@ def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str],
     """Read ``source`` (a local folder or Hugging Face repo id, in any layout ``load`` reads) and write it to
     ``destination`` in the MLX-community layout, cast, quantized or dequantized as ``options`` ask."""
     from .loading import load_config, load_model, resolve_model_path
-    from .registry import architecture_for
+    from .registry import architecture_of
 
     source_path = resolve_model_path(source, options.revision)
     destination = Path(destination).expanduser()
     _check_destination(source_path, destination)
     config = load_config(source_path)
-    arch = architecture_for(config.get("model_type"))
+    arch = architecture_of(config)
     model = load_model(source_path, config, arch)
     quantized_source = is_quantized(model)
     if options.quantize is not None and quantized_source:

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from .config import ConfigError
 from .convert import float_dtype, keep_embedding_dtype
 from .processor import Processor, load_chat_template
-from .registry import Architecture, architecture_for
+from .registry import Architecture, architecture_of
 
 __all__ = ["load", "load_config", "resolve_model_path", "ModelLoadError"]
 
@@ -215,7 +215,7 @@ def load(
     """
     path = resolve_model_path(path_or_repo, revision)
     config = load_config(path)
-    arch = architecture_for(config.get("model_type"))
+    arch = architecture_of(config)
     model = load_model(path, config, arch)
     if adapter_path is not None:
         from .adapters import load_adapters

@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any, Mapping
 
-__all__ = ["Architecture", "ARCHITECTURES", "architecture_for", "UnsupportedModelError"]
+__all__ = [
+    "Architecture", "ARCHITECTURES", "VISION_VARIANTS", "architecture_for", "architecture_of", "UnsupportedModelError"
+]
 
 
 class UnsupportedModelError(ValueError):
@@ -52,10 +55,27 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),
     "idefics3": Architecture("idefics3", "idefics3:Idefics3ImageProcessor", image_token="<image>"),
     "smolvlm": Architecture("smolvlm", "idefics3:Idefics3ImageProcessor", image_token="<image>"),
+    "mistral3": Architecture("mistral3", "pixtral:PixtralImageProcessor", image_token="[IMG]"),
+    # mlx-vlm's conversions of Pixtral-12B name the whole model "pixtral" (transformers keeps "llava", below).
+    "pixtral": Architecture("pixtral", "pixtral:PixtralImageProcessor", image_token="[IMG]"),
     "paligemma": Architecture(
         "paligemma", "paligemma:PaliGemmaImageProcessor", image_token="<image>", default_chat_template=_IMAGES_THEN_TEXT
     ),
 }
+
+
+VISION_VARIANTS: dict[tuple[str, str], Architecture] = {
+    # (model_type, vision_config.model_type): one model_type whose checkpoints carry another vision tower
+    ("llava", "pixtral"): Architecture("pixtral", "pixtral:PixtralImageProcessor", image_token="[IMG]"),
+}
+
+
+def architecture_of(config: Mapping[str, Any]) -> Architecture:
+    """The architecture of a config.json: by model_type, or by its vision tower where that varies."""
+    vision = config.get("vision_config")
+    vision_type = vision.get("model_type") if isinstance(vision, Mapping) else None
+    variant = VISION_VARIANTS.get((config.get("model_type") or "", vision_type or ""))
+    return variant or architecture_for(config.get("model_type"))
 
 
 def architecture_for(model_type: str | None) -> Architecture:

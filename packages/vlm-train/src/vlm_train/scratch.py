@@ -12,7 +12,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from vlm_models.convert import save_model
 from vlm_models.loading import load_config, resolve_model_path
-from vlm_models.registry import architecture_for
+from vlm_models.registry import architecture_of
 
 __all__ = ["ModelSizes", "init_model"]
 
@@ -83,7 +83,7 @@ def init_model(like: str, output: str | Path, sizes: ModelSizes = ModelSizes(), 
         raise ValueError("init writes Qwen2-VL sizes; pass a qwen2_vl checkpoint as --like")
     config = _sized_config(base, sizes)
     mx.random.seed(seed)
-    model = architecture_for(config["model_type"]).load_module().Model.from_hf_config(config)
+    model = architecture_of(config).load_module().Model.from_hf_config(config)
     mx.eval(model.parameters())
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     return save_model(model, output, source=source, config=config), n_params

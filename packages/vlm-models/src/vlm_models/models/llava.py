@@ -47,7 +47,8 @@ VISION_DEFAULTS = dict(
 class ModelConfig:
     model_type: str
     text: DecoderConfig
-    vision: CLIPVisionConfig
+    vision: Any
+    """The tower's config: CLIPVisionConfig here, PixtralVisionConfig for the Pixtral variant."""
     rope_theta: float
     image_token_id: int
     vision_feature_layers: tuple[int, ...]
@@ -58,7 +59,11 @@ class ModelConfig:
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any]) -> "ModelConfig":
+    def from_hf(cls, config: Mapping[str, Any], vision: Any = None) -> "ModelConfig":
+        """``vision``: the tower's config, parsed by the caller, for towers other than CLIP."""
+        vision_type = (config.get("vision_config") or {}).get("model_type", "clip_vision_model")
+        if vision is None and vision_type != "clip_vision_model":
+            raise ConfigError(f"vision_config.model_type {vision_type!r} is not a CLIP tower")
         text = dict(config.get("text_config") or {})
         text_type = text.get("model_type", "llama")
         if text_type not in TEXT_DEFAULTS:
@@ -81,7 +86,8 @@ class ModelConfig:
             return cls(
                 model_type=config["model_type"],
                 text=from_dict(DecoderConfig, text),
-                vision=from_dict(CLIPVisionConfig, {**VISION_DEFAULTS, **(config.get("vision_config") or {})}),
+                vision=vision
+                or from_dict(CLIPVisionConfig, {**VISION_DEFAULTS, **(config.get("vision_config") or {})}),
                 rope_theta=float(rope.get("rope_theta", text["rope_theta"])),
                 image_token_id=int(config.get("image_token_id", config.get("image_token_index", 32000))),
                 vision_feature_layers=tuple(layers) if isinstance(layers, (list, tuple)) else (int(layers),),
@@ -121,11 +127,14 @@ class MultiModalProjector(nn.Module):
 
 
 class LlavaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(
+        self, config: ModelConfig, vision_tower: nn.Module | None = None, projector: nn.Module | None = None
+    ) -> None:
+        """``vision_tower`` / ``projector``: variants' own (default: CLIP and the two-layer MLP)."""
         super().__init__()
-        self.vision_tower = CLIPVisionTower(config.vision)
+        self.vision_tower = vision_tower or CLIPVisionTower(config.vision)
         in_dim = config.vision.hidden_size * len(config.vision_feature_layers)
-        self.multi_modal_projector = MultiModalProjector(
+        self.multi_modal_projector = projector or MultiModalProjector(
             in_dim, config.text.hidden_size, config.projector_hidden_act, config.projector_bias
         )
         self.language_model = TextDecoder(config.text, Rotary(config.text.attention_head_dim, config.rope_theta))
@@ -171,20 +180,27 @@ class Model(TextGeneration, nn.Module):
         """Each image's own pixels, shaped so that concatenating any of them is a valid ``pixel_values``."""
         return [pixel_values[i : i + 1] for i in range(pixel_values.shape[0])]
 
+    def batch_pixels(self, pixels: list[mx.array]) -> mx.array:
+        """``pixel_values`` for a list of ``image_pixels`` entries."""
+        return mx.concatenate(pixels)
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        """The tower's first layer: its weights tell checkpoints apart in the vision feature cache."""
+        return self.model.vision_tower.embeddings.patch_embedding
+
     def _cached_image_features(
         self, pixel_values: mx.array, vision_cache: VisionFeatureCache, **image_inputs: mx.array
     ) -> list[mx.array]:
         """Per image: its features from ``vision_cache`` or, for the images it lacks, one tower call over them."""
-        tower, c = self.model.vision_tower, self.config
-        settings = (c.vision, c.vision_feature_layers, c.vision_feature_select_strategy, c.image_grid_pinpoints)
-        identity = vision_identity(self, settings, tower.dtype, tower.embeddings.patch_embedding)
+        identity = vision_identity(self, self.config, self.model.vision_tower.dtype, self.patch_embedding)
         pixels = self.image_pixels(pixel_values, **image_inputs)
         extras = {k: np.asarray(v) for k, v in image_inputs.items()}
         keys = [content_key(p, *(v[i] for v in extras.values()), identity) for i, p in enumerate(pixels)]
 
         def compute(order: list[int]) -> list[mx.array]:
             index = mx.array(order)
-            batch = mx.concatenate([pixels[i] for i in order])
+            batch = self.batch_pixels([pixels[i] for i in order])
             return self.image_features(batch, **{k: v[index] for k, v in image_inputs.items()})
 
         return cached_per_image(keys, vision_cache, compute)
@@ -242,7 +258,7 @@ class Model(TextGeneration, nn.Module):
             key = rename_prefix(key, _PREFIXES)
             if key == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
-            if key.endswith("patch_embedding.weight"):
+            if key.endswith(("patch_embedding.weight", "patch_conv.weight")):
                 value = conv2d_weight_to_mlx(value, self.config.vision.num_channels)
             out[key] = value
         return out
@@ -261,6 +277,7 @@ _PREFIXES = (
     ("language_model.model.", "model.language_model."),
     ("language_model.lm_head.", "lm_head."),
     ("vision_tower.vision_model.", "model.vision_tower."),
+    ("vision_tower.", "model.vision_tower."),  # Pixtral towers, not nested in the published layout
     ("multi_modal_projector.", "model.multi_modal_projector."),
     ("image_newline", "model.image_newline"),
 )

@@ -13,7 +13,7 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from .vit import EncoderLayer
+from .vit import EncoderLayer, selected_hidden_states
 
 __all__ = ["CLIPVisionConfig", "CLIPVisionTower"]
 
@@ -79,16 +79,8 @@ class CLIPVisionTower(nn.Module):
         """Hidden states of ``layers`` (indices into [embeddings, layer 1, ..., layer N], negative from the end,
         as transformers' ``hidden_states``) concatenated on the feature axis: (batch, tokens, dim * len(layers))."""
         self.check_image_size(*pixel_values.shape[-2:])
-        count = len(self.encoder.layers) + 1
-        wanted = [i % count if -count <= i < count else None for i in layers]
-        if None in wanted:
-            raise ValueError(f"vision feature layer(s) {list(layers)} out of range for {count - 1} layers")
         h = self.pre_layrnorm(self.embeddings(pixel_values.astype(self.dtype)))
-        states = [h]
-        for layer in self.encoder.layers[: max(wanted)]:
-            states.append(layer(states[-1]))
-        selected = [states[i] for i in wanted]
-        return selected[0] if len(selected) == 1 else mx.concatenate(selected, axis=-1)
+        return selected_hidden_states(h, self.encoder.layers, layers)
 
 
 class Encoder(nn.Module):

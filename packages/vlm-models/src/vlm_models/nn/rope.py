@@ -7,7 +7,16 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["Rotate", "Rotary", "apply_rotary", "inverse_frequencies", "MultimodalRotary", "axis_of_frequency", "rotate_half"]
+__all__ = [
+    "AxialRotary",
+    "MultimodalRotary",
+    "Rotary",
+    "Rotate",
+    "apply_rotary",
+    "axis_of_frequency",
+    "inverse_frequencies",
+    "rotate_half",
+]
 
 Rotate = Callable[[mx.array], mx.array]
 """Applies the rotation for a fixed set of positions to (batch, heads, length, head_dim) queries or keys."""
@@ -110,3 +119,20 @@ class MultimodalRotary(Rotary):
             position_ids = mx.broadcast_to(position_ids[None], (3, *position_ids.shape))
         per_freq = position_ids.astype(mx.float32)[self._axis_of_freq]  # (half, batch, length)
         return _rotate_with(*_tables(per_freq.transpose(1, 2, 0) * self._inv_freq))
+
+
+class AxialRotary:
+    """2D RoPE over a patch grid (Pixtral): the even frequencies turn with the patch row, the odd ones with the
+    column, the row half first; the whole head_dim rotates."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        freqs = inverse_frequencies(head_dim, theta)
+        self._row_freqs, self._col_freqs = freqs[0::2], freqs[1::2]
+
+    def at_grid(self, rows: mx.array, cols: mx.array) -> Rotate:
+        """``rows`` / ``cols``: (length,) patch coordinates of a flat sequence of patches."""
+        angles = mx.concatenate(
+            [rows.astype(mx.float32)[:, None] * self._row_freqs, cols.astype(mx.float32)[:, None] * self._col_freqs],
+            axis=-1,
+        )
+        return _rotate_with(*_tables(angles[None]))

@@ -3,12 +3,14 @@ and the pre-norm LayerNorm encoder layer. Attribute names follow both families' 
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from .layers import MLP
 
-__all__ = ["EncoderLayer", "SelfAttention", "conv2d_weight_to_mlx"]
+__all__ = ["EncoderLayer", "SelfAttention", "conv2d_weight_to_mlx", "selected_hidden_states"]
 
 
 class SelfAttention(nn.Module):
@@ -55,3 +57,20 @@ def conv2d_weight_to_mlx(weight: mx.array, in_channels: int) -> mx.array:
     if weight.ndim == 4 and weight.shape[1] == in_channels and weight.shape[-1] != in_channels:
         return weight.transpose(0, 2, 3, 1)
     return weight
+
+
+def selected_hidden_states(
+    h: mx.array, layers: Sequence[Callable[[mx.array], mx.array]], wanted: Sequence[int]
+) -> mx.array:
+    """The hidden states of ``wanted`` (indices into [h, after layer 1, ..., after layer N], negative from the end,
+    as transformers' ``hidden_states``) concatenated on the feature axis. Layers past the deepest wanted one never
+    run."""
+    count = len(layers) + 1
+    indices = [i % count if -count <= i < count else None for i in wanted]
+    if None in indices:
+        raise ValueError(f"vision feature layer(s) {list(wanted)} out of range for {count - 1} layers")
+    states = [h]
+    for layer in layers[: max(indices)]:
+        states.append(layer(states[-1]))
+    selected = [states[i] for i in indices]
+    return selected[0] if len(selected) == 1 else mx.concatenate(selected, axis=-1)

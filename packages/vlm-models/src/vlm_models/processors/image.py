@@ -250,18 +250,23 @@ def image_settings(cfg: dict, int_keys: Sequence[str] = (), bool_keys: Sequence[
 
 class RepeatsImageTokens:
     """For image processors whose prompt expansion repeats each image's slot token once per feature: they
-    give ``image_token_counts(outputs)``, this gives ``expand_prompt``."""
+    give ``image_token_counts(outputs)``, this gives ``expand_prompt``. Processors that write more than the
+    repeated token (row breaks, end markers) override ``image_placeholders`` instead."""
 
     def image_token_counts(self, outputs: dict[str, np.ndarray]) -> list[int]:
         raise NotImplementedError
 
+    def image_placeholders(self, image_token: str, outputs: dict[str, np.ndarray]) -> list[str]:
+        """What each image's slot in the prompt becomes."""
+        return [image_token * count for count in self.image_token_counts(outputs)]
+
     def expand_prompt(self, prompt: str, image_token: str, outputs: dict[str, np.ndarray]) -> str:
-        counts = self.image_token_counts(outputs)
+        placeholders = self.image_placeholders(image_token, outputs)
         pieces = prompt.split(image_token)
-        if len(pieces) - 1 != len(counts):
-            raise ValueError(f"the prompt has {len(pieces) - 1} image slot(s) for {len(counts)} image(s)")
+        if len(pieces) - 1 != len(placeholders):
+            raise ValueError(f"the prompt has {len(pieces) - 1} image slot(s) for {len(placeholders)} image(s)")
         out = [pieces[0]]
-        for count, piece in zip(counts, pieces[1:]):
-            out.append(image_token * count)
+        for placeholder, piece in zip(placeholders, pieces[1:]):
+            out.append(placeholder)
             out.append(piece)
         return "".join(out)
