@@ -85,6 +85,10 @@ def run_parser(parser, pieces):
         ("pythonic", "[os.system('x')]", ("[os.system('x')]", [])),
         ("pythonic", "[f(x=open('y'))]", ("[f(x=open('y'))]", [])),  # only literal values
         ("pythonic", "Hello [there]", ("Hello [there]", [])),
+        ("gemma", '```tool_code\nget_weather(city="Paris")\nprint(now())\n```', ("", [("get_weather", {"city": "Paris"}), ("now", {})])),
+        ("gemma", "```tool_code\nimport os\n```", ("```tool_code\nimport os\n```", [])),
+        ("gemma", "```python\nx = 1\n```", ("```python\nx = 1\n```", [])),
+        ("gemma", "No call needed.", ("No call needed.", [])),
     ],
 )
 def test_whole_answer_formats(style, answer, expected) -> None:
@@ -103,6 +107,7 @@ def test_format_detection_and_forced_grammars() -> None:
     assert tool_format_for("[func_name1(params_name1=params_value1)]").style == "pythonic"
     assert tool_format_for("{% for tool in tools %}<tool_call>").style == "hermes"
     assert tool_format_for(None).style == "hermes"
+    assert tool_format_for("{{ '<start_of_turn>' + role }}").style == "gemma"
     from vlm_serve.tools import Tool
 
     tools = [Tool("f", "", {"type": "object"})]
@@ -222,3 +227,23 @@ def test_templates_without_tools_get_a_description_and_tagged_turns(loaded_model
     assert prompt.startswith("<|im_start|>system\n") and f"<tools>\n{definition}\n</tools>" in prompt
     assert '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>' in prompt
     assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>" in prompt
+
+
+def test_gemma_conversation_round_trip_renders_in_its_own_blocks() -> None:
+    """Without a template that renders tools, Gemma's calls and results are written as tool_code / tool_output
+    blocks, and what it answers in that format parses back to the same call."""
+    from vlm_serve.tools import Tool, render_tools
+
+    template = "{% for m in messages %}<start_of_turn>{{ m['role'] }}{% endfor %}"
+    tools = [Tool("get_weather", "weather now", {"type": "object", "properties": {"city": {"type": "string"}}})]
+    call = {"id": "call_1", "name": "get_weather", "arguments": {"city": "Paris"}}
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "sunny"},
+    ]
+    rendered, template_tools = render_tools(messages, tools, template)
+    assert template_tools is None and "```tool_code" in rendered[0]["content"]
+    assert rendered[2]["content"] == "```tool_code\nget_weather(city='Paris')\n```"
+    assert rendered[3] == {"role": "user", "content": "```tool_output\nsunny\n```"}
+    assert run_parser(ToolFormat("gemma").parser(), [rendered[2]["content"]]) == ("", [("get_weather", {"city": "Paris"})])

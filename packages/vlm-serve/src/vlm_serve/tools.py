@@ -1,8 +1,10 @@
 """Tool calling: definitions into the prompt, calls out of the generated text (streamed or not), and a grammar
 that forces a call when the request says so.
 
-Three output formats, chosen from the checkpoint's chat template: Hermes / Qwen ``<tool_call>{json}</tool_call>``
-blocks (the default), Mistral's ``[TOOL_CALLS][{json}, ...]`` and the pythonic ``[f(x=1), g()]`` of Llama 3.2+.
+Four output formats, chosen from the checkpoint's chat template: Hermes / Qwen ``<tool_call>{json}</tool_call>``
+blocks (the default), Mistral's ``[TOOL_CALLS][{json}, ...]``, the pythonic ``[f(x=1), g()]`` of Llama 3.2+, and
+Gemma's fenced ``tool_code`` block of Python calls (results in a ``tool_output`` block), as Google's Gemma
+function-calling guide prompts it.
 
 Templates that render tools themselves (Qwen2.5's, Hermes') get the definitions and the tool messages as they
 are; for templates that do not, the tools are described in a system message and calls/results are written in
@@ -110,8 +112,17 @@ def template_renders_tools(chat_template: str | None) -> bool:
     return chat_template is not None and "tools" in chat_template
 
 
-def _describe(tools: list[Tool]) -> str:
+def _describe(tools: list[Tool], style: str) -> str:
     lines = "\n".join(json.dumps(t.as_openai(), ensure_ascii=False) for t in tools)
+    if style == "gemma":
+        return (
+            "You can call functions. Their definitions, one JSON object per line:\n"
+            f"{lines}\n"
+            f"To call them, answer with only {GEMMA_OPEN}\n"
+            "function_name(argument=value, ...)\n"
+            f"{GEMMA_CLOSE} (one call per line, Python keyword arguments with literal values). "
+            f"Results come back in a {GEMMA_RESULT} block."
+        )
     return (
         "You can call functions. Their definitions, one JSON object per line:\n"
         f"<tools>\n{lines}\n</tools>\n"
@@ -121,8 +132,20 @@ def _describe(tools: list[Tool]) -> str:
     )
 
 
-def _call_block(call: dict[str, Any]) -> str:
-    return f"{OPEN}\n{json.dumps({'name': call['name'], 'arguments': call['arguments']}, ensure_ascii=False)}\n{CLOSE}"
+def _call_blocks(calls: list[dict[str, Any]], style: str) -> str:
+    if style == "gemma":
+        lines = (f"{c['name']}({', '.join(f'{k}={v!r}' for k, v in c['arguments'].items())})" for c in calls)
+        return f"{GEMMA_OPEN}\n" + "\n".join(lines) + f"\n{GEMMA_CLOSE}"
+    return "\n".join(
+        f"{OPEN}\n{json.dumps({'name': c['name'], 'arguments': c['arguments']}, ensure_ascii=False)}\n{CLOSE}"
+        for c in calls
+    )
+
+
+def _result_message(content: Any, style: str) -> dict[str, Any]:
+    if style == "gemma":
+        return {"role": "user", "content": f"{GEMMA_RESULT}\n{_text_of(content)}\n{GEMMA_CLOSE}"}
+    return {"role": "user", "content": f"<tool_response>\n{_text_of(content)}\n</tool_response>"}
 
 
 def render_tools(messages: list[dict[str, Any]], tools: list[Tool], chat_template: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -136,18 +159,19 @@ def render_tools(messages: list[dict[str, Any]], tools: list[Tool], chat_templat
                 m = {**m, "tool_calls": calls}
             out.append(m)
         return out, [t.as_openai() for t in tools] or None
+    style = tool_format_for(chat_template).style
     out = []
     for m in messages:
         if m["role"] == "assistant" and m.get("tool_calls"):
             text = _text_of(m.get("content"))
-            blocks = "\n".join(_call_block(c) for c in m["tool_calls"])
+            blocks = _call_blocks(m["tool_calls"], style)
             out.append({"role": "assistant", "content": f"{text}\n{blocks}" if text else blocks})
         elif m["role"] == "tool":
-            out.append({"role": "user", "content": f"<tool_response>\n{_text_of(m.get('content'))}\n</tool_response>"})
+            out.append(_result_message(m.get("content"), style))
         else:
             out.append(m)
     if tools:
-        description = _describe(tools)
+        description = _describe(tools, style)
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": f"{_text_of(out[0]['content'])}\n\n{description}"}
         else:
@@ -328,10 +352,25 @@ def parse_pythonic_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
     return calls
 
 
+GEMMA_OPEN, GEMMA_CLOSE, GEMMA_RESULT = "```tool_code", "```", "```tool_output"
+
+
+def parse_tool_code_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
+    """Gemma's fenced block: one Python call per line (``print(f(x=1))`` is read as ``f(x=1)``)."""
+    if not text.startswith(GEMMA_OPEN):
+        return None
+    body = text[len(GEMMA_OPEN) :].rstrip()
+    if body.endswith(GEMMA_CLOSE):
+        body = body[: -len(GEMMA_CLOSE)]
+    lines = [line.strip() for line in body.strip().splitlines() if line.strip()]
+    unwrapped = [line[len("print(") : -1] if line.startswith("print(") and line.endswith(")") else line for line in lines]
+    return parse_pythonic_calls("[" + ", ".join(unwrapped) + "]") if unwrapped else None
+
+
 @dataclass(frozen=True)
 class ToolFormat:
     style: str
-    """"hermes", "mistral" or "pythonic"."""
+    """"hermes", "mistral", "pythonic" or "gemma"."""
 
     def parser(self, id_prefix: str = "call_") -> CallParser:
         if self.style == "mistral":
@@ -339,6 +378,8 @@ class ToolFormat:
             return _MistralParser(id_prefix)
         if self.style == "pythonic":
             return WholeAnswerCallParser("[", parse_pythonic_calls, id_prefix)
+        if self.style == "gemma":
+            return WholeAnswerCallParser(GEMMA_OPEN, parse_tool_code_calls, id_prefix)
         return ToolCallParser(id_prefix)
 
     def forced_grammar(self, tools: list[Tool], choice: str) -> str | None:
@@ -361,6 +402,8 @@ def tool_format_for(chat_template: str | None) -> ToolFormat:
         return ToolFormat("mistral")
     if "func_name1(" in template or "[func_name(" in template:  # how Llama 3.2+ templates spell the format
         return ToolFormat("pythonic")
+    if "<start_of_turn>" in template:  # Gemma's templates render no tools; its guide prompts tool_code blocks
+        return ToolFormat("gemma")
     return ToolFormat("hermes")
 
 
