@@ -114,3 +114,27 @@ def test_api_key(keyed_server) -> None:
         model=keyed_server.model_id, max_tokens=2, messages=[{"role": "user", "content": "hi"}]
     )
     assert message.usage.output_tokens == 2
+
+
+def test_a_full_queue_is_overloaded_in_each_apis_own_way(loaded_model) -> None:
+    """One slot, no waiting room: while a request streams, the next is refused, 503 for OpenAI's routes and
+    Anthropic's own 529 (overloaded_error) for its routes; the running stream is not disturbed."""
+    from .conftest import make_server
+
+    servers = make_server(loaded_model, max_concurrency=1, max_waiting=0)
+    server = next(servers)
+    try:
+        body = {"model": server.model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400,
+                "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{server.base}/chat/completions", json=body, timeout=60) as running:
+            lines = running.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # it is generating now
+            chat = httpx.post(f"{server.base}/chat/completions", json={**body, "stream": False}, timeout=30)
+            assert chat.status_code == 503 and chat.json()["error"]["type"] == "server_error"
+            message = {"model": server.model_id, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+            overloaded = httpx.post(f"{server.base}/messages", json=message, timeout=30)
+            assert overloaded.status_code == 529
+            assert overloaded.json()["error"]["type"] == "overloaded_error"
+            assert [line for line in lines if line][-1] == "data: [DONE]"
+    finally:
+        next(servers, None)

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import anthropic_api, openai_api, responses_api
-from .errors import APIError, error_body
+from .errors import APIError, error_body, http_status
 from .host import ServingEngine
 from .settings import ServeSettings
 
@@ -53,7 +53,7 @@ def create_app(engine: ServingEngine | None = None, settings: ServeSettings | No
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         body = error_body(exc.status, exc.message, request.url.path, param=exc.param, code=exc.code)
-        return JSONResponse(body, status_code=exc.status)
+        return JSONResponse(body, status_code=http_status(exc.status, request.url.path))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

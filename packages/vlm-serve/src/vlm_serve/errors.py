@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["APIError", "anthropic_path", "error_body"]
+__all__ = ["APIError", "anthropic_path", "error_body", "http_status"]
 
 # HTTP status -> (OpenAI error type, Anthropic error type)
 _TYPES = {
@@ -33,6 +33,11 @@ class APIError(Exception):
 def anthropic_path(path: str) -> bool:
     """Anthropic's endpoints answer errors in Anthropic's shape."""
     return path.startswith("/v1/messages")
+
+
+def http_status(status: int, path: str) -> int:
+    """The status code to send: Anthropic's API says "overloaded" with its own 529, where OpenAI's uses 503."""
+    return 529 if status == 503 and anthropic_path(path) else status
 
 
 def error_body(status: int, message: str, path: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
