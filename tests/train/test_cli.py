@@ -103,16 +103,28 @@ def test_shapes_data_trains(tmp_path: Path, capsys) -> None:
     assert code == 0, capsys.readouterr().err
 
 
+def test_init_refuses_a_pixel_cap_below_the_minimum(tmp_path: Path, capsys) -> None:
+    code = vlm(["train", "init", "--like", str(FLOAT_MODEL), "--output", str(tmp_path / "fresh"), "--hidden-size", "32",
+                "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate-size", "64",
+                "--vision-embed-dim", "16", "--vision-heads", "2", "--vision-depth", "1", "--max-pixels", "100"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--max-pixels 100 is below the processor's min_pixels 3136" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "fresh").exists()
+
+
 def test_init_writes_a_fresh_model_that_trains_from_scratch(tmp_path: Path, capsys) -> None:
     from vlm_models import load
 
     out = tmp_path / "fresh"
     code = vlm(["train", "init", "--like", str(FLOAT_MODEL), "--output", str(out), "--hidden-size", "32",
                 "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate-size", "64",
-                "--vision-embed-dim", "16", "--vision-heads", "2", "--vision-depth", "1"])
+                "--vision-embed-dim", "16", "--vision-heads", "2", "--vision-depth", "1", "--max-pixels", "3136"])
     assert code == 0, capsys.readouterr().err
-    model, _ = load(out)
+    model, processor = load(out)
     assert model.config.text.hidden_size == 32 and len(model.model.language_model.layers) == 1
+    # --max-pixels: a large image becomes as few image tokens as a 56x56 one
+    large = processor.image_processor([Image.new("RGB", (224, 224))])
+    assert large["image_grid_thw"].tolist() == [[1, 4, 4]]
     assert model.config.vision.embed_dim == 16 and model.config.mrope_section == (2, 3, 3)
     data = small_dataset(tmp_path / "data")
     code = vlm(["train", "--model", str(out), "--data", str(data), "--output", str(tmp_path / "trained"),

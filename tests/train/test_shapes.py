@@ -94,13 +94,17 @@ def _oracle(image, question: str) -> str:
     return dict(questions(Scene(shapes, (0, 0, 0))))[question]
 
 
+def _each(answer):
+    return lambda images, asked: [answer(image, question) for image, question in zip(images, asked)]
+
+
 def test_score_counts_exact_answers() -> None:
     from vlm_train.shapes import score
 
-    perfect = score(_oracle, count=30, seed=5)
+    perfect = score(_each(_oracle), count=30, seed=5)
     assert perfect.total > 60 and perfect.accuracy == 1.0
     assert set(perfect.by_question) == {"what", "how many", "colour", "where"}
-    guessing = score(lambda image, question: "Two.", count=30, seed=5)
+    guessing = score(lambda images, asked: ["Two."] * len(asked), count=30, seed=5)
     assert guessing.by_question["how many"][0] < guessing.by_question["how many"][1]
     assert guessing.correct == guessing.by_question["how many"][0] and guessing.accuracy < 0.3
 

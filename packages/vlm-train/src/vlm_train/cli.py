@@ -170,7 +170,7 @@ def _init(args: argparse.Namespace) -> None:
         vision_depth=args.vision_depth,
         vision_num_heads=args.vision_heads,
     )
-    out, n_params = init_model(args.like, args.output, sizes, seed=args.seed)
+    out, n_params = init_model(args.like, args.output, sizes, seed=args.seed, max_pixels=args.max_pixels)
     print(f"wrote a randomly initialised model ({n_params / 1e6:.2f}M parameters) to {out}", file=sys.stderr)
 
 
@@ -219,6 +219,9 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     init.add_argument("--vision-embed-dim", type=int, default=sizes.vision_embed_dim)
     init.add_argument("--vision-depth", type=int, default=sizes.vision_depth)
     init.add_argument("--vision-heads", type=int, default=sizes.vision_num_heads)
+    init.add_argument(
+        "--max-pixels", type=int, default=None, help="resize larger images down to about this many pixels"
+    )
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--verbose", action="store_true")
     init.set_defaults(handler=_init)

@@ -72,9 +72,23 @@ def _sized_config(config: dict[str, Any], sizes: ModelSizes) -> dict[str, Any]:
     return config
 
 
-def init_model(like: str, output: str | Path, sizes: ModelSizes = ModelSizes(), seed: int = 0) -> tuple[Path, int]:
+def _capped_image_settings(settings: dict[str, Any], max_pixels: int) -> dict[str, Any]:
+    """The processor settings with larger images resized down to about ``max_pixels`` (a model trained on small
+    images should see only as many image tokens as it was trained with)."""
+    if max_pixels < settings.get("min_pixels", 0):
+        raise ValueError(f"--max-pixels {max_pixels} is below the processor's min_pixels {settings['min_pixels']}")
+    settings = {**settings, "max_pixels": max_pixels}
+    if isinstance(settings.get("size"), dict):
+        settings["size"] = {**settings["size"], "longest_edge": max_pixels}
+    return settings
+
+
+def init_model(
+    like: str, output: str | Path, sizes: ModelSizes = ModelSizes(), seed: int = 0, max_pixels: int | None = None
+) -> tuple[Path, int]:
     """Write a randomly initialised model of ``like``'s architecture with ``sizes`` to ``output``; returns the
-    folder and the parameter count. ``like`` must be a Qwen2-VL-family checkpoint (its sizes are rewritten)."""
+    folder and the parameter count. ``like`` must be a Qwen2-VL-family checkpoint (its sizes are rewritten).
+    ``max_pixels`` caps the image processor's resize target (``None``: ``like``'s own)."""
     source = resolve_model_path(like)
     base = load_config(source)
     if base.get("model_type") not in ("qwen2_vl", "qwen2_5_vl"):
@@ -82,8 +96,15 @@ def init_model(like: str, output: str | Path, sizes: ModelSizes = ModelSizes(), 
     if base.get("model_type") == "qwen2_5_vl":
         raise ValueError("init writes Qwen2-VL sizes; pass a qwen2_vl checkpoint as --like")
     config = _sized_config(base, sizes)
+    processor_file = source / "preprocessor_config.json"
+    capped = None
+    if max_pixels is not None:  # checked before anything is written
+        capped = _capped_image_settings(json.loads(processor_file.read_text(encoding="utf-8")), max_pixels)
     mx.random.seed(seed)
     model = architecture_of(config).load_module().Model.from_hf_config(config)
     mx.eval(model.parameters())
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    return save_model(model, output, source=source, config=config), n_params
+    folder = save_model(model, output, source=source, config=config)
+    if capped is not None:
+        (folder / processor_file.name).write_text(json.dumps(capped, indent=2))
+    return folder, n_params

@@ -167,34 +167,62 @@ def _kind(question: str) -> str:
     return "other"
 
 
-def score(answer: Callable[[Image.Image, str], str], *, count: int = 200, seed: int = 1, size: int = 56) -> Score:
-    """Ask ``answer(image, question)`` every question of ``count`` fresh scenes; an answer counts when it equals
-    the expected one exactly (surrounding whitespace aside). Use a seed other than the training data's."""
-    from tqdm import tqdm
-
+def score(
+    answer: Callable[[Sequence[Image.Image], Sequence[str]], list[str]],
+    *,
+    count: int = 200,
+    seed: int = 1,
+    size: int = 56,
+) -> Score:
+    """Ask every question of ``count`` fresh scenes (``answer(images, questions)`` answers them all, one answer per
+    pair, so a model can answer in batches); an answer counts when it equals the expected one exactly
+    (surrounding whitespace aside). Use a seed other than the training data's."""
     rng = np.random.default_rng([seed, 7919])  # never the stream write_dataset uses for the same seed
-    correct = total = 0
-    by_question: dict[str, list[int]] = {}
-    for _ in tqdm(range(count), desc="scoring", unit="image"):
+    images, asked, expected = [], [], []
+    for _ in range(count):
         scene = random_scene(rng)
         image = render(scene, size)
-        for question, expected in questions(scene):
-            ok = answer(image, question).strip() == expected
-            tally = by_question.setdefault(_kind(question), [0, 0])
-            tally[0] += ok
-            tally[1] += 1
-            correct += ok
-            total += 1
+        for question, right in questions(scene):
+            images.append(image)
+            asked.append(question)
+            expected.append(right)
+    answers = answer(images, asked)
+    if len(answers) != len(asked):
+        raise ValueError(f"the answerer gave {len(answers)} answers to {len(asked)} questions")
+    correct = 0
+    by_question: dict[str, list[int]] = {}
+    for question, right, given in zip(asked, expected, answers):
+        ok = given.strip() == right
+        tally = by_question.setdefault(_kind(question), [0, 0])
+        tally[0] += ok
+        tally[1] += 1
+        correct += ok
+    total = len(asked)
     return Score(correct, total, {k: (v[0], v[1]) for k, v in by_question.items()})
 
 
-def model_answerer(model: Any, processor: Any, max_tokens: int = 24) -> Callable[[Image.Image, str], str]:
-    """Greedy answers of a loaded model, through its chat template."""
+def model_answerer(
+    model: Any, processor: Any, max_tokens: int = 48, batch_size: int = 64
+) -> Callable[[Sequence[Image.Image], Sequence[str]], list[str]]:
+    """Greedy answers of a loaded model through its chat template, ``batch_size`` questions at a time.
+    ``max_tokens`` leaves room for the longest listing (three shapes: up to 36 tokens of the fixtures' tokenizer)."""
+    from tqdm import tqdm
     from vlm_models import apply_chat_template
-    from vlm_runtime import generate
+    from vlm_runtime import batch_generate
 
-    def answer(image: Image.Image, question: str) -> str:
-        prompt = apply_chat_template(processor, None, question, num_images=1)
-        return generate(model, processor, prompt, image=image, max_tokens=max_tokens).text
+    def answer(images: Sequence[Image.Image], asked: Sequence[str]) -> list[str]:
+        prompts = [apply_chat_template(processor, None, question, num_images=1) for question in asked]
+        answers: list[str] = []
+        for start in tqdm(range(0, len(prompts), batch_size), desc="answering", unit="batch"):
+            results = batch_generate(
+                model,
+                processor,
+                prompts[start : start + batch_size],
+                images=list(images[start : start + batch_size]),
+                max_batch_size=batch_size,
+                max_tokens=max_tokens,
+            )
+            answers.extend(result.text for result in results)
+        return answers
 
     return answer
