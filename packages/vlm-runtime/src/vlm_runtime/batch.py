@@ -219,18 +219,14 @@ class BatchGenerator:
             prompt, padding = _left_padded_batch([p for _, p in group])
             cache = [batch_cache_like(layer, padding) for layer in layers]
         logits = prefill(self.model, prompt, cache, self.prefill_step_size)
-        chosen: dict[int, tuple[mx.array, mx.array]] = {}
-        for i, (row, _) in enumerate(group):
-            try:
-                chosen[i] = self._choose(row, logits[i : i + 1])
-            except Exception as exc:  # a request's own processor (a grammar, say) failed: that request ends
-                row.finish = "error"
-                events.append(_error_event(row.uid, row.prompt_tokens, row.generated, exc))
+        chosen = {
+            i: pair for i, (row, _) in enumerate(group) if (pair := self._choose_or_fail(row, logits, i, events)) is not None
+        }
         if not chosen:
             return []
-        tokens = dict(zip(chosen, mx.concatenate([t.reshape(-1) for t, _ in chosen.values()]).tolist()))
+        tokens = mx.concatenate([token.reshape(-1) for token, _ in chosen.values()]).tolist()
         keep = []
-        for i, (token, (_, logprobs)) in ((i, (tokens[i], chosen[i])) for i in chosen):
+        for (i, (_, logprobs)), token in zip(chosen.items(), tokens):
             row = group[i][0]
             first = row.override(None) if row.override is not None else None
             events.append(self._emit(row, first if first is not None else token, logprobs))
@@ -287,16 +283,25 @@ class BatchGenerator:
         if plain:
             chosen = mx.argmax(logits, axis=-1).tolist()
             return [self._emit(row, self._overridden(row, t), None) for row, t in zip(self._rows, chosen)]
-        events = []
+        events: list[BatchEvent] = []
         for i, row in enumerate(self._rows):
-            try:
-                token, logprobs = self._choose(row, logits[i : i + 1])
-            except Exception as exc:  # a request's own processor (a grammar, say) failed: that request ends
-                row.finish = "error"
-                events.append(_error_event(row.uid, row.prompt_tokens, row.generated, exc))
-                continue
-            events.append(self._emit(row, self._overridden(row, token.item()), logprobs))
+            pair = self._choose_or_fail(row, logits, i, events)
+            if pair is not None:
+                token, logprobs = pair
+                events.append(self._emit(row, self._overridden(row, token.item()), logprobs))
         return events
+
+    def _choose_or_fail(
+        self, row: _Row, logits: mx.array, index: int, events: list[BatchEvent]
+    ) -> tuple[mx.array, mx.array] | None:
+        """``_choose`` on row ``index`` of ``logits``; if the request's own processor (a grammar, say) fails,
+        that request ends with an "error" event and None comes back: the others go on."""
+        try:
+            return self._choose(row, logits[index : index + 1])
+        except Exception as exc:
+            row.finish = "error"
+            events.append(_error_event(row.uid, row.prompt_tokens, row.generated, exc))
+            return None
 
     def _choose(self, row: _Row, logits: mx.array) -> tuple[mx.array, mx.array]:
         for process in row.processors:

@@ -626,7 +626,7 @@ class _LeftPadded:
 
     offset: int
     position_delta: mx.array | int
-    step = 256
+    step: int  # the stored kind's growth step (KVCache's, QuantizedKVCache's)
 
     def _init_padding(self, left_padding: Sequence[int]) -> None:
         self._set_padding(list(left_padding))
