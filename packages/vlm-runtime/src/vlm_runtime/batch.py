@@ -165,7 +165,7 @@ class BatchGenerator:
                     continue
                 prompt = embed(self.model, request.inputs, self.vision_cache)
             except Exception as exc:  # one bad prompt fails alone; the batch keeps running
-                events.append(_error_event(request.uid, int(request.inputs["input_ids"].size), 0, exc))
+                events.append(error_event(request.uid, exc, int(request.inputs["input_ids"].size)))
                 continue
             if group and not self._fits(group, prompt):
                 joining.extend(self._prefill_apart_on_error(group, events))
@@ -199,7 +199,7 @@ class BatchGenerator:
             if len(group) == 1:
                 row = group[0][0]
                 row.finish = "error"
-                events.append(_error_event(row.uid, row.prompt_tokens, 0, exc))
+                events.append(error_event(row.uid, exc, row.prompt_tokens))
                 return []
         return [joined for member in group for joined in self._prefill_apart_on_error([member], events)]
 
@@ -300,7 +300,7 @@ class BatchGenerator:
             return self._choose(row, logits[index : index + 1])
         except Exception as exc:
             row.finish = "error"
-            events.append(_error_event(row.uid, row.prompt_tokens, row.generated, exc))
+            events.append(error_event(row.uid, exc, row.prompt_tokens, row.generated))
             return None
 
     def _choose(self, row: _Row, logits: mx.array) -> tuple[mx.array, mx.array]:
@@ -378,8 +378,10 @@ class BatchGenerator:
             layer.filter(keep)
 
 
-def _error_event(uid: int, prompt_tokens: int, generated: int, exc: Exception) -> BatchEvent:
-    return BatchEvent(uid, -1, "", "", "error", prompt_tokens, generated, error=f"{type(exc).__name__}: {exc}")
+def error_event(uid: int, problem: Exception | str, prompt_tokens: int = 0, generated: int = 0) -> BatchEvent:
+    """The last event of a request that failed (``finish_reason`` "error"), saying why."""
+    message = problem if isinstance(problem, str) else f"{type(problem).__name__}: {problem}"
+    return BatchEvent(uid, -1, "", "", "error", prompt_tokens, generated, error=message)
 
 
 def _has_own_mask(prompt: PromptEmbedding) -> bool:

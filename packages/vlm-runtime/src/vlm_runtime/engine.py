@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 import mlx.core as mx
 
-from .batch import BatchEvent, BatchGenerator
+from .batch import BatchEvent, BatchGenerator, error_event
 from .cache_settings import CacheSettings
 from .generate import GenerationConfig
 from .protocols import GenerativeModel, PromptProcessor
@@ -260,13 +260,13 @@ class Engine:
                 constraints=submission.constraints,
             )
         except Exception as exc:
-            self._deliver([_error_event(-1, f"{type(exc).__name__}: {exc}")], {}, 0.0, direct=stream)
+            self._deliver([error_event(-1, exc)], {}, 0.0, direct=stream)
             return
         uid_of[stream.request_id] = uid
         self._streams[uid] = stream
 
     def _fail_all(self, message: str) -> list[BatchEvent]:
-        events = [_error_event(uid, message) for uid in self._streams]
+        events = [error_event(uid, message) for uid in self._streams]
         self._generator = self._make_generator()
         return events
 
@@ -356,10 +356,6 @@ def _arrays_in(root: Any, depth: int = 12) -> Iterator[mx.array]:
         if hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(getattr(obj, "__func__", None)):
             children.extend(v for v in vars(obj).values() if not callable(v) or isinstance(v, dict))
         todo.extend((child, level + 1) for child in children)
-
-
-def _error_event(uid: int, message: str) -> BatchEvent:
-    return BatchEvent(uid, -1, "", "", "error", 0, 0, error=message)
 
 
 def _percentiles(values: deque[float]) -> dict[str, float]:
