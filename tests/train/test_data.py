@@ -187,3 +187,15 @@ def test_images_by_url(tmp_path: Path, float_processor) -> None:
     finally:
         server.shutdown()
     assert not bad and samples[0].pixel_values is not None
+
+
+def test_images_for_a_family_without_qwen_grids_stop_with_a_clear_message() -> None:
+    """Image samples are expanded and collated by Qwen's image grid: another family's checkpoint says so at once
+    instead of failing halfway with a traceback."""
+    from vlm_models import load
+
+    from .conftest import FIXTURES
+
+    _, processor = load(FIXTURES / "llava" / "hf4")
+    with pytest.raises(DataError, match="Qwen-VL families"):
+        encode_messages(processor, chat("What is it?", "A square.", image=str(IMAGE))["messages"], [IMAGE])

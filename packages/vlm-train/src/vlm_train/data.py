@@ -245,6 +245,12 @@ def encode_messages(
         except ImageLoadError as exc:
             raise _SampleProblem(str(exc)) from None
         vision = processor.image_processor(pictures)
+        if "image_grid_thw" not in vision:
+            # Slots are expanded and batches collated by the Qwen-VL image grid; other families' layouts differ.
+            raise DataError(
+                f"training on images supports the Qwen-VL families so far; this checkpoint's "
+                f"{type(processor.image_processor).__name__} gives no image grid (text-only samples work)"
+            )
     grids = iter(vision.get("image_grid_thw", ()))
 
     bounds = [0, *(b for span in spans for b in span), len(text)]
