@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     # transformers serves only tokenizers here; its "PyTorch was not found" advice is noise for our users.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from vlm_kernels.cpu_blas import route_cpu_blas
+
+    route_cpu_blas()  # before anything imports mlx: MLX's Linux CPU build binds its BLAS at first use
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

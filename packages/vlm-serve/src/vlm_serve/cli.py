@@ -92,6 +92,9 @@ def register(subparsers: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from vlm_kernels.cpu_blas import route_cpu_blas
+
+    route_cpu_blas()  # before anything imports mlx (see vlm_kernels.cpu_blas)
     parser = argparse.ArgumentParser(prog="vlm-serve", description=register.__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
