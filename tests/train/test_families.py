@@ -1,0 +1,138 @@
+"""Training on image samples works for every family vlm-models loads: a sample's prompt is exactly the one
+``generate`` sees, the training forward of a padded batch (samples with two, one and no images) gives each
+answer token the loss that prefilling the prompt and decoding the answer gives it, and a few LoRA steps cut the
+loss. The image processors' ``collate`` joins per-sample outputs as one call over all the images would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from vlm_models import apply_chat_template, load
+from vlm_runtime.generate import prefill
+from vlm_train.config import TrainingConfig
+from vlm_train.data import collate, load_samples
+from vlm_train.trainer import Trainer, token_losses
+
+from ..models.conftest import FAMILIES
+from .conftest import FIXTURES, write_jsonl
+
+IMAGES = FIXTURES / "images"
+# (question, answer, images): two images of different sizes (different tile counts, sides or grids), one, none.
+SAMPLES = [
+    ("Which one is wider?", "The second one, by far.", ["rgb_112x168.png", "rgb_200x100.png"]),
+    ("What is it?", "A red square.", ["rgb_56x56.png"]),
+    ("Say hello.", "Hello there!", []),
+]
+
+
+def training_data(folder: Path) -> Path:
+    """SAMPLES as a JSONL file of chat samples."""
+    rows = []
+    for question, answer, images in SAMPLES:
+        content = [{"type": "image", "image": str(IMAGES / name)} for name in images]
+        content.append({"type": "text", "text": question})
+        rows.append({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]})
+    return write_jsonl(folder / "train.jsonl", rows)
+
+
+def inference_answer_logprobs(model, processor, question: str, images: list[str], answer: list[int]) -> np.ndarray:
+    """log p(answer[j] | prompt, answer[:j]) the way ``generate`` computes it: the chat-formatted prompt through
+    the processor, one prefill, then one decode step per answer token."""
+    prompt = apply_chat_template(processor, None, question, num_images=len(images))
+    inputs = processor.prepare_inputs(prompt, [str(IMAGES / name) for name in images])
+    cache = model.make_cache()
+    logits = [prefill(model, model.embed_prompt(**inputs), cache, step_size=4096)]
+    for token in answer[:-1]:
+        hidden = model.hidden_states(model.embed_tokens(mx.array([[token]])), cache=cache)
+        logits.append(model.compute_logits(hidden[:, -1, :]))
+    stacked = mx.concatenate(logits).astype(mx.float32)
+    logprobs = stacked - mx.logsumexp(stacked, axis=-1, keepdims=True)
+    return np.array(logprobs)[np.arange(len(answer)), answer]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_loss_is_the_inference_loss(tmp_path: Path, family: str) -> None:
+    model, processor = load(FIXTURES / family / "hf4")
+    samples, _ = load_samples(training_data(tmp_path), processor, max_length=4096, on_bad_sample="error",
+                              report=lambda bad: None)
+    batch = collate(samples, 0, processor.image_processor)
+    losses, mask = (np.array(a) for a in token_losses(model, batch))
+    assert len({len(s) for s in samples}) > 1  # padded rows
+    tokenizer = processor.tokenizer
+    for row, ((question, answer_text, images), sample) in enumerate(zip(SAMPLES, samples)):
+        prompt = apply_chat_template(processor, None, question, num_images=len(images))
+        prompt_ids = processor(prompt, [str(IMAGES / name) for name in images])["input_ids"][0]
+        n = len(prompt_ids)
+        # The prompt is generate's, token for token; the loss covers the answer and its end marker only.
+        assert sample.input_ids[:n].tolist() == prompt_ids.tolist(), f"{family} sample {row}"
+        assert sample.loss_mask.tolist() == [False] * n + [True] * (len(sample) - n)
+        answer = sample.input_ids[n:].tolist()
+        assert tokenizer.decode(answer, skip_special_tokens=True).strip() == answer_text
+        assert processor.eos_token_ids.intersection(answer), f"{family}: the answer never stops"
+        expected = -inference_answer_logprobs(model, processor, question, images, answer)
+        ours = losses[row, n - 1 : len(sample) - 1]
+        np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0, err_msg=f"{family} sample {row}")
+        assert mask[row].sum() == len(answer) and mask[row, n - 1 : len(sample) - 1].all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_few_lora_steps_on_image_samples_cut_the_loss(tmp_path: Path, family: str) -> None:
+    data = training_data(tmp_path)
+    path = FIXTURES / family / "hf4"
+    config = TrainingConfig(model=str(path), train_data=str(data), output=str(tmp_path / "out"), steps=8,
+                            batch_size=3, learning_rate=1e-2, lr_schedule="constant", progress=False)
+    model, processor = load(path)
+    trainer = Trainer(model, processor, config, report=lambda message: None)
+    assert [len(s.image_inputs) > 0 for s in trainer.train_samples] == [True, True, False]
+    before = trainer.evaluate(trainer.train_samples)
+    for _ in range(config.steps):
+        trainer.train_step()
+    after = trainer.evaluate(trainer.train_samples)
+    assert after < 0.7 * before, (family, before, after)
+
+
+def _picture(seed: int, height: int, width: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def image_processors() -> dict[str, object]:
+    return {family: load(FIXTURES / family / "hf4")[1].image_processor for family in FAMILIES}
+
+
+@given(
+    family=st.sampled_from(FAMILIES),
+    sizes=st.lists(st.tuples(st.integers(8, 120), st.integers(8, 120)), min_size=2, max_size=4),
+    cut=st.integers(1, 3),
+)
+@settings(max_examples=25, deadline=None)
+def test_collating_samples_equals_one_call_over_their_images(image_processors, family, sizes, cut) -> None:
+    """Images split between samples and collated are the inputs one prompt holding them all would get (for
+    Idefics3, whose first axis is the prompt, the same frames in order once the all-zero padding is dropped)."""
+    processor = image_processors[family]
+    pictures = [_picture(i, h, w) for i, (h, w) in enumerate(sizes)]
+    cut = min(cut, len(pictures) - 1)
+    split = processor.collate([processor(pictures[:cut]), processor(pictures[cut:])])
+    whole = processor(pictures)
+    for outputs in (split, whole):
+        outputs.pop("rows_cols", None)  # Idefics3's tile grids: prompt expansion only, no model input
+    if family in ("idefics3", "smolvlm"):
+        split, whole = _real_frames(split), _real_frames(whole)
+    assert set(split) == set(whole)
+    for name, value in whole.items():
+        np.testing.assert_array_equal(split[name], value, err_msg=f"{family} {name}")
+
+
+def _real_frames(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Idefics3's (prompts, frames, ...) inputs as one list of frames, without the all-zero padding ones."""
+    flat = {name: value.reshape(-1, *value.shape[2:]) for name, value in outputs.items()}
+    pixels = flat["pixel_values"]
+    real = np.abs(pixels).reshape(len(pixels), -1).max(axis=1) > 0
+    return {name: value[real] for name, value in flat.items()}
