@@ -188,3 +188,12 @@ def test_images_by_url(tmp_path: Path, float_processor) -> None:
     finally:
         server.shutdown()
     assert not bad and "pixel_values" in samples[0].image_inputs
+
+
+def test_an_image_after_the_last_answer_is_a_bad_sample(tmp_path: Path, float_processor) -> None:
+    row = chat("What?", "That.", str(IMAGE))
+    row["messages"].append({"role": "user", "content": [{"type": "image", "image": str(IMAGE)}]})
+    file = write_jsonl(tmp_path / "train.jsonl", [row, chat("Fine?", "Fine.")])
+    samples, bad = load_samples(file, float_processor, max_length=500, on_bad_sample="skip", report=lambda b: None)
+    assert len(samples) == 1 and [b.source for b in bad] == [f"{file}:1"]
+    assert "after the last assistant turn" in bad[0].reason

@@ -262,31 +262,38 @@ def encode_messages(
     mask: list[bool] = []
     outputs: dict[str, np.ndarray] = {}
     for turn, (start, end) in enumerate(spans):
-        prompt = text[:start]
         try:
-            outputs = processor(prompt, pictures[: prompt.count(token)])
+            prompt, outputs = processor.expand(text[:start], pictures[: text[:start].count(token)])
         except ValueError as exc:  # an image the processor cannot take (an extreme aspect ratio, ...)
             raise _SampleProblem(f"cannot process the images: {exc}") from None
-        prompt_ids = outputs.pop("input_ids")[0].tolist()
+        prompt_ids = processor.token_ids(prompt)
         if prompt_ids[: len(ids)] != ids:
             raise _SampleProblem(
                 f"the prompt of assistant turn {turn + 1} does not start with the tokens of the conversation before"
                 " it (the template or tokenizer writes earlier turns differently), so it is not one sequence"
             )
         mask.extend([False] * (len(prompt_ids) - len(ids)))
-        answer = processor.tokenizer(text[start:end], add_special_tokens=False)["input_ids"]
+        answer = _answer_ids(processor, prompt, prompt_ids, text[start:end])
         eos = processor.tokenizer.eos_token_id
         if turn == len(spans) - 1 and eos is not None and not processor.eos_token_ids.intersection(answer):
             answer.append(int(eos))
         ids = prompt_ids + answer
         mask.extend([True] * len(answer))
-    outputs.pop("attention_mask", None)
     return EncodedSample(
         source=source,
         input_ids=np.asarray(ids, dtype=np.int32),
         loss_mask=np.asarray(mask, dtype=bool),
         image_inputs=outputs,
     )
+
+
+def _answer_ids(processor: Processor, prompt: str, prompt_ids: list[int], answer: str) -> list[int]:
+    """The answer's tokens as they follow the prompt in one encoding of both (a tokenizer that marks a word start
+    would give an answer encoded alone a spurious one); encoded alone where a token spans the boundary."""
+    whole = processor.token_ids(prompt + answer)
+    if whole[: len(prompt_ids)] == prompt_ids:
+        return whole[len(prompt_ids) :]
+    return list(processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
 
 
 def load_samples(
