@@ -59,9 +59,10 @@ def test_images_expand_into_placeholders_outside_the_mask(float_processor) -> No
     sample = encode_messages(float_processor, messages, [str(IMAGE)])
     pad_id = float_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     n_image_tokens = int((sample.input_ids == pad_id).sum())
-    assert n_image_tokens == float_processor.image_processor.num_image_tokens(sample.image_grid_thw[0]) > 0
+    grid = sample.image_inputs["image_grid_thw"][0]
+    assert n_image_tokens == float_processor.image_processor.num_image_tokens(grid) > 0
     assert not sample.loss_mask[sample.input_ids == pad_id].any()
-    assert sample.pixel_values.shape[0] == int(np.prod(sample.image_grid_thw[0]))
+    assert sample.image_inputs["pixel_values"].shape[0] == int(np.prod(grid))
 
 
 def _bad_file(tmp_path: Path) -> Path:
@@ -120,7 +121,7 @@ def test_relative_image_paths_are_relative_to_the_file(tmp_path: Path, float_pro
     (tmp_path / "pics" / "a.png").write_bytes(IMAGE.read_bytes())
     file = write_jsonl(tmp_path / "train.jsonl", [json.dumps(chat("What?", "That.", "pics/a.png"))])
     samples, bad = load_samples(file, float_processor, max_length=500, on_bad_sample="error", report=lambda b: None)
-    assert not bad and samples[0].pixel_values is not None
+    assert not bad and "pixel_values" in samples[0].image_inputs
 
 
 @given(
@@ -152,14 +153,14 @@ def test_length_grouping_pads_less_than_random_batches() -> None:
 def test_collate_pads_right_and_masks_padding(float_processor) -> None:
     short = encode_messages(float_processor, chat("Hi?", "Yes.")["messages"])
     long = encode_messages(float_processor, chat("What is the colour of the sky today?", "Blue, mostly.")["messages"])
-    batch = collate([short, long], pad_id=344)
+    batch = collate([short, long], 344, float_processor.image_processor)
     ids, attention, loss = (np.array(a) for a in (batch.input_ids, batch.attention_mask, batch.loss_mask))
     assert ids.shape == (2, len(long))
     assert attention[0].sum() == len(short) and attention[1].all()
     assert (ids[0, len(short) :] == 344).all()
     assert not loss[0, len(short) :].any()
     assert np.array_equal(loss[1], long.loss_mask)
-    assert batch.pixel_values is None and batch.n_tokens == len(short) + len(long)
+    assert batch.inputs == {} and batch.n_tokens == len(short) + len(long)
 
 
 def test_images_by_url(tmp_path: Path, float_processor) -> None:
@@ -186,16 +187,13 @@ def test_images_by_url(tmp_path: Path, float_processor) -> None:
         samples, bad = load_samples(file, float_processor, max_length=500, on_bad_sample="error", report=lambda b: None)
     finally:
         server.shutdown()
-    assert not bad and samples[0].pixel_values is not None
+    assert not bad and "pixel_values" in samples[0].image_inputs
 
 
-def test_images_for_a_family_without_qwen_grids_stop_with_a_clear_message() -> None:
-    """Image samples are expanded and collated by Qwen's image grid: another family's checkpoint says so at once
-    instead of failing halfway with a traceback."""
-    from vlm_models import load
-
-    from .conftest import FIXTURES
-
-    _, processor = load(FIXTURES / "llava" / "hf4")
-    with pytest.raises(DataError, match="Qwen-VL families"):
-        encode_messages(processor, chat("What is it?", "A square.", image=str(IMAGE))["messages"], [IMAGE])
+def test_an_image_after_the_last_answer_is_a_bad_sample(tmp_path: Path, float_processor) -> None:
+    row = chat("What?", "That.", str(IMAGE))
+    row["messages"].append({"role": "user", "content": [{"type": "image", "image": str(IMAGE)}]})
+    file = write_jsonl(tmp_path / "train.jsonl", [row, chat("Fine?", "Fine.")])
+    samples, bad = load_samples(file, float_processor, max_length=500, on_bad_sample="skip", report=lambda b: None)
+    assert len(samples) == 1 and [b.source for b in bad] == [f"{file}:1"]
+    assert "after the last assistant turn" in bad[0].reason

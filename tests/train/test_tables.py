@@ -39,7 +39,7 @@ def test_parquet_with_image_and_text_columns(tmp_path: Path, float_processor) ->
     pq.write_table(qa_table(), tmp_path / "train.parquet")
     samples, bad = _load(tmp_path / "train.parquet", float_processor)
     assert len(samples) == 4 and not bad
-    assert all(s.pixel_values is not None for s in samples)
+    assert all("pixel_values" in s.image_inputs for s in samples)
     answer = float_processor.tokenizer.decode(list(samples[2].input_ids[samples[2].loss_mask]))
     assert answer.startswith("Item 2.")
     assert samples[2].source == f"{tmp_path / 'train.parquet'}:row 3"
@@ -50,7 +50,7 @@ def test_custom_column_names(tmp_path: Path, float_processor) -> None:
     pq.write_table(table, tmp_path / "t.parquet")
     columns = TableColumns(image="picture_bytes", question="ask", answer="reply")
     samples, _ = _load(tmp_path / "t.parquet", float_processor, columns=columns)
-    assert len(samples) == 4 and samples[0].pixel_values is not None
+    assert len(samples) == 4 and "pixel_values" in samples[0].image_inputs
     with pytest.raises(BadSampleError, match="row 1: no answer column 'nope'"):
         _load(tmp_path / "t.parquet", float_processor, columns=TableColumns(answer="nope"))
 
@@ -63,7 +63,7 @@ def test_messages_column_with_an_images_column(tmp_path: Path, float_processor) 
     table = pa.table({"messages": [messages, messages], "images": [[_image()], [_image()]]})
     pq.write_table(table, tmp_path / "m.parquet")
     samples, _ = _load(tmp_path / "m.parquet", float_processor)
-    assert len(samples) == 2 and samples[0].image_grid_thw.shape == (1, 3)
+    assert len(samples) == 2 and samples[0].image_inputs["image_grid_thw"].shape == (1, 3)
 
 
 def test_bad_rows_are_reported_by_row(tmp_path: Path, float_processor) -> None:

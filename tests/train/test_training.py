@@ -105,8 +105,8 @@ def test_accumulated_micro_batches_equal_one_padded_batch(tmp_path: Path) -> Non
     small = make_trainer(tmp_path / "b", batch_size=1, grad_accumulation=2, steps=1)
     first, second = sorted(big.train_samples, key=len)[0], sorted(big.train_samples, key=len)[-1]
     assert len(first) != len(second)
-    big.micro_batch = lambda index: collate([first, second], big.pad_id)
-    small.micro_batch = lambda index: collate([[first], [second]][index], small.pad_id)
+    big.micro_batch = lambda index: collate([first, second], big.pad_id, big.image_processor)
+    small.micro_batch = lambda index: collate([[first], [second]][index], small.pad_id, small.image_processor)
     grads_big, loss_big, _ = big.gradients()
     grads_small, loss_small, _ = small.gradients()
     assert loss_big == pytest.approx(loss_small, rel=1e-5)

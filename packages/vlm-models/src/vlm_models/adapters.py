@@ -41,11 +41,12 @@ ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
 FINE_TUNE_TYPES = ("lora", "qlora", "full")
 TARGET_GROUPS = ("language", "vision", "projector")
 
-# Where each group of a model lives; a model class may override with its own ``adapter_groups``.
+# Where each group of a model lives (Qwen's names, then LLaVA's, Pixtral's and Gemma's); a model class may
+# override with its own ``adapter_groups``.
 _DEFAULT_GROUPS = {
     "language": ("model.language_model.",),
-    "vision": ("model.visual.",),
-    "projector": ("model.visual.merger.",),
+    "vision": ("model.visual.", "model.vision_tower."),
+    "projector": ("model.visual.merger.", "model.multi_modal_projector."),
 }
 
 

@@ -40,6 +40,14 @@ class Processor:
 
     def __call__(self, prompt: str, images: Sequence[Any] = ()) -> dict[str, np.ndarray]:
         """Numpy outputs, like the Hugging Face processor with ``return_tensors="np"``."""
+        text, outputs = self.expand(prompt, images)
+        outputs["input_ids"] = np.asarray([self.token_ids(text)], dtype=np.int64)
+        outputs["attention_mask"] = np.ones_like(outputs["input_ids"])
+        return outputs
+
+    def expand(self, prompt: str, images: Sequence[Any] = ()) -> tuple[str, dict[str, np.ndarray]]:
+        """The prompt with its image slots expanded as the family lays them out, and the image processor's
+        outputs for ``images`` (none without images)."""
         n_slots = prompt.count(self.image_token)
         if n_slots != len(images):
             raise ValueError(
@@ -50,13 +58,14 @@ class Processor:
             pictures = [load_image(i) for i in images]
             outputs.update(self.image_processor(pictures))
             prompt = self.image_processor.expand_prompt(prompt, self.image_token, outputs)
+        return prompt, outputs
+
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids of an expanded prompt, with the tokenizer's special tokens unless it holds ``<bos>``."""
         bos = getattr(self.tokenizer, "bos_token", None)
         # A prompt that holds <bos> already (chat templates start with it; PaliGemma puts it after the images).
-        add_special = not (bos and bos in prompt)
-        ids = self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
-        outputs["input_ids"] = np.asarray([ids], dtype=np.int64)
-        outputs["attention_mask"] = np.ones_like(outputs["input_ids"])
-        return outputs
+        add_special = not (bos and bos in text)
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
     def prepare_inputs(self, prompt: str, images: Sequence[Any] = ()) -> dict[str, mx.array]:
         return {k: mx.array(v) for k, v in self(prompt, images).items()}

@@ -1,5 +1,6 @@
-"""Chat samples from JSONL, encoded through the checkpoint's own chat template with a loss mask on the
-assistant turns, and padding-aware batches of them.
+"""Chat samples from JSONL, encoded through the checkpoint's own chat template and processor (so each assistant
+turn follows exactly the prompt ``generate`` would see) with a loss mask on the assistant turns, and
+padding-aware batches of them, collated the way each family's image processor says.
 
 A line is ``{"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
 {"type": "text", "text": "..."}]}, {"role": "assistant", "content": "..."}]}``; content may be a string, image
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -65,8 +66,9 @@ class EncodedSample:
     """(length,) int32 token ids, image placeholders expanded."""
     loss_mask: np.ndarray
     """(length,) bool: True on the tokens the model learns to produce (the assistant turns)."""
-    pixel_values: np.ndarray | None = None
-    image_grid_thw: np.ndarray | None = None
+    image_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    """The image processor's outputs for the sample's images (``pixel_values`` and what goes with it); empty
+    for a text-only sample."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -81,12 +83,17 @@ class Batch:
     input_ids: mx.array
     attention_mask: mx.array
     loss_mask: mx.array
-    pixel_values: mx.array | None
-    image_grid_thw: mx.array | None
+    inputs: dict[str, mx.array] = field(default_factory=dict)
+    """The other model inputs: the samples' images as the image processor collates them, and per-token extras
+    (PaliGemma's ``token_type_ids``)."""
 
     @property
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum().item())
+
+    def model_inputs(self) -> dict[str, mx.array]:
+        """Keyword arguments for ``model(...)``, named as the Hugging Face processor names them."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.inputs}
 
 
 _VALID_NAMES = ("valid", "validation", "val")
@@ -176,7 +183,8 @@ def _normalise(
             raise _SampleProblem("every message needs a 'role'")
         content = message.get("content")
         if isinstance(content, str):
-            out.append({"role": message["role"], "content": content})
+            # As a text item: some templates (Idefics3's) render only content lists.
+            out.append({"role": message["role"], "content": [{"type": "text", "text": content}]})
             continue
         if not isinstance(content, list):
             raise _SampleProblem(f"a {message['role']} message has no text or content list")
@@ -229,53 +237,63 @@ def assistant_spans(processor: Processor, messages: Sequence[Mapping[str, Any]])
 def encode_messages(
     processor: Processor, messages: Sequence[Mapping[str, Any]], images: Sequence[Any] = (), source: str = ""
 ) -> EncodedSample:
-    """Tokens of the whole conversation, with the loss mask on the assistant turns only."""
+    """Tokens of the whole conversation, with the loss mask on the assistant turns only.
+
+    Each assistant turn follows its prompt (the conversation before it with the generation prompt) as the
+    processor encodes that prompt for ``generate``: the family's image expansion, ``<bos>`` and framing. The turn
+    is its rendered text and end-of-turn marker; where the template writes no marker that the checkpoint stops
+    on (PaliGemma, LLaVA 1.5), the last turn ends with the tokenizer's EOS, so the model learns to stop."""
     if processor.chat_template is None:
         raise DataError("the checkpoint has no chat template, so chat samples cannot be formatted")
     if not any(m["role"] == "assistant" for m in messages):
         raise _SampleProblem("no assistant turn, nothing to learn")
     text, spans = assistant_spans(processor, messages)
-    n_slots = text.count(processor.image_token)
-    if n_slots != len(images):
-        raise _SampleProblem(f"the conversation has {n_slots} image slot(s) but {len(images)} image(s)")
-    vision: dict[str, np.ndarray] = {}
-    if images:
-        try:
-            pictures = [load_image(image) for image in images]
-        except ImageLoadError as exc:
-            raise _SampleProblem(str(exc)) from None
-        vision = processor.image_processor(pictures)
-        if "image_grid_thw" not in vision:
-            # Slots are expanded and batches collated by the Qwen-VL image grid; other families' layouts differ.
-            raise DataError(
-                f"training on images supports the Qwen-VL families so far; this checkpoint's "
-                f"{type(processor.image_processor).__name__} gives no image grid (text-only samples work)"
-            )
-    grids = iter(vision.get("image_grid_thw", ()))
+    token = processor.image_token
+    if text.count(token) != len(images):
+        raise _SampleProblem(f"the conversation has {text.count(token)} image slot(s) but {len(images)} image(s)")
+    if token in text[spans[-1][1] :]:
+        raise _SampleProblem("an image comes after the last assistant turn, so nothing learns from it")
+    try:
+        pictures = [load_image(image) for image in images]
+    except ImageLoadError as exc:
+        raise _SampleProblem(str(exc)) from None
 
-    bounds = [0, *(b for span in spans for b in span), len(text)]
     ids: list[int] = []
     mask: list[bool] = []
-    bos = getattr(processor.tokenizer, "bos_token", None)
-    for k in range(len(bounds) - 1):
-        piece = text[bounds[k] : bounds[k + 1]]
-        if not piece:
-            continue
-        parts = piece.split(processor.image_token)
-        expanded = parts[0]
-        for part in parts[1:]:
-            expanded += processor.image_token * processor.image_processor.num_image_tokens(next(grids)) + part
-        add_special = not ids and not (bos and expanded.startswith(bos))
-        tokens = processor.tokenizer(expanded, add_special_tokens=add_special)["input_ids"]
-        ids.extend(tokens)
-        mask.extend([k % 2 == 1] * len(tokens))  # odd pieces are the assistant spans
+    outputs: dict[str, np.ndarray] = {}
+    for turn, (start, end) in enumerate(spans):
+        try:
+            prompt, outputs = processor.expand(text[:start], pictures[: text[:start].count(token)])
+        except ValueError as exc:  # an image the processor cannot take (an extreme aspect ratio, ...)
+            raise _SampleProblem(f"cannot process the images: {exc}") from None
+        prompt_ids = processor.token_ids(prompt)
+        if prompt_ids[: len(ids)] != ids:
+            raise _SampleProblem(
+                f"the prompt of assistant turn {turn + 1} does not start with the tokens of the conversation before"
+                " it (the template or tokenizer writes earlier turns differently), so it is not one sequence"
+            )
+        mask.extend([False] * (len(prompt_ids) - len(ids)))
+        answer = _answer_ids(processor, prompt, prompt_ids, text[start:end])
+        eos = processor.tokenizer.eos_token_id
+        if turn == len(spans) - 1 and eos is not None and not processor.eos_token_ids.intersection(answer):
+            answer.append(int(eos))
+        ids = prompt_ids + answer
+        mask.extend([True] * len(answer))
     return EncodedSample(
         source=source,
         input_ids=np.asarray(ids, dtype=np.int32),
         loss_mask=np.asarray(mask, dtype=bool),
-        pixel_values=vision.get("pixel_values"),
-        image_grid_thw=vision.get("image_grid_thw"),
+        image_inputs=outputs,
     )
+
+
+def _answer_ids(processor: Processor, prompt: str, prompt_ids: list[int], answer: str) -> list[int]:
+    """The answer's tokens as they follow the prompt in one encoding of both (a tokenizer that marks a word start
+    would give an answer encoded alone a spurious one); encoded alone where a token spans the boundary."""
+    whole = processor.token_ids(prompt + answer)
+    if whole[: len(prompt_ids)] == prompt_ids:
+        return whole[len(prompt_ids) :]
+    return list(processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
 
 
 def load_samples(
@@ -354,8 +372,10 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def collate(samples: Iterable[EncodedSample], pad_id: int) -> Batch:
-    """Right-padded token ids, attention and loss masks, and the images of all samples in order."""
+def collate(samples: Iterable[EncodedSample], pad_id: int, image_processor: Any) -> Batch:
+    """Right-padded token ids, attention and loss masks, the images of all samples in order as
+    ``image_processor.collate`` (:class:`vlm_models.processors.image.SampleBatching`) joins them, and the
+    per-token inputs it asks for."""
     samples = list(samples)
     width = max(len(s) for s in samples)
     ids = np.full((len(samples), width), pad_id, dtype=np.int32)
@@ -365,9 +385,6 @@ def collate(samples: Iterable[EncodedSample], pad_id: int) -> Batch:
         ids[row, : len(sample)] = sample.input_ids
         attention[row, : len(sample)] = 1
         loss[row, : len(sample)] = sample.loss_mask
-    with_images = [s for s in samples if s.pixel_values is not None]
-    pixels = grids = None
-    if with_images:
-        pixels = mx.array(np.concatenate([s.pixel_values for s in with_images]))
-        grids = mx.array(np.concatenate([s.image_grid_thw for s in with_images]))
-    return Batch(mx.array(ids), mx.array(attention), mx.array(loss), pixels, grids)
+    inputs = image_processor.collate([s.image_inputs for s in samples if s.image_inputs])
+    inputs.update(image_processor.answer_inputs(np.maximum.accumulate(loss, axis=1)))
+    return Batch(mx.array(ids), mx.array(attention), mx.array(loss), {k: mx.array(v) for k, v in inputs.items()})

@@ -22,7 +22,7 @@ from vlm_models.convert import quantize_model
 from .config import TrainingConfig
 from .data import BadSample, Batch, EncodedSample, collate, epoch_batches, load_samples, resolve_data_files
 
-__all__ = ["TrainResult", "Trainer", "prepare_model", "sample_loss", "train"]
+__all__ = ["TrainResult", "Trainer", "prepare_model", "sample_loss", "token_losses", "train"]
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -53,14 +53,19 @@ def prepare_model(model: nn.Module, config: TrainingConfig) -> dict[str, Any] | 
     return applied
 
 
+def token_losses(model: nn.Module, batch: Batch) -> tuple[mx.array, mx.array]:
+    """(batch, length - 1) next-token cross-entropy of every token after the first, and the float mask of the
+    assistant tokens among them."""
+    logits = model(**batch.model_inputs()).logits
+    losses = nn.losses.cross_entropy(logits[:, :-1].astype(mx.float32), batch.input_ids[:, 1:])
+    return losses, batch.loss_mask[:, 1:].astype(mx.float32)
+
+
 def sample_loss(model: nn.Module, batch: Batch) -> tuple[mx.array, mx.array]:
     """Mean next-token cross-entropy over the assistant tokens, and how many there were."""
-    logits = model(batch.input_ids, batch.pixel_values, batch.image_grid_thw, batch.attention_mask).logits
-    targets = batch.input_ids[:, 1:]
-    mask = batch.loss_mask[:, 1:].astype(mx.float32)
-    losses = nn.losses.cross_entropy(logits[:, :-1].astype(mx.float32), targets) * mask
+    losses, mask = token_losses(model, batch)
     n = mask.sum()
-    return losses.sum() / mx.maximum(n, 1.0), n
+    return (losses * mask).sum() / mx.maximum(n, 1.0), n
 
 
 # ------------------------------------------------------------------------------------- gradient checkpointing
@@ -150,6 +155,7 @@ class Trainer:
         self.schedule = _schedule(config)
         self.optimizer = optim.AdamW(learning_rate=self.schedule, weight_decay=config.weight_decay)
         self.pad_id = _pad_id(processor)
+        self.image_processor = processor.image_processor
         self.step = 0
         self._epoch: int | None = None  # the epoch whose batch order is in _batches
         self._batches: list[list[int]] = []
@@ -182,7 +188,7 @@ class Trainer:
         if self._epoch != epoch:
             lengths = [len(s) for s in self.train_samples]
             self._epoch, self._batches = epoch, epoch_batches(lengths, self.config.batch_size, self.config.seed, epoch)
-        return collate([self.train_samples[i] for i in self._batches[within]], self.pad_id)
+        return collate([self.train_samples[i] for i in self._batches[within]], self.pad_id, self.image_processor)
 
     # -- one update
     def gradients(self) -> tuple[dict, float, int]:
@@ -239,7 +245,7 @@ class Trainer:
         groups = [samples[i : i + size] for i in range(0, len(samples), size)]
         loss_sum = n_sum = 0.0
         for group in groups:
-            loss, n = sample_loss(self.model, collate(group, self.pad_id))
+            loss, n = sample_loss(self.model, collate(group, self.pad_id, self.image_processor))
             mx.eval(loss, n)
             loss_sum += loss.item() * n.item()
             n_sum += n.item()

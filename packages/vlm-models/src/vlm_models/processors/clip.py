@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .image import RepeatsImageTokens, image_settings, rescale_and_normalize, resize, to_rgb
+from .image import RepeatsImageTokens, SampleBatching, image_settings, rescale_and_normalize, resize, to_rgb
 from .qwen2_vl import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = ["CLIPImageProcessor", "LlavaNextImageProcessor", "select_best_resolution", "unpadded_grid"]
@@ -70,7 +70,7 @@ def pad_to_square(image: Image.Image, color: tuple[int, ...]) -> Image.Image:
 
 
 @dataclass
-class CLIPImageProcessor(RepeatsImageTokens):
+class CLIPImageProcessor(RepeatsImageTokens, SampleBatching):
     """Images -> ``pixel_values`` (images, C, crop height, crop width) float32.
 
     The processor-level settings (``patch_size``, ``vision_feature_select_strategy``,

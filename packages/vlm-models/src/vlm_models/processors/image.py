@@ -15,7 +15,7 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -26,6 +26,8 @@ __all__ = [
     "ImageLoadError",
     "ImageSource",
     "MAX_IMAGE_BYTES",
+    "SampleBatching",
+    "concatenate_padded",
     "image_settings",
     "URL_TIMEOUT_S",
     "RepeatsImageTokens",
@@ -270,3 +272,37 @@ class RepeatsImageTokens:
             out.append(placeholder)
             out.append(piece)
         return "".join(out)
+
+
+def concatenate_padded(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Arrays of one rank joined along the first axis, each zero-padded at the end of every other axis to the
+    largest size there."""
+    if len({a.ndim for a in arrays}) != 1:
+        raise ValueError(f"cannot batch arrays of ranks {sorted({a.ndim for a in arrays})}")
+    largest = np.max([a.shape for a in arrays], axis=0)
+    padded = [np.pad(a, [(0, 0), *((0, int(n) - s) for n, s in zip(largest[1:], a.shape[1:]))]) for a in arrays]
+    return np.concatenate(padded)
+
+
+class SampleBatching:
+    """How an image processor's outputs for several training samples (each a call over that sample's images)
+    form one batch, and what per-token inputs a training sequence needs besides its ids.
+
+    The default joins each output along its first axis and zero-pads the other axes to the largest, which is how
+    the processors batch the images of one prompt: LLaVA-NeXT pads the tile axis, Pixtral the image sides,
+    Idefics3 the frames (marked in ``pixel_attention_mask``; its first axis is the prompt, and the model drops
+    all-zero frames), while Qwen's patches, CLIP's and SigLIP's fixed-size images need no padding."""
+
+    def collate(self, outputs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """One batch's image inputs from the outputs of the samples that have images, in batch order."""
+        if not outputs:
+            return {}
+        names = set(outputs[0])
+        if any(set(o) != names for o in outputs):
+            raise ValueError(f"samples' image inputs differ in names: {sorted({k for o in outputs for k in o})}")
+        return {name: concatenate_padded([o[name] for o in outputs]) for name in outputs[0]}
+
+    def answer_inputs(self, answer: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-token model inputs for a training batch, from ``answer`` (batch, length) bool: True from each row's
+        first answer token on (padding included). None by default: the prompt's own inputs say everything."""
+        return {}

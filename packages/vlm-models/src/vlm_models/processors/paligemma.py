@@ -21,3 +21,8 @@ class PaliGemmaImageProcessor(SiglipImageProcessor):
         end = prompt.rfind(image_token) + len(image_token)
         framed = f"{prompt[:end]}{self.bos_token}{prompt[end:]}\n"
         return super().expand_prompt(framed, image_token, outputs)
+
+    def answer_inputs(self, answer: np.ndarray) -> dict[str, np.ndarray]:
+        """``token_type_ids``: 0 on the prefix (images and prompt, attending both ways), 1 on the answer (the
+        suffix, causal): the prefix-LM split that a prefill followed by decoding makes at inference."""
+        return {"token_type_ids": answer.astype(np.int64)}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .image import RepeatsImageTokens, image_settings, rescale_and_normalize, resize, to_rgb
+from .image import RepeatsImageTokens, SampleBatching, image_settings, rescale_and_normalize, resize, to_rgb
 from .qwen2_vl import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = ["PixtralImageProcessor"]
@@ -37,7 +37,7 @@ def _square(value: Any, what: str) -> int:
 
 
 @dataclass
-class PixtralImageProcessor(RepeatsImageTokens):
+class PixtralImageProcessor(RepeatsImageTokens, SampleBatching):
     longest_edge: int = 1024
     patch_size: int = 16
     spatial_merge_size: int = 1

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .image import RepeatsImageTokens, image_settings, rescale_and_normalize, resize, to_rgb
+from .image import RepeatsImageTokens, SampleBatching, image_settings, rescale_and_normalize, resize, to_rgb
 
 __all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "Qwen2VLImageProcessor", "smart_resize"]
 
@@ -53,7 +53,7 @@ def smart_resize(
 
 
 @dataclass
-class Qwen2VLImageProcessor(RepeatsImageTokens):
+class Qwen2VLImageProcessor(RepeatsImageTokens, SampleBatching):
     """Images -> ``pixel_values`` (patches, C*T*P*P) float32 and ``image_grid_thw`` (images, 3) int64."""
 
     patch_size: int = 14

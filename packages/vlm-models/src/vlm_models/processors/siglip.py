@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .image import image_settings, rescale_and_normalize, resize, to_rgb
+from .image import SampleBatching, image_settings, rescale_and_normalize, resize, to_rgb
 
 __all__ = ["SiglipImageProcessor", "IMAGENET_STANDARD_MEAN", "IMAGENET_STANDARD_STD"]
 
@@ -19,7 +19,7 @@ IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass
-class SiglipImageProcessor:
+class SiglipImageProcessor(SampleBatching):
     """Images -> ``pixel_values`` (images, C, height, width) float32."""
 
     height: int = 224
