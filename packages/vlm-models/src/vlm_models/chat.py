@@ -17,6 +17,7 @@ def apply_chat_template(
     prompt: str | Sequence[Mapping[str, Any]],
     *,
     num_images: int = 0,
+    num_videos: int = 0,
     num_audios: int = 0,
     system: str | None = None,
     enable_thinking: bool | None = None,
@@ -24,14 +25,15 @@ def apply_chat_template(
 ) -> str:
     """Format ``prompt`` (a user message, or a list of chat messages) for generation.
 
-    For a single user message the media slots come first, then the text, as the Qwen and most VLM templates
-    expect. ``config`` is the model's config dict; kept for templates that depend on it. ``tools`` (OpenAI-style
+    For a single user message the media slots come first (images, then videos), then the text, as the Qwen and
+    most VLM templates expect. ``config`` is the model's config dict; kept for templates that depend on it. ``tools`` (OpenAI-style
     function definitions) go to templates that render them.
     """
     if num_audios:
         raise ValueError("audio inputs are not supported by this model")
     if isinstance(prompt, str):
         content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
+        content.extend({"type": "video"} for _ in range(num_videos))
         content.append({"type": "text", "text": prompt})
         messages: list[Mapping[str, Any]] = [{"role": "user", "content": content}]
     else:
@@ -48,6 +50,8 @@ def apply_chat_template(
     )
 
 
-def prepare_inputs(processor: Processor, prompt: str, images: Sequence[Any] = ()) -> dict[str, mx.array]:
-    """Tokenize a formatted prompt and preprocess its images into the model's input tensors."""
-    return processor.prepare_inputs(prompt, images)
+def prepare_inputs(
+    processor: Processor, prompt: str, images: Sequence[Any] = (), videos: Sequence[Any] = ()
+) -> dict[str, mx.array]:
+    """Tokenize a formatted prompt and preprocess its images and videos into the model's input tensors."""
+    return processor.prepare_inputs(prompt, images, videos)

@@ -25,13 +25,23 @@ class Architecture:
     image_token: str = "<|image_pad|>"
     default_chat_template: str | None = None
     """For families published without a chat template: how a user message becomes a prompt."""
+    video_processor: str | None = None
+    """``module:Class`` of the numpy video processor, for families that take video."""
+    video_token: str | None = None
 
     def load_module(self) -> ModuleType:
         return importlib.import_module(f"vlm_models.models.{self.module}")
 
     def image_processor_class(self) -> type:
-        module, name = self.image_processor.split(":")
-        return getattr(importlib.import_module(f"vlm_models.processors.{module}"), name)
+        return _processor_class(self.image_processor)
+
+    def video_processor_class(self) -> type | None:
+        return None if self.video_processor is None else _processor_class(self.video_processor)
+
+
+def _processor_class(spec: str) -> type:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(f"vlm_models.processors.{module}"), name)
 
 
 # PaliGemma's checkpoints have no chat template: its prompt is the images' slots then the task text ("caption en");
@@ -49,7 +59,12 @@ _IMAGES_THEN_TEXT = (
 ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_vl": Architecture("qwen2_vl", "qwen2_vl:Qwen2VLImageProcessor"),
     "qwen2_5_vl": Architecture("qwen2_5_vl", "qwen2_vl:Qwen2VLImageProcessor"),
-    "qwen3_vl": Architecture("qwen3_vl", "qwen2_vl:Qwen2VLImageProcessor"),
+    "qwen3_vl": Architecture(
+        "qwen3_vl",
+        "qwen2_vl:Qwen2VLImageProcessor",
+        video_processor="qwen3_vl:Qwen3VLVideoProcessor",
+        video_token="<|video_pad|>",
+    ),
     "llava": Architecture("llava", "clip:CLIPImageProcessor", image_token="<image>"),
     "llava_next": Architecture("llava_next", "clip:LlavaNextImageProcessor", image_token="<image>"),
     "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),

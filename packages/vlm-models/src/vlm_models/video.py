@@ -7,6 +7,7 @@ with a one-line message naming the source.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,37 @@ import numpy as np
 
 from .processors.image import ImageLoadError, load_image
 
-__all__ = ["FRAME_SUFFIXES", "Video", "VideoLoadError", "VideoSource", "read_video"]
+__all__ = ["FRAME_SUFFIXES", "Video", "VideoLoadError", "VideoSampling", "VideoSource", "read_video"]
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 """Files of a frame folder that are frames (taken in name order)."""
 
 FrameSelection = Callable[[int, float], Sequence[int]]
 """(source frame count, source fps) -> the indices of the frames to keep."""
+
+
+@dataclass(frozen=True)
+class VideoSampling:
+    """How many frames to take from each video; ``None`` keeps the processor's setting."""
+
+    fps: float | None = None
+    """Frames taken per second of video."""
+    num_frames: int | None = None
+    """Exactly this many frames, evenly spread (then ``fps`` is not used)."""
+    max_frames: int | None = None
+    """At most this many frames when sampling by ``fps``."""
+    source_fps: float | None = None
+    """The rate at which a video given as frame images was captured (a file carries its own)."""
+
+    def __post_init__(self) -> None:
+        for name in ("fps", "source_fps"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"video {name.replace('_', ' ')} must be positive, got {value}")
+        for name in ("num_frames", "max_frames"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"video {name.replace('_', ' ')} must be at least 1, got {value}")
 
 
 class VideoLoadError(ValueError):
