@@ -7,6 +7,7 @@ with a one-line message naming the source.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -90,14 +91,14 @@ class Video:
         return self.frames[positions]
 
 
-VideoSource = Union[Video, str, Path, Sequence[Union[str, Path]]]
+VideoSource = Union[Video, str, Path, bytes, Sequence[Union[str, Path]]]
 
 
 def read_video(source: VideoSource, *, fps: float | None = None, select: FrameSelection | None = None) -> Video:
     """The frames of ``source`` that ``select`` picks (all frames without it).
 
-    ``source`` is a video file, a folder of frame images, a list of image paths, or a :class:`Video` (returned
-    as is). A file carries its own frame rate; frames given as images need ``fps``, the rate they were captured
+    ``source`` is a video file, its bytes, a folder of frame images, a list of image paths, or a :class:`Video`
+    (returned as is). A file carries its own frame rate; frames given as images need ``fps``, the rate they were captured
     at.
     """
     if isinstance(source, Video):
@@ -111,8 +112,12 @@ def read_video(source: VideoSource, *, fps: float | None = None, select: FrameSe
             if not frames:
                 raise VideoLoadError(f"video folder {path} holds no frame images ({', '.join(FRAME_SUFFIXES)})")
             return _read_frames(frames, fps, select, f"video folder {path}")
-        return _read_file(path, select)
-    if isinstance(source, Sequence) and not isinstance(source, (bytes, bytearray)):
+        return _read_file(str(path), str(path), select)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if not len(source):
+            raise VideoLoadError("the video data is empty")
+        return _read_file(io.BytesIO(bytes(source)), f"<{len(source)} bytes of video>", select)
+    if isinstance(source, Sequence):
         if not source:
             raise VideoLoadError("a video given as frames needs at least one frame")
         return _read_frames([Path(p) for p in source], fps, select, f"the {len(source)} video frames")
@@ -150,11 +155,11 @@ def _read_frames(paths: list[Path], fps: float | None, select: FrameSelection | 
     return Video(np.stack(frames), float(fps), len(paths), indices)
 
 
-def _read_file(path: Path, select: FrameSelection | None) -> Video:
+def _read_file(file: str | io.BytesIO, path: str, select: FrameSelection | None) -> Video:
     import av  # FFmpeg's libraries: loaded only when a video is read
 
     try:
-        container = av.open(str(path))
+        container = av.open(file)
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise VideoLoadError(f"cannot read video {path}: {_reason(e)}") from None
     with container:
