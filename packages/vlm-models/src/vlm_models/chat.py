@@ -40,13 +40,25 @@ def apply_chat_template(
         messages = list(prompt)
     if system is not None:
         messages = [{"role": "system", "content": [{"type": "text", "text": system}]}, *messages]
-    if processor.chat_template is None:
+    template = processor.chat_template
+    if getattr(processor, "video_chat_template", None) and _has_video(messages):
+        template = processor.video_chat_template
+    if template is None:
         raise ValueError("the checkpoint has no chat template; pass an already formatted prompt to generate")
     extra: dict[str, Any] = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     if tools:
         extra["tools"] = list(tools)
     return processor.tokenizer.apply_chat_template(
-        messages, chat_template=processor.chat_template, tokenize=False, add_generation_prompt=True, **extra
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True, **extra
+    )
+
+
+def _has_video(messages: Sequence[Mapping[str, Any]]) -> bool:
+    return any(
+        isinstance(part, Mapping) and part.get("type") == "video"
+        for message in messages
+        if not isinstance(message.get("content"), str)
+        for part in message.get("content") or ()
     )
 
 

@@ -198,7 +198,8 @@ def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, tr
     defaults = getattr(arch.load_module(), "processor_defaults", lambda _: {})(config)
     image_processor = arch.image_processor_class().from_config({**defaults, **_image_processor_config(path)})
     video_class = arch.video_processor_class()
-    video_processor = None if video_class is None else video_class.from_config(_video_processor_config(path))
+    video_config = {**defaults, **_video_processor_config(path)}
+    video_processor = None if video_class is None else video_class.from_config(video_config)
     eos: set[int] = set()
     generation = path / "generation_config.json"
     if generation.is_file():
@@ -214,6 +215,7 @@ def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, tr
         eos_token_ids=eos,
         video_processor=video_processor,
         video_token=arch.video_token,
+        video_chat_template=arch.video_chat_template,
     )
 
 

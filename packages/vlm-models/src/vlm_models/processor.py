@@ -30,6 +30,7 @@ class Processor:
         eos_token_ids: Iterable[int],
         video_processor: Any = None,
         video_token: str | None = None,
+        video_chat_template: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -37,6 +38,8 @@ class Processor:
         self.video_processor = video_processor
         """None for a family without video input."""
         self.video_token = video_token
+        self.video_chat_template = video_chat_template
+        """Where set, the template for conversations holding a video (the family's processor has its own)."""
         self.chat_template = chat_template
         self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -94,6 +97,8 @@ class Processor:
         source_fps = None if sampling is None else sampling.source_fps
         clips = [read_video(v, fps=source_fps, select=video_processor.frame_indices) for v in videos]
         processed = video_processor(clips)
+        if set(processed.arrays) & set(outputs):
+            raise ValueError("this model cannot take images and videos in one prompt (both fill the same input)")
         outputs.update(processed.arrays)
         return video_processor.expand_prompt(prompt, self.video_token, processed)
 

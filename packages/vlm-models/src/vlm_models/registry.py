@@ -28,6 +28,8 @@ class Architecture:
     video_processor: str | None = None
     """``module:Class`` of the numpy video processor, for families that take video."""
     video_token: str | None = None
+    video_chat_template: str | None = None
+    """The template transformers' processor applies in place of the checkpoint's to conversations with a video."""
 
     def load_module(self) -> ModuleType:
         return importlib.import_module(f"vlm_models.models.{self.module}")
@@ -56,6 +58,23 @@ _IMAGES_THEN_TEXT = (
     "{%- endfor -%}"
 )
 
+# SmolVLM's processor formats a conversation with a video by a template of its own (the published checkpoints'
+# templates predate video): "<|im_start|>User: ...<end_of_utterance>\nAssistant:", with no space after the colon
+# when a message opens with an image.
+_SMOLVLM_VIDEO_TEMPLATE = (
+    "{{- '<|im_start|>' -}}"
+    "{%- for message in messages -%}"
+    "{{- message['role'] | capitalize -}}{{- ':' if message['content'][0]['type'] == 'image' else ': ' -}}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- elif part['type'] in ('image', 'video') -%}{{- '<' ~ part['type'] ~ '>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- '<end_of_utterance>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_vl": Architecture("qwen2_vl", "qwen2_vl:Qwen2VLImageProcessor"),
     "qwen2_5_vl": Architecture("qwen2_5_vl", "qwen2_vl:Qwen2VLImageProcessor"),
@@ -69,7 +88,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llava_next": Architecture("llava_next", "clip:LlavaNextImageProcessor", image_token="<image>"),
     "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),
     "idefics3": Architecture("idefics3", "idefics3:Idefics3ImageProcessor", image_token="<image>"),
-    "smolvlm": Architecture("smolvlm", "idefics3:Idefics3ImageProcessor", image_token="<image>"),
+    "smolvlm": Architecture(
+        "smolvlm",
+        "idefics3:Idefics3ImageProcessor",
+        image_token="<image>",
+        video_processor="smolvlm:SmolVLMVideoProcessor",
+        video_token="<video>",
+        video_chat_template=_SMOLVLM_VIDEO_TEMPLATE,
+    ),
     "mistral3": Architecture("mistral3", "pixtral:PixtralImageProcessor", image_token="[IMG]"),
     # mlx-vlm's conversions of Pixtral-12B name the whole model "pixtral" (transformers keeps "llava", below).
     "pixtral": Architecture("pixtral", "pixtral:PixtralImageProcessor", image_token="[IMG]"),

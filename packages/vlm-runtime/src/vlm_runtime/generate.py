@@ -329,7 +329,7 @@ def stream_generate(
 
     ``image`` is one image or a list (paths, URLs, PIL images), in the order of the prompt's image slots;
     ``videos`` likewise fill its video slots, sampled as ``video_sampling`` says (both go to the processor,
-    whose family must take video). Videos always run the vision tower (``vision_cache`` holds images only).
+    whose family must take video).
     ``prompt_cache`` (a ``PromptCache``) is reused where it holds a prefix of this prompt and is left holding
     this conversation afterwards; ``vision_cache`` (a ``VisionFeatureCache``) skips the vision tower for images
     seen before. ``options`` are those of ``generation_settings``: sampling (temperature, top_p, top_k, min_p,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from .image import RepeatsImageTokens, image_settings, rescale_and_normalize, resize, to_rgb
 
-__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "Qwen2VLImageProcessor", "patchify", "smart_resize"]
+__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "Qwen2VLImageProcessor", "fit_pixel_budget", "patchify", "smart_resize"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,14 +39,23 @@ def smart_resize(
             f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, got {max(height, width) / min(height, width)}"
             f" for a {height}x{width} image"
         )
+    return fit_pixel_budget(height, width, factor, min_pixels, max_pixels)
+
+
+def fit_pixel_budget(
+    height: int, width: int, factor: int, min_pixels: int, max_pixels: int, frames: int = 1, padded_frames: int = 1
+) -> tuple[int, int]:
+    """Sides rounded to multiples of ``factor``; if the pixels (``padded_frames`` x area) leave the budget, both
+    sides rescaled by the square root of the overshoot measured on ``frames`` x the original area, then floored
+    (too many) or ceiled (too few). transformers' order of operations, for images (one frame) and clips."""
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
+    if padded_frames * h_bar * w_bar > max_pixels:
+        beta = math.sqrt((frames * height * width) / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
         w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
+    elif padded_frames * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (frames * height * width))
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar

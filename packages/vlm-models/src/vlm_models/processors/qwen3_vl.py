@@ -6,7 +6,6 @@ Images go through Qwen2VLImageProcessor (processors/qwen2_vl.py) with Qwen3-VL's
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -16,18 +15,10 @@ from PIL import Image
 
 from ..video import Video, VideoSampling
 from .image import image_settings
-from .qwen2_vl import MAX_ASPECT_RATIO, patchify
-from .video import resize_frames
+from .qwen2_vl import MAX_ASPECT_RATIO, fit_pixel_budget, patchify
+from .video import FrameSettings, ProcessedVideos, resize_frames
 
-__all__ = ["ProcessedVideos", "Qwen3VLVideoProcessor", "video_smart_resize"]
-
-
-@dataclass(frozen=True)
-class ProcessedVideos:
-    arrays: dict[str, np.ndarray]
-    """``pixel_values_videos`` and ``video_grid_thw``, as the Hugging Face processor returns them."""
-    timestamps: list[list[float]]
-    """Per video, the time (seconds) of each temporal patch: the mean time of its first and last frame."""
+__all__ = ["Qwen3VLVideoProcessor", "video_smart_resize"]
 
 
 def video_smart_resize(
@@ -48,22 +39,12 @@ def video_smart_resize(
         raise ValueError(
             f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, got {max(height, width) / min(height, width)}"
         )
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
     t_bar = round(num_frames / temporal_factor) * temporal_factor
-    if t_bar * h_bar * w_bar > max_pixels:
-        beta = math.sqrt((num_frames * height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif t_bar * h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (num_frames * height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    return fit_pixel_budget(height, width, factor, min_pixels, max_pixels, frames=num_frames, padded_frames=t_bar)
 
 
 @dataclass
-class Qwen3VLVideoProcessor:
+class Qwen3VLVideoProcessor(FrameSettings):
     """Videos -> ``pixel_values_videos`` (patches, C*T*P*P) float32 and ``video_grid_thw`` (videos, 3) int64."""
 
     patch_size: int = 16
@@ -71,13 +52,6 @@ class Qwen3VLVideoProcessor:
     merge_size: int = 2
     min_pixels: int = 128 * 32 * 32
     max_pixels: int = 32 * 32 * 768
-    image_mean: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
-    image_std: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
-    rescale_factor: float = 1 / 255
-    do_resize: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
-    do_convert_rgb: bool = True
     resample: int = int(Image.Resampling.BICUBIC)
     do_sample_frames: bool = True
     sampling: VideoSampling = field(default=VideoSampling(fps=2.0))
@@ -159,7 +133,7 @@ class Qwen3VLVideoProcessor:
             grids.append(grid)
             timestamps.append(self.timestamps(indices, video.fps))
         arrays = {"pixel_values_videos": np.concatenate(patches), "video_grid_thw": np.asarray(grids, dtype=np.int64)}
-        return ProcessedVideos(arrays, timestamps)
+        return ProcessedVideos(arrays, timestamps, [v.total_frames / v.fps for v in videos])
 
     def timestamps(self, indices: np.ndarray, video_fps: float) -> list[float]:
         """Seconds at each temporal patch: the mean time of its first and last frame (the last frame repeats to
@@ -172,15 +146,7 @@ class Qwen3VLVideoProcessor:
     def _process_one(self, frames: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
         if self.do_resize:
             frames = resize_frames(frames, self.frame_size(*frames.shape[:3]), self.resample)
-        pixels = frames.astype(np.float32)
-        # torchvision's order: the rescale folds into the normalize's mean and std, all in float32.
-        if self.do_normalize:
-            scale = np.float32(1 / self.rescale_factor) if self.do_rescale else np.float32(1)
-            mean = np.asarray(self.image_mean, dtype=np.float32) * scale
-            std = np.asarray(self.image_std, dtype=np.float32) * scale
-            pixels = (pixels - mean) / std
-        elif self.do_rescale:
-            pixels = pixels * np.float32(self.rescale_factor)
+        pixels = self.normalize(frames)
         return patchify(pixels.transpose(0, 3, 1, 2), self.patch_size, self.merge_size, self.temporal_patch_size)
 
     vision_start: str = "<|vision_start|>"

@@ -10,12 +10,64 @@ width first, then height. Only numpy is imported here.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["resize_frames"]
+__all__ = ["FrameSettings", "ProcessedVideos", "resize_frames", "torch_normalize"]
+
+
+@dataclass(frozen=True)
+class ProcessedVideos:
+    """A video processor's outputs: the model inputs, and what the prompt expansion writes about each video."""
+
+    arrays: dict[str, np.ndarray]
+    """Model inputs, as the Hugging Face processor returns them."""
+    timestamps: list[list[float]]
+    """Per video, the time (seconds) of each run of video tokens in the prompt."""
+    durations: list[float]
+    """Per video, the length of the source (seconds)."""
+
+
+@dataclass
+class FrameSettings:
+    """The pixel settings transformers' video processors share (IMAGENET_STANDARD mean and std by default)."""
+
+    image_mean: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
+    image_std: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
+    rescale_factor: float = 1 / 255
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    do_convert_rgb: bool = True
+
+    def normalize(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 (T, H, W, C) frames -> float32, rescaled and normalized as the switches say."""
+        return torch_normalize(
+            frames,
+            self.rescale_factor if self.do_rescale else None,
+            self.image_mean if self.do_normalize else None,
+            self.image_std if self.do_normalize else None,
+        )
+
+
+def torch_normalize(
+    frames: np.ndarray,
+    rescale_factor: float | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> np.ndarray:
+    """uint8 frames -> float32 as transformers' torchvision processors do it: the rescale folds into the
+    normalize's mean and std, all in float32 (``None`` skips a step)."""
+    pixels = frames.astype(np.float32)
+    if mean is not None and std is not None:
+        scale = np.float32(1 / rescale_factor) if rescale_factor is not None else np.float32(1)
+        return (pixels - np.asarray(mean, dtype=np.float32) * scale) / (np.asarray(std, dtype=np.float32) * scale)
+    if rescale_factor is not None:
+        return pixels * np.float32(rescale_factor)
+    return pixels
 
 
 def _bilinear(x: np.ndarray) -> np.ndarray:
@@ -32,10 +84,20 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
+def _lanczos(x: np.ndarray) -> np.ndarray:
+    # sinc(x) * sinc(x / 3) inside three lobes, as Pillow and torch write it.
+    x = np.abs(x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        px = np.pi * x
+        value = np.where(x == 0.0, 1.0, np.sin(px) / px * np.sin(px / 3.0) / (px / 3.0))
+    return np.where(x < 3.0, value, 0.0)
+
+
 _FILTERS: dict[int, tuple[Callable[[np.ndarray], np.ndarray], int]] = {
     # Pillow resample code -> (filter, taps of the filter at scale 1)
     int(Image.Resampling.BILINEAR): (_bilinear, 2),
     int(Image.Resampling.BICUBIC): (_bicubic, 4),
+    int(Image.Resampling.LANCZOS): (_lanczos, 6),
 }
 
 
