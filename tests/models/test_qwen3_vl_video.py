@@ -199,3 +199,13 @@ def test_frame_sampling_invariants(total, source_fps, fps, max_frames, num_frame
         assert len(indices) >= min(processor.min_frames, max_frames, total)
     stamps = processor.timestamps(indices, source_fps)
     assert len(stamps) == -(-len(indices) // processor.temporal_patch_size) and stamps == sorted(stamps)
+
+
+@pytest.mark.parametrize("layout", ["hf5", "mlx_community"])
+def test_every_layout_reads_the_video_settings(expected, layout: str) -> None:
+    """hf5 (no video processor config) takes the image processor's settings, as transformers falls back to them;
+    the MLX-community folder's video processor gives its budget as min_pixels / max_pixels."""
+    _, processor = load(ROOT / layout)
+    ours = case_inputs(processor, CASES["defaults"])
+    np.testing.assert_array_equal(ours["input_ids"], expected["defaults/input_ids"])
+    np.testing.assert_allclose(ours["pixel_values_videos"], expected["defaults/pixel_values_videos"], atol=1e-5, rtol=0)

@@ -96,7 +96,7 @@ def test_bad_sources_fail_with_one_line(tmp_path: Path) -> None:
         (tmp_path / "empty.mp4", {}, "cannot read video"),
         (tmp_path / "text.mp4", {}, "cannot read video"),
         (tmp_path / "no_frames", {"fps": 1.0}, "holds no frame images"),
-        (tmp_path / "mixed", {}, "give the frame rate"),
+        (tmp_path / "mixed", {}, "give the rate they were captured at"),
         (tmp_path / "mixed", {"fps": 0.0}, "frame rate must be positive"),
         (tmp_path / "mixed", {"fps": 1.0, "select": lambda n, f: [0, 1]}, "frames differ in size"),
         (tmp_path / "mixed", {"fps": 1.0, "select": lambda n, f: [2]}, "c.png"),
@@ -128,3 +128,14 @@ def test_frame_resize_invariants(frames, size, target, level, resample) -> None:
     assert np.abs(out.astype(int) - level).max() <= 1
     noise = np.random.default_rng(level).integers(0, 256, (frames, *size, 3), dtype=np.uint8)
     np.testing.assert_array_equal(resize_frames(noise, size, resample), noise)
+
+
+def test_a_long_decode_shows_a_progress_bar(tmp_path: Path, monkeypatch, capsys) -> None:
+    import vlm_models.video as video_module
+
+    path = write_video(tmp_path / "clip.mov", moving_frames(6), 3.0, "png", "rgb24")
+    read_video(path)
+    assert "decoding video" not in capsys.readouterr().err
+    monkeypatch.setattr(video_module, "LONG_VIDEO_FRAMES", 4)
+    read_video(path)
+    assert "decoding video" in capsys.readouterr().err

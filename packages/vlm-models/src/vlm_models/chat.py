@@ -26,8 +26,9 @@ def apply_chat_template(
     """Format ``prompt`` (a user message, or a list of chat messages) for generation.
 
     For a single user message the media slots come first (images, then videos), then the text, as the Qwen and
-    most VLM templates expect. ``config`` is the model's config dict; kept for templates that depend on it. ``tools`` (OpenAI-style
-    function definitions) go to templates that render them.
+    most VLM templates expect. ``config`` is the model's config dict; kept for templates that depend on it.
+    ``tools`` (OpenAI-style function definitions) go to templates that render them. A conversation with a video
+    takes the family's video template where its processor has one (SmolVLM's).
     """
     if num_audios:
         raise ValueError("audio inputs are not supported by this model")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
+from tqdm import tqdm
 
 from .processors.image import ImageLoadError, load_image
 
@@ -22,6 +23,9 @@ __all__ = ["FRAME_SUFFIXES", "Video", "VideoLoadError", "VideoSampling", "VideoS
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 """Files of a frame folder that are frames (taken in name order)."""
+
+LONG_VIDEO_FRAMES = 1000
+"""Decoding at least this many frames shows a progress bar."""
 
 FrameSelection = Callable[[int, float], Sequence[int]]
 """(source frame count, source fps) -> the indices of the frames to keep."""
@@ -126,7 +130,10 @@ def read_video(source: VideoSource, *, fps: float | None = None, select: FrameSe
 
 def _check_fps(fps: float | None, name: str) -> None:
     if fps is None:
-        raise VideoLoadError(f"{name} is given as frames: give the frame rate they were captured at (fps)")
+        raise VideoLoadError(
+            f"{name} is given as frames: give the rate they were captured at"
+            " (VideoSampling.source_fps; --video-source-fps on the command line)"
+        )
     if not np.isfinite(fps) or fps <= 0:
         raise VideoLoadError(f"{name}: frame rate must be positive, got {fps}")
 
@@ -178,11 +185,16 @@ def _read_file(file: str | io.BytesIO, path: str, select: FrameSelection | None)
             indices = np.unique(_selected(select, total, float(rate), f"video {path}"))
             container.seek(0)
             wanted, frames = set(indices.tolist()), []
-            for i, frame in enumerate(container.decode(stream)):
-                if i > indices[-1]:
-                    break
-                if i in wanted:
-                    frames.append(frame.to_ndarray(format="rgb24"))
+            # Every frame up to the last wanted one is decoded: a progress bar where that takes a while.
+            progress = tqdm(total=int(indices[-1]) + 1, desc="decoding video", unit="frame", leave=False,
+                            disable=indices[-1] < LONG_VIDEO_FRAMES)
+            with progress:
+                for i, frame in enumerate(container.decode(stream)):
+                    if i > indices[-1]:
+                        break
+                    if i in wanted:
+                        frames.append(frame.to_ndarray(format="rgb24"))
+                    progress.update()
         except av.FFmpegError as e:
             raise VideoLoadError(f"cannot decode video {path}: {_reason(e)}") from None
     if not frames:

@@ -63,7 +63,9 @@ class Qwen3VLVideoProcessor(FrameSettings):
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Qwen3VLVideoProcessor:
-        """From a video_preprocessor_config.json dict (or, as transformers falls back to it, the image one)."""
+        """From a video_preprocessor_config.json dict (or, as transformers falls back to it, the image one).
+        ``size`` gives the clip's pixel budget; top-level ``min_pixels`` / ``max_pixels``, which transformers'
+        Qwen3-VL video processor does not read but mlx-vlm's conversions write for it, take its place."""
         kwargs: dict[str, Any] = image_settings(
             cfg,
             int_keys=("patch_size", "temporal_patch_size", "merge_size", "min_frames", "max_frames", "max_video_tokens"),
@@ -74,6 +76,9 @@ class Qwen3VLVideoProcessor(FrameSettings):
             if not size.get("shortest_edge") or not size.get("longest_edge"):
                 raise ValueError(f"video processor config size={size!r} needs shortest_edge and longest_edge")
             kwargs.update(min_pixels=int(size["shortest_edge"]), max_pixels=int(size["longest_edge"]))
+        for key in ("min_pixels", "max_pixels"):  # as mlx-vlm's conversions write the budget (Qwen2-VL's names)
+            if cfg.get(key) is not None:
+                kwargs[key] = int(cfg[key])
         fps, num_frames = cfg.get("fps", 2.0), cfg.get("num_frames")
         kwargs["sampling"] = VideoSampling(
             fps=None if fps is None else float(fps), num_frames=None if num_frames is None else int(num_frames)
