@@ -35,6 +35,15 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local folder or Hugging Face repo id")
     parser.add_argument("--adapter-path", default=None, help="folder with adapters.safetensors from `vlm train`")
     parser.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
+    parser.add_argument(
+        "--video", action="append", default=[], help="video file, folder of frame images (repeatable)"
+    )
+    parser.add_argument("--video-fps", type=float, default=None, help="frames taken per second of video")
+    parser.add_argument("--video-num-frames", type=int, default=None, help="take exactly this many frames")
+    parser.add_argument("--video-max-frames", type=int, default=None, help="take at most this many frames")
+    parser.add_argument(
+        "--video-source-fps", type=float, default=None, help="the rate a folder of frames was captured at"
+    )
     parser.add_argument("--prompt", default="Describe this image.", help="the user message")
     parser.add_argument("--system", default=None, help="system message")
     parser.add_argument("--max-tokens", type=int, default=256)
@@ -74,15 +83,33 @@ def _load_and_format(args: argparse.Namespace) -> tuple[Any, Any, str]:
     model, processor = load(
         args.model, adapter_path=args.adapter_path, trust_remote_code=args.trust_remote_code
     )
+    if args.video and not processor.supports_video:
+        raise CommandError(f"{args.model}: this model does not take video input (--video)")
     prompt = apply_chat_template(
         processor,
         None,
         args.prompt,
         num_images=len(args.image),
+        num_videos=len(args.video),
         system=args.system,
         enable_thinking=True if getattr(args, "enable_thinking", False) else None,
     )
     return model, processor, prompt
+
+
+def _video_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The videos of the command line and their sampling, as keywords of stream_generate (none without videos)."""
+    from .video import VideoSampling
+
+    if not args.video:
+        return {}
+    sampling = VideoSampling(
+        fps=args.video_fps,
+        num_frames=args.video_num_frames,
+        max_frames=args.video_max_frames,
+        source_fps=args.video_source_fps,
+    )
+    return {"videos": args.video, "video_sampling": sampling}
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -104,6 +131,7 @@ def _generate(args: argparse.Namespace) -> None:
         processor,
         prompt,
         image=args.image,
+        **_video_inputs(args),
         prompt_cache=prompt_cache,
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -152,11 +180,12 @@ def _bench(args: argparse.Namespace) -> None:
     from vlm_runtime import stream_generate
 
     model, processor, prompt = _load_and_format(args)
-    inputs = processor.prepare_inputs(prompt, args.image)
+    videos = _video_inputs(args)
+    inputs = processor.prepare_inputs(prompt, args.image, videos.get("videos", ()), videos.get("video_sampling"))
     rows = []
     for run in range(args.warmup + args.runs):
         vision_s = 0.0
-        if args.image:
+        if args.image or args.video:
             tic = time.perf_counter()
             mx.eval(model.embed_prompt(**inputs).inputs_embeds)
             vision_s = time.perf_counter() - tic
@@ -166,6 +195,7 @@ def _bench(args: argparse.Namespace) -> None:
             processor,
             prompt,
             image=args.image,
+            **videos,
             max_tokens=args.max_tokens,
             ignore_eos=True,
             max_kv_size=args.max_kv_size,
@@ -176,7 +206,7 @@ def _bench(args: argparse.Namespace) -> None:
         assert last is not None
         if run >= args.warmup:
             rows.append((vision_s, last.prompt_tps, last.generation_tps, last.peak_memory, last.generation_tokens))
-    print(f"model: {args.model} | prompt tokens: {int(inputs['input_ids'].size)} | images: {len(args.image)}")
+    print(f"model: {args.model} | prompt tokens: {int(inputs['input_ids'].size)} | images: {len(args.image)} | videos: {len(args.video)}")
     print("run  vision_s  prompt_tok/s  gen_tok/s  peak_GB  gen_tokens")
     for i, (v, p, g, m, n) in enumerate(rows):
         print(f"{i:>3}  {v:8.4f}  {p:12.1f}  {g:9.1f}  {m:7.3f}  {n:10d}")
@@ -264,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm", description="Run vision-language models on MLX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate text from a prompt and images")
+    gen = sub.add_parser("generate", help="generate text from a prompt, images and videos")
     _add_generation_args(gen)
     _add_sampling_args(gen)
     gen.add_argument("--verbose", action="store_true", help="print the formatted prompt and tracebacks")

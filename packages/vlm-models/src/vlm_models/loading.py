@@ -175,6 +175,18 @@ def _image_processor_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def _video_processor_config(path: Path) -> dict[str, Any]:
+    """transformers' order: the ``video_processor`` of processor_config.json, video_preprocessor_config.json,
+    else the image processor's settings."""
+    if (path / "processor_config.json").is_file():
+        nested = _read_json(path / "processor_config.json").get("video_processor")
+        if isinstance(nested, dict):
+            return nested
+    if (path / "video_preprocessor_config.json").is_file():
+        return _read_json(path / "video_preprocessor_config.json")
+    return _image_processor_config(path)
+
+
 def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, trust_remote_code: bool) -> Processor:
     from transformers import AutoTokenizer
 
@@ -185,6 +197,9 @@ def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, tr
     # A family may derive processor settings from the model config, for checkpoints whose processor files lack them.
     defaults = getattr(arch.load_module(), "processor_defaults", lambda _: {})(config)
     image_processor = arch.image_processor_class().from_config({**defaults, **_image_processor_config(path)})
+    video_class = arch.video_processor_class()
+    video_config = {**defaults, **_video_processor_config(path)}
+    video_processor = None if video_class is None else video_class.from_config(video_config)
     eos: set[int] = set()
     generation = path / "generation_config.json"
     if generation.is_file():
@@ -198,6 +213,9 @@ def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, tr
         image_token=arch.image_token,
         chat_template=load_chat_template(path) or getattr(tokenizer, "chat_template", None) or arch.default_chat_template,
         eos_token_ids=eos,
+        video_processor=video_processor,
+        video_token=arch.video_token,
+        video_chat_template=arch.video_chat_template,
     )
 
 

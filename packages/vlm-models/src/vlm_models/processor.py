@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from .processors.image import load_image
+from .video import VideoSampling, VideoSource, read_video
 
 __all__ = ["Processor", "load_chat_template"]
 
@@ -27,10 +28,18 @@ class Processor:
         image_token: str,
         chat_template: str | None,
         eos_token_ids: Iterable[int],
+        video_processor: Any = None,
+        video_token: str | None = None,
+        video_chat_template: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_token = image_token
+        self.video_processor = video_processor
+        """None for a family without video input."""
+        self.video_token = video_token
+        self.video_chat_template = video_chat_template
+        """Where set, the template for conversations holding a video (the family's processor has its own)."""
         self.chat_template = chat_template
         self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -38,16 +47,32 @@ class Processor:
         plain = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
         self._fast_decode = getattr(backend, "decode", None) if plain else None
 
-    def __call__(self, prompt: str, images: Sequence[Any] = ()) -> dict[str, np.ndarray]:
-        """Numpy outputs, like the Hugging Face processor with ``return_tensors="np"``."""
-        text, outputs = self.expand(prompt, images)
+    def __call__(
+        self,
+        prompt: str,
+        images: Sequence[Any] = (),
+        videos: Sequence[VideoSource] = (),
+        video_sampling: VideoSampling | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Numpy outputs, like the Hugging Face processor with ``return_tensors="np"``.
+
+        ``videos`` (files, frame folders, frame lists or :class:`Video`) fill the prompt's video slots in order;
+        ``video_sampling`` overrides the checkpoint's frame sampling.
+        """
+        text, outputs = self.expand(prompt, images, videos, video_sampling)
         outputs["input_ids"] = np.asarray([self.token_ids(text)], dtype=np.int64)
         outputs["attention_mask"] = np.ones_like(outputs["input_ids"])
         return outputs
 
-    def expand(self, prompt: str, images: Sequence[Any] = ()) -> tuple[str, dict[str, np.ndarray]]:
-        """The prompt with its image slots expanded as the family lays them out, and the image processor's
-        outputs for ``images`` (none without images)."""
+    def expand(
+        self,
+        prompt: str,
+        images: Sequence[Any] = (),
+        videos: Sequence[VideoSource] = (),
+        video_sampling: VideoSampling | None = None,
+    ) -> tuple[str, dict[str, np.ndarray]]:
+        """The prompt with its image (and video) slots expanded as the family lays them out, and the processors'
+        outputs for them (none without media)."""
         n_slots = prompt.count(self.image_token)
         if n_slots != len(images):
             raise ValueError(
@@ -58,6 +83,8 @@ class Processor:
             pictures = [load_image(i) for i in images]
             outputs.update(self.image_processor(pictures))
             prompt = self.image_processor.expand_prompt(prompt, self.image_token, outputs)
+        if videos:
+            prompt = self._add_videos(prompt, videos, video_sampling, outputs)
         return prompt, outputs
 
     def token_ids(self, text: str) -> list[int]:
@@ -67,8 +94,37 @@ class Processor:
         add_special = not (bos and bos in text)
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
-    def prepare_inputs(self, prompt: str, images: Sequence[Any] = ()) -> dict[str, mx.array]:
-        return {k: mx.array(v) for k, v in self(prompt, images).items()}
+    @property
+    def supports_video(self) -> bool:
+        return self.video_processor is not None
+
+    def _add_videos(
+        self, prompt: str, videos: Sequence[VideoSource], sampling: VideoSampling | None, outputs: dict[str, np.ndarray]
+    ) -> str:
+        if self.video_processor is None or self.video_token is None:
+            raise ValueError("this model does not take video input (its family has no video processor)")
+        n_slots = prompt.count(self.video_token)
+        if n_slots != len(videos):
+            raise ValueError(
+                f"the prompt has {n_slots} video slot(s) ({self.video_token}) but {len(videos)} video(s) were given"
+            )
+        video_processor = self.video_processor.with_sampling(sampling)
+        source_fps = None if sampling is None else sampling.source_fps
+        clips = [read_video(v, fps=source_fps, select=video_processor.frame_indices) for v in videos]
+        processed = video_processor(clips)
+        if set(processed.arrays) & set(outputs):
+            raise ValueError("this model cannot take images and videos in one prompt (both fill the same input)")
+        outputs.update(processed.arrays)
+        return video_processor.expand_prompt(prompt, self.video_token, processed)
+
+    def prepare_inputs(
+        self,
+        prompt: str,
+        images: Sequence[Any] = (),
+        videos: Sequence[VideoSource] = (),
+        video_sampling: VideoSampling | None = None,
+    ) -> dict[str, mx.array]:
+        return {k: mx.array(v) for k, v in self(prompt, images, videos, video_sampling).items()}
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens added (markers like ``<think>`` map to their id)."""

@@ -25,13 +25,25 @@ class Architecture:
     image_token: str = "<|image_pad|>"
     default_chat_template: str | None = None
     """For families published without a chat template: how a user message becomes a prompt."""
+    video_processor: str | None = None
+    """``module:Class`` of the numpy video processor, for families that take video."""
+    video_token: str | None = None
+    video_chat_template: str | None = None
+    """The template transformers' processor applies in place of the checkpoint's to conversations with a video."""
 
     def load_module(self) -> ModuleType:
         return importlib.import_module(f"vlm_models.models.{self.module}")
 
     def image_processor_class(self) -> type:
-        module, name = self.image_processor.split(":")
-        return getattr(importlib.import_module(f"vlm_models.processors.{module}"), name)
+        return _processor_class(self.image_processor)
+
+    def video_processor_class(self) -> type | None:
+        return None if self.video_processor is None else _processor_class(self.video_processor)
+
+
+def _processor_class(spec: str) -> type:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(f"vlm_models.processors.{module}"), name)
 
 
 # PaliGemma's checkpoints have no chat template: its prompt is the images' slots then the task text ("caption en");
@@ -46,15 +58,44 @@ _IMAGES_THEN_TEXT = (
     "{%- endfor -%}"
 )
 
+# SmolVLM's processor formats a conversation with a video by a template of its own (the published checkpoints'
+# templates predate video): "<|im_start|>User: ...<end_of_utterance>\nAssistant:", with no space after the colon
+# when a message opens with an image.
+_SMOLVLM_VIDEO_TEMPLATE = (
+    "{{- '<|im_start|>' -}}"
+    "{%- for message in messages -%}"
+    "{{- message['role'] | capitalize -}}{{- ':' if message['content'][0]['type'] == 'image' else ': ' -}}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- elif part['type'] in ('image', 'video') -%}{{- '<' ~ part['type'] ~ '>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- '<end_of_utterance>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_vl": Architecture("qwen2_vl", "qwen2_vl:Qwen2VLImageProcessor"),
     "qwen2_5_vl": Architecture("qwen2_5_vl", "qwen2_vl:Qwen2VLImageProcessor"),
-    "qwen3_vl": Architecture("qwen3_vl", "qwen2_vl:Qwen2VLImageProcessor"),
+    "qwen3_vl": Architecture(
+        "qwen3_vl",
+        "qwen2_vl:Qwen2VLImageProcessor",
+        video_processor="qwen3_vl:Qwen3VLVideoProcessor",
+        video_token="<|video_pad|>",
+    ),
     "llava": Architecture("llava", "clip:CLIPImageProcessor", image_token="<image>"),
     "llava_next": Architecture("llava_next", "clip:LlavaNextImageProcessor", image_token="<image>"),
     "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),
     "idefics3": Architecture("idefics3", "idefics3:Idefics3ImageProcessor", image_token="<image>"),
-    "smolvlm": Architecture("smolvlm", "idefics3:Idefics3ImageProcessor", image_token="<image>"),
+    "smolvlm": Architecture(
+        "smolvlm",
+        "idefics3:Idefics3ImageProcessor",
+        image_token="<image>",
+        video_processor="smolvlm:SmolVLMVideoProcessor",
+        video_token="<video>",
+        video_chat_template=_SMOLVLM_VIDEO_TEMPLATE,
+    ),
     "mistral3": Architecture("mistral3", "pixtral:PixtralImageProcessor", image_token="[IMG]"),
     # mlx-vlm's conversions of Pixtral-12B name the whole model "pixtral" (transformers keeps "llava", below).
     "pixtral": Architecture("pixtral", "pixtral:PixtralImageProcessor", image_token="[IMG]"),

@@ -319,13 +319,17 @@ def stream_generate(
     prompt: str,
     *,
     image: Any = None,
+    videos: Any = None,
+    video_sampling: Any = None,
     prompt_cache: PromptCache | None = None,
     vision_cache: Any = None,
     **options: Any,
 ) -> Iterator[GenerationResult]:
     """Generate from an already chat-formatted ``prompt``; yield one result per generated token.
 
-    ``image`` is one image or a list (paths, URLs, PIL images), in the order of the prompt's image slots.
+    ``image`` is one image or a list (paths, URLs, PIL images), in the order of the prompt's image slots;
+    ``videos`` likewise fill its video slots, sampled as ``video_sampling`` says (both go to the processor,
+    whose family must take video).
     ``prompt_cache`` (a ``PromptCache``) is reused where it holds a prefix of this prompt and is left holding
     this conversation afterwards; ``vision_cache`` (a ``VisionFeatureCache``) skips the vision tower for images
     seen before. ``options`` are those of ``generation_settings``: sampling (temperature, top_p, top_k, min_p,
@@ -333,7 +337,10 @@ def stream_generate(
     budget, and the KV cache (max_kv_size, kv_bits, kv_group_size).
     """
     settings = generation_settings(**options)
-    inputs = processor.prepare_inputs(prompt, images=_as_list(image))
+    media: dict[str, Any] = {"images": _as_list(image)}
+    if videos is not None or video_sampling is not None:  # only then: processors without video keep working
+        media.update(videos=_as_list(videos), video_sampling=video_sampling)
+    inputs = processor.prepare_inputs(prompt, **media)
     yield from run_generation(
         model,
         processor,

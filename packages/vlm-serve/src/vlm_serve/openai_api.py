@@ -35,6 +35,7 @@ class ContentPart(_Open):
     type: str
     text: str | None = None
     image_url: ImageURL | str | None = None
+    video_url: ImageURL | str | None = None
     input_audio: dict[str, Any] | None = None
 
 
@@ -106,7 +107,7 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
     if (body.n or 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n")
     messages: list[dict[str, Any]] = []
-    images: list[str] = []
+    media: dict[str, list[str]] = {"image": [], "video": []}
     for message in body.messages:
         role = "system" if message.role == "developer" else message.role
         if isinstance(message.content, list):
@@ -114,12 +115,14 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
             for part in message.content:
                 if part.type == "text":
                     parts.append({"type": "text", "text": part.text or ""})
-                elif part.type == "image_url":
-                    url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+                elif part.type in ("image_url", "video_url"):
+                    kind = part.type.removesuffix("_url")
+                    value = getattr(part, part.type)
+                    url = value.url if isinstance(value, ImageURL) else value
                     if not url:
-                        raise APIError(400, "an image_url part needs a url", param="messages")
-                    images.append(url)
-                    parts.append({"type": "image"})
+                        raise APIError(400, f"the {part.type} part needs a url", param="messages")
+                    media[kind].append(url)
+                    parts.append({"type": kind})
                 elif part.type == "input_audio":
                     raise APIError(400, "audio inputs are not supported by this model", param="messages")
                 else:
@@ -154,7 +157,8 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
         tool_choice=_tool_choice(body.tool_choice),
         grammar=json_schema_grammar(schema) if schema is not None else None,
         messages=messages,
-        images=images,
+        images=media["image"],
+        videos=media["video"],
         max_tokens=max_tokens,
         sampling=sampling,
         stop=stop,

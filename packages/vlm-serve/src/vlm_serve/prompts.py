@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlm_models import apply_chat_template
+from vlm_models.video import VideoLoadError
 from vlm_runtime import GenerationConfig, SamplingParams, ThinkingConfig
 from vlm_runtime.stopping import StopStrings
 from vlm_runtime.thinking import resolve_thinking_tokens
 
 from .errors import APIError
 from .host import LoadedModel
-from .media import fetch_image
+from .media import fetch_image, fetch_video
 from .settings import ServeSettings
 from .tools import CallParser, Tool, ToolFormat, render_tools, resolve_choice, tool_format_for
 
@@ -29,6 +30,8 @@ class ChatRequest:
     """Template messages: role, and content as a string or a list of {"type": "text"|"image", ...} parts."""
     images: list[str] = field(default_factory=list)
     """Image sources in the order of the messages' image parts."""
+    videos: list[str] = field(default_factory=list)
+    """Video sources in the order of the messages' video parts."""
     max_tokens: int | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     """SamplingParams fields the request set."""
@@ -88,19 +91,24 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
         assert loaded.grammars is not None
         constraints = (await asyncio.to_thread(loaded.grammars.constraint, grammar),)
     messages, template_tools = render_tools(request.messages, tools, loaded.processor.chat_template)
-    images = await asyncio.gather(*(fetch_image(source, settings) for source in request.images))
     processor = loaded.processor
+    if request.videos and not getattr(processor, "supports_video", False):
+        raise APIError(400, "this model does not take video input", param="messages", code="unsupported_media")
+    images = await asyncio.gather(*(fetch_image(source, settings) for source in request.images))
+    videos = await asyncio.gather(*(fetch_video(source, settings) for source in request.videos))
 
     def tokenize() -> dict[str, Any]:
         prompt = apply_chat_template(
             processor, None, messages, enable_thinking=True if enable else None, tools=template_tools
         )
-        return processor(prompt, list(images))
+        return processor(prompt, list(images), list(videos)) if videos else processor(prompt, list(images))
 
     try:
         inputs = await asyncio.to_thread(tokenize)
     except APIError:
         raise
+    except VideoLoadError as e:
+        raise APIError(400, str(e), code="invalid_video") from e
     except Exception as e:  # template errors (jinja raises its own types), slot/image count mismatches
         raise APIError(400, f"cannot format the conversation: {e}") from e
     prompt_tokens = int(inputs["input_ids"].shape[-1])

@@ -286,6 +286,8 @@ class Model(TextGeneration, nn.Module):
         frames = None
         if pixel_values_videos is not None:
             video_grid = np.asarray(video_grid_thw).astype(np.int64).reshape(-1, 3)
+            # Videos bypass the vision feature cache: a clip is rarely sent twice, and its frames would crowd out
+            # the images the cache is sized for.
             features = self.model.visual(pixel_values_videos, video_grid)
             embeds = merge_features(embeds, input_ids, self.config.video_token_id, features, kind="video")
             frames = self.video_position_grids(video_grid)

@@ -25,9 +25,9 @@ GRID_KEY = "rows_cols"
 as the Hugging Face processor drops its ``rows`` / ``cols``."""
 
 
-def resized_to_longest_edge(height: int, width: int, longest: int) -> tuple[int, int]:
-    """The reference's size for a longest edge of ``longest`` (up- or downscaling): the other side keeps the
-    aspect ratio, truncated and then rounded up to even; then the longer is capped at MAX_IMAGE_SIDE."""
+def scaled_to_longest_edge(height: int, width: int, longest: int) -> tuple[int, int]:
+    """The longest side to ``longest`` (up or down); the other keeps the aspect ratio, truncated and then rounded
+    up to even."""
     aspect = width / height
     if width >= height:
         width, height = longest, int(longest / aspect)
@@ -35,7 +35,13 @@ def resized_to_longest_edge(height: int, width: int, longest: int) -> tuple[int,
     else:
         height, width = longest, int(longest * aspect)
         width += width % 2
-    height, width = max(height, 1), max(width, 1)
+    return max(height, 1), max(width, 1)
+
+
+def resized_to_longest_edge(height: int, width: int, longest: int) -> tuple[int, int]:
+    """The reference's size for a longest edge of ``longest``: scaled_to_longest_edge, then the longer side capped
+    at MAX_IMAGE_SIDE."""
+    height, width = scaled_to_longest_edge(height, width, longest)
     aspect = width / height  # of the new size, as the reference's second step takes it
     if width >= height and width > MAX_IMAGE_SIDE:
         width, height = MAX_IMAGE_SIDE, int(MAX_IMAGE_SIDE / aspect)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from .image import RepeatsImageTokens, SampleBatching, image_settings, rescale_and_normalize, resize, to_rgb
 
-__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "Qwen2VLImageProcessor", "smart_resize"]
+__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "Qwen2VLImageProcessor", "fit_pixel_budget", "patchify", "smart_resize"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,14 +39,23 @@ def smart_resize(
             f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, got {max(height, width) / min(height, width)}"
             f" for a {height}x{width} image"
         )
+    return fit_pixel_budget(height, width, factor, min_pixels, max_pixels)
+
+
+def fit_pixel_budget(
+    height: int, width: int, factor: int, min_pixels: int, max_pixels: int, frames: int = 1, padded_frames: int = 1
+) -> tuple[int, int]:
+    """Sides rounded to multiples of ``factor``; if the pixels (``padded_frames`` x area) leave the budget, both
+    sides rescaled by the square root of the overshoot measured on ``frames`` x the original area, then floored
+    (too many) or ceiled (too few). transformers' order of operations, for images (one frame) and clips."""
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
+    if padded_frames * h_bar * w_bar > max_pixels:
+        beta = math.sqrt((frames * height * width) / max_pixels)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
         w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
+    elif padded_frames * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (frames * height * width))
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
@@ -151,20 +160,30 @@ class Qwen2VLImageProcessor(RepeatsImageTokens, SampleBatching):
         return self._patchify(pixels)
 
     def _patchify(self, pixels: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
-        """CHW -> (grid_h*grid_w, C*T*P*P), rows in merge-window order, the one frame repeated T times.
+        """CHW -> (grid_h*grid_w, C*T*P*P): the one frame repeated over the temporal patch."""
+        frames = np.broadcast_to(pixels[None], (self.temporal_patch_size, *pixels.shape))
+        return patchify(frames, self.patch_size, self.merge_size, self.temporal_patch_size)
 
-        Row order is (gh/m, gw/m, m, m) so the merge_size**2 patches of one LLM token are consecutive; the
-        feature order is (C, T, P, P), the layout of the vision tower's Conv3d patch embedding.
-        """
-        channels, height, width = pixels.shape
-        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
-        if height % (p * m) or width % (p * m):
-            raise ValueError(
-                f"image of {height}x{width} is not a multiple of patch_size*merge_size={p * m}; enable do_resize"
-            )
-        grid_h, grid_w = height // p, width // p
-        blocks = pixels.reshape(channels, grid_h // m, m, p, grid_w // m, m, p)
-        blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P)
-        blocks = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], t, p, p))
-        flat = blocks.reshape(grid_h * grid_w, channels * t * p * p).astype(np.float32, copy=False)
-        return flat, (1, grid_h, grid_w)
+
+def patchify(
+    frames: np.ndarray, patch_size: int, merge_size: int, temporal_patch_size: int
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(T, C, H, W) -> (grid_t*grid_h*grid_w, C*T'*P*P) float32 and the (t, h, w) grid.
+
+    T is padded to a multiple of the temporal patch by repeating the last frame. Row order is
+    (t, gh/m, gw/m, m, m) so the merge_size**2 patches of one LLM token are consecutive; the feature order is
+    (C, T', P, P), the layout of the vision tower's Conv3d patch embedding.
+    """
+    count, channels, height, width = frames.shape
+    p, m, t = patch_size, merge_size, temporal_patch_size
+    if height % (p * m) or width % (p * m):
+        raise ValueError(
+            f"image of {height}x{width} is not a multiple of patch_size*merge_size={p * m}; enable do_resize"
+        )
+    if pad := -count % t:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
+    grid_t, grid_h, grid_w = len(frames) // t, height // p, width // p
+    blocks = frames.reshape(grid_t, t, channels, grid_h // m, m, p, grid_w // m, m, p)
+    blocks = blocks.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, T', P, P)
+    flat = blocks.reshape(grid_t * grid_h * grid_w, channels * t * p * p).astype(np.float32, copy=False)
+    return flat, (grid_t, grid_h, grid_w)
