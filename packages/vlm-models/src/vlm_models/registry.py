@@ -50,6 +50,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_vl": Architecture("qwen2_vl", "qwen2_vl:Qwen2VLImageProcessor"),
     "qwen2_5_vl": Architecture("qwen2_5_vl", "qwen2_vl:Qwen2VLImageProcessor"),
     "qwen3_vl": Architecture("qwen3_vl", "qwen2_vl:Qwen2VLImageProcessor"),
+    "qwen3_vl_moe": Architecture("qwen3_vl_moe", "qwen2_vl:Qwen2VLImageProcessor"),
     "llava": Architecture("llava", "clip:CLIPImageProcessor", image_token="<image>"),
     "llava_next": Architecture("llava_next", "clip:LlavaNextImageProcessor", image_token="<image>"),
     "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),
