@@ -213,6 +213,21 @@ def test_sorted_and_unsorted_dispatch_agree(tokens: int, experts: int, data) -> 
     np.testing.assert_allclose(np.array(dispatch(mlp, x, indices, 10**9)), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("threshold", [0, 10**9])
+def test_half_precision_experts_run_on_the_cpu(threshold: int) -> None:
+    """MLX's CPU gather_mm takes float32 only: bfloat16 experts still run there (both dispatch paths), close to the
+    float32 result."""
+    mx.random.seed(3)
+    mlp = SwitchGLU(32, 16, 4)
+    x = mx.random.normal((20, 32))
+    indices = mx.array(np.stack([np.random.default_rng(i).permutation(4)[:2] for i in range(20)]))
+    expected = np.array(dispatch(mlp, x, indices, threshold))
+    mlp.set_dtype(mx.bfloat16)
+    out = dispatch(mlp, x.astype(mx.bfloat16), indices, threshold)
+    assert out.dtype == mx.bfloat16
+    np.testing.assert_allclose(np.array(out.astype(mx.float32)), expected, atol=0.1, rtol=0.05)
+
+
 def quantized_twin(mlp: SwitchGLU) -> SwitchGLU:
     twin = SwitchGLU(32, 16, mlp.gate_proj.weight.shape[0])
     twin.update(mlp.parameters())

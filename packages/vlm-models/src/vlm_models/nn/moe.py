@@ -66,7 +66,21 @@ class SwitchLinear(nn.Module):
         self.weight = mx.random.uniform(-scale, scale, (num_experts, out, dims))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        weight = self.weight
+        if weight.dtype != mx.float32 and mx.default_device().type == mx.DeviceType.cpu:
+            return self._float32_on_cpu(x, indices, sorted_indices)
+        return mx.gather_mm(x, weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+    def _float32_on_cpu(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        """MLX's CPU gather_mm takes float32 only. Sorted (prefill) dispatch casts all the experts once; the
+        per-token one (decode) casts only the chosen experts' weights."""
+        if sorted_indices:
+            weight = self.weight.astype(mx.float32).swapaxes(-1, -2)
+            out = mx.gather_mm(x.astype(mx.float32), weight, rhs_indices=indices, sorted_indices=True)
+        else:
+            chosen = self.weight[indices].astype(mx.float32)  # (..., k, out, in)
+            out = x.astype(mx.float32) @ chosen.swapaxes(-1, -2)
+        return out.astype(x.dtype)
 
     def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine") -> nn.Module:
         return QuantizedSwitchLinear.from_switch_linear(self, group_size, bits, mode)
