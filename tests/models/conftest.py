@@ -13,6 +13,7 @@ FAMILIES = [
     "qwen2_vl",
     "qwen2_5_vl",
     "qwen3_vl",
+    "qwen3_vl_moe",
     "llava",
     "llava_next",
     "pixtral",
@@ -33,6 +34,8 @@ FAMILY_LAYOUTS = {
     "paligemma2": ["hf4", "hf5"],
     # mlx_community: written by our own converter (make_mlx_community_llava.py), float; 4-bit in test_qwen3_vl.py.
     "qwen3_vl": LAYOUTS,
+    # mlx_community: mlx-vlm 0.7.10's own conversion (make_mlx_community_fixtures.py); 4-bit in test_qwen3_vl_moe.py.
+    "qwen3_vl_moe": LAYOUTS,
     # Their mlx_community folders are written by our own converter (tests/fixtures/make_own_mlx_fixtures.py).
     "idefics3": LAYOUTS,
     "smolvlm": LAYOUTS,

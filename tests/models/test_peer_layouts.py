@@ -23,7 +23,7 @@ PEER_4BIT = sorted(p.parent.name for p in FIXTURES.glob("*/mlx_vlm_4bit"))
 
 
 def test_every_peer_folder_is_checked() -> None:
-    assert PEER_4BIT == ["idefics3", "llava", "llava_next", "mistral3", "paligemma2", "qwen3_vl"]
+    assert PEER_4BIT == ["idefics3", "llava", "llava_next", "mistral3", "paligemma2", "qwen3_vl", "qwen3_vl_moe"]
 
 
 @pytest.mark.parametrize("family", PEER_4BIT)

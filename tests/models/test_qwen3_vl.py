@@ -165,11 +165,12 @@ VIDEO_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
 
 
 @pytest.mark.parametrize("layout", ["hf4", "hf5", "mlx_community"])
-def test_video_and_image_prompt_matches_transformers(layout: str) -> None:
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
+def test_video_and_image_prompt_matches_transformers(family: str, layout: str) -> None:
     """A video (two temporal patches, timestamped frames) and an image in one prompt: the video runs through the
-    tower per frame, both feed deepstack, and each frame takes its own M-RoPE grid."""
-    video = np.load(ROOT / "video_reference.npz")
-    model, _ = load(ROOT / layout)
+    tower per frame, both feed deepstack, and each frame takes its own M-RoPE grid (Qwen3-VL-MoE shares the path)."""
+    video = np.load(FIXTURES / family / "video_reference.npz")
+    model, _ = load(FIXTURES / family / layout)
     inputs = {name: mx.array(video[name]) for name in VIDEO_INPUTS}
     prompt = model.embed_prompt(**inputs)
     np.testing.assert_array_equal(np.array(prompt.position_ids), video["position_ids"])

@@ -14,6 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .nn.moe import QuantizedSwitchLinear, SwitchLinear
+
 __all__ = [
     "ConvertError",
     "ConvertOptions",
@@ -99,8 +101,9 @@ def _stored_shape(model: nn.Module, key: str, value: mx.array) -> tuple[int, ...
 def float_reason(model: nn.Module, path: str, module: nn.Module, group_size: int) -> str | None:
     """Why the layer at ``path`` cannot be quantized with ``group_size``, or None where it can."""
     width = module.weight.shape[-1]
-    if module.weight.ndim != 2:
-        return f"its weight has {module.weight.ndim} dimensions, not 2"
+    dims = 3 if isinstance(module, SwitchLinear) else 2  # stacked experts: [experts, out, in]
+    if module.weight.ndim != dims:
+        return f"its weight has {module.weight.ndim} dimensions, not {dims}"
     if width % group_size:
         return f"input width {width} is not a multiple of the group size {group_size}"
     # A layer the layout stores in another form (Qwen's patch embedding is a 5-D convolution there) must stay a
@@ -148,8 +151,11 @@ def quantize_model(model: nn.Module, *, bits: int = 4, group_size: int = 64, mod
     return options.entry()
 
 
+QUANTIZED_LAYERS = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
+
+
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    return any(isinstance(m, QUANTIZED_LAYERS) for _, m in model.named_modules())
 
 
 def float_dtype(arrays: Iterable[mx.array]) -> mx.Dtype:
@@ -207,6 +213,8 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             embedding = nn.Embedding(weight.shape[0], weight.shape[1])
             embedding.weight = weight
             replacements.append((path, embedding))
+        elif isinstance(module, QuantizedSwitchLinear):
+            replacements.append((path, module.to_float(dtype)))
     if replacements:
         model.update_modules(tree_unflatten(replacements))
     return model
@@ -362,7 +370,7 @@ def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str],
 
     dequantized = 0
     if options.dequantize:
-        dequantized = sum(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+        dequantized = sum(isinstance(m, QUANTIZED_LAYERS) for _, m in model.named_modules())
         dequantize_model(model)
     config = dict(config)
     if options.dtype is not None:

@@ -84,6 +84,12 @@ ARCHITECTURES: dict[str, Architecture] = {
         video_processor="qwen3_vl:Qwen3VLVideoProcessor",
         video_token="<|video_pad|>",
     ),
+    "qwen3_vl_moe": Architecture(
+        "qwen3_vl_moe",
+        "qwen2_vl:Qwen2VLImageProcessor",
+        video_processor="qwen3_vl:Qwen3VLVideoProcessor",
+        video_token="<|video_pad|>",
+    ),
     "llava": Architecture("llava", "clip:CLIPImageProcessor", image_token="<image>"),
     "llava_next": Architecture("llava_next", "clip:LlavaNextImageProcessor", image_token="<image>"),
     "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),

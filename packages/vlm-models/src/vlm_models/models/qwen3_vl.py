@@ -155,10 +155,13 @@ class Model(qwen2_vl.Model):
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> "Model":
         base = qwen2_vl.ModelConfig.from_hf(config, cls.vision_config_class)
-        # Qwen3: queries and keys are RMS-normed per head, and q/k/v carry no bias unless the config says so.
-        text = from_dict(DecoderConfig, text_section(config), qk_norm=True)
         # M-RoPE is always interleaved here, as in transformers, whatever "mrope_interleaved" says.
-        return cls(dataclasses.replace(base, text=text, mrope_interleaved=True))
+        return cls(dataclasses.replace(base, text=cls.text_config(config), mrope_interleaved=True))
+
+    @classmethod
+    def text_config(cls, config: Mapping[str, Any]) -> DecoderConfig:
+        # Qwen3: queries and keys are RMS-normed per head, and q/k/v carry no bias unless the config says so.
+        return from_dict(DecoderConfig, text_section(config), qk_norm=True)
 
     def video_position_grids(self, video_grid: np.ndarray) -> np.ndarray:
         """Each frame is a run of its own (the prompt puts a timestamp between frames): one (1, h, w) grid per

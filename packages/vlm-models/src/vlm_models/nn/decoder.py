@@ -16,6 +16,7 @@ from vlm_runtime import KVCache, PromptEmbedding
 from vlm_runtime.masks import padded_causal_mask
 
 from .layers import Attention, DecoderLayer, GatedMLP
+from .moe import MoEConfig, SparseMoE
 from .output import ModelOutput
 from .rope import MultimodalRotary
 
@@ -42,6 +43,8 @@ class DecoderConfig:
     attention_bias: bool = False
     qk_norm: bool = False
     """RMSNorm over each head's queries and keys (Qwen3)."""
+    moe: MoEConfig | None = None
+    """Sparse mixture-of-experts MLPs in the layers ``moe.is_sparse`` picks; the others keep the gated MLP."""
 
     @property
     def attention_head_dim(self) -> int:
@@ -88,14 +91,20 @@ class TextDecoder(nn.Module):
                     qkv_bias=config.attention_bias,
                     qk_norm=(lambda dim: nn.RMSNorm(dim, eps=config.rms_norm_eps)) if config.qk_norm else None,
                 ),
-                GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act),
+                self._mlp(config, i),
                 config.hidden_size,
                 config.rms_norm_eps,
             )
-            for _ in range(config.num_hidden_layers)
+            for i in range(config.num_hidden_layers)
         ]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self._rotary = rotary
+
+    @staticmethod
+    def _mlp(config: DecoderConfig, layer: int) -> nn.Module:
+        if config.moe is not None and config.moe.is_sparse(layer):
+            return SparseMoE(config.hidden_size, config.moe, config.hidden_act)
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
     def __call__(
         self,

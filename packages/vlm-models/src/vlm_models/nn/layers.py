@@ -9,7 +9,7 @@ import mlx.nn as nn
 
 from .rope import Rotate
 
-__all__ = ["Attention", "GatedMLP", "MLP", "DecoderLayer", "ACTIVATIONS"]
+__all__ = ["Attention", "GatedMLP", "MLP", "DecoderLayer", "ACTIVATIONS", "gated_activation"]
 
 ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
     "silu": nn.silu,
@@ -84,6 +84,12 @@ def _gated(act: Callable[[mx.array], mx.array]) -> Callable[[mx.array, mx.array]
 _GATED = {name: _gated(fn) for name, fn in ACTIVATIONS.items()}
 
 
+def gated_activation(name: str) -> Callable[[mx.array, mx.array], mx.array]:
+    """The fused ``act(gate) * up`` for activation ``name``."""
+    activation(name)  # validates the name
+    return _GATED[name]
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x))."""
 
@@ -92,8 +98,7 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        activation(act)  # validates the name
-        self._gated = _GATED[act]
+        self._gated = gated_activation(act)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(self._gated(self.gate_proj(x), self.up_proj(x)))

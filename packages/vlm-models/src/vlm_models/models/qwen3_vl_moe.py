@@ -1,0 +1,48 @@
+"""Qwen3-VL-MoE (Qwen3-VL-30B-A3B, Qwen3-VL-235B-A22B): Qwen3-VL whose decoder MLPs are sparse mixtures of
+experts (nn/moe.py), except in the layers ``mlp_only_layers`` names.
+
+Only the experts differ from Qwen3-VL: their config, and their checkpoint layouts (fused ``gate_up_proj`` in
+either orientation, one MLP per expert, MLX-community ``switch_mlp``), which ``sanitize`` maps onto ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import mlx.core as mx
+
+from ..config import ConfigError, from_dict, text_section
+from ..nn.decoder import DecoderConfig
+from ..nn.moe import MoEConfig, expert_weights, mlx_community_expert_names
+from . import qwen3_vl
+
+
+def moe_config(text: Mapping[str, Any]) -> MoEConfig:
+    values = dict(text)
+    if "num_local_experts" in values:  # transformers 5's name for it
+        values.setdefault("num_experts", values["num_local_experts"])
+    missing = [k for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size") if k not in values]
+    if missing:
+        raise ConfigError(f"qwen3_vl_moe: the text config has no {', '.join(missing)}")
+    try:
+        # transformers renormalises the chosen experts' probabilities in this family whatever norm_topk_prob says.
+        return from_dict(MoEConfig, values, norm_topk_prob=True)
+    except ValueError as exc:
+        raise ConfigError(f"qwen3_vl_moe: {exc}") from None
+
+
+class Model(qwen3_vl.Model):
+    @classmethod
+    def text_config(cls, config: Mapping[str, Any]) -> DecoderConfig:
+        return dataclasses.replace(super().text_config(config), moe=moe_config(text_section(config)))
+
+    def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+        text = self.config.text
+        assert text.moe is not None
+        return expert_weights(
+            super().sanitize(weights), hidden=text.hidden_size, intermediate=text.moe.moe_intermediate_size
+        )
+
+    def mlx_community_names(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+        return {mlx_community_expert_names(k): v for k, v in super().mlx_community_names(weights).items()}
