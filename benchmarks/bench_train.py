@@ -6,6 +6,8 @@ memory is that mode's own) and prints tokens/s (median over the timed steps, war
 memory (MLX's allocator peak, model loading included).
 
     uv run python benchmarks/bench_train.py --steps 20 --warmup 3 --batch-size 8
+    uv run python benchmarks/bench_train.py --model packages/vlm-models/src/vlm_models/demo_model --image-size 56 \
+        --batch-size 16                                     # the shipped demo model
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ MODES = ("lora", "qlora", "full")
 
 
 def run_mode(args: argparse.Namespace) -> None:
+    from vlm_kernels.cpu_blas import route_cpu_blas
+
+    routing = route_cpu_blas()  # as the `vlm` commands do; VLM_CPU_BLAS=0 measures MLX's own BLAS
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from vlm_models import load
@@ -57,6 +62,7 @@ def run_mode(args: argparse.Namespace) -> None:
                 "trainable_params": trainable,
                 "first_loss": timed[0]["loss"],
                 "last_loss": timed[-1]["loss"],
+                "blas": "numpy's OpenBLAS (shim)" if routing.routed else f"MLX's own ({routing.reason})",
             }
         )
     )
@@ -108,7 +114,7 @@ def main() -> None:
             row = json.loads(done.stdout.strip().splitlines()[-1])
             print(
                 f"{mode:<6} {row['tokens_per_s']:>9.0f} {row['peak_memory_mb']:>8.1f} {row['trainable_params']:>10,d} "
-                f"{row['first_loss']:>8.3f} -> {row['last_loss']:.3f}"
+                f"{row['first_loss']:>8.3f} -> {row['last_loss']:.3f}   BLAS: {row['blas']}"
             )
 
 

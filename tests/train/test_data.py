@@ -197,3 +197,30 @@ def test_an_image_after_the_last_answer_is_a_bad_sample(tmp_path: Path, float_pr
     samples, bad = load_samples(file, float_processor, max_length=500, on_bad_sample="skip", report=lambda b: None)
     assert len(samples) == 1 and [b.source for b in bad] == [f"{file}:1"]
     assert "after the last assistant turn" in bad[0].reason
+
+
+def test_samples_about_one_image_share_its_pixels(tmp_path):
+    """Consecutive questions about the same image keep one copy of its processed pixels (equal values, one array);
+    a different image keeps its own."""
+    from vlm_models import load
+    from vlm_train.data import load_samples
+    from vlm_train.shapes import write_dataset
+
+    write_dataset(tmp_path, count=2, val_count=0)
+    _, processor = load(str(Path(__file__).resolve().parents[1] / "fixtures" / "qwen2_vl" / "hf4"))
+    samples, _ = load_samples(tmp_path / "train.jsonl", processor, max_length=512, on_bad_sample="error",
+                              report=lambda bad: None)
+    images = [json.loads(line)["messages"][0]["content"][0]["image"]
+              for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    for (a, image_a), (b, image_b) in zip(zip(samples, images), zip(samples[1:], images[1:])):
+        same = a.image_inputs["pixel_values"] is b.image_inputs["pixel_values"]
+        assert same == (image_a == image_b)
+    fresh = processor.image_processor([processor_image(tmp_path / images[-1])])["pixel_values"]
+    np.testing.assert_array_equal(samples[-1].image_inputs["pixel_values"], fresh)
+
+
+def processor_image(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")

@@ -32,7 +32,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="local folder or Hugging Face repo id")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local folder or Hugging Face repo id (default: the shipped shapes demo model, offline)",
+    )
     parser.add_argument("--adapter-path", default=None, help="folder with adapters.safetensors from `vlm train`")
     parser.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
     parser.add_argument(
@@ -80,6 +84,10 @@ def _load_and_format(args: argparse.Namespace) -> tuple[Any, Any, str]:
     from .chat import apply_chat_template
     from .loading import load
 
+    if args.model is None:
+        from .demo import demo_model_path
+
+        args.model = str(demo_model_path())
     model, processor = load(
         args.model, adapter_path=args.adapter_path, trust_remote_code=args.trust_remote_code
     )

@@ -2,7 +2,8 @@
 
 ``vlm train --model M --data D ...`` trains; ``vlm train fuse ...`` merges an adapter into its base;
 ``vlm train shapes ...`` writes the synthetic shapes data set, ``vlm train shapes-score ...`` scores a model on
-fresh shapes images; ``vlm train init ...`` writes a randomly initialised small model to train from scratch.
+fresh shapes images; ``vlm train init ...`` writes a randomly initialised small model to train from scratch;
+``vlm train demo`` trains the shipped demo model from scratch.
 """
 
 from __future__ import annotations
@@ -174,10 +175,21 @@ def _init(args: argparse.Namespace) -> None:
     print(f"wrote a randomly initialised model ({n_params / 1e6:.2f}M parameters) to {out}", file=sys.stderr)
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import recipe_with, train_demo
+
+    if args.images < 1 or args.steps < 1:
+        raise ValueError("--images and --steps must be at least 1")
+    recipe = recipe_with(images=args.images, steps=args.steps, seed=args.seed)
+    if recipe.warmup_steps >= recipe.steps:
+        recipe = recipe_with(images=args.images, steps=args.steps, seed=args.seed, warmup_steps=0)
+    train_demo(args.output, args.work, recipe, progress=not args.no_progress, report=lambda m: print(m, file=sys.stderr))
+
+
 def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     from .scratch import ModelSizes
 
-    sub = parser.add_subparsers(dest="train_command", metavar="{fuse,shapes,shapes-score,init}")
+    sub = parser.add_subparsers(dest="train_command", metavar="{fuse,shapes,shapes-score,init,demo}")
     fuse = sub.add_parser("fuse", help="merge an adapter into its base model and save the result")
     fuse.add_argument("--model", required=True, help="the base checkpoint the adapter was trained on")
     fuse.add_argument("--adapter-path", required=True, help="folder with adapters.safetensors")
@@ -225,6 +237,19 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--verbose", action="store_true")
     init.set_defaults(handler=_init)
+
+    from .demo import DemoRecipe
+
+    recipe = DemoRecipe()
+    demo = sub.add_parser("demo", help="train the demo model from scratch on shapes images (the shipped default)")
+    demo.add_argument("--output", default="demo_model", help="folder for the trained model")
+    demo.add_argument("--work", default="demo_work", help="folder for the data, initial model and training files")
+    demo.add_argument("--images", type=int, default=recipe.images, help="training images")
+    demo.add_argument("--steps", type=int, default=recipe.steps)
+    demo.add_argument("--seed", type=int, default=recipe.seed)
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--verbose", action="store_true")
+    demo.set_defaults(handler=_demo)
 
 
 def register(subparsers: Any) -> None:

@@ -339,10 +339,22 @@ def load_samples(
             bad.append(problem)
             report(problem)
             continue
+        if samples:
+            _share_image_inputs(sample, samples[-1])
         samples.append(sample)
     if not samples:
         raise DataError(f"{file} has no usable sample ({len(bad)} bad)")
     return samples, bad
+
+
+def _share_image_inputs(sample: EncodedSample, previous: EncodedSample) -> None:
+    """Point ``sample``'s image arrays at ``previous``'s where they are equal: data sets ask several questions
+    about one image in a row, and each copy of the pixels would otherwise stay in memory for the whole run."""
+    for key, value in sample.image_inputs.items():
+        before = previous.image_inputs.get(key)
+        if before is not None and before.shape == value.shape and before.dtype == value.dtype:
+            if np.array_equal(before, value):
+                sample.image_inputs[key] = before
 
 
 def _parse_line(line: str) -> Mapping[str, Any]:

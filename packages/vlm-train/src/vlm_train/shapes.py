@@ -87,7 +87,7 @@ def render(scene: Scene, size: int = 56) -> Image.Image:
 
 
 def _listing(shapes: Sequence[Shape]) -> str:
-    names = [f"a {s.name}" for s in shapes]
+    names = [f"{'an' if s.name[0] in 'aeiou' else 'a'} {s.name}" for s in shapes]
     text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return text[0].upper() + text[1:] + "."
 
