@@ -176,13 +176,14 @@ def _init(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import recipe_with, train_demo
+    from .demo import DemoRecipe, recipe_with, train_demo
 
     if args.images < 1 or args.steps < 1:
         raise ValueError("--images and --steps must be at least 1")
-    recipe = recipe_with(images=args.images, steps=args.steps, seed=args.seed)
-    if recipe.warmup_steps >= recipe.steps:
-        recipe = recipe_with(images=args.images, steps=args.steps, seed=args.seed, warmup_steps=0)
+    warmup = DemoRecipe().warmup_steps
+    recipe = recipe_with(
+        images=args.images, steps=args.steps, seed=args.seed, warmup_steps=warmup if warmup < args.steps else 0
+    )
     train_demo(args.output, args.work, recipe, progress=not args.no_progress, report=lambda m: print(m, file=sys.stderr))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +19,7 @@ import numpy as np
 from .scratch import ModelSizes
 from .shapes import COLOURS, KINDS, NUMBERS, QUADRANTS, Score, questions, random_scene
 
-__all__ = ["DemoRecipe", "build_demo_base", "train_demo"]
+__all__ = ["DemoRecipe", "build_demo_base", "recipe_with", "train_demo"]
 
 IMAGE_SIZE = 56  # 4 x 4 patches of 14 px, merged 2 x 2: one image token per quadrant
 SPECIAL_TOKENS = (
@@ -229,6 +229,7 @@ def train_demo(
     shapes data folder to train on instead of writing one."""
     from vlm_models import load
     from vlm_models.convert import save_model
+    from vlm_models.loading import load_config
 
     from .config import TrainingConfig
     from .scratch import init_model
@@ -266,7 +267,7 @@ def train_demo(
     trainer = Trainer(model, processor, config, report=report)
     trainer.run()
     model.eval()
-    folder = save_model(model, output, source=init, config=json.loads((init / "config.json").read_text()))
+    folder = save_model(model, output, source=init, config=load_config(init))
     trained = time.perf_counter() - started
     result = score(
         model_answerer(model, processor, max_tokens=24),
@@ -283,10 +284,7 @@ def train_demo(
         "score_seed": recipe.score_seed,
         "parameters": n_params,
         "train_seconds": round(trained, 1),
-        "recipe": {
-            **{k: v for k, v in recipe.__dict__.items() if k != "sizes"},
-            "sizes": recipe.sizes.__dict__,
-        },
+        "recipe": asdict(recipe),
     }
     _write_json(folder / "demo_score.json", summary)
     report(
