@@ -64,7 +64,6 @@ def main() -> None:
     ours(model, processor, prompts[:2], 8)  # warm-up
     if args.peer:
         import mlx_vlm
-
         from bench_mlx_vlm import pad_detokenizer  # random weights pick padding ids past the vocabulary
 
         peer_model, peer_processor = mlx_vlm.load(args.model)

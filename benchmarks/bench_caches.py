@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+
 from vlm_runtime.cache import KVCache, QuantizedKVCache, RotatingKVCache, cache_nbytes
 from vlm_runtime.cache_settings import CacheSettings, make_prompt_cache
 

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlx_vlm import load as peer_load
     from mlx_vlm import stream_generate as peer_stream
     from mlx_vlm.utils import prepare_inputs as peer_prepare
+
     from vlm_models.chat import apply_chat_template
     from vlm_models.loading import load as ours_load
     from vlm_runtime import stream_generate as ours_stream
@@ -58,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     peer_extra = {k: v for k, v in peer_inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
     n_prompt = int(ours_inputs["input_ids"].size)
     if int(peer_inputs["input_ids"].size) != n_prompt:
-        print(f"warning: prompt lengths differ: ours {n_prompt}, peer {int(peer_inputs['input_ids'].size)}", file=sys.stderr)
+        print(
+            f"warning: prompt lengths differ: ours {n_prompt}, peer {int(peer_inputs['input_ids'].size)}",
+            file=sys.stderr,
+        )
 
     def timed(stream) -> tuple[float, float, int]:
         started = time.perf_counter()

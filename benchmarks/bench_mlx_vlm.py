@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         vision_s = None
         if args.image:
             tic = time.perf_counter()
-            emb = model.get_input_embeddings(input_ids, inputs.get("pixel_values"), mask=inputs.get("attention_mask"), **extra)
+            emb = model.get_input_embeddings(
+                input_ids, inputs.get("pixel_values"), mask=inputs.get("attention_mask"), **extra
+            )
             mx.eval(emb.inputs_embeds)
             vision_s = time.perf_counter() - tic
             del emb

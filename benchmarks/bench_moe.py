@@ -38,7 +38,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     args = parser.parse_args()
     dtype = getattr(mx, args.dtype)
-    print(f"device {mx.default_device()}, hidden {args.hidden}, expert width {args.inter}, top-{args.top_k}, {args.dtype}")
+    print(
+        f"device {mx.default_device()}, hidden {args.hidden}, expert width {args.inter}, top-{args.top_k}, {args.dtype}"
+    )
     print(f"{'experts':>8} " + " ".join(f"{f'{t} tok (ms)':>14}" for t in args.tokens))
     for experts in args.experts:
         config = MoEConfig(num_experts=experts, num_experts_per_tok=args.top_k, moe_intermediate_size=args.inter)

@@ -37,7 +37,7 @@ async def one_client(client: httpx.AsyncClient, url: str, model: str, index: int
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        started = time.perf_counter()
+        time.perf_counter()
         tail = b""
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
             response.raise_for_status()
@@ -88,8 +88,19 @@ def main() -> None:
     if url is None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "vlm_serve.cli", "--model", args.model, "--port", str(port), "--log-level", "warning",
-                   "--max-concurrency", str(max(args.concurrency))]
+        command = [
+            sys.executable,
+            "-m",
+            "vlm_serve.cli",
+            "--model",
+            args.model,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--max-concurrency",
+            str(max(args.concurrency)),
+        ]
         process = subprocess.Popen(command, env={**os.environ, "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"})
     try:
         model = wait_ready(url, process)
@@ -101,7 +112,9 @@ def main() -> None:
             tokens, wall = asyncio.run(round_of(url, model, clients, args))
             rate = tokens / wall
             baseline = baseline or rate
-            print(f"{clients:>7}  {tokens:>6}  {wall:6.2f}  {rate:15.1f}  {rate / clients:16.1f}  {rate / baseline:10.1f}x")
+            print(
+                f"{clients:>7}  {tokens:>6}  {wall:6.2f}  {rate:15.1f}  {rate / clients:16.1f}  {rate / baseline:10.1f}x"
+            )
     finally:
         if process is not None:
             process.terminate()

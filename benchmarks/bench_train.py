@@ -31,6 +31,7 @@ def run_mode(args: argparse.Namespace) -> None:
     routing = route_cpu_blas()  # as the `vlm` commands do; VLM_CPU_BLAS=0 measures MLX's own BLAS
     import mlx.core as mx
     from mlx.utils import tree_flatten
+
     from vlm_models import load
     from vlm_train.config import LoRAConfig, QuantizationConfig, TrainingConfig
     from vlm_train.trainer import Trainer
@@ -103,9 +104,24 @@ def main() -> None:
         print(f"{'mode':<6} {'tokens/s':>9} {'peak MB':>8} {'trainable':>10} {'loss first->last':>18}")
         for mode in args.modes.split(","):
             command = [
-                sys.executable, __file__, "--mode", mode, "--model", str(model), "--data", str(Path(tmp) / "data"),
-                "--workdir", tmp, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                "--batch-size", str(args.batch_size), "--rank", str(args.rank),
+                sys.executable,
+                __file__,
+                "--mode",
+                mode,
+                "--model",
+                str(model),
+                "--data",
+                str(Path(tmp) / "data"),
+                "--workdir",
+                tmp,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--batch-size",
+                str(args.batch_size),
+                "--rank",
+                str(args.rank),
             ] + (["--grad-checkpoint"] if args.grad_checkpoint else [])
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:

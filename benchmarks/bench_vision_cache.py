@@ -33,7 +33,8 @@ import inspect
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 FIRST_QUESTION = "Describe this image."
 FIRST_ANSWER = (
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import mlx.core as mx
+
     from vlm_models import apply_chat_template, load
     from vlm_runtime import stream_generate
     from vlm_runtime.vision_cache import VisionFeatureCache
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         def prompt_tps(cache: VisionFeatureCache | None) -> tuple[float, int]:
             """(prompt tok/s, first token) of one second-turn request."""
             last = None
-            for last in stream_generate(
+            for last in stream_generate(  # noqa: B007
                 model, processor, second_turn, image=args.image, max_tokens=1, vision_cache=cache
             ):
                 pass
@@ -151,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     with_median = statistics.median(results["with cache"])
     without_median = statistics.median(results["without cache"])
     print()
-    print(f"model: {args.model} ({model.config.vision.depth} vision blocks, {model.config.text.num_hidden_layers} "
-          f"decoder layers), image: {args.image}")
+    print(
+        f"model: {args.model} ({model.config.vision.depth} vision blocks, {model.config.text.num_hidden_layers} "
+        f"decoder layers), image: {args.image}"
+    )
     print(f"second turn: {prompt_tokens} prompt tokens ({image_tokens} image tokens)")
     print(f"timed through: {'stream_generate(..., vision_cache=)' if through_stream else 'prefill (fallback)'}")
     print(f"host: {platform.machine()} {platform.system()}, mlx {mx.__version__}, device {mx.default_device()}")

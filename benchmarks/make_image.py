@@ -26,7 +26,9 @@ def make_image(size: int = 448) -> Image.Image:
     draw.rectangle([250 * s, 80 * s, 400 * s, 180 * s], fill=(40, 200, 60))
     draw.polygon([(100 * s, 400 * s), (220 * s, 250 * s), (340 * s, 400 * s)], fill=(250, 220, 30))
     for i in range(8):  # thin stripes: some high-frequency detail
-        draw.line([(300 * s, (230 + 20 * i) * s), (430 * s, (230 + 20 * i) * s)], fill=(0, 0, 0), width=max(1, int(3 * s)))
+        draw.line(
+            [(300 * s, (230 + 20 * i) * s), (430 * s, (230 + 20 * i) * s)], fill=(0, 0, 0), width=max(1, int(3 * s))
+        )
     return image
 
 

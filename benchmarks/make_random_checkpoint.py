@@ -26,8 +26,9 @@ import json
 import math
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlx.core as mx
 
@@ -236,7 +237,11 @@ def weight_shapes(config: dict[str, Any]) -> Iterator[tuple[str, tuple[int, ...]
     w = v["embed_dim"]
     mlp = int(w * v["mlp_ratio"])
     merged = w * v["spatial_merge_size"] ** 2
-    yield "visual.patch_embed.proj.weight", (w, v["in_chans"], v["temporal_patch_size"], v["patch_size"], v["patch_size"]), "normal"
+    yield (
+        "visual.patch_embed.proj.weight",
+        (w, v["in_chans"], v["temporal_patch_size"], v["patch_size"], v["patch_size"]),
+        "normal",
+    )
     for i in range(v["depth"]):
         pre = f"visual.blocks.{i}."
         for norm in ("norm1", "norm2"):

@@ -1,6 +1,6 @@
 """Where a batched decode step's time goes: the model alone vs the engine's step, and admission per request.
 
-    python3 benchmarks/profile_batch.py --model /tmp/qwen2vl-2b-bf16 --sizes 1 8 32
+python3 benchmarks/profile_batch.py --model /tmp/qwen2vl-2b-bf16 --sizes 1 8 32
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def main() -> None:
 
     model, processor = load(args.model)
     layers = model.config.text.num_hidden_layers
-    prompts = [apply_chat_template(processor, None, f"Question {i}: a story about {i * 7}.") for i in range(max(args.sizes))]
+    prompts = [
+        apply_chat_template(processor, None, f"Question {i}: a story about {i * 7}.") for i in range(max(args.sizes))
+    ]
     for batch in args.sizes:
         for padded in (False, True):
             cache = [BatchKVCache([b % 4 if padded else 0 for b in range(batch)]) for _ in range(layers)]
@@ -44,7 +46,9 @@ def main() -> None:
                     token.tolist()
                 if timed:
                     total = (time.perf_counter() - start) / args.steps * 1e3
-                    print(f"model B={batch:<3} padded={padded!s:<5} {total:7.2f} ms/step (graph build {build / args.steps * 1e3:.2f})")
+                    print(
+                        f"model B={batch:<3} padded={padded!s:<5} {total:7.2f} ms/step (graph build {build / args.steps * 1e3:.2f})"
+                    )
         engine = BatchGenerator(model, processor, max_batch_size=batch)
         config = GenerationConfig(max_tokens=args.steps + 1, ignore_eos=True)
         for prompt in prompts[:batch]:
@@ -63,8 +67,12 @@ def main() -> None:
             steps += 1
         if profiler:
             profiler.disable()
-        print(f"engine B={batch:<3} admission {admit:7.2f} ms/request, decode {(time.perf_counter() - tic) / steps * 1e3:7.2f} ms/step")
-        print("  step ms: first 3", [round(t, 1) for t in times[:3]], "median", round(sorted(times)[len(times) // 2], 2))
+        print(
+            f"engine B={batch:<3} admission {admit:7.2f} ms/request, decode {(time.perf_counter() - tic) / steps * 1e3:7.2f} ms/step"
+        )
+        print(
+            "  step ms: first 3", [round(t, 1) for t in times[:3]], "median", round(sorted(times)[len(times) // 2], 2)
+        )
         if profiler:
             pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
 

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -91,6 +92,7 @@ def references() -> dict[str, Reference]:
 def check_chunked_prefill(model, ref: Reference, case: str, step: int, tol: float = 1e-4) -> None:
     """Prefilling ``case`` in chunks of ``step`` tokens gives the reference's last logits and greedy tokens."""
     import mlx.core as mx
+
     from vlm_runtime import GenerationConfig, SamplingParams, generate_step, make_sampler
     from vlm_runtime.generate import prefill
 
@@ -103,6 +105,8 @@ def check_chunked_prefill(model, ref: Reference, case: str, step: int, tol: floa
     config = GenerationConfig(max_tokens=8, prefill_step_size=step)
     steps = generate_step(model, inputs(), sampler=make_sampler(SamplingParams()), config=config)
     assert [t for t, _ in steps] == ref.get(case, "greedy")[0, :8].tolist(), case
+
+
 def inputs_of(ref: Reference, case: str) -> dict:
     """A reference case's model inputs as MLX arrays."""
     import mlx.core as mx
@@ -118,6 +122,7 @@ def check_quantized_fixture(family: str, ref: Reference, cases: tuple[str, ...] 
     """``<family>/mlx_community_4bit`` (written by our converter, make_own_mlx_fixtures.py) loads quantized,
     computes what its dequantized weights compute, and stays near transformers' float32 logits."""
     import mlx.nn as nn
+
     from vlm_models import load
     from vlm_models.convert import dequantize_model
 

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from vlm_models.cli import main
 
 from .conftest import FIXTURES
@@ -23,7 +24,9 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_generate_streams_text_and_stats(capsys) -> None:
-    code, out, err = run(capsys, "--model", str(MODEL), "--image", str(IMAGE), "--prompt", "Describe this image.", "--max-tokens", "8")
+    code, out, err = run(
+        capsys, "--model", str(MODEL), "--image", str(IMAGE), "--prompt", "Describe this image.", "--max-tokens", "8"
+    )
     assert code == 0
     assert out.strip(), "no text was generated"
     assert "generation:" in err and "tok/s" in err and "peak memory" in err
@@ -99,7 +102,9 @@ def test_sampling_cache_and_stop_flags(capsys, tmp_path: Path) -> None:
     plain = run(capsys, *base)[1].rstrip("\n")
     assert len(plain) > 4
     stop = plain[2:4]
-    code, out, err = run(capsys, *base, "--stop", stop, "--top-k", "5", "--min-p", "0.05", "--repetition-penalty", "1.0")
+    code, out, err = run(
+        capsys, *base, "--stop", stop, "--top-k", "5", "--min-p", "0.05", "--repetition-penalty", "1.0"
+    )
     assert code == 0 and out.rstrip("\n") == plain[: plain.index(stop)] and "finish: stop" in err
     code, out, _ = run(capsys, *base, "--max-kv-size", "512")
     assert code == 0 and out.rstrip("\n") == plain

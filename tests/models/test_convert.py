@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
+
 from vlm_models import load
 from vlm_models.cli import main
 from vlm_models.convert import (
@@ -146,8 +147,14 @@ def check_quantized(out: Path, source: Path, options: QuantizeOptions, ref: Refe
         names = ("weight", "scales", "biases")[: len(parts)]
         for name, part in zip(names, parts):
             assert mx.array_equal(written[f"{layer}.{name}"], part), f"{layer}.{name}"
-        w_hat = mx.dequantize(*parts[:2], parts[2] if len(parts) == 3 else None, options.group_size,
-                              options.bits, mode=options.mode, dtype=w.dtype)
+        w_hat = mx.dequantize(
+            *parts[:2],
+            parts[2] if len(parts) == 3 else None,
+            options.group_size,
+            options.bits,
+            mode=options.mode,
+            dtype=w.dtype,
+        )
         num += float(((w_hat - w) ** 2).sum())
         den += float((w**2).sum())
     floats = {k for k in written if k.rsplit(".", 1)[0] not in layers}
@@ -179,8 +186,15 @@ def test_quantized_round_trip_every_family(tmp_path: Path, family: str, referenc
 
 @pytest.mark.parametrize(
     "mode,bits,group_size",
-    [("affine", 8, 64), ("affine", 6, 128), ("affine", 3, 32), ("affine", 2, 32), ("mxfp4", None, None),
-     ("mxfp8", None, None), ("nvfp4", None, None)],
+    [
+        ("affine", 8, 64),
+        ("affine", 6, 128),
+        ("affine", 3, 32),
+        ("affine", 2, 32),
+        ("mxfp4", None, None),
+        ("mxfp8", None, None),
+        ("nvfp4", None, None),
+    ],
 )
 @pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
 def test_every_quantization_mode(tmp_path: Path, family: str, mode: str, bits, group_size, references) -> None:
@@ -256,8 +270,12 @@ def test_a_layer_the_layout_stores_as_a_convolution_stays_float(tmp_path: Path) 
     group = next(g for g in (8, 4, 2) if width % g == 0)  # mx.quantize takes no group this small: check the rule
     reason = float_reason(model, "model.visual.patch_embed.proj", model.model.visual.patch_embed.proj, group)
     assert reason is not None and "another shape" in reason
-    assert float_reason(model, "model.language_model.layers.0.mlp.up_proj",
-                        model.model.language_model.layers[0].mlp.up_proj, 32) is None
+    assert (
+        float_reason(
+            model, "model.language_model.layers.0.mlp.up_proj", model.model.language_model.layers[0].mlp.up_proj, 32
+        )
+        is None
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -375,7 +393,9 @@ def test_sharding_and_index(tmp_path: Path, references) -> None:
     out = report.destination
     files = sorted(out.glob("*.safetensors"))
     assert len(files) >= 3 and report.shards == len(files)
-    assert [f.name for f in files] == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    assert [f.name for f in files] == [
+        f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)
+    ]
     index = json.loads((out / "model.safetensors.index.json").read_text())
     seen: dict[str, str] = {}
     total = 0
@@ -419,20 +439,43 @@ def test_cli_end_to_end(tmp_path: Path, capsys, references) -> None:
     source = tmp_path / "src"
     shutil.copytree(FIXTURES / "qwen2_vl" / "hf5", source)
     dst = tmp_path / "dst"
-    code, out, err = vlm(capsys, "convert", "--hf-path", str(source), "--mlx-path", str(dst), "-q",
-                         "--q-group-size", "64", "--max-shard-size", "64KB")
+    code, out, err = vlm(
+        capsys,
+        "convert",
+        "--hf-path",
+        str(source),
+        "--mlx-path",
+        str(dst),
+        "-q",
+        "--q-group-size",
+        "64",
+        "--max-shard-size",
+        "64KB",
+    )
     assert code == 0, err
     assert f"wrote {dst}" in out and "shard(s)" in out
     assert "converting" in err and "tensor" in err  # the progress bar
     assert "kept in float (input width 32 is not a multiple of the group size 64): vision_tower." in err
     config = json.loads((dst / "config.json").read_text())
-    assert config["quantization"]["group_size"] == 64 and config["quantization"]["vision_tower.patch_embed.proj"] is False
+    assert (
+        config["quantization"]["group_size"] == 64 and config["quantization"]["vision_tower.patch_embed.proj"] is False
+    )
     assert len(list(dst.glob("model-*-of-*.safetensors"))) > 1
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json"):
         assert (dst / name).is_file() == (source / name).is_file(), name
     check_quantized(dst, source, QuantizeOptions(4, 64, "affine"), references["qwen2_vl"])
-    code, out, err = vlm(capsys, "generate", "--model", str(dst), "--image",
-                         str(FIXTURES / "images" / "rgb_112x168.png"), "--prompt", "Hi", "--max-tokens", "4")
+    code, out, err = vlm(
+        capsys,
+        "generate",
+        "--model",
+        str(dst),
+        "--image",
+        str(FIXTURES / "images" / "rgb_112x168.png"),
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "4",
+    )
     assert code == 0 and out.strip(), err
 
 
@@ -448,7 +491,7 @@ def test_cli_reads_a_hub_repo_id_through_the_download_path(tmp_path: Path, capsy
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    code, out, err = vlm(capsys, "convert", "--hf-path", "tiny/llava", "--mlx-path", str(tmp_path / "dst"))
+    code, _out, err = vlm(capsys, "convert", "--hf-path", "tiny/llava", "--mlx-path", str(tmp_path / "dst"))
     assert code == 0, err
     assert load(tmp_path / "dst")[0].config.model_type == "llava"
     code, _, err = vlm(capsys, "convert", "--hf-path", "tiny/absent", "--mlx-path", str(tmp_path / "dst2"))
@@ -512,8 +555,20 @@ QWEN = FIXTURES / "qwen2_vl" / "hf4"
         (lambda tmp: QWEN, ["--dequantize"], "is not quantized"),
         (not_empty, [], "already exists and is not empty"),
     ],
-    ids=["no-weights", "unsupported", "no-config", "no-folder", "q-and-dequantize", "q-bits-alone",
-         "skip-vision-alone", "mxfp4-bits", "nvfp4-group", "requantize", "dequantize-float", "dst-not-empty"],
+    ids=[
+        "no-weights",
+        "unsupported",
+        "no-config",
+        "no-folder",
+        "q-and-dequantize",
+        "q-bits-alone",
+        "skip-vision-alone",
+        "mxfp4-bits",
+        "nvfp4-group",
+        "requantize",
+        "dequantize-float",
+        "dst-not-empty",
+    ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys, make_source, flags, needle) -> None:
     source = make_source(tmp_path)

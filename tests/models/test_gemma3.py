@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+
 from vlm_models import apply_chat_template, load
 from vlm_models.processors.gemma3 import Gemma3ImageProcessor, pan_and_scan_boxes
 from vlm_runtime.masks import grouped_window_mask
@@ -125,8 +126,9 @@ def test_grouped_window_mask_invariants(n_past: int, spans: list[tuple[int, bool
     key_ids = np.array([-1] * n_past + ids)[None]
     same_group = (np.array(ids)[:, None] == key_ids) & (key_ids >= 0)
     np.testing.assert_array_equal(mask, (plain | same_group) & in_window)
-    assert mask[:, n_past:][np.array(ids) < 0].sum() == plain[:, n_past:][np.array(ids) < 0].sum(), \
+    assert mask[:, n_past:][np.array(ids) < 0].sum() == plain[:, n_past:][np.array(ids) < 0].sum(), (
         "text queries never see later keys"
+    )
 
 
 @pytest.mark.parametrize(

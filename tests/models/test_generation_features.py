@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 from PIL import Image
+
 from vlm_models import apply_chat_template, load
 from vlm_runtime import PromptCache, RotatingKVCache, batch_generate, generate
 
@@ -71,7 +72,12 @@ def test_batch_with_cache_settings_equals_single_generate(loaded, options) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # layers that keep their own cache say so once
         batched = batch_generate(
-            model, processor, [p for p, _ in prompts], images=[i for _, i in prompts], max_tokens=6, ignore_eos=True,
+            model,
+            processor,
+            [p for p, _ in prompts],
+            images=[i for _, i in prompts],
+            max_tokens=6,
+            ignore_eos=True,
             **options,
         )
         for (prompt, images), result in zip(prompts, batched):

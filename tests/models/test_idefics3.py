@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+
 from vlm_models import apply_chat_template, load
 from vlm_models.config import ConfigError
 from vlm_models.convert import save_model
@@ -147,8 +148,9 @@ def test_padding_frames_of_a_batch_are_dropped(model, ref: Reference) -> None:
     pixels = np.asarray(inputs["pixel_values"])
     assert (pixels[0] == 0).all(axis=(1, 2, 3)).any()
     real = ref.get("batch_pad", "attention_mask").astype(bool)
-    np.testing.assert_allclose(logits_of(model, ref, "batch_pad")[real], ref.get("batch_pad", "logits")[real],
-                               atol=TOL, rtol=0)
+    np.testing.assert_allclose(
+        logits_of(model, ref, "batch_pad")[real], ref.get("batch_pad", "logits")[real], atol=TOL, rtol=0
+    )
 
 
 def test_mismatched_inputs_are_named(model, ref: Reference) -> None:
@@ -165,7 +167,7 @@ def test_mismatched_inputs_are_named(model, ref: Reference) -> None:
 def test_unsupported_configs_are_named() -> None:
     base = json.loads((FIXTURES / "idefics3" / "hf4" / "config.json").read_text())
     assert ModelConfig.from_hf(base).tokens_per_tile == 16
-    with pytest.raises(ConfigError, match="text_config.model_type 'mistral'"):
+    with pytest.raises(ConfigError, match="text_config.model_type 'mistral'"):  # noqa: RUF043
         ModelConfig.from_hf({**base, "text_config": {**base["text_config"], "model_type": "mistral"}})
     with pytest.raises(ConfigError, match="scale_factor 3"):
         ModelConfig.from_hf({**base, "scale_factor": 3})

@@ -439,9 +439,9 @@ def test_exif_orientation_applied(tmp_path: Path) -> None:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict[str, tuple[int, str, bytes]] = {}
+    routes: dict[str, tuple[int, str, bytes]] = {}  # noqa: RUF012
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server API)
+    def do_GET(self) -> None:
         status, content_type, body = self.routes.get(self.path, (404, "text/plain", b"missing"))
         self.send_response(status)
         self.send_header("Content-Type", content_type)

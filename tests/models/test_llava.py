@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+
 from vlm_models import ModelLoadError, apply_chat_template, load
 from vlm_models.convert import dequantize_model
 from vlm_runtime.vision_cache import VisionFeatureCache

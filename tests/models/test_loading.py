@@ -7,10 +7,11 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
+
 from vlm_models import ModelLoadError, load
-import mlx.nn as nn
 from vlm_models.convert import dequantize_model, quantize_model, save_model
 from vlm_models.registry import UnsupportedModelError
 
@@ -50,7 +51,11 @@ def test_quantized_checkpoint_loads_and_stays_close(tmp_path: Path, bits: int, r
     quantization = quantize_model(model, bits=bits, group_size=32)
     config = json.loads((src / "config.json").read_text())
     out = save_model(model, tmp_path / "q", source=src, config=config, quantization=quantization)
-    assert json.loads((out / "config.json").read_text())["quantization"] == {"group_size": 32, "bits": bits, "mode": "affine"}
+    assert json.loads((out / "config.json").read_text())["quantization"] == {
+        "group_size": 32,
+        "bits": bits,
+        "mode": "affine",
+    }
     stored = mx.load(str(out / "model.safetensors"))
     assert any(k.endswith(".scales") for k in stored), "nothing was quantized"
     reloaded, _ = load(out)
@@ -73,7 +78,7 @@ def test_quantized_checkpoint_loads_and_stays_close(tmp_path: Path, bits: int, r
 def test_missing_config(tmp_path: Path) -> None:
     path = copy_fixture(tmp_path)
     (path / "config.json").unlink()
-    with pytest.raises(ModelLoadError, match="config.json"):
+    with pytest.raises(ModelLoadError, match="config.json"):  # noqa: RUF043
         load(path)
 
 
@@ -149,7 +154,7 @@ def test_hub_repo_id_resolves_from_the_local_cache(tmp_path: Path, monkeypatch) 
 
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    model, processor = load("tiny/qwen2-vl")
+    model, _processor = load("tiny/qwen2-vl")
     assert model.config.model_type == "qwen2_vl"
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
         load("tiny/absent-model")

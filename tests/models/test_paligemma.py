@@ -10,6 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+
 from vlm_models import ModelLoadError, apply_chat_template, load
 
 from .conftest import FIXTURES, Reference

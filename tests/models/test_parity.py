@@ -3,14 +3,15 @@ model invariants every architecture must keep."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import mlx.core as mx
 import numpy as np
 import pytest
+
 from vlm_models import load
 from vlm_runtime import GenerationConfig, SamplingParams, generate_step, make_sampler
-
-import copy
-import dataclasses
 
 from .conftest import FAMILY_LAYOUTS, FIXTURES, PREFIX_LM, Reference
 

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+
 from vlm_models import load
 from vlm_models.convert import dequantize_model
 

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+
 from vlm_models import ModelLoadError, apply_chat_template, load
 from vlm_models.convert import dequantize_model, quantize_model
 from vlm_models.models.mistral3 import PatchMerger
@@ -120,7 +121,7 @@ def test_images_batched_together_compute_what_each_computes_alone(loaded) -> Non
     """Padding to the largest image, and attention inside each image only (transformers' block-diagonal mask):
     the batch's features are each image's own; the vision cache therefore keys an image by its own pixels and
     serves it across prompts."""
-    family, model, processor = loaded
+    _family, model, processor = loaded
     # Two images of one grid (both square) among two of others: same-grid images run as one batch.
     images = [IMAGES / n for n in ("rgb_200x100.png", "rgb_56x56.png", "rgb_90x600.png", "rgba_150x150.png")]
     several = processor.prepare_inputs(apply_chat_template(processor, None, "Compare.", num_images=4), images)

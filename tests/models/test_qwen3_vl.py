@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+
 from vlm_models import apply_chat_template, load
 from vlm_models.convert import dequantize_model
 from vlm_models.models.qwen3_vl import Model, interpolation_taps
@@ -103,7 +104,9 @@ def test_deepstack_features_change_the_logits(loaded, ref: Reference) -> None:
     prompt = model.embed_prompt(**inputs)
     hidden = model.config.text.hidden_size
     assert prompt.inputs_embeds.shape[-1] == hidden * 3  # the merged features and two deepstack levels
-    plain = model.compute_logits(model.hidden_states(prompt.inputs_embeds[..., :hidden], position_ids=prompt.position_ids))
+    plain = model.compute_logits(
+        model.hidden_states(prompt.inputs_embeds[..., :hidden], position_ids=prompt.position_ids)
+    )
     expected = ref.get("two_images", "logits")
     first_image = int(np.argmax(ref.get("two_images", "input_ids")[0] == model.config.image_token_id))
     diff = np.abs(np.array(plain) - expected)
@@ -161,7 +164,14 @@ def test_interleaved_axes_give_each_axis_its_section(time: int, spatial: int) ->
     assert (axis[: 3 * spatial] == np.tile([0, 1, 2], spatial)).all()
 
 
-VIDEO_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+VIDEO_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+)
 
 
 @pytest.mark.parametrize("layout", ["hf4", "hf5", "mlx_community"])

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from vlm_models import load
 from vlm_models.convert import ConvertOptions, QuantizeOptions, convert, dequantize_model
 from vlm_models.loading import ModelLoadError
@@ -22,8 +23,15 @@ from vlm_models.models.qwen3_vl_moe import Model
 from vlm_models.nn import moe
 from vlm_models.nn.moe import MoEConfig, QuantizedSwitchLinear, SparseMoE, SwitchGLU, expert_weights
 
-from .conftest import FIXTURES, Reference, check_chunked_prefill, check_quantized_fixture, checkpoint_with_config
-from .conftest import inputs_of, logits_of
+from .conftest import (
+    FIXTURES,
+    Reference,
+    check_chunked_prefill,
+    check_quantized_fixture,
+    checkpoint_with_config,
+    inputs_of,
+    logits_of,
+)
 
 FAMILY = "qwen3_vl_moe"
 ROOT = FIXTURES / FAMILY
@@ -152,7 +160,7 @@ def test_per_expert_layout_loads(tmp_path: Path, ref: Reference) -> None:
 
 def test_missing_expert_settings_are_a_clear_error(tmp_path: Path) -> None:
     path = checkpoint_with_config(tmp_path, FAMILY, lambda c: c["text_config"].pop("num_experts"))
-    with pytest.raises(ModelLoadError, match="config.json: qwen3_vl_moe: the text config has no num_experts"):
+    with pytest.raises(ModelLoadError, match="config.json: qwen3_vl_moe: the text config has no num_experts"):  # noqa: RUF043
         load(path)
 
 
@@ -209,7 +217,9 @@ def test_sorted_and_unsorted_dispatch_agree(tokens: int, experts: int, data) -> 
     for layer in (mlp, quantized_twin(mlp)):
         unsorted, sorted_ = dispatch(layer, x, indices, threshold=10**9), dispatch(layer, x, indices, threshold=0)
         np.testing.assert_allclose(np.array(sorted_), np.array(unsorted), atol=1e-5, rtol=1e-5)
-    expected = np.stack([np.stack([one_expert(mlp, int(e), x[t]) for e in np.array(indices[t])]) for t in range(tokens)])
+    expected = np.stack(
+        [np.stack([one_expert(mlp, int(e), x[t]) for e in np.array(indices[t])]) for t in range(tokens)]
+    )
     np.testing.assert_allclose(np.array(dispatch(mlp, x, indices, 10**9)), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -231,7 +241,9 @@ def test_half_precision_experts_run_on_the_cpu(threshold: int) -> None:
 def quantized_twin(mlp: SwitchGLU) -> SwitchGLU:
     twin = SwitchGLU(32, 16, mlp.gate_proj.weight.shape[0])
     twin.update(mlp.parameters())
-    nn.quantize(twin, group_size=32, bits=8, class_predicate=lambda p, m: hasattr(m, "to_quantized") and p != "down_proj")
+    nn.quantize(
+        twin, group_size=32, bits=8, class_predicate=lambda p, m: hasattr(m, "to_quantized") and p != "down_proj"
+    )
     assert isinstance(twin.gate_proj, QuantizedSwitchLinear)
     return twin
 
@@ -250,7 +262,12 @@ def one_expert(mlp: SwitchGLU, e: int, x: mx.array) -> np.ndarray:
 
 
 @settings(max_examples=30, deadline=None)
-@given(experts=st.integers(1, 4), hidden=st.sampled_from([4, 6, 8]), inter=st.sampled_from([2, 3, 4, 8]), seed=st.integers(0, 99))
+@given(
+    experts=st.integers(1, 4),
+    hidden=st.sampled_from([4, 6, 8]),
+    inter=st.sampled_from([2, 3, 4, 8]),
+    seed=st.integers(0, 99),
+)
 def test_every_expert_layout_maps_to_one_form(experts: int, hidden: int, inter: int, seed: int) -> None:
     """transformers 5's fused tensors, the published (transposed) ones, one MLP per expert and MLX-community's
     switch_mlp all give the same stacked weights; the result maps to itself. Square fused tensors (hidden equal to

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from vlm_models import apply_chat_template, load
 from vlm_models.cli import main
 from vlm_models.processors.qwen3_vl import Qwen3VLVideoProcessor
@@ -95,7 +96,9 @@ def test_video_prompt_logits_and_greedy_tokens_match_transformers(loaded, expect
     diff = np.abs(np.array(model(**inputs).logits) - expected[f"{name}/logits"]).max()
     assert diff <= TOL, f"max |logits - reference| = {diff:.2e}"
     greedy = expected[f"{name}/greedy"].reshape(-1).tolist()
-    steps = generate_step(model, inputs, sampler=make_sampler(SamplingParams()), config=GenerationConfig(max_tokens=len(greedy)))
+    steps = generate_step(
+        model, inputs, sampler=make_sampler(SamplingParams()), config=GenerationConfig(max_tokens=len(greedy))
+    )
     assert [t for t, _ in steps] == greedy
 
 
@@ -129,6 +132,7 @@ def test_generate_takes_videos_and_their_sampling(loaded, expected) -> None:
 
 def test_video_frames_in_memory_and_in_a_folder_equal_the_file(loaded, tmp_path) -> None:
     from PIL import Image
+
     from vlm_models.video import read_video
 
     _, processor = loaded
@@ -188,7 +192,9 @@ def test_cli_generates_from_a_video(loaded, capsys) -> None:
 def test_frame_sampling_invariants(total, source_fps, fps, max_frames, num_frames) -> None:
     """Sampled indices are in the video, in order, from its first frame to its last (one frame: the first); sampling by fps takes at
     most max_frames and never more frames than there are, and at least min_frames where the video has them."""
-    processor = Qwen3VLVideoProcessor().with_sampling(VideoSampling(fps=fps, num_frames=num_frames, max_frames=max_frames))
+    processor = Qwen3VLVideoProcessor().with_sampling(
+        VideoSampling(fps=fps, num_frames=num_frames, max_frames=max_frames)
+    )
     indices = processor.frame_indices(total, source_fps)
     assert (np.diff(indices) >= 0).all() and indices[0] == 0
     assert len(indices) == 1 or indices[-1] == total - 1

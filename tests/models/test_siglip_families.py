@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
+
 from vlm_models import load
 from vlm_models.convert import save_model
 from vlm_runtime.generate import prefill
@@ -51,10 +52,15 @@ def test_decode_after_prefill_equals_a_full_forward(model, ref: Reference) -> No
         new = mx.array(ref.get(case, "greedy")[:, :8])
         cache = model.make_cache()
         prompt = model.embed_prompt(**inputs)
-        steps = [model.compute_logits(model.hidden_states(
-            prompt.inputs_embeds, cache=cache, attention_groups=prompt.attention_groups)[:, -1])]
+        steps = [
+            model.compute_logits(
+                model.hidden_states(prompt.inputs_embeds, cache=cache, attention_groups=prompt.attention_groups)[:, -1]
+            )
+        ]
         for i in range(new.shape[1] - 1):
-            steps.append(model.compute_logits(model.hidden_states(model.embed_tokens(new[:, i : i + 1]), cache=cache)[:, -1]))
+            steps.append(
+                model.compute_logits(model.hidden_states(model.embed_tokens(new[:, i : i + 1]), cache=cache)[:, -1])
+            )
         whole = dict(inputs, input_ids=mx.concatenate([inputs["input_ids"], new[:, :-1]], axis=1))
         whole["attention_mask"] = mx.ones_like(whole["input_ids"])
         n = inputs["input_ids"].shape[1]

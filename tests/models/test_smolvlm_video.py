@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from vlm_models import apply_chat_template, load
 from vlm_models.processors.smolvlm import SmolVLMVideoProcessor, number_words
 from vlm_models.video import VideoSampling
@@ -69,7 +70,9 @@ def test_video_prompt_logits_and_greedy_tokens_match_transformers(loaded, expect
     diff = np.abs(np.array(model(**inputs).logits) - expected["sampled/logits"]).max()
     assert diff <= 1e-4, f"max |logits - reference| = {diff:.2e}"
     greedy = expected["sampled/greedy"].reshape(-1).tolist()
-    steps = generate_step(model, inputs, sampler=make_sampler(SamplingParams()), config=GenerationConfig(max_tokens=len(greedy)))
+    steps = generate_step(
+        model, inputs, sampler=make_sampler(SamplingParams()), config=GenerationConfig(max_tokens=len(greedy))
+    )
     assert [t for t, _ in steps] == greedy
 
 

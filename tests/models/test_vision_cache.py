@@ -3,13 +3,15 @@ hit, and keys that follow image content (not paths), preprocessing and the model
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
+
 from vlm_models import apply_chat_template, load
 from vlm_runtime.vision_cache import VisionFeatureCache
 

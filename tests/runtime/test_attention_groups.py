@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from vlm_runtime import PromptEmbedding
 from vlm_runtime.generate import drop_prefix, prefill
 

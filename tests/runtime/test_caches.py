@@ -17,7 +17,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from vlm_runtime.cache import (
     ArraysCache,
     AttentionCache,

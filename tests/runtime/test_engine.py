@@ -7,6 +7,7 @@ import asyncio
 import threading
 
 import pytest
+
 from vlm_runtime import Engine, EngineBusy, GenerationConfig, SamplingParams, generate
 
 from .toy import ByteProcessor, ToyModel
@@ -67,10 +68,14 @@ def test_cancel_frees_the_slot_and_others_continue(model: ToyModel) -> None:
     processor = ByteProcessor()
     alone = generate(model, processor, "survivor", max_tokens=30, ignore_eos=True).text
     with Engine(model, processor, max_batch_size=2) as engine:
-        doomed = engine.submit(processor.prepare_inputs("doomed"), config=GenerationConfig(max_tokens=10_000, ignore_eos=True))
-        survivor = engine.submit(processor.prepare_inputs("survivor"), config=GenerationConfig(max_tokens=30, ignore_eos=True))
+        doomed = engine.submit(
+            processor.prepare_inputs("doomed"), config=GenerationConfig(max_tokens=10_000, ignore_eos=True)
+        )
+        survivor = engine.submit(
+            processor.prepare_inputs("survivor"), config=GenerationConfig(max_tokens=30, ignore_eos=True)
+        )
         seen = 0
-        for event in doomed:
+        for event in doomed:  # noqa: B007
             seen += 1
             if seen == 3:
                 doomed.cancel()
@@ -87,7 +92,7 @@ def test_bad_request_fails_alone(model: ToyModel) -> None:
     with Engine(model, processor) as engine:
         good = engine.submit(processor.prepare_inputs("fine"), config=GenerationConfig(max_tokens=5, ignore_eos=True))
         bad = engine.submit({"input_ids": [[1, 2], [3, 4]]})  # two prompts at once: refused
-        text, finish, events = collect(bad)
+        _text, finish, events = collect(bad)
         assert finish == "error" and "one prompt at a time" in events[-1].error
         assert collect(good)[1] == "length"
         assert engine.stats().errors == 1
@@ -98,7 +103,10 @@ def test_seeded_sampling_repeats(model: ToyModel) -> None:
     sampling = SamplingParams(temperature=1.0, seed=7)
     config = GenerationConfig(max_tokens=12, ignore_eos=True)
     with Engine(model, processor) as engine:
-        runs = [collect(engine.submit(processor.prepare_inputs("seed"), sampling=sampling, config=config))[0] for _ in range(2)]
+        runs = [
+            collect(engine.submit(processor.prepare_inputs("seed"), sampling=sampling, config=config))[0]
+            for _ in range(2)
+        ]
     assert runs[0] == runs[1]
     assert runs[0] == generate(model, processor, "seed", max_tokens=12, ignore_eos=True, temperature=1.0, seed=7).text
 
@@ -161,9 +169,11 @@ def test_a_failing_constraint_ends_only_its_request(model: ToyModel) -> None:
 
     expected = generate(model, processor, "steady", max_tokens=8, ignore_eos=True).text
     with Engine(model, processor) as engine:
-        doomed = engine.submit(processor.prepare_inputs("doomed"), config=config, constraints=[breaks_on_the_third_token])
+        doomed = engine.submit(
+            processor.prepare_inputs("doomed"), config=config, constraints=[breaks_on_the_third_token]
+        )
         steady = engine.submit(processor.prepare_inputs("steady"), config=config)
-        text, finish, events = collect(doomed)
+        _text, finish, events = collect(doomed)
         assert finish == "error" and "grammar in an error state" in events[-1].error and len(events) == 3
         assert collect(steady)[0] == expected
 
@@ -177,9 +187,7 @@ def test_cache_settings_hold_for_every_request(model: ToyModel, cache_options: d
     from vlm_runtime import CacheSettings
 
     processor = ByteProcessor()
-    expected = [
-        generate(model, processor, p, max_tokens=10, ignore_eos=True, **cache_options).text for p in PROMPTS
-    ]
+    expected = [generate(model, processor, p, max_tokens=10, ignore_eos=True, **cache_options).text for p in PROMPTS]
     config = GenerationConfig(max_tokens=10, ignore_eos=True)
     with Engine(model, processor, max_batch_size=4, cache_settings=CacheSettings(**cache_options)) as engine:
         streams = [engine.submit(processor.prepare_inputs(p), config=config) for p in PROMPTS]

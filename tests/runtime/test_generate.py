@@ -8,7 +8,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from vlm_runtime import GenerationConfig, generate, generate_step, make_sampler, stream_generate, SamplingParams
+
+from vlm_runtime import GenerationConfig, SamplingParams, generate, generate_step, make_sampler, stream_generate
 
 from .toy import EOS, ByteProcessor, ToyModel
 
@@ -95,9 +96,7 @@ def test_seed_reproducible_and_seeds_differ(model: ToyModel) -> None:
 
 
 def test_stream_text_concatenates_to_generate_text(model: ToyModel) -> None:
-    streamed = "".join(
-        r.text for r in stream_generate(model, ByteProcessor(), "hey", max_tokens=16, ignore_eos=True)
-    )
+    streamed = "".join(r.text for r in stream_generate(model, ByteProcessor(), "hey", max_tokens=16, ignore_eos=True))
     assert streamed == generate(model, ByteProcessor(), "hey", max_tokens=16, ignore_eos=True).text
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from vlm_runtime import (
     BatchGenerator,
     GenerationConfig,
@@ -71,7 +72,9 @@ def test_thinking_budget_closes_the_block_and_the_answer_continues(model: ToyMod
 
 
 def test_zero_budget_closes_at_once(model: ToyModel) -> None:
-    tokens = tokens_of(stream_generate(model, ByteProcessor(), "q<think>", max_tokens=4, thinking_budget=0, ignore_eos=True))
+    tokens = tokens_of(
+        stream_generate(model, ByteProcessor(), "q<think>", max_tokens=4, thinking_budget=0, ignore_eos=True)
+    )
     assert tokens[:2] == [NEWLINE, END_THINK]
 
 
@@ -84,9 +87,7 @@ def test_budget_waits_for_the_model_to_open_the_block(model: ToyModel) -> None:
 
 def test_reasoning_is_separated_without_a_budget(model: ToyModel) -> None:
     """A block the model closes itself (forced here by a logit bias on </think>)."""
-    result = generate(
-        model, ByteProcessor(), "x<think>", max_tokens=3, logit_bias={END_THINK: 50.0}, ignore_eos=True
-    )
+    result = generate(model, ByteProcessor(), "x<think>", max_tokens=3, logit_bias={END_THINK: 50.0}, ignore_eos=True)
     assert result.reasoning == "" and result.token == END_THINK
 
 
@@ -146,7 +147,9 @@ def test_stop_string_spanning_tokens_is_never_emitted(model: ToyModel) -> None:
 def test_logprobs_match_the_full_forward(model: ToyModel) -> None:
     processor = ByteProcessor()
     prompt_ids = processor.prepare_inputs("lp")["input_ids"][0].tolist()
-    results = list(stream_generate(model, processor, "lp", max_tokens=5, logprobs=True, top_logprobs=3, ignore_eos=True))
+    results = list(
+        stream_generate(model, processor, "lp", max_tokens=5, logprobs=True, top_logprobs=3, ignore_eos=True)
+    )
     seen: list[int] = []
     for r in results:
         logits = full_logits(model, prompt_ids + seen)
@@ -241,7 +244,9 @@ def test_prompt_cache_file_continues_identically_in_another_process(model: ToyMo
 def test_prompt_cache_with_other_settings_starts_over(model: ToyModel) -> None:
     cache = PromptCache()
     generate(model, ByteProcessor(), "same prefix here", max_tokens=2, prompt_cache=cache)
-    again = generate(model, ByteProcessor(), "same prefix here!", max_tokens=2, prompt_cache=cache, kv_bits=8, kv_group_size=32)
+    again = generate(
+        model, ByteProcessor(), "same prefix here!", max_tokens=2, prompt_cache=cache, kv_bits=8, kv_group_size=32
+    )
     assert again.cached_tokens == 0
 
 
@@ -340,7 +345,9 @@ def test_batch_rows_keep_their_own_sampling(model: ToyModel) -> None:
     engine = BatchGenerator(model, processor)
     greedy_uid = engine.submit(processor.prepare_inputs("x"), config=GenerationConfig(max_tokens=6, ignore_eos=True))
     biased = SamplingParams(logit_bias={ord("q"): 100.0})
-    biased_uid = engine.submit(processor.prepare_inputs("x"), sampling=biased, config=GenerationConfig(max_tokens=6, ignore_eos=True))
+    biased_uid = engine.submit(
+        processor.prepare_inputs("x"), sampling=biased, config=GenerationConfig(max_tokens=6, ignore_eos=True)
+    )
     out: dict[int, list[int]] = {greedy_uid: [], biased_uid: []}
     while engine.has_work():
         for event in engine.step():

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
 from vlm_runtime import KVCache
 from vlm_runtime.detokenizer import StreamingDetokenizer
 from vlm_runtime.masks import block_diagonal_mask, causal_mask, padded_causal_mask
-from vlm_runtime.sampling import apply_min_p, apply_top_k, apply_top_p, make_sampler, SamplingParams
+from vlm_runtime.sampling import SamplingParams, apply_min_p, apply_top_k, apply_top_p, make_sampler
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -132,8 +134,11 @@ def test_sampled_tokens_lie_in_the_kept_set(lp: np.ndarray, seed: int, k: int) -
 # U+FFFD itself is left out: a text that really contains it is indistinguishable from a cut character, so the
 # detokenizer holds it back until the next token (it still comes out, but not in its own piece). Surrogates (Cs)
 # too: they have no UTF-8 encoding, and st.characters (unlike st.text's default alphabet) would draw them.
-@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffd"),
-                    min_size=0, max_size=40))
+@given(
+    text=st.text(
+        alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffd"), min_size=0, max_size=40
+    )
+)
 def test_detokenizer_round_trips_unicode_bytewise(text: str) -> None:
     data = text.encode("utf-8")
     detok = StreamingDetokenizer(lambda ids: bytes(ids).decode("utf-8", errors="replace"))

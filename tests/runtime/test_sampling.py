@@ -7,14 +7,16 @@ from collections import Counter
 import mlx.core as mx
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
 from vlm_runtime.sampling import (
+    SamplingParams,
     apply_logit_bias,
     apply_presence_frequency,
     apply_repetition_penalty,
     make_logits_processors,
     make_sampler,
-    SamplingParams,
     top_logprobs,
 )
 from vlm_runtime.stopping import MAX_STOP_LENGTH, MAX_STOP_STRINGS, StopStrings

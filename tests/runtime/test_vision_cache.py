@@ -7,7 +7,9 @@ import threading
 import mlx.core as mx
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from vlm_runtime.vision_cache import DEFAULT_MAX_ENTRIES, VisionFeatureCache, content_key, model_identity
 
 FAST = settings(max_examples=60, deadline=None)

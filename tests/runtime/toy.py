@@ -7,10 +7,12 @@ and sampling for real, while every result can be recomputed by a full forward pa
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+
 from vlm_runtime import KVCache, PromptEmbedding
 
 BOS, EOS, PAD, THINK, END_THINK = 256, 257, 258, 259, 260

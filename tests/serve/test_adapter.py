@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import openai
+
 from vlm_models import apply_chat_template, load
 from vlm_runtime import generate
 

@@ -7,6 +7,7 @@ import base64
 import anthropic
 import httpx
 import pytest
+
 from vlm_models import apply_chat_template
 from vlm_runtime import generate
 
@@ -25,17 +26,25 @@ def reference(loaded_model, messages, *, image=None, **options) -> str:
 
 def test_message_with_system_and_image(server, client, loaded_model) -> None:
     png = IMAGES / "rgb_112x168.png"
-    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": base64.b64encode(png.read_bytes()).decode()}}
+    image = {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": base64.b64encode(png.read_bytes()).decode()},
+    }
     message = client.messages.create(
         model=server.model_id,
         max_tokens=9,
         system=[{"type": "text", "text": "You describe images."}],
         messages=[{"role": "user", "content": [image, {"type": "text", "text": "Describe."}]}],
     )
-    expected = reference(loaded_model, [
-        {"role": "system", "content": "You describe images."},
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]},
-    ], image=str(png), max_tokens=9)
+    expected = reference(
+        loaded_model,
+        [
+            {"role": "system", "content": "You describe images."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]},
+        ],
+        image=str(png),
+        max_tokens=9,
+    )
     assert message.content[0].type == "text" and message.content[0].text == expected
     assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 9
     assert message.role == "assistant" and message.id.startswith("msg_")
@@ -72,7 +81,11 @@ def test_count_tokens(server, client, loaded_model) -> None:
 
 
 def test_errors_in_anthropic_shape(server) -> None:
-    response = httpx.post(f"{server.url}/v1/messages", json={"model": server.model_id, "messages": []}, headers={"anthropic-version": "2023-06-01"})
+    response = httpx.post(
+        f"{server.url}/v1/messages",
+        json={"model": server.model_id, "messages": []},
+        headers={"anthropic-version": "2023-06-01"},
+    )
     assert response.status_code == 400
     body = response.json()
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
@@ -96,7 +109,11 @@ def test_tool_use_round_trip(server, client) -> None:
 
     messages = [{"role": "user", "content": "Weather in Rome?"}]
     first = client.messages.create(
-        model=server.model_id, max_tokens=200, messages=messages, tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"}
+        model=server.model_id,
+        max_tokens=200,
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice={"type": "tool", "name": "get_weather"},
     )
     assert first.stop_reason == "tool_use"
     (use,) = [b for b in first.content if b.type == "tool_use"]
@@ -115,7 +132,11 @@ def test_tool_use_streaming(server, client) -> None:
     import jsonschema
 
     with client.messages.stream(
-        model=server.model_id, max_tokens=200, messages=[{"role": "user", "content": "go"}], tools=[WEATHER], tool_choice={"type": "any"}
+        model=server.model_id,
+        max_tokens=200,
+        messages=[{"role": "user", "content": "go"}],
+        tools=[WEATHER],
+        tool_choice={"type": "any"},
     ) as stream:
         kinds = [e.type for e in stream]
         final = stream.get_final_message()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from vlm_models.cli import build_parser
 from vlm_models.cli import main as vlm_main
 from vlm_serve.cli import main as serve_main

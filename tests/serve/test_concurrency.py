@@ -27,7 +27,12 @@ def prompts() -> list:
         text = f"Client {i} asks: {'why ' * (i % 5)}?"
         if i in IMAGES_FOR:
             image = base64.b64encode((IMAGES / IMAGES_FOR[i]).read_bytes()).decode()
-            out.append([{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}, {"type": "text", "text": text}])
+            out.append(
+                [
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+                    {"type": "text", "text": text},
+                ]
+            )
         else:
             out.append(text)
     return out
@@ -43,7 +48,11 @@ async def stream_one(client: openai.AsyncOpenAI, model: str, prompt, max_tokens:
 def test_concurrent_streams_equal_single_requests(server) -> None:
     sync = openai.OpenAI(base_url=server.base, api_key="x", max_retries=0)
     alone = [
-        sync.chat.completions.create(model=server.model_id, messages=[{"role": "user", "content": p}], max_tokens=TOKENS).choices[0].message.content
+        sync.chat.completions.create(
+            model=server.model_id, messages=[{"role": "user", "content": p}], max_tokens=TOKENS
+        )
+        .choices[0]
+        .message.content
         for p in prompts()
     ]
 
@@ -64,12 +73,19 @@ def test_disconnect_mid_stream(server) -> None:
     survivors = prompts()[:4]  # one of them with an image
     sync = openai.OpenAI(base_url=server.base, api_key="x", max_retries=0)
     alone = [
-        sync.chat.completions.create(model=server.model_id, messages=[{"role": "user", "content": p}], max_tokens=40).choices[0].message.content
+        sync.chat.completions.create(model=server.model_id, messages=[{"role": "user", "content": p}], max_tokens=40)
+        .choices[0]
+        .message.content
         for p in survivors
     ]
 
     async def leaver() -> int:
-        body = {"model": server.model_id, "messages": [{"role": "user", "content": "long"}], "max_tokens": 1000, "stream": True}
+        body = {
+            "model": server.model_id,
+            "messages": [{"role": "user", "content": "long"}],
+            "max_tokens": 1000,
+            "stream": True,
+        }
         got = 0
         async with httpx.AsyncClient(timeout=30) as client:
             async with client.stream("POST", f"{server.base}/chat/completions", json=body) as response:
@@ -97,7 +113,12 @@ def test_disconnect_mid_stream(server) -> None:
 def test_disconnect_while_waiting_for_a_whole_answer(server) -> None:
     """A non-streaming client that gives up is noticed too, and its request stops."""
     before = httpx.get(f"{server.url}/metrics").json()["engine"]
-    body = {"model": server.model_id, "messages": [{"role": "user", "content": "long"}], "max_tokens": 4000, "ignore_eos": True}
+    body = {
+        "model": server.model_id,
+        "messages": [{"role": "user", "content": "long"}],
+        "max_tokens": 4000,
+        "ignore_eos": True,
+    }
     try:
         httpx.post(f"{server.base}/chat/completions", json=body, timeout=0.5)
     except httpx.TimeoutException:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from .conftest import MODEL

@@ -5,7 +5,7 @@ from __future__ import annotations
 import http.server
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -27,7 +27,7 @@ ROUTES: dict[str, tuple[int, dict[str, str], list[bytes], float]] = {
 
 
 class MediaHost(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+    def do_GET(self) -> None:
         status, headers, chunks, delay = ROUTES.get(self.path, (404, {"Content-Length": "0"}, [], 0.0))
         time.sleep(delay)
         self.send_response(status)
@@ -81,7 +81,13 @@ def test_remote_images(capped, media_host) -> None:
 
 def test_unload_then_lazy_reload(capped) -> None:
     lines: list[str] = []
-    body = {"model": capped.model_id, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    body = {
+        "model": capped.model_id,
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 4000,
+        "ignore_eos": True,
+        "stream": True,
+    }
 
     def long_stream() -> None:
         with httpx.stream("POST", f"{capped.base}/chat/completions", json=body, timeout=30) as response:

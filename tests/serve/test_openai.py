@@ -7,10 +7,11 @@ import base64
 import httpx
 import openai
 import pytest
+
 from vlm_models import apply_chat_template
 from vlm_runtime import generate
 
-from .conftest import IMAGES, MODEL
+from .conftest import IMAGES
 
 PNG = IMAGES / "rgb_56x56.png"
 
@@ -42,10 +43,13 @@ def test_chat_with_an_image_matches_generate(server, client, loaded_model) -> No
         model=server.model_id,
         messages=[
             {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": data_url()}},
-                {"type": "text", "text": "What is this?"},
-            ]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url()}},
+                    {"type": "text", "text": "What is this?"},
+                ],
+            },
         ],
         max_tokens=12,
     )
@@ -53,7 +57,9 @@ def test_chat_with_an_image_matches_generate(server, client, loaded_model) -> No
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
     ]
-    assert response.choices[0].message.content == reference(loaded_model, expected_messages, image=str(PNG), max_tokens=12)
+    assert response.choices[0].message.content == reference(
+        loaded_model, expected_messages, image=str(PNG), max_tokens=12
+    )
     usage = response.usage
     assert usage.completion_tokens == 12 and usage.total_tokens == usage.prompt_tokens + 12
     processor = loaded_model[1]
@@ -63,17 +69,29 @@ def test_chat_with_an_image_matches_generate(server, client, loaded_model) -> No
 
 
 def test_local_image_path_under_the_allowed_folder(server, client, loaded_model) -> None:
-    content = [{"type": "image_url", "image_url": {"url": str(IMAGES / "rgb_112x168.png")}}, {"type": "text", "text": "x"}]
-    response = client.chat.completions.create(model=server.model_id, messages=[{"role": "user", "content": content}], max_tokens=6)
-    expected = reference(loaded_model, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}], image=str(IMAGES / "rgb_112x168.png"), max_tokens=6)
+    content = [
+        {"type": "image_url", "image_url": {"url": str(IMAGES / "rgb_112x168.png")}},
+        {"type": "text", "text": "x"},
+    ]
+    response = client.chat.completions.create(
+        model=server.model_id, messages=[{"role": "user", "content": content}], max_tokens=6
+    )
+    expected = reference(
+        loaded_model,
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
+        image=str(IMAGES / "rgb_112x168.png"),
+        max_tokens=6,
+    )
     assert response.choices[0].message.content == expected
 
 
 def test_streaming_chunks_and_usage(server, client, loaded_model) -> None:
     messages = [{"role": "user", "content": "Tell me a story"}]
-    chunks = list(client.chat.completions.create(
-        model=server.model_id, messages=messages, max_tokens=10, stream=True, stream_options={"include_usage": True}
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=server.model_id, messages=messages, max_tokens=10, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == reference(loaded_model, messages, max_tokens=10)
@@ -93,7 +111,9 @@ def test_stream_ends_with_done(server) -> None:
 
 def test_logprobs(server, client, loaded_model) -> None:
     messages = [{"role": "user", "content": "logprobs please"}]
-    response = client.chat.completions.create(model=server.model_id, messages=messages, max_tokens=6, logprobs=True, top_logprobs=3)
+    response = client.chat.completions.create(
+        model=server.model_id, messages=messages, max_tokens=6, logprobs=True, top_logprobs=3
+    )
     content = response.choices[0].logprobs.content
     model, processor = loaded_model
     prompt = apply_chat_template(processor, None, messages)
@@ -105,15 +125,26 @@ def test_logprobs(server, client, loaded_model) -> None:
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy picks the most likely
         assert entry.bytes == list(entry.token.encode())
     assert content[-1].logprob == pytest.approx(expected.logprob, abs=1e-5)
-    streamed = [c.choices[0].logprobs.content[0] for c in client.chat.completions.create(
-        model=server.model_id, messages=messages, max_tokens=6, logprobs=True, top_logprobs=3, stream=True
-    ) if c.choices and c.choices[0].logprobs]
+    streamed = [
+        c.choices[0].logprobs.content[0]
+        for c in client.chat.completions.create(
+            model=server.model_id, messages=messages, max_tokens=6, logprobs=True, top_logprobs=3, stream=True
+        )
+        if c.choices and c.choices[0].logprobs
+    ]
     assert [e.token for e in streamed] == [e.token for e in content]
 
 
 def test_seeded_sampling_repeats_and_stop_strings(server, client, loaded_model) -> None:
     messages = [{"role": "user", "content": "random"}]
-    runs = [client.chat.completions.create(model=server.model_id, messages=messages, max_tokens=12, temperature=1.0, seed=3, top_p=0.9).choices[0].message.content for _ in range(2)]
+    runs = [
+        client.chat.completions.create(
+            model=server.model_id, messages=messages, max_tokens=12, temperature=1.0, seed=3, top_p=0.9
+        )
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1] == reference(loaded_model, messages, max_tokens=12, temperature=1.0, seed=3, top_p=0.9)
     full = reference(loaded_model, messages, max_tokens=12)
     stop = full[3:5]

@@ -8,6 +8,7 @@ import json
 import jsonschema
 import openai
 import pytest
+
 from vlm_models import apply_chat_template
 from vlm_runtime import generate
 from vlm_serve.responses_api import ResponseStore
@@ -24,8 +25,14 @@ def reference(loaded_model, messages, **options) -> str:
 
 
 def test_create_with_instructions(server, client, loaded_model) -> None:
-    response = client.responses.create(model=server.model_id, instructions="Be terse.", input="Hello there", max_output_tokens=7)
-    expected = reference(loaded_model, [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hello there"}], max_tokens=7)
+    response = client.responses.create(
+        model=server.model_id, instructions="Be terse.", input="Hello there", max_output_tokens=7
+    )
+    expected = reference(
+        loaded_model,
+        [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hello there"}],
+        max_tokens=7,
+    )
     assert response.output_text == expected
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
     assert response.usage.output_tokens == 7 and response.id.startswith("resp_")
@@ -33,27 +40,42 @@ def test_create_with_instructions(server, client, loaded_model) -> None:
 
 def test_previous_response_id_continues_the_conversation(server, client, loaded_model) -> None:
     first = client.responses.create(model=server.model_id, input="My name is Ada.", max_output_tokens=5)
-    second = client.responses.create(model=server.model_id, input="What is my name?", previous_response_id=first.id, max_output_tokens=6)
-    expected = reference(loaded_model, [
-        {"role": "user", "content": "My name is Ada."},
-        {"role": "assistant", "content": first.output_text},
-        {"role": "user", "content": "What is my name?"},
-    ], max_tokens=6)
+    second = client.responses.create(
+        model=server.model_id, input="What is my name?", previous_response_id=first.id, max_output_tokens=6
+    )
+    expected = reference(
+        loaded_model,
+        [
+            {"role": "user", "content": "My name is Ada."},
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "What is my name?"},
+        ],
+        max_tokens=6,
+    )
     assert second.output_text == expected
     assert second.previous_response_id == first.id
     with pytest.raises(openai.NotFoundError):
-        client.responses.create(model=server.model_id, input="x", previous_response_id="resp_missing", max_output_tokens=2)
+        client.responses.create(
+            model=server.model_id, input="x", previous_response_id="resp_missing", max_output_tokens=2
+        )
     unstored = client.responses.create(model=server.model_id, input="forget me", store=False, max_output_tokens=2)
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model=server.model_id, input="x", previous_response_id=unstored.id, max_output_tokens=2)
 
 
 def test_streaming_event_sequence(server, client, loaded_model) -> None:
-    events = list(client.responses.create(model=server.model_id, input="Stream please", max_output_tokens=6, stream=True))
+    events = list(
+        client.responses.create(model=server.model_id, input="Stream please", max_output_tokens=6, stream=True)
+    )
     kinds = [e.type for e in events]
     assert kinds[:2] == ["response.created", "response.in_progress"]
     assert kinds[2:4] == ["response.output_item.added", "response.content_part.added"]
-    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.incomplete"]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == reference(loaded_model, [{"role": "user", "content": "Stream please"}], max_tokens=6)
@@ -65,9 +87,16 @@ def test_function_call_and_output(server, client) -> None:
         "type": "function",
         "name": "lookup",
         "description": "Look a word up",
-        "parameters": {"type": "object", "properties": {"word": {"type": "string", "maxLength": 8}}, "required": ["word"], "additionalProperties": False},
+        "parameters": {
+            "type": "object",
+            "properties": {"word": {"type": "string", "maxLength": 8}},
+            "required": ["word"],
+            "additionalProperties": False,
+        },
     }
-    first = client.responses.create(model=server.model_id, input="Define 'cat'", tools=[tool], tool_choice="required", max_output_tokens=200)
+    first = client.responses.create(
+        model=server.model_id, input="Define 'cat'", tools=[tool], tool_choice="required", max_output_tokens=200
+    )
     (call,) = [o for o in first.output if o.type == "function_call"]
     jsonschema.validate(json.loads(call.arguments), tool["parameters"])
     follow = client.responses.create(
@@ -81,7 +110,12 @@ def test_function_call_and_output(server, client) -> None:
 
 
 def test_text_format_json_schema(server, client) -> None:
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     response = client.responses.create(
         model=server.model_id,
         input="a digit",

@@ -13,7 +13,12 @@ from .conftest import API_KEY, CONTEXT, IMAGES
 
 
 def post(server, body, path="/v1/chat/completions", **kwargs) -> httpx.Response:
-    return httpx.post(f"{server.url}{path}", timeout=30, **kwargs, **({"json": body} if not isinstance(body, (bytes, str)) else {"content": body}))
+    return httpx.post(
+        f"{server.url}{path}",
+        timeout=30,
+        **kwargs,
+        **({"json": body} if not isinstance(body, (bytes, str)) else {"content": body}),
+    )
 
 
 def chat(server, content, **extra):
@@ -65,7 +70,9 @@ def test_bad_images(server) -> None:
     assert "allow-local-media" in openai_error(post(server, chat(server, image("/etc/passwd"))), 403)
     assert "allow-local-media" in openai_error(post(server, chat(server, image(str(IMAGES / ".." / "README.md")))), 403)
     assert "not found" in openai_error(post(server, chat(server, image(str(IMAGES / "missing.png")))), 400)
-    assert "audio" in openai_error(post(server, chat(server, [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}])), 400)
+    assert "audio" in openai_error(
+        post(server, chat(server, [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}])), 400
+    )
 
 
 def test_prompt_longer_than_context(server) -> None:
@@ -77,7 +84,11 @@ def test_prompt_longer_than_context(server) -> None:
 def test_body_over_the_limit(server) -> None:
     huge = chat(server, "x" * (3 * 1024 * 1024))
     assert "larger than" in openai_error(post(server, huge), 413)
-    response = post(server, {"model": server.model_id, "max_tokens": 1, "messages": [{"role": "user", "content": "x" * (3 * 1024 * 1024)}]}, path="/v1/messages")
+    response = post(
+        server,
+        {"model": server.model_id, "max_tokens": 1, "messages": [{"role": "user", "content": "x" * (3 * 1024 * 1024)}]},
+        path="/v1/messages",
+    )
     assert response.status_code == 413 and response.json()["error"]["type"] == "request_too_large"
 
 
@@ -103,7 +114,9 @@ def test_api_key(keyed_server) -> None:
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=keyed_server.base, api_key="wrong", max_retries=0).models.list()
     good = openai.OpenAI(base_url=keyed_server.base, api_key=API_KEY, max_retries=0)
-    reply = good.chat.completions.create(model=keyed_server.model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    reply = good.chat.completions.create(
+        model=keyed_server.model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
     assert reply.usage.completion_tokens == 2
     with pytest.raises(anthropic.AuthenticationError) as caught:
         anthropic.Anthropic(base_url=base, api_key="wrong", max_retries=0).messages.create(
@@ -124,8 +137,13 @@ def test_a_full_queue_is_overloaded_in_each_apis_own_way(loaded_model) -> None:
     servers = make_server(loaded_model, max_concurrency=1, max_waiting=0)
     server = next(servers)
     try:
-        body = {"model": server.model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400,
-                "stream": True, "ignore_eos": True}
+        body = {
+            "model": server.model_id,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 400,
+            "stream": True,
+            "ignore_eos": True,
+        }
         with httpx.stream("POST", f"{server.base}/chat/completions", json=body, timeout=60) as running:
             lines = running.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))  # it is generating now

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import anthropic
 import openai
 import pytest
+
 from vlm_models import apply_chat_template, load
 from vlm_runtime import generate
 
@@ -24,7 +25,15 @@ def thinking_checkpoint(folder: Path) -> Path:
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
     config = json.loads((folder / "tokenizer_config.json").read_text())
     for token_id, text in ((352, "<think>"), (353, "</think>")):  # free ids below the model's vocab of 384
-        entry = {"id": token_id, "content": text, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": False}
+        entry = {
+            "id": token_id,
+            "content": text,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": False,
+        }
         tokenizer["added_tokens"].append(entry)
         config["added_tokens_decoder"][str(token_id)] = {k: v for k, v in entry.items() if k != "id"}
     template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
@@ -71,9 +80,15 @@ def test_openai_reasoning_content(thinker) -> None:
     )
     message = response.choices[0].message
     assert message.content == expected.text and message.model_extra["reasoning_content"] == expected.reasoning
-    chunks = list(client.chat.completions.create(
-        model=server.model_id, messages=[{"role": "user", "content": "think first"}], max_tokens=20, stream=True, extra_body=extra
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=server.model_id,
+            messages=[{"role": "user", "content": "think first"}],
+            max_tokens=20,
+            stream=True,
+            extra_body=extra,
+        )
+    )
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == expected.reasoning
     assert "".join(d.content or "" for d in deltas) == expected.text
@@ -84,10 +99,14 @@ def test_anthropic_thinking_block(thinker) -> None:
     expected = reference(loaded, "ponder")
     client = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
     thinking = {"type": "enabled", "budget_tokens": BUDGET}
-    message = client.messages.create(model=server.model_id, max_tokens=20, messages=[{"role": "user", "content": "ponder"}], thinking=thinking)
+    message = client.messages.create(
+        model=server.model_id, max_tokens=20, messages=[{"role": "user", "content": "ponder"}], thinking=thinking
+    )
     assert [b.type for b in message.content] == ["thinking", "text"]
     assert message.content[0].thinking == expected.reasoning and message.content[1].text == expected.text
-    with client.messages.stream(model=server.model_id, max_tokens=20, messages=[{"role": "user", "content": "ponder"}], thinking=thinking) as stream:
+    with client.messages.stream(
+        model=server.model_id, max_tokens=20, messages=[{"role": "user", "content": "ponder"}], thinking=thinking
+    ) as stream:
         final = stream.get_final_message()
     assert [b.type for b in final.content] == ["thinking", "text"]
     assert final.content[0].thinking == expected.reasoning and final.content[1].text == expected.text
@@ -98,6 +117,8 @@ def test_thinking_with_structured_output_is_refused(thinker) -> None:
     client = openai.OpenAI(base_url=server.base, api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="thinking"):
         client.chat.completions.create(
-            model=server.model_id, messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"},
+            model=server.model_id,
+            messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_object"},
             extra_body={"enable_thinking": True},
         )

@@ -10,6 +10,7 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from vlm_serve.tools import ToolCallParser, ToolFormat, forced_call_grammar, tool_format_for
 
 WEATHER = {
@@ -29,7 +30,12 @@ TIME = {
     "type": "function",
     "function": {
         "name": "get_time",
-        "parameters": {"type": "object", "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}}, "required": ["zone"], "additionalProperties": False},
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
     },
 }
 
@@ -76,16 +82,28 @@ def run_parser(parser, pieces):
 @pytest.mark.parametrize(
     "style, answer, expected",
     [
-        ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": "{}"}]', ("", [("f", {"x": 1}), ("g", {})])),
+        (
+            "mistral",
+            '[TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": "{}"}]',
+            ("", [("f", {"x": 1}), ("g", {})]),
+        ),
         ("mistral", ' [{"name": "f", "arguments": {}}]', ("", [("f", {})])),  # the marker was decoded away
         ("mistral", "[1] is a citation", ("[1] is a citation", [])),
         ("mistral", "plain answer", ("plain answer", [])),
-        ("pythonic", '[get_weather(city="Paris", unit="C"), now()]', ("", [("get_weather", {"city": "Paris", "unit": "C"}), ("now", {})])),
+        (
+            "pythonic",
+            '[get_weather(city="Paris", unit="C"), now()]',
+            ("", [("get_weather", {"city": "Paris", "unit": "C"}), ("now", {})]),
+        ),
         ("pythonic", "[f(1)]", ("[f(1)]", [])),  # positional arguments are not a call we can name
         ("pythonic", "[os.system('x')]", ("[os.system('x')]", [])),
         ("pythonic", "[f(x=open('y'))]", ("[f(x=open('y'))]", [])),  # only literal values
         ("pythonic", "Hello [there]", ("Hello [there]", [])),
-        ("gemma", '```tool_code\nget_weather(city="Paris")\nprint(now())\n```', ("", [("get_weather", {"city": "Paris"}), ("now", {})])),
+        (
+            "gemma",
+            '```tool_code\nget_weather(city="Paris")\nprint(now())\n```',
+            ("", [("get_weather", {"city": "Paris"}), ("now", {})]),
+        ),
         ("gemma", "```tool_code\nimport os\n```", ("```tool_code\nimport os\n```", [])),
         ("gemma", "```python\nx = 1\n```", ("```python\nx = 1\n```", [])),
         ("gemma", "No call needed.", ("No call needed.", [])),
@@ -139,16 +157,18 @@ def test_named_tool_choice_forces_a_valid_call(server, client) -> None:
 
 
 def test_required_streams_a_call_of_some_tool(server, client) -> None:
-    chunks = list(client.chat.completions.create(
-        model=server.model_id,
-        messages=[{"role": "user", "content": "Do something"}],
-        tools=[WEATHER, TIME],
-        tool_choice="required",
-        max_tokens=200,
-        temperature=0.9,
-        seed=5,
-        stream=True,
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=server.model_id,
+            messages=[{"role": "user", "content": "Do something"}],
+            tools=[WEATHER, TIME],
+            tool_choice="required",
+            max_tokens=200,
+            temperature=0.9,
+            seed=5,
+            stream=True,
+        )
+    )
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert len(deltas) == 1 and deltas[0].index == 0
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
@@ -158,13 +178,17 @@ def test_required_streams_a_call_of_some_tool(server, client) -> None:
 
 def test_round_trip_with_the_tool_result(server, client) -> None:
     messages = [{"role": "user", "content": "Weather in Oslo?"}]
-    first = client.chat.completions.create(model=server.model_id, messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=200)
+    first = client.chat.completions.create(
+        model=server.model_id, messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=200
+    )
     call = first.choices[0].message.tool_calls[0]
     messages.append({"role": "assistant", "content": None, "tool_calls": [call.model_dump()]})
     replies = []
     for result in ("sunny", "heavy snow with strong winds from the north all day long"):
         convo = [*messages, {"role": "tool", "tool_call_id": call.id, "content": result}]
-        replies.append(client.chat.completions.create(model=server.model_id, messages=convo, tools=[WEATHER], max_tokens=8))
+        replies.append(
+            client.chat.completions.create(model=server.model_id, messages=convo, tools=[WEATHER], max_tokens=8)
+        )
     # The call and the result are in the prompt: it grows with the call and with the longer result.
     assert replies[0].usage.prompt_tokens > first.usage.prompt_tokens + len(call.function.arguments) // 4
     assert replies[1].usage.prompt_tokens > replies[0].usage.prompt_tokens + 8
@@ -179,7 +203,10 @@ def test_bad_tool_requests(server) -> None:
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "nope"),
         ({"tool_choice": "required"}, "no tools"),
         ({"tools": [{"type": "function", "function": {"name": ""}}]}, "name"),
-        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),
+        (
+            {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "cannot be combined",
+        ),
     ]:
         response = httpx.post(f"{server.base}/chat/completions", json={**base, **extra}, timeout=30)
         assert response.status_code == 400 and says in response.json()["error"]["message"], response.text
@@ -187,7 +214,11 @@ def test_bad_tool_requests(server) -> None:
 
 CONVERSATION = [
     {"role": "user", "content": "Weather in Oslo?"},
-    {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "name": "get_weather", "arguments": {"city": "Oslo"}}]},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"id": "call_1", "name": "get_weather", "arguments": {"city": "Oslo"}}],
+    },
     {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
 ]
 NATIVE_TEMPLATE = (
@@ -225,7 +256,10 @@ def test_templates_without_tools_get_a_description_and_tagged_turns(loaded_model
     prompt = apply_chat_template(processor, None, messages)
     definition = json.dumps(tools[0].as_openai())
     assert prompt.startswith("<|im_start|>system\n") and f"<tools>\n{definition}\n</tools>" in prompt
-    assert '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>' in prompt
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'
+        in prompt
+    )
     assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>" in prompt
 
 
@@ -246,4 +280,7 @@ def test_gemma_conversation_round_trip_renders_in_its_own_blocks() -> None:
     assert template_tools is None and "```tool_code" in rendered[0]["content"]
     assert rendered[2]["content"] == "```tool_code\nget_weather(city='Paris')\n```"
     assert rendered[3] == {"role": "user", "content": "```tool_output\nsunny\n```"}
-    assert run_parser(ToolFormat("gemma").parser(), [rendered[2]["content"]]) == ("", [("get_weather", {"city": "Paris"})])
+    assert run_parser(ToolFormat("gemma").parser(), [rendered[2]["content"]]) == (
+        "",
+        [("get_weather", {"city": "Paris"})],
+    )

@@ -5,10 +5,12 @@ allowed folder get a 4xx JSON error."""
 from __future__ import annotations
 
 import base64
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
+
 from vlm_models import apply_chat_template, load
 from vlm_runtime import generate
 

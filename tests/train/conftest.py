@@ -8,6 +8,7 @@ from typing import Any
 
 import mlx.core as mx
 import pytest
+
 from vlm_models import load
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

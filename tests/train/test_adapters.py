@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+
 from vlm_models import load
 from vlm_models.adapters import AdapterError
 from vlm_train.config import TrainingConfig
@@ -22,8 +23,13 @@ def trained_adapter(tmp_path: Path, model_path: Path = FLOAT_MODEL, **overrides)
     """Train a few steps at a high learning rate (so the adapter matters); the adapter folder and the logits of
     the trained model itself."""
     values = dict(
-        model=str(model_path), train_data=str(small_dataset(tmp_path / "data")), output=str(tmp_path / "adapter"),
-        steps=6, batch_size=2, learning_rate=2e-2, progress=False,
+        model=str(model_path),
+        train_data=str(small_dataset(tmp_path / "data")),
+        output=str(tmp_path / "adapter"),
+        steps=6,
+        batch_size=2,
+        learning_rate=2e-2,
+        progress=False,
     )
     values.update(overrides)
     model, processor = load(model_path)
@@ -89,7 +95,7 @@ def _q(group_size: int):
 
 
 def test_adapter_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(AdapterError, match="adapter_config.json"):
+    with pytest.raises(AdapterError, match="adapter_config.json"):  # noqa: RUF043
         load(FLOAT_MODEL, adapter_path=tmp_path)
     adapter, _ = trained_adapter(tmp_path, steps=1)
     config_file = adapter / "adapter_config.json"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
 from vlm_models.cli import main as vlm
 from vlm_train.cli import main as vlm_train
 
@@ -25,8 +26,27 @@ def test_train_generate_and_fuse(tmp_path: Path, capsys) -> None:
     data = small_dataset(tmp_path / "data")
     out = tmp_path / "adapter"
     code = vlm(
-        ["train", "--model", str(FLOAT_MODEL), "--data", str(data), "--output", str(out), "--steps", "4",
-         "--batch-size", "2", "--learning-rate", "1e-2", "--val-every", "2", "--save-every", "2", "--rank", "4"]
+        [
+            "train",
+            "--model",
+            str(FLOAT_MODEL),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--learning-rate",
+            "1e-2",
+            "--val-every",
+            "2",
+            "--save-every",
+            "2",
+            "--rank",
+            "4",
+        ]
     )
     err = capsys.readouterr().err
     assert code == 0, err
@@ -48,13 +68,39 @@ def test_train_generate_and_fuse(tmp_path: Path, capsys) -> None:
     assert code == 0, captured.err
     assert "generation:" in captured.err
     assert captured.out != plain, "the adapter should change the greedy answer"
-    assert vlm(["train", "fuse", "--model", str(FLOAT_MODEL), "--adapter-path", str(out), "--output",
-                str(tmp_path / "fused-float")]) == 0
+    assert (
+        vlm(
+            [
+                "train",
+                "fuse",
+                "--model",
+                str(FLOAT_MODEL),
+                "--adapter-path",
+                str(out),
+                "--output",
+                str(tmp_path / "fused-float"),
+            ]
+        )
+        == 0
+    )
     assert vlm(["generate", "--model", str(tmp_path / "fused-float"), *question]) == 0
     assert capsys.readouterr().out == captured.out  # the fused model answers as the adapter does
 
-    code = vlm(["train", "fuse", "--model", str(FLOAT_MODEL), "--adapter-path", str(out), "--output",
-                str(tmp_path / "fused"), "--quantize", "--q-group-size", "32"])
+    code = vlm(
+        [
+            "train",
+            "fuse",
+            "--model",
+            str(FLOAT_MODEL),
+            "--adapter-path",
+            str(out),
+            "--output",
+            str(tmp_path / "fused"),
+            "--quantize",
+            "--q-group-size",
+            "32",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     code = vlm(["generate", "--model", str(tmp_path / "fused"), "--prompt", "Hello", "--max-tokens", "3"])
     assert code == 0, capsys.readouterr().err
@@ -74,8 +120,18 @@ def test_standalone_script_and_resume(tmp_path: Path, capsys) -> None:
 def test_bad_samples_on_the_command_line(tmp_path: Path, capsys) -> None:
     file = write_jsonl(tmp_path / "train.jsonl", [chat("Fine?", "Yes."), chat("Where?", "There.", "gone.png")])
     out = tmp_path / "adapter"
-    args = ["train", "--model", str(FLOAT_MODEL), "--data", str(file), "--output", str(out), "--steps", "1",
-            "--no-progress"]
+    args = [
+        "train",
+        "--model",
+        str(FLOAT_MODEL),
+        "--data",
+        str(file),
+        "--output",
+        str(out),
+        "--steps",
+        "1",
+        "--no-progress",
+    ]
     code = vlm([*args, "--on-bad-sample", "error"])
     one_line_error(code, capsys.readouterr().err, f"{file}:2", "gone.png")
     assert not out.exists(), "nothing is written when the data is rejected"
@@ -98,15 +154,54 @@ def test_usage_errors_are_one_line(tmp_path: Path, capsys) -> None:
 def test_shapes_data_trains(tmp_path: Path, capsys) -> None:
     assert vlm(["train", "shapes", "--output", str(tmp_path / "shapes"), "--count", "6", "--val-count", "2"]) == 0
     assert (tmp_path / "shapes" / "train.jsonl").is_file() and (tmp_path / "shapes" / "valid.jsonl").is_file()
-    code = vlm(["train", "--model", str(FLOAT_MODEL), "--data", str(tmp_path / "shapes"), "--output",
-                str(tmp_path / "adapter"), "--steps", "2", "--no-progress", "--on-bad-sample", "error"])
+    code = vlm(
+        [
+            "train",
+            "--model",
+            str(FLOAT_MODEL),
+            "--data",
+            str(tmp_path / "shapes"),
+            "--output",
+            str(tmp_path / "adapter"),
+            "--steps",
+            "2",
+            "--no-progress",
+            "--on-bad-sample",
+            "error",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
 
 
 def test_init_refuses_a_pixel_cap_below_the_minimum(tmp_path: Path, capsys) -> None:
-    code = vlm(["train", "init", "--like", str(FLOAT_MODEL), "--output", str(tmp_path / "fresh"), "--hidden-size", "32",
-                "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate-size", "64",
-                "--vision-embed-dim", "16", "--vision-heads", "2", "--vision-depth", "1", "--max-pixels", "100"])
+    code = vlm(
+        [
+            "train",
+            "init",
+            "--like",
+            str(FLOAT_MODEL),
+            "--output",
+            str(tmp_path / "fresh"),
+            "--hidden-size",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--intermediate-size",
+            "64",
+            "--vision-embed-dim",
+            "16",
+            "--vision-heads",
+            "2",
+            "--vision-depth",
+            "1",
+            "--max-pixels",
+            "100",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--max-pixels 100 is below the processor's min_pixels 3136" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "fresh").exists()
@@ -116,9 +211,34 @@ def test_init_writes_a_fresh_model_that_trains_from_scratch(tmp_path: Path, caps
     from vlm_models import load
 
     out = tmp_path / "fresh"
-    code = vlm(["train", "init", "--like", str(FLOAT_MODEL), "--output", str(out), "--hidden-size", "32",
-                "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate-size", "64",
-                "--vision-embed-dim", "16", "--vision-heads", "2", "--vision-depth", "1", "--max-pixels", "3136"])
+    code = vlm(
+        [
+            "train",
+            "init",
+            "--like",
+            str(FLOAT_MODEL),
+            "--output",
+            str(out),
+            "--hidden-size",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--intermediate-size",
+            "64",
+            "--vision-embed-dim",
+            "16",
+            "--vision-heads",
+            "2",
+            "--vision-depth",
+            "1",
+            "--max-pixels",
+            "3136",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     model, processor = load(out)
     assert model.config.text.hidden_size == 32 and len(model.model.language_model.layers) == 1
@@ -127,10 +247,34 @@ def test_init_writes_a_fresh_model_that_trains_from_scratch(tmp_path: Path, caps
     assert large["image_grid_thw"].tolist() == [[1, 4, 4]]
     assert model.config.vision.embed_dim == 16 and model.config.mrope_section == (2, 3, 3)
     data = small_dataset(tmp_path / "data")
-    code = vlm(["train", "--model", str(out), "--data", str(data), "--output", str(tmp_path / "trained"),
-                "--fine-tune-type", "full", "--steps", "2", "--no-progress"])
+    code = vlm(
+        [
+            "train",
+            "--model",
+            str(out),
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "trained"),
+            "--fine-tune-type",
+            "full",
+            "--steps",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
-    code = vlm(["train", "fuse", "--model", str(out), "--adapter-path", str(tmp_path / "trained"), "--output",
-                str(tmp_path / "fused")])
+    code = vlm(
+        [
+            "train",
+            "fuse",
+            "--model",
+            str(out),
+            "--adapter-path",
+            str(tmp_path / "trained"),
+            "--output",
+            str(tmp_path / "fused"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert load(tmp_path / "fused")[0].config.text.hidden_size == 32

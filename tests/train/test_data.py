@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from vlm_train.data import BadSampleError, DataError, collate, encode_messages, epoch_batches, load_samples
 
 from .conftest import IMAGE, chat, write_jsonl
@@ -208,10 +209,13 @@ def test_samples_about_one_image_share_its_pixels(tmp_path):
 
     write_dataset(tmp_path, count=2, val_count=0)
     _, processor = load(str(Path(__file__).resolve().parents[1] / "fixtures" / "qwen2_vl" / "hf4"))
-    samples, _ = load_samples(tmp_path / "train.jsonl", processor, max_length=512, on_bad_sample="error",
-                              report=lambda bad: None)
-    images = [json.loads(line)["messages"][0]["content"][0]["image"]
-              for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    samples, _ = load_samples(
+        tmp_path / "train.jsonl", processor, max_length=512, on_bad_sample="error", report=lambda bad: None
+    )
+    images = [
+        json.loads(line)["messages"][0]["content"][0]["image"]
+        for line in (tmp_path / "train.jsonl").read_text().splitlines()
+    ]
     for (a, image_a), (b, image_b) in zip(zip(samples, images), zip(samples[1:], images[1:])):
         same = a.image_inputs["pixel_values"] is b.image_inputs["pixel_values"]
         assert same == (image_a == image_b)

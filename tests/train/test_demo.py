@@ -41,8 +41,19 @@ def test_shipped_demo_model_is_small_and_documented():
 def test_generate_without_model_uses_the_demo_model(capsys):
     from vlm_models.cli import main
 
-    code = main(["generate", "--image", str(EXAMPLE), "--prompt", "What shapes are in this image?",
-                 "--max-tokens", "24", "--temperature", "0"])
+    code = main(
+        [
+            "generate",
+            "--image",
+            str(EXAMPLE),
+            "--prompt",
+            "What shapes are in this image?",
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "0",
+        ]
+    )
     assert code == 0
     assert "A red circle, a blue square and a green triangle." in capsys.readouterr().out
 
@@ -64,9 +75,18 @@ def test_demo_tokenizer_keeps_the_words_whole(tmp_path):
 
 
 def test_demo_command_runs_end_to_end(tmp_path):
-    recipe = recipe_with(images=12, steps=3, warmup_steps=0, score_images=2, batch_size=4,
-                         hidden_size=32, num_hidden_layers=1, intermediate_size=64, vision_embed_dim=16,
-                         vision_depth=1)
+    recipe = recipe_with(
+        images=12,
+        steps=3,
+        warmup_steps=0,
+        score_images=2,
+        batch_size=4,
+        hidden_size=32,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        vision_embed_dim=16,
+        vision_depth=1,
+    )
     result = train_demo(tmp_path / "model", tmp_path / "work", recipe, progress=False, report=lambda m: None)
     summary = json.loads((tmp_path / "model" / "demo_score.json").read_text())
     assert summary["questions"] == result.total > 0

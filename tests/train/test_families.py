@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+
 from vlm_models import apply_chat_template, load
 from vlm_models.adapters import LoRAConfig, LoRALinear, target_paths
 from vlm_runtime.generate import prefill
@@ -76,8 +77,9 @@ def end_of_run(mask: np.ndarray, start: int) -> int:
 def test_training_loss_is_the_inference_loss(tmp_path: Path, family: str) -> None:
     model, processor = load(FIXTURES / family / "hf4")
     bad = []
-    samples, _ = load_samples(training_data(tmp_path, CONVERSATIONS), processor, max_length=4096,
-                              on_bad_sample="skip", report=bad.append)
+    samples, _ = load_samples(
+        training_data(tmp_path, CONVERSATIONS), processor, max_length=4096, on_bad_sample="skip", report=bad.append
+    )
     conversations = CONVERSATIONS
     if family in SINGLE_TURN:
         assert len(bad) == 1 and bad[0].source.endswith(":4") and "not one sequence" in bad[0].reason
@@ -110,8 +112,9 @@ def test_training_loss_is_the_inference_loss(tmp_path: Path, family: str) -> Non
     # Without images the sample is the tokenizer's own encoding of the rendered conversation (the answer is not
     # tokenized apart from its context), plus an EOS where the template writes no stop.
     text_only = samples[2].input_ids.tolist()
-    rendered = tokenizer.apply_chat_template(messages_of(CONVERSATIONS[2]), chat_template=processor.chat_template,
-                                             tokenize=False)
+    rendered = tokenizer.apply_chat_template(
+        messages_of(CONVERSATIONS[2]), chat_template=processor.chat_template, tokenize=False
+    )
     encoded = processor.token_ids(rendered)
     assert text_only in (encoded, encoded + [tokenizer.eos_token_id])
 
@@ -123,8 +126,17 @@ def test_a_few_lora_steps_on_image_samples_cut_the_loss(tmp_path: Path, family: 
     data = training_data(tmp_path, CONVERSATIONS[:3])
     path = FIXTURES / family / "hf4"
     lora = LoRAConfig(targets=("language", "vision", "projector"))
-    config = TrainingConfig(model=str(path), train_data=str(data), output=str(tmp_path / "out"), steps=8,
-                            batch_size=3, learning_rate=1e-2, lr_schedule="constant", lora=lora, progress=False)
+    config = TrainingConfig(
+        model=str(path),
+        train_data=str(data),
+        output=str(tmp_path / "out"),
+        steps=8,
+        batch_size=3,
+        learning_rate=1e-2,
+        lr_schedule="constant",
+        lora=lora,
+        progress=False,
+    )
     model, processor = load(path)
     vision = set(target_paths(model, LoRAConfig(targets=("vision",))))
     assert vision

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from vlm_models import load
 from vlm_models.adapters import AdapterError, LoRAConfig, LoRALinear, apply_lora, fuse_lora, target_paths
 

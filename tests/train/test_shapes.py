@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from vlm_train.shapes import COLOURS, KINDS, QUADRANTS, questions, random_scene, render, write_dataset
 
 
@@ -75,7 +76,7 @@ def _read_scene(image) -> dict[str, tuple[str, str]]:
         inset = int(half * 0.2)
 
         def filled(y: int, x: int) -> bool:
-            return bool(np.abs(pixels[top + y, left + x] - COLOURS[colour]).max() < 10)
+            return bool(np.abs(pixels[top + y, left + x] - COLOURS[colour]).max() < 10)  # noqa: B023
 
         if filled(inset, inset):
             kind = "square"

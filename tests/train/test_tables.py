@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.ipc
 import pyarrow.parquet as pq
 import pytest
+
 from vlm_train.data import BadSampleError, load_samples, resolve_data_files
 from vlm_train.tables import TableColumns
 
@@ -31,8 +32,9 @@ def qa_table(n: int = 4) -> pa.Table:
 
 
 def _load(path: Path, processor, **kwargs):
-    return load_samples(path, processor, max_length=500, on_bad_sample=kwargs.pop("policy", "error"),
-                        report=lambda bad: None, **kwargs)
+    return load_samples(
+        path, processor, max_length=500, on_bad_sample=kwargs.pop("policy", "error"), report=lambda bad: None, **kwargs
+    )
 
 
 def test_parquet_with_image_and_text_columns(tmp_path: Path, float_processor) -> None:
@@ -114,7 +116,23 @@ def test_train_on_parquet_from_the_command_line(tmp_path: Path, capsys) -> None:
     from .conftest import FLOAT_MODEL
 
     pq.write_table(qa_table().rename_columns(["image", "ask", "reply"]), tmp_path / "train.parquet")
-    code = vlm(["train", "--model", str(FLOAT_MODEL), "--data", str(tmp_path / "train.parquet"), "--question-column",
-                "ask", "--answer-column", "reply", "--output", str(tmp_path / "out"), "--steps", "2", "--no-progress"])
+    code = vlm(
+        [
+            "train",
+            "--model",
+            str(FLOAT_MODEL),
+            "--data",
+            str(tmp_path / "train.parquet"),
+            "--question-column",
+            "ask",
+            "--answer-column",
+            "reply",
+            "--output",
+            str(tmp_path / "out"),
+            "--steps",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "adapters.safetensors").is_file()

@@ -4,6 +4,7 @@ validation do what they claim; resume continues exactly."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,6 +12,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+
 from vlm_models import load
 from vlm_models.adapters import LoRAConfig, LoRALinear
 from vlm_train.config import QuantizationConfig, TrainingConfig
@@ -22,8 +24,12 @@ from .conftest import FLOAT_MODEL, QUANTIZED_MODEL, probe_logits, small_dataset
 
 def make_trainer(tmp_path: Path, model_path: Path = FLOAT_MODEL, **overrides) -> Trainer:
     values = dict(
-        model=str(model_path), output=str(tmp_path / "out"), steps=12, batch_size=2,
-        learning_rate=1e-2, progress=False,
+        model=str(model_path),
+        output=str(tmp_path / "out"),
+        steps=12,
+        batch_size=2,
+        learning_rate=1e-2,
+        progress=False,
     )
     values.update(overrides)
     if "train_data" not in values:
@@ -129,9 +135,9 @@ def test_warmup_then_cosine_decay(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, steps=10, warmup_steps=4, learning_rate=1e-3)
     result = trainer.run()
     rates = [h["learning_rate"] for h in result.history]
-    assert all(a < b for a, b in zip(rates[:4], rates[1:5])), rates
+    assert all(a < b for a, b in itertools.pairwise(rates[:5])), rates
     assert rates[4] == pytest.approx(1e-3)
-    assert all(a > b for a, b in zip(rates[4:], rates[5:])), rates
+    assert all(a > b for a, b in itertools.pairwise(rates[4:])), rates
 
 
 def test_validation_runs_every_n_steps(tmp_path: Path) -> None:
@@ -154,14 +160,10 @@ def test_resume_continues_from_the_same_step_and_loss(tmp_path: Path) -> None:
     straight = make_trainer(tmp_path / "a", steps=6, save_every=3, lora=lora).run()
     checkpoint = tmp_path / "a" / "out" / "checkpoints" / "step_0000003"
     assert (checkpoint / "optimizer.safetensors").is_file()
-    resumed_trainer = make_trainer(
-        tmp_path / "b", steps=6, save_every=3, lora=lora, resume_from=str(checkpoint)
-    )
+    resumed_trainer = make_trainer(tmp_path / "b", steps=6, save_every=3, lora=lora, resume_from=str(checkpoint))
     resumed = resumed_trainer.run()
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose(
-        [h["loss"] for h in resumed.history], [h["loss"] for h in straight.history], rtol=1e-5
-    )
+    np.testing.assert_allclose([h["loss"] for h in resumed.history], [h["loss"] for h in straight.history], rtol=1e-5)
     a = mx.load(str(tmp_path / "a" / "out" / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "b" / "out" / "adapters.safetensors"))
     assert a.keys() == b.keys()

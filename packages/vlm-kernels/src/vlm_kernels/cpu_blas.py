@@ -85,8 +85,17 @@ def _build_shim(openblas: str, compiler: str) -> Path:
         source = Path(work) / "shim.c"
         source.write_text(_SHIM_SOURCE)
         built = Path(work) / target.name
-        command = [compiler, "-O2", "-shared", "-fPIC", "-o", str(built), str(source), openblas,
-                   f"-Wl,-rpath,{os.path.dirname(openblas)}"]
+        command = [
+            compiler,
+            "-O2",
+            "-shared",
+            "-fPIC",
+            "-o",
+            str(built),
+            str(source),
+            openblas,
+            f"-Wl,-rpath,{os.path.dirname(openblas)}",
+        ]
         subprocess.run(command, check=True, capture_output=True, timeout=60)
         os.replace(built, target)  # atomic: a concurrent process sees the old state or the whole file
     return target

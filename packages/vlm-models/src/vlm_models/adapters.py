@@ -13,9 +13,10 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -88,7 +89,7 @@ class LoRAConfig:
         return {**asdict(self), "targets": list(self.targets), "modules": list(self.modules)}
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "LoRAConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> LoRAConfig:
         known = {k: values[k] for k in ("rank", "alpha", "dropout") if k in values}
         for key in ("targets", "modules"):
             if key in values:
@@ -111,7 +112,7 @@ class LoRALinear(nn.Module):
         self.lora_b = mx.zeros((rank, out_dims))
 
     @classmethod
-    def from_base(cls, linear: nn.Module, rank: int = 8, scale: float = 2.0, dropout: float = 0.0) -> "LoRALinear":
+    def from_base(cls, linear: nn.Module, rank: int = 8, scale: float = 2.0, dropout: float = 0.0) -> LoRALinear:
         return cls(linear, rank, scale, dropout)
 
     def delta_weight(self) -> mx.array:
@@ -229,7 +230,7 @@ def load_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
     """Apply the adapter in ``adapter_path`` to ``model`` in place (LoRA layers wrapped, or full weights
     replaced). Every stored tensor must fit the model; a mismatch names the first key at fault."""
     folder = Path(adapter_path)
-    kind, lora, values = read_adapter_config(folder)
+    _kind, lora, values = read_adapter_config(folder)
     file = folder / ADAPTER_WEIGHTS_FILE
     if not file.is_file():
         raise AdapterError(f"{folder} has no {ADAPTER_WEIGHTS_FILE}")

@@ -10,8 +10,9 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Sequence
 from importlib.metadata import entry_points
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -39,9 +40,7 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--adapter-path", default=None, help="folder with adapters.safetensors from `vlm train`")
     parser.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
-    parser.add_argument(
-        "--video", action="append", default=[], help="video file, folder of frame images (repeatable)"
-    )
+    parser.add_argument("--video", action="append", default=[], help="video file, folder of frame images (repeatable)")
     parser.add_argument("--video-fps", type=float, default=None, help="frames taken per second of video")
     parser.add_argument("--video-num-frames", type=int, default=None, help="take exactly this many frames")
     parser.add_argument("--video-max-frames", type=int, default=None, help="take at most this many frames")
@@ -88,9 +87,7 @@ def _load_and_format(args: argparse.Namespace) -> tuple[Any, Any, str]:
         from .demo import demo_model_path
 
         args.model = str(demo_model_path())
-    model, processor = load(
-        args.model, adapter_path=args.adapter_path, trust_remote_code=args.trust_remote_code
-    )
+    model, processor = load(args.model, adapter_path=args.adapter_path, trust_remote_code=args.trust_remote_code)
     if args.video and not processor.supports_video:
         raise CommandError(f"{args.model}: this model does not take video input (--video)")
     prompt = apply_chat_template(
@@ -185,6 +182,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     import mlx.core as mx
+
     from vlm_runtime import stream_generate
 
     model, processor, prompt = _load_and_format(args)
@@ -198,7 +196,7 @@ def _bench(args: argparse.Namespace) -> None:
             mx.eval(model.embed_prompt(**inputs).inputs_embeds)
             vision_s = time.perf_counter() - tic
         last = None
-        for last in stream_generate(
+        for last in stream_generate(  # noqa: B007
             model,
             processor,
             prompt,
@@ -214,12 +212,16 @@ def _bench(args: argparse.Namespace) -> None:
         assert last is not None
         if run >= args.warmup:
             rows.append((vision_s, last.prompt_tps, last.generation_tps, last.peak_memory, last.generation_tokens))
-    print(f"model: {args.model} | prompt tokens: {int(inputs['input_ids'].size)} | images: {len(args.image)} | videos: {len(args.video)}")
+    print(
+        f"model: {args.model} | prompt tokens: {int(inputs['input_ids'].size)} | images: {len(args.image)} | videos: {len(args.video)}"
+    )
     print("run  vision_s  prompt_tok/s  gen_tok/s  peak_GB  gen_tokens")
     for i, (v, p, g, m, n) in enumerate(rows):
         print(f"{i:>3}  {v:8.4f}  {p:12.1f}  {g:9.1f}  {m:7.3f}  {n:10d}")
     mid = sorted(rows, key=lambda r: r[2])[len(rows) // 2]
-    print(f"median: vision {mid[0]:.4f} s | prompt {mid[1]:.1f} tok/s | generation {mid[2]:.1f} tok/s | peak {mid[3]:.3f} GB")
+    print(
+        f"median: vision {mid[0]:.4f} s | prompt {mid[1]:.1f} tok/s | generation {mid[2]:.1f} tok/s | peak {mid[3]:.3f} GB"
+    )
 
 
 _SIZE_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
@@ -243,19 +245,41 @@ def _add_convert_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-path", required=True, help="source: local folder or Hugging Face repo id, any layout")
     parser.add_argument("--mlx-path", required=True, help="new folder for the MLX-community layout")
     parser.add_argument("--revision", default=None, help="of a Hugging Face repo id")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                        help="cast floating-point weights (default: keep the checkpoint's)")
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="cast floating-point weights (default: keep the checkpoint's)",
+    )
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize linear and embedding layers")
-    parser.add_argument("--q-bits", type=int, choices=[2, 3, 4, 6, 8], default=None,
-                        help="bits per weight (affine: default 4; fixed by the fp modes)")
-    parser.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=None,
-                        help="weights sharing a scale (affine: default 64; mxfp4/mxfp8 fix 32, nvfp4 16)")
-    parser.add_argument("--q-mode", choices=["affine", "mxfp4", "mxfp8", "nvfp4"], default=None,
-                        help="quantization format (default affine)")
+    parser.add_argument(
+        "--q-bits",
+        type=int,
+        choices=[2, 3, 4, 6, 8],
+        default=None,
+        help="bits per weight (affine: default 4; fixed by the fp modes)",
+    )
+    parser.add_argument(
+        "--q-group-size",
+        type=int,
+        choices=[32, 64, 128],
+        default=None,
+        help="weights sharing a scale (affine: default 64; mxfp4/mxfp8 fix 32, nvfp4 16)",
+    )
+    parser.add_argument(
+        "--q-mode",
+        choices=["affine", "mxfp4", "mxfp8", "nvfp4"],
+        default=None,
+        help="quantization format (default affine)",
+    )
     parser.add_argument("--skip-vision", action="store_true", help="with -q: keep the vision tower in float")
     parser.add_argument("--dequantize", action="store_true", help="turn a quantized checkpoint back into float")
-    parser.add_argument("--max-shard-size", type=_shard_size, default="5GB",
-                        help="largest safetensors shard, e.g. 5GB, 512MB (default 5GB)")
+    parser.add_argument(
+        "--max-shard-size",
+        type=_shard_size,
+        default="5GB",
+        help="largest safetensors shard, e.g. 5GB, 512MB (default 5GB)",
+    )
     parser.add_argument("--verbose", action="store_true", help="print tracebacks")
 
 
@@ -266,8 +290,16 @@ def _convert(args: argparse.Namespace) -> None:
     if args.quantize:
         quantize = QuantizeOptions.for_mode(args.q_mode or "affine", args.q_bits, args.q_group_size)
     else:
-        given = [flag for flag, value in (("--q-bits", args.q_bits), ("--q-group-size", args.q_group_size),
-                                          ("--q-mode", args.q_mode), ("--skip-vision", args.skip_vision)) if value]
+        given = [
+            flag
+            for flag, value in (
+                ("--q-bits", args.q_bits),
+                ("--q-group-size", args.q_group_size),
+                ("--q-mode", args.q_mode),
+                ("--skip-vision", args.skip_vision),
+            )
+            if value
+        ]
         if given:
             raise CommandError(f"without -q there is nothing to quantize: drop {', '.join(given)} or add -q")
     options = ConvertOptions(

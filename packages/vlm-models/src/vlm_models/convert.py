@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -350,7 +351,9 @@ def _check_destination(source: Path, destination: Path) -> None:
         raise ConvertError(f"--mlx-path {destination} already exists and is not empty; choose a new folder")
 
 
-def convert(source: str | os.PathLike[str], destination: str | os.PathLike[str], options: ConvertOptions) -> ConvertReport:
+def convert(
+    source: str | os.PathLike[str], destination: str | os.PathLike[str], options: ConvertOptions
+) -> ConvertReport:
     """Read ``source`` (a local folder or Hugging Face repo id, in any layout ``load`` reads) and write it to
     ``destination`` in the MLX-community layout, cast, quantized or dequantized as ``options`` ask."""
     from .loading import load_config, load_model, resolve_model_path

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -211,7 +212,9 @@ def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, tr
         tokenizer,
         image_processor,
         image_token=arch.image_token,
-        chat_template=load_chat_template(path) or getattr(tokenizer, "chat_template", None) or arch.default_chat_template,
+        chat_template=load_chat_template(path)
+        or getattr(tokenizer, "chat_template", None)
+        or arch.default_chat_template,
         eos_token_ids=eos,
         video_processor=video_processor,
         video_token=arch.video_token,

@@ -7,8 +7,9 @@ torch.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import mlx.core as mx
 import numpy as np

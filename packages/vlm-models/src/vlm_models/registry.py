@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = [
-    "Architecture", "ARCHITECTURES", "VISION_VARIANTS", "architecture_for", "architecture_of", "UnsupportedModelError"
+    "Architecture",
+    "ARCHITECTURES",
+    "VISION_VARIANTS",
+    "architecture_for",
+    "architecture_of",
+    "UnsupportedModelError",
 ]
 
 

@@ -77,7 +77,9 @@ class Video:
         """A video holding all of ``frames`` ((T, H, W, 3) uint8), captured at ``fps``."""
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise VideoLoadError(f"video frames must be a (frames, height, width, 3) uint8 array, got {frames.dtype} {frames.shape}")
+            raise VideoLoadError(
+                f"video frames must be a (frames, height, width, 3) uint8 array, got {frames.dtype} {frames.shape}"
+            )
         if len(frames) == 0:
             raise VideoLoadError("a video needs at least one frame")
         _check_fps(fps, "video")
@@ -95,7 +97,7 @@ class Video:
         return self.frames[positions]
 
 
-VideoSource = Union[Video, str, Path, bytes, Sequence[Union[str, Path]]]
+VideoSource = Union[Video, str, Path, bytes, Sequence[str | Path]]  # noqa: UP007
 
 
 def read_video(source: VideoSource, *, fps: float | None = None, select: FrameSelection | None = None) -> Video:
@@ -186,8 +188,13 @@ def _read_file(file: str | io.BytesIO, path: str, select: FrameSelection | None)
             container.seek(0)
             wanted, frames = set(indices.tolist()), []
             # Every frame up to the last wanted one is decoded: a progress bar where that takes a while.
-            progress = tqdm(total=int(indices[-1]) + 1, desc="decoding video", unit="frame", leave=False,
-                            disable=indices[-1] < LONG_VIDEO_FRAMES)
+            progress = tqdm(
+                total=int(indices[-1]) + 1,
+                desc="decoding video",
+                unit="frame",
+                leave=False,
+                disable=indices[-1] < LONG_VIDEO_FRAMES,
+            )
             with progress:
                 for i, frame in enumerate(container.decode(stream)):
                     if i > indices[-1]:

@@ -10,12 +10,14 @@ which also carries each row's rotary position, so a row's tokens are what it wou
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import mlx.core as mx
 
 from .cache import BatchKVCache, Cache, batch_cache_like, can_batch
+from .cache_settings import CacheSettings, make_prompt_cache
 from .generate import (
     GenerationConfig,
     GenerationResult,
@@ -26,7 +28,6 @@ from .generate import (
     generation_settings,
     prefill,
 )
-from .cache_settings import CacheSettings, make_prompt_cache
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
 from .sampling import LogitsProcessor, Sampler, SamplingParams, greedy, make_logits_processors, make_sampler
 from .text_output import TextOutput
@@ -220,7 +221,9 @@ class BatchGenerator:
             cache = [batch_cache_like(layer, padding) for layer in layers]
         logits = prefill(self.model, prompt, cache, self.prefill_step_size)
         chosen = {
-            i: pair for i, (row, _) in enumerate(group) if (pair := self._choose_or_fail(row, logits, i, events)) is not None
+            i: pair
+            for i, (row, _) in enumerate(group)
+            if (pair := self._choose_or_fail(row, logits, i, events)) is not None
         }
         if not chosen:
             return []
@@ -332,9 +335,7 @@ class BatchGenerator:
         return self._event(row, token, lp, finish, delta.text, delta.reasoning)
 
     @staticmethod
-    def _event(
-        row: _Row, token: int, lp: Any, finish: str | None, text: str = "", reasoning: str = ""
-    ) -> BatchEvent:
+    def _event(row: _Row, token: int, lp: Any, finish: str | None, text: str = "", reasoning: str = "") -> BatchEvent:
         chosen, top = lp if lp is not None else (None, ())
         return BatchEvent(
             uid=row.uid,

@@ -14,7 +14,8 @@ with ``make_cache()``; the generation loop only relies on the protocol below.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import mlx.core as mx
 
@@ -67,7 +68,7 @@ class Cache(Protocol):
         ...
 
     @classmethod
-    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> "Cache": ...
+    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> Cache: ...
 
     def is_trimmable(self) -> bool: ...
 
@@ -197,7 +198,7 @@ class KVCache(_StoresFloat, _AppendOnly):
         return {"offset": str(self.offset)}
 
     @classmethod
-    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> "KVCache":
+    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> KVCache:
         return cls()._restore(state, meta_state)
 
     def _restore(self, state: list[mx.array], meta_state: dict[str, str]) -> Any:
@@ -312,7 +313,7 @@ class RotatingKVCache(_StoresFloat):
         return {"offset": str(self.offset), "max_size": str(self.max_size)}
 
     @classmethod
-    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> "RotatingKVCache":
+    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> RotatingKVCache:
         offset, max_size = _meta_ints(meta_state, "offset", "max_size")
         cache = cls(max_size)
         if state:
@@ -493,9 +494,7 @@ class QuantizedKVCache(_AppendOnly):
     ) -> mx.array:
         stored_keys, stored_values = self.update_and_fetch(keys, values)
         if self.float_fallback is not None:
-            return mx.fast.scaled_dot_product_attention(
-                queries, stored_keys, stored_values, scale=scale, mask=mask
-            )
+            return mx.fast.scaled_dot_product_attention(queries, stored_keys, stored_values, scale=scale, mask=mask)
         return quantized_attention(
             queries,
             self.keys,
@@ -527,7 +526,7 @@ class QuantizedKVCache(_AppendOnly):
         }
 
     @classmethod
-    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> "QuantizedKVCache":
+    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> QuantizedKVCache:
         offset, bits, group_size = _meta_ints(meta_state, "offset", "bits", "group_size")
         cache = cls(bits, group_size)
         if meta_state.get("storage") == "float":
@@ -581,7 +580,7 @@ class ArraysCache:
         return {"offset": str(self.offset), "size": str(len(self.slots)), "filled": ",".join(filled)}
 
     @classmethod
-    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> "ArraysCache":
+    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> ArraysCache:
         offset, size = _meta_ints(meta_state, "offset", "size")
         filled = [int(i) for i in meta_state["filled"].split(",") if i]
         if len(filled) != len(state):
@@ -652,14 +651,12 @@ class _LeftPadded:
         """Take ``parts`` (as ``_parts`` gives them) as the whole content, with room to grow."""
         raise NotImplementedError
 
-    def _empty(self, left_padding: Sequence[int]) -> "_LeftPadded":
+    def _empty(self, left_padding: Sequence[int]) -> _LeftPadded:
         """A new, empty batch of the same kind and settings."""
         raise NotImplementedError
 
     # -- masks
-    def _padded_mask(
-        self, n_queries: int, dtype: mx.Dtype, window: int | None = None, dropped: int = 0
-    ) -> mx.array:
+    def _padded_mask(self, n_queries: int, dtype: mx.Dtype, window: int | None = None, dropped: int = 0) -> mx.array:
         """Causal, within ``window`` keys where given, and blind to each row's padding: (batch, 1, n_queries,
         n_keys), additive with a finite minimum so that a query row that is all padding averages its keys
         instead of producing NaN. ``dropped``: leading columns the next update removes before it attends."""
@@ -676,7 +673,7 @@ class _LeftPadded:
 
     # -- joining and leaving
     @classmethod
-    def merge(cls, caches: Sequence[Any]) -> "_LeftPadded":
+    def merge(cls, caches: Sequence[Any]) -> _LeftPadded:
         """One batch of all the rows of ``caches`` (single or batched caches of one kind), right-aligned:
         shorter rows get extra left padding, and their position delta drops by as much since the shared offset
         grows. Plain caches become a ``BatchKVCache``, sliding windows a ``BatchRotatingKVCache``, quantized
@@ -764,7 +761,7 @@ class BatchKVCache(_LeftPadded, KVCache):
         self.keys, self.values = (_with_room(p[..., :offset, :], capacity) for p in parts)
         self.offset = offset
 
-    def _empty(self, left_padding: Sequence[int]) -> "BatchKVCache":
+    def _empty(self, left_padding: Sequence[int]) -> BatchKVCache:
         return BatchKVCache(left_padding)
 
     def make_mask(self, n_queries: int, dtype: mx.Dtype) -> mx.array | str | None:
@@ -786,7 +783,7 @@ class BatchKVCache(_LeftPadded, KVCache):
         return cache
 
     @classmethod
-    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> "BatchKVCache":
+    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> BatchKVCache:
         return cls(cls._padding_of(meta_state))._restore_padded(state, meta_state)
 
     def __repr__(self) -> str:
@@ -823,7 +820,7 @@ class BatchRotatingKVCache(BatchKVCache):
             return KVCache.make_mask(self, n_queries, dtype)  # every stored key is inside every window
         return self._padded_mask(n_queries, dtype, window=self.max_size, dropped=stale)
 
-    def _empty(self, left_padding: Sequence[int]) -> "BatchRotatingKVCache":
+    def _empty(self, left_padding: Sequence[int]) -> BatchRotatingKVCache:
         return BatchRotatingKVCache(left_padding, self.max_size)
 
     def extract(self, row: int) -> KVCache:
@@ -840,7 +837,7 @@ class BatchRotatingKVCache(BatchKVCache):
         return {**super().meta_state, "max_size": str(self.max_size)}
 
     @classmethod
-    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> "BatchRotatingKVCache":
+    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> BatchRotatingKVCache:
         (max_size,) = _meta_ints(meta_state, "max_size")
         return cls(cls._padding_of(meta_state), max_size)._restore_padded(state, meta_state)
 
@@ -876,7 +873,7 @@ class BatchQuantizedKVCache(_LeftPadded, QuantizedKVCache):
         if getattr(self, "float_fallback", None) is not None:
             self.float_fallback._set_padding(left_padding)
 
-    def _empty(self, left_padding: Sequence[int]) -> "BatchQuantizedKVCache":
+    def _empty(self, left_padding: Sequence[int]) -> BatchQuantizedKVCache:
         return BatchQuantizedKVCache(left_padding, self.bits, self.group_size)
 
     def make_mask(self, n_queries: int, dtype: mx.Dtype) -> mx.array | str | None:
@@ -889,7 +886,7 @@ class BatchQuantizedKVCache(_LeftPadded, QuantizedKVCache):
         return {**QuantizedKVCache.meta_state.fget(self), **_LeftPadded.meta_state.fget(self)}  # type: ignore[attr-defined]
 
     @classmethod
-    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> "BatchQuantizedKVCache":
+    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> BatchQuantizedKVCache:
         bits, group_size = _meta_ints(meta_state, "bits", "group_size")
         cache = cls(cls._padding_of(meta_state), bits, group_size)
         if meta_state.get("storage") == "float":
@@ -938,7 +935,7 @@ class _Rows:
         return 0 if self.parts is None else self.parts[0].shape[2]
 
     @classmethod
-    def of(cls, cache: Any) -> "_Rows":
+    def of(cls, cache: Any) -> _Rows:
         if isinstance(cache, QuantizedKVCache) and cache.float_fallback is not None:
             # Keys that could not be quantized are plain rows (batched alike with the other such layers).
             rows = cls.of(cache.float_fallback)
@@ -946,9 +943,14 @@ class _Rows:
                 rows.delta = _per_row(cache.position_delta, len(rows.padding))
             return rows
         if not can_batch(cache):
-            raise TypeError(f"can only batch KVCache, RotatingKVCache and QuantizedKVCache layers, got {type(cache).__name__}")
+            raise TypeError(
+                f"can only batch KVCache, RotatingKVCache and QuantizedKVCache layers, got {type(cache).__name__}"
+            )
         template = batch_cache_like(cache, [])
-        kind: tuple = (type(template).__name__, *(getattr(template, a) for a in ("max_size", "bits", "group_size") if hasattr(template, a)))
+        kind: tuple = (
+            type(template).__name__,
+            *(getattr(template, a) for a in ("max_size", "bits", "group_size") if hasattr(template, a)),
+        )
         state = cache.state
         if not state:
             return cls(None, [], mx.zeros((0,), mx.int32), template._empty, kind)

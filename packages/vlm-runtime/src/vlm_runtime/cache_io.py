@@ -8,8 +8,8 @@ the file names a class, it never says what to import.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import mlx.core as mx
 
@@ -53,9 +53,7 @@ def register_cache_class(cls: type) -> type:
     return cls
 
 
-def save_prompt_cache(
-    path: str | Path, cache: list[Cache], metadata: Mapping[str, str] | None = None
-) -> None:
+def save_prompt_cache(path: str | Path, cache: list[Cache], metadata: Mapping[str, str] | None = None) -> None:
     """Write ``cache`` and the string-to-string ``metadata`` to the safetensors file ``path``."""
     path = Path(path)
     if path.suffix != ".safetensors":

@@ -88,10 +88,7 @@ def _convert(layer: Cache, settings: CacheSettings) -> Cache | None:
     assert settings.kv_bits is not None
     if type(layer) is KVCache:
         return QuantizedKVCache(settings.kv_bits, settings.kv_group_size)
-    if (
-        type(layer) is QuantizedKVCache
-        and (layer.bits, layer.group_size) == (settings.kv_bits, settings.kv_group_size)
-    ):
+    if type(layer) is QuantizedKVCache and (layer.bits, layer.group_size) == (settings.kv_bits, settings.kv_group_size):
         return layer
     return None
 

@@ -9,7 +9,7 @@ length of the text.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["StreamingDetokenizer"]
 

@@ -14,8 +14,9 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
 
 import mlx.core as mx
 

@@ -7,8 +7,9 @@ Double buffering: while Python hands token n to the caller, the device already c
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -101,9 +102,7 @@ def _slice_positions(position_ids: mx.array | None, start: int, stop: int) -> mx
     return None if position_ids is None else position_ids[..., start:stop]
 
 
-def prefill(
-    model: GenerativeModel, prompt: PromptEmbedding, cache: list[Cache], step_size: int
-) -> mx.array:
+def prefill(model: GenerativeModel, prompt: PromptEmbedding, cache: list[Cache], step_size: int) -> mx.array:
     """Run the prompt through the decoder in chunks of ``step_size`` tokens; return the last position's logits.
 
     Chunking bounds the attention scores' memory on long prompts; evaluating each chunk before building the

@@ -9,8 +9,9 @@ the image, so a prefix that came with media is reused only by a request with the
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import mlx.core as mx
 
@@ -58,11 +59,7 @@ class PromptCache:
         self, model: Any, settings: CacheSettings, tokens: list[int], media: str | None
     ) -> tuple[list[Cache], int]:
         """Layers to generate ``tokens`` with, and how many leading tokens they already hold."""
-        reusable = (
-            self.layers is not None
-            and self.settings == settings
-            and (self.media is None or self.media == media)
-        )
+        reusable = self.layers is not None and self.settings == settings and (self.media is None or self.media == media)
         # At least one prompt token must be computed: its logits give the first generated token.
         common = min(_common_prefix(self.tokens, tokens), len(tokens) - 1) if reusable else 0
         if common > 0 and self._trim_to(common):
@@ -105,7 +102,7 @@ class PromptCache:
         save_prompt_cache(path, self.layers, {**(metadata or {}), _METADATA_KEY: json.dumps(own)})
 
     @classmethod
-    def load(cls, path: str | Path) -> tuple["PromptCache", dict[str, str]]:
+    def load(cls, path: str | Path) -> tuple[PromptCache, dict[str, str]]:
         layers, metadata = load_prompt_cache(path)
         raw = metadata.pop(_METADATA_KEY, None)
         if raw is None:

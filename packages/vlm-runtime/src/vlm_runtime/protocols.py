@@ -3,8 +3,9 @@ from; the runtime never imports a model package."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import mlx.core as mx
 

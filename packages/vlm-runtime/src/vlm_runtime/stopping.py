@@ -29,7 +29,7 @@ class StopStrings:
     some stop string), so only ``tail + piece`` needs searching.
     """
 
-    __slots__ = ("_stops", "_held", "_matched")
+    __slots__ = ("_held", "_matched", "_stops")
 
     def __init__(self, stops: str | Iterable[str]) -> None:
         # A bare string is one stop string, not a set of characters.

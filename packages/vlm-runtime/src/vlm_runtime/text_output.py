@@ -5,8 +5,8 @@ One ``TextOutput`` per request; the single-stream loop and the batching engine b
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from .detokenizer import StreamingDetokenizer
 from .stopping import StopStrings

@@ -6,8 +6,8 @@ once spent, the runtime writes ``\\n`` and the end token itself, and the model c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 __all__ = ["ThinkingConfig", "ThinkingTokens", "ThinkingBudget", "resolve_thinking_tokens", "prompt_opens_thinking"]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -88,9 +89,7 @@ class VisionFeatureCache:
             self._misses = 0
 
     def __repr__(self) -> str:
-        return (
-            f"VisionFeatureCache(entries={len(self)}/{self._max_entries}, hits={self._hits}, misses={self._misses})"
-        )
+        return f"VisionFeatureCache(entries={len(self)}/{self._max_entries}, hits={self._hits}, misses={self._misses})"
 
 
 def content_key(*parts: Any) -> str:
@@ -120,7 +119,11 @@ def model_identity(owner: Any, weights: Sequence[mx.array], *parts: Any) -> str:
     memo = getattr(owner, _IDENTITY_ATTRIBUTE, None)
     if memo is not None:
         old_weights, old_parts, key = memo
-        if old_parts == parts and len(old_weights) == len(weights) and all(a is b for a, b in zip(old_weights, weights)):
+        if (
+            old_parts == parts
+            and len(old_weights) == len(weights)
+            and all(a is b for a, b in zip(old_weights, weights))
+        ):
             return key
     key = content_key(*parts, list(weights))
     # object.__setattr__: an nn.Module would take a tuple of arrays for parameters.

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, AsyncIterator, Literal
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -91,8 +92,6 @@ class CountTokensRequest(_Open):
     thinking: ThinkingOption | None = None
 
 
-
-
 def to_chat_request(body: MessagesRequest | CountTokensRequest) -> ChatRequest:
     tools = []
     for tool in body.tools or []:
@@ -116,8 +115,14 @@ def to_chat_request(body: MessagesRequest | CountTokensRequest) -> ChatRequest:
                     raise APIError(400, "tool_use blocks belong in assistant messages and need a name")
                 calls.append({"id": block.id or "", "name": block.name, "arguments": block.input or {}})
             elif block.type == "tool_result":
-                result = block.content if isinstance(block.content, str) else "".join(
-                    b.get("text", "") for b in block.content or [] if isinstance(b, dict) and b.get("type") == "text"
+                result = (
+                    block.content
+                    if isinstance(block.content, str)
+                    else "".join(
+                        b.get("text", "")
+                        for b in block.content or []
+                        if isinstance(b, dict) and b.get("type") == "text"
+                    )
                 )
                 if block.is_error:
                     result = f"Error: {result}"
@@ -184,7 +189,6 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
     return {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
 
 
-
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
     loaded = await request.app.state.engine.get(body.model)
     prepared = await prepare(loaded, to_chat_request(body), request.app.state.settings)
@@ -249,7 +253,13 @@ async def _stream(
         if open_kind != kind:
             if open_kind is not None:
                 out.append(stop_block())
-            out.append(start({"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else {"type": "text", "text": ""}))
+            out.append(
+                start(
+                    {"type": "thinking", "thinking": "", "signature": ""}
+                    if kind == "thinking"
+                    else {"type": "text", "text": ""}
+                )
+            )
         if kind == "thinking":
             out.append(delta({"type": "thinking_delta", "thinking": piece}))
         else:
@@ -258,13 +268,22 @@ async def _stream(
         return out
 
     try:
-        yield sse({
-            "type": "message_start",
-            "message": {
-                "id": message_id, "type": "message", "role": "assistant", "model": loaded.model_id, "content": [],
-                "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
+        yield sse(
+            {
+                "type": "message_start",
+                "message": {
+                    "id": message_id,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": loaded.model_id,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
+                },
             },
-        }, "message_start")
+            "message_start",
+        )
         async for event in stream:
             error = failure(event)
             if error is not None:
@@ -292,11 +311,14 @@ async def _stream(
                 if open_kind is not None:
                     yield stop_block()
                 stop_reason, stop_sequence = _stop(event, used_tools)
-                yield sse({
-                    "type": "message_delta",
-                    "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                    "usage": {"output_tokens": event.generation_tokens},
-                }, "message_delta")
+                yield sse(
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                        "usage": {"output_tokens": event.generation_tokens},
+                    },
+                    "message_delta",
+                )
                 yield sse({"type": "message_stop"}, "message_stop")
     finally:
         stream.cancel()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import secrets
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -158,7 +159,9 @@ class _Guard:
 
         key = self.settings.api_key
         if key is not None and path not in OPEN_PATHS and not _authorized(scope, key):
-            await _reply(counting_send, 401, "invalid or missing API key (Authorization: Bearer <key> or x-api-key)", path)
+            await _reply(
+                counting_send, 401, "invalid or missing API key (Authorization: Bearer <key> or x-api-key)", path
+            )
             return
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
@@ -191,9 +194,19 @@ class _Guard:
         await self.app(scope, replay, counting_send)
 
 
-_KNOWN = frozenset({
-    "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/v1/models", "/models", "/health", "/metrics", "/unload",
-})
+_KNOWN = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/responses",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/models",
+        "/models",
+        "/health",
+        "/metrics",
+        "/unload",
+    }
+)
 
 
 def _authorized(scope: Scope, key: str) -> bool:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["add_arguments", "main", "register"]
 
@@ -14,31 +15,45 @@ EXIT_USAGE = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="model to preload (local folder or Hugging Face repo id); "
-                        "without it the first request's model is loaded, one at a time")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model to preload (local folder or Hugging Face repo id); "
+        "without it the first request's model is loaded, one at a time",
+    )
     parser.add_argument("--adapter-path", default=None)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--api-key", default=os.environ.get("VLM_API_KEY"), help="require this key (default: $VLM_API_KEY)")
+    parser.add_argument(
+        "--api-key", default=os.environ.get("VLM_API_KEY"), help="require this key (default: $VLM_API_KEY)"
+    )
     parser.add_argument("--max-concurrency", type=int, default=32, help="requests decoded together")
     parser.add_argument("--max-tokens-limit", type=int, default=4096, help="cap on a request's max_tokens")
-    parser.add_argument("--context-length", type=int, default=None, help="prompt+generation limit (default: the model's)")
+    parser.add_argument(
+        "--context-length", type=int, default=None, help="prompt+generation limit (default: the model's)"
+    )
     parser.add_argument("--kv-bits", type=int, default=None, choices=[4, 8])
     parser.add_argument("--kv-group-size", type=int, default=64, choices=[32, 64, 128])
     parser.add_argument("--max-kv-size", type=int, default=None)
     parser.add_argument("--vision-cache-size", type=int, default=32, help="images whose vision features are kept")
-    parser.add_argument("--enable-thinking", action="store_true", help="open a thinking block unless a request says not to")
+    parser.add_argument(
+        "--enable-thinking", action="store_true", help="open a thinking block unless a request says not to"
+    )
     parser.add_argument("--thinking-budget", type=int, default=None)
     parser.add_argument("--top-logprobs-k", type=int, default=20, help="most alternatives a request may ask for")
     parser.add_argument("--allow-local-media", default=None, metavar="DIR", help="allow local image paths under DIR")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
+    )
     parser.add_argument("--trust-remote-code", action="store_true")
 
 
 def settings_from(args: argparse.Namespace) -> Any:
-    from .settings import ServeSettings
-
     from vlm_runtime import CacheSettings
+
+    from .settings import ServeSettings
 
     if args.allow_local_media is not None and not Path(args.allow_local_media).is_dir():
         raise ValueError(f"--allow-local-media {args.allow_local_media}: not a folder")

@@ -40,8 +40,12 @@ def http_status(status: int, path: str) -> int:
     return 529 if status == 503 and anthropic_path(path) else status
 
 
-def error_body(status: int, message: str, path: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    openai_type, anthropic_type = _TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error",) * 2)
+def error_body(
+    status: int, message: str, path: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    openai_type, anthropic_type = _TYPES.get(
+        status, ("server_error" if status >= 500 else "invalid_request_error",) * 2
+    )
     if anthropic_path(path):
         return {"type": "error", "error": {"type": anthropic_type, "message": message}}
     return {"error": {"message": message, "type": openai_type, "param": param, "code": code}}

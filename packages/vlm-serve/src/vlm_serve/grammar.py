@@ -88,7 +88,9 @@ def response_format_schema(response_format: dict[str, Any]) -> dict[str, Any] | 
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-            raise APIError(400, "response_format.json_schema must be an object with a 'schema' object", param="response_format")
+            raise APIError(
+                400, "response_format.json_schema must be an object with a 'schema' object", param="response_format"
+            )
         return spec.get("schema") or {"type": "object"}
     raise APIError(400, f"unsupported response_format type {kind!r}", param="response_format")
 

@@ -54,7 +54,9 @@ class ServingEngine:
         self._lock = asyncio.Lock()
 
     @classmethod
-    def from_model(cls, model_id: str, model: Any, processor: Any, settings: ServeSettings, *, context_length: int) -> ServingEngine:
+    def from_model(
+        cls, model_id: str, model: Any, processor: Any, settings: ServeSettings, *, context_length: int
+    ) -> ServingEngine:
         """Serve an already loaded model (tests, embedding the server in a program)."""
         return cls(settings, _start(model_id, model, processor, settings, context_length))
 
@@ -77,7 +79,12 @@ class ServingEngine:
         if current is not None and (not requested or self._accepts(requested, current.model_id)):
             return current
         if fixed is not None and requested and not self._accepts(requested, fixed):
-            raise APIError(404, f"model {requested!r} is not served here (this server runs {fixed!r})", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {requested!r} is not served here (this server runs {fixed!r})",
+                param="model",
+                code="model_not_found",
+            )
         target = fixed or requested
         if not target:
             raise APIError(400, "no model is loaded; name one in the request's 'model' field", param="model")
@@ -95,7 +102,9 @@ class ServingEngine:
         from vlm_models.loading import load_config, resolve_model_path
 
         try:
-            model, processor = load(target, adapter_path=self.settings.adapter_path, trust_remote_code=self.settings.trust_remote_code)
+            model, processor = load(
+                target, adapter_path=self.settings.adapter_path, trust_remote_code=self.settings.trust_remote_code
+            )
             config = load_config(resolve_model_path(target))
         except (ValueError, OSError) as e:
             raise APIError(404, f"cannot load model {target!r}: {e}", param="model", code="model_not_found") from e
@@ -129,4 +138,6 @@ def _start(model_id: str, model: Any, processor: Any, settings: ServeSettings, c
         vision_cache=cache,
         cache_settings=settings.cache,
     )
-    return LoadedModel(model_id, model, processor, engine, settings.context_length or context_length, cache, int(time.time()))
+    return LoadedModel(
+        model_id, model, processor, engine, settings.context_length or context_length, cache, int(time.time())
+    )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 from PIL import Image
+
 from vlm_models.processors.image import ImageLoadError, load_image
 
 from .errors import APIError
@@ -23,7 +24,9 @@ async def fetch_image(source: str, settings: ServeSettings) -> Image.Image:
     """The picture ``source`` names, or a 400 saying why not."""
     if not isinstance(source, str) or not source:
         raise APIError(400, "an image source must be a non-empty string")
-    scheme = urllib.parse.urlsplit(source).scheme.lower() if "://" in source[:16] or source[:5].lower() == "data:" else ""
+    scheme = (
+        urllib.parse.urlsplit(source).scheme.lower() if "://" in source[:16] or source[:5].lower() == "data:" else ""
+    )
     try:
         if source[:5].lower() == "data:":
             if len(source) * 3 // 4 > settings.max_media_bytes:
@@ -33,7 +36,9 @@ async def fetch_image(source: str, settings: ServeSettings) -> Image.Image:
             data = await _download(source, settings, "image")
             return await asyncio.to_thread(load_image, data)
         if scheme == "file":
-            return await asyncio.to_thread(load_image, _local_path(urllib.parse.unquote(urllib.parse.urlsplit(source).path), settings))
+            return await asyncio.to_thread(
+                load_image, _local_path(urllib.parse.unquote(urllib.parse.urlsplit(source).path), settings)
+            )
         if scheme:
             raise APIError(400, f"unsupported image URL scheme {scheme!r}: use http(s) or a data: URL")
         return await asyncio.to_thread(load_image, _local_path(source, settings))
@@ -74,7 +79,9 @@ def _video_data_url(url: str, settings: ServeSettings) -> bytes:
 def _local_path(raw: str, settings: ServeSettings, kind: str = "image") -> Path:
     root = settings.allow_local_media
     if root is None:
-        raise APIError(400, f"local {kind} paths are not allowed on this server (start it with --allow-local-media DIR)")
+        raise APIError(
+            400, f"local {kind} paths are not allowed on this server (start it with --allow-local-media DIR)"
+        )
     path = Path(raw).expanduser()
     resolved = (root / path if not path.is_absolute() else path).resolve()
     if not resolved.is_relative_to(root):

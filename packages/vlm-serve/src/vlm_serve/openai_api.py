@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -136,7 +137,16 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
             entry["tool_call_id"] = message.tool_call_id or ""
         messages.append(entry)
     sampling: dict[str, Any] = {}
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed"):
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+    ):
         value = getattr(body, name)
         if value is not None:
             sampling[name] = value
@@ -151,7 +161,10 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
     if top and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     schema = response_format_schema(body.response_format) if body.response_format else None
-    tools = [Tool(t.function.name, t.function.description, t.function.parameters or {"type": "object"}) for t in body.tools or []]
+    tools = [
+        Tool(t.function.name, t.function.description, t.function.parameters or {"type": "object"})
+        for t in body.tools or []
+    ]
     return ChatRequest(
         tools=tools,
         tool_choice=_tool_choice(body.tool_choice),
@@ -175,7 +188,11 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> str:
         return choice or "auto"
     name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
     if choice.get("type") != "function" or not isinstance(name, str):
-        raise APIError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}', param="tool_choice")
+        raise APIError(
+            400,
+            'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
     return name
 
 
@@ -185,12 +202,18 @@ def _incoming_call(call: ToolCallIn) -> dict[str, Any]:
         try:
             arguments = json.loads(arguments or "{}")
         except json.JSONDecodeError as e:
-            raise APIError(400, f"tool call arguments of {call.function.name!r} are not valid JSON: {e}", param="messages") from e
+            raise APIError(
+                400, f"tool call arguments of {call.function.name!r} are not valid JSON: {e}", param="messages"
+            ) from e
     return {"id": call.id, "name": call.function.name, "arguments": arguments}
 
 
 def _outgoing_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json}}
+    out: dict[str, Any] = {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments_json},
+    }
     return out if index is None else {"index": index, **out}
 
 
@@ -209,8 +232,11 @@ def _has_logprob(loaded: LoadedModel, event: Any) -> bool:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
-
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -236,7 +262,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     finish = "tool_calls" if calls else FINISH[last.finish_reason]
     choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
     if body.logprobs:
-        choice["logprobs"] = {"content": [_logprob_entry(loaded.processor, e) for e in outcome.events if _has_logprob(loaded, e)]}
+        choice["logprobs"] = {
+            "content": [_logprob_entry(loaded.processor, e) for e in outcome.events if _has_logprob(loaded, e)]
+        }
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -294,14 +322,16 @@ async def _stream(
             if event.finish_reason is not None:
                 yield chunk({}, "tool_calls" if parser is not None and parser.calls else FINISH[event.finish_reason])
         if include_usage and last is not None and failure(last) is None:
-            yield sse({
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": loaded.model_id,
-                "choices": [],
-                "usage": _usage(last.prompt_tokens, last.generation_tokens),
-            })
+            yield sse(
+                {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": loaded.model_id,
+                    "choices": [],
+                    "usage": _usage(last.prompt_tokens, last.generation_tokens),
+                }
+            )
         yield "data: [DONE]\n\n"
     finally:
         stream.cancel()

@@ -82,7 +82,9 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
     forced = tool_format.forced_grammar(tools, choice) if tools else None
     if forced is not None:
         if grammar is not None:
-            raise APIError(400, "a structured output format cannot be combined with a forced tool call", param="tool_choice")
+            raise APIError(
+                400, "a structured output format cannot be combined with a forced tool call", param="tool_choice"
+            )
         grammar = forced
     if grammar is not None and enable:
         raise APIError(400, "structured outputs and forced tool calls cannot be combined with thinking yet")
@@ -128,18 +130,24 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
         logprobs=config.logprobs,
         top_logprobs=config.top_logprobs,
     )
-    return PreparedRequest(inputs, prompt_tokens, sampling, config, thinking, constraints, tool_format if tools else None)
+    return PreparedRequest(
+        inputs, prompt_tokens, sampling, config, thinking, constraints, tool_format if tools else None
+    )
 
 
 def _options(request: ChatRequest, settings: ServeSettings) -> tuple[SamplingParams, GenerationConfig, ThinkingConfig]:
     if request.top_logprobs > settings.top_logprobs_k:
-        raise APIError(400, f"top_logprobs must be at most {settings.top_logprobs_k} on this server", param="top_logprobs")
+        raise APIError(
+            400, f"top_logprobs must be at most {settings.top_logprobs_k} on this server", param="top_logprobs"
+        )
     if request.max_tokens is not None and request.max_tokens < 0:
         raise APIError(400, "max_tokens must be >= 0", param="max_tokens")
     budget = settings.thinking_budget if request.thinking_budget is None else request.thinking_budget
     try:
         sampling = SamplingParams(**request.sampling)
-        config = GenerationConfig(stop=tuple(request.stop), logprobs=request.logprobs, top_logprobs=request.top_logprobs)
+        config = GenerationConfig(
+            stop=tuple(request.stop), logprobs=request.logprobs, top_logprobs=request.top_logprobs
+        )
         thinking = ThinkingConfig(budget=budget)
         if request.stop:
             StopStrings(request.stop)  # validates count and lengths now, not on the engine thread

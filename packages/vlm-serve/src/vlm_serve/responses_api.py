@@ -6,8 +6,9 @@ import json
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -109,7 +110,11 @@ def _conversation(body: ResponsesRequest, store: ResponseStore) -> tuple[list[di
     if body.previous_response_id:
         stored = store.get(body.previous_response_id)
         if stored is None:
-            raise APIError(404, f"previous response {body.previous_response_id!r} not found (or expired)", param="previous_response_id")
+            raise APIError(
+                404,
+                f"previous response {body.previous_response_id!r} not found (or expired)",
+                param="previous_response_id",
+            )
         messages, images = list(stored.messages), list(stored.images)
     items = [InputItem(role="user", content=body.input)] if isinstance(body.input, str) else body.input
     for item in items:
@@ -127,7 +132,9 @@ def _conversation(body: ResponsesRequest, store: ResponseStore) -> tuple[list[di
                     parts.append({"type": "text", "text": part.text or ""})
                 elif part.type == "input_image":
                     if not part.image_url:
-                        raise APIError(400, "input_image needs an image_url (file ids are not supported)", param="input")
+                        raise APIError(
+                            400, "input_image needs an image_url (file ids are not supported)", param="input"
+                        )
                     images.append(part.image_url)
                     parts.append({"type": "image"})
                 else:
@@ -158,8 +165,9 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> str:
         return choice or "auto"
     if choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return choice["name"]
-    raise APIError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", "name": ...}', param="tool_choice")
-
+    raise APIError(
+        400, 'tool_choice must be "none", "auto", "required" or {"type": "function", "name": ...}', param="tool_choice"
+    )
 
 
 async def create_response(body: ResponsesRequest, request: Request) -> Any:
@@ -223,12 +231,27 @@ class _Builder:
     @staticmethod
     def _call(call: ToolCall, status: str = "completed") -> dict[str, Any]:
         arguments = call.arguments_json if status == "completed" else ""
-        return {"type": "function_call", "id": f"fc_{call.id[5:]}", "call_id": call.id, "name": call.name, "arguments": arguments, "status": status}
+        return {
+            "type": "function_call",
+            "id": f"fc_{call.id[5:]}",
+            "call_id": call.id,
+            "name": call.name,
+            "arguments": arguments,
+            "status": status,
+        }
 
-    def response(self, text: str, calls: list[ToolCall], reasoning: str, last: Any, status: str | None = None) -> dict[str, Any]:
+    def response(
+        self, text: str, calls: list[ToolCall], reasoning: str, last: Any, status: str | None = None
+    ) -> dict[str, Any]:
         output: list[dict[str, Any]] = []
         if reasoning:
-            output.append({"type": "reasoning", "id": f"rs_{self.id[5:]}", "summary": [{"type": "summary_text", "text": reasoning}]})
+            output.append(
+                {
+                    "type": "reasoning",
+                    "id": f"rs_{self.id[5:]}",
+                    "summary": [{"type": "summary_text", "text": reasoning}],
+                }
+            )
         if text or not calls:
             output.append(self._message(text))
         output.extend(self._call(c) for c in calls)
@@ -254,7 +277,9 @@ class _Builder:
             "text": {"format": (body.text.format if body.text and body.text.format else {"type": "text"})},
             "store": body.store is not False,
             "metadata": body.metadata or {},
-            "usage": None if last is None else {
+            "usage": None
+            if last is None
+            else {
                 "input_tokens": last.prompt_tokens,
                 "input_tokens_details": {"cached_tokens": 0},
                 "output_tokens": last.generation_tokens,
@@ -290,8 +315,15 @@ class _Builder:
                 if text:
                     if not message_open:
                         message_open = True
-                        yield self.event("response.output_item.added", output_index=0, item=self._message("", "in_progress"))
-                        yield self.event("response.content_part.added", output_index=0, **ids, part={"type": "output_text", "text": "", "annotations": []})
+                        yield self.event(
+                            "response.output_item.added", output_index=0, item=self._message("", "in_progress")
+                        )
+                        yield self.event(
+                            "response.content_part.added",
+                            output_index=0,
+                            **ids,
+                            part={"type": "output_text", "text": "", "annotations": []},
+                        )
                     text_parts.append(text)
                     yield self.event("response.output_text.delta", output_index=0, **ids, delta=text)
                 calls.extend(new_calls)
@@ -299,22 +331,46 @@ class _Builder:
             index = 0
             if message_open or not calls:
                 if not message_open:
-                    yield self.event("response.output_item.added", output_index=0, item=self._message("", "in_progress"))
-                    yield self.event("response.content_part.added", output_index=0, **ids, part={"type": "output_text", "text": "", "annotations": []})
+                    yield self.event(
+                        "response.output_item.added", output_index=0, item=self._message("", "in_progress")
+                    )
+                    yield self.event(
+                        "response.content_part.added",
+                        output_index=0,
+                        **ids,
+                        part={"type": "output_text", "text": "", "annotations": []},
+                    )
                 yield self.event("response.output_text.done", output_index=0, **ids, text=whole)
-                yield self.event("response.content_part.done", output_index=0, **ids, part={"type": "output_text", "text": whole, "annotations": []})
+                yield self.event(
+                    "response.content_part.done",
+                    output_index=0,
+                    **ids,
+                    part={"type": "output_text", "text": whole, "annotations": []},
+                )
                 yield self.event("response.output_item.done", output_index=0, item=self._message(whole))
                 index = 1
             for offset, call in enumerate(calls):
                 item = self._call(call, "in_progress")
                 at = index + offset
                 yield self.event("response.output_item.added", output_index=at, item=item)
-                yield self.event("response.function_call_arguments.delta", output_index=at, item_id=item["id"], delta=call.arguments_json)
-                yield self.event("response.function_call_arguments.done", output_index=at, item_id=item["id"], arguments=call.arguments_json)
+                yield self.event(
+                    "response.function_call_arguments.delta",
+                    output_index=at,
+                    item_id=item["id"],
+                    delta=call.arguments_json,
+                )
+                yield self.event(
+                    "response.function_call_arguments.done",
+                    output_index=at,
+                    item_id=item["id"],
+                    arguments=call.arguments_json,
+                )
                 yield self.event("response.output_item.done", output_index=at, item=self._call(call))
             remember(whole, calls)
             final = self.response(whole, calls, "", last)
-            yield self.event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
+            yield self.event(
+                "response.completed" if final["status"] == "completed" else "response.incomplete", response=final
+            )
         finally:
             stream.cancel()
 

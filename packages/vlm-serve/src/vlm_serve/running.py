@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+
 from vlm_runtime import EngineBusy, RequestStream
 from vlm_runtime.batch import BatchEvent
 
@@ -95,7 +97,9 @@ async def coalesce(chunks: AsyncIterator[str], stream: RequestStream) -> AsyncIt
 
 
 def streaming_response(chunks: AsyncIterator[str], stream: RequestStream) -> StreamingResponse:
-    return StreamingResponse(coalesce(chunks, stream), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        coalesce(chunks, stream), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
 
 
 def sse(data: Any, event: str | None = None) -> str:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import ast
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import llguidance
 
@@ -47,7 +48,10 @@ class Tool:
     parameters: dict[str, Any]
 
     def as_openai(self) -> dict[str, Any]:
-        return {"type": "function", "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
 
 
 @dataclass(frozen=True)
@@ -99,13 +103,15 @@ def forced_call_grammar(tools: list[Tool], choice: str, style: str = "hermes") -
     schema = _call_schema(tools, choice)
     if style == "hermes":
         schema = {**schema, "x-guidance": JSON_LAYOUT}
-        lark = f'start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\ncall: %json {json.dumps(schema)}\n'
+        lark = f"start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\ncall: %json {json.dumps(schema)}\n"
         return llguidance.LLMatcher.grammar_from_lark(lark)
     if style == "mistral":  # the [TOOL_CALLS] marker is a control token: the list of calls follows it
         return llguidance.LLMatcher.grammar_from_json_schema(
             {"type": "array", "items": schema, "minItems": 1, "maxItems": 1}, defaults=JSON_LAYOUT
         )
-    raise APIError(400, f"tool_choice {choice!r} cannot be enforced for this model's {style} tool-call format", param="tool_choice")
+    raise APIError(
+        400, f"tool_choice {choice!r} cannot be enforced for this model's {style} tool-call format", param="tool_choice"
+    )
 
 
 def template_renders_tools(chat_template: str | None) -> bool:
@@ -148,14 +154,19 @@ def _result_message(content: Any, style: str) -> dict[str, Any]:
     return {"role": "user", "content": f"<tool_response>\n{_text_of(content)}\n</tool_response>"}
 
 
-def render_tools(messages: list[dict[str, Any]], tools: list[Tool], chat_template: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def render_tools(
+    messages: list[dict[str, Any]], tools: list[Tool], chat_template: str | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """Messages (assistant ones may carry ``tool_calls`` [{id, name, arguments}], role "tool" ones a result)
     and tools, as the template takes them: (messages, tools for the template or None)."""
     if template_renders_tools(chat_template):
         out = []
         for m in messages:
             if m.get("tool_calls"):
-                calls = [{"type": "function", "id": c["id"], "function": {"name": c["name"], "arguments": c["arguments"]}} for c in m["tool_calls"]]
+                calls = [
+                    {"type": "function", "id": c["id"], "function": {"name": c["name"], "arguments": c["arguments"]}}
+                    for c in m["tool_calls"]
+                ]
                 m = {**m, "tool_calls": calls}
             out.append(m)
         return out, [t.as_openai() for t in tools] or None
@@ -272,7 +283,9 @@ class WholeAnswerCallParser:
     non-blank text starts with ``opener`` is held back and parsed at the end; any other answer is plain text,
     streamed as it comes. An answer that does not parse stays text."""
 
-    def __init__(self, opener: str, parse: Callable[[str], list[tuple[str, dict[str, Any]]] | None], id_prefix: str = "call_") -> None:
+    def __init__(
+        self, opener: str, parse: Callable[[str], list[tuple[str, dict[str, Any]]] | None], id_prefix: str = "call_"
+    ) -> None:
         self._opener, self._parse, self._prefix = opener, parse, id_prefix
         self._buffer = ""
         self._mode: str | None = None  # None: undecided, "text", "calls"
@@ -363,7 +376,9 @@ def parse_tool_code_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
     if body.endswith(GEMMA_CLOSE):
         body = body[: -len(GEMMA_CLOSE)]
     lines = [line.strip() for line in body.strip().splitlines() if line.strip()]
-    unwrapped = [line[len("print(") : -1] if line.startswith("print(") and line.endswith(")") else line for line in lines]
+    unwrapped = [
+        line[len("print(") : -1] if line.startswith("print(") and line.endswith(")") else line for line in lines
+    ]
     return parse_pythonic_calls("[" + ", ".join(unwrapped) + "]") if unwrapped else None
 
 

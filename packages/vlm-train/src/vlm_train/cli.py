@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main", "register"]
+
 
 def _add_training_args(parser: argparse.ArgumentParser) -> None:
     from vlm_models.adapters import FINE_TUNE_TYPES, TARGET_GROUPS
@@ -184,7 +186,9 @@ def _demo(args: argparse.Namespace) -> None:
     recipe = recipe_with(
         images=args.images, steps=args.steps, seed=args.seed, warmup_steps=warmup if warmup < args.steps else 0
     )
-    train_demo(args.output, args.work, recipe, progress=not args.no_progress, report=lambda m: print(m, file=sys.stderr))
+    train_demo(
+        args.output, args.work, recipe, progress=not args.no_progress, report=lambda m: print(m, file=sys.stderr)
+    )
 
 
 def _add_subcommands(parser: argparse.ArgumentParser) -> None:

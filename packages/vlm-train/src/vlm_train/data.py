@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
+
 from vlm_models.processor import Processor
 from vlm_models.processors.image import ImageLoadError, load_image
 
@@ -170,9 +172,7 @@ def _image_source(item: Mapping[str, Any], row_images: list[Any]) -> Any:
     return value
 
 
-def _normalise(
-    messages: Any, base: Path, row_images: Sequence[Any] = ()
-) -> tuple[list[dict[str, Any]], list[Any]]:
+def _normalise(messages: Any, base: Path, row_images: Sequence[Any] = ()) -> tuple[list[dict[str, Any]], list[Any]]:
     """Messages in the template's form (image items become ``{"type": "image"}``) and the image sources."""
     if not isinstance(messages, list) or not messages:
         raise _SampleProblem("'messages' must be a non-empty list")

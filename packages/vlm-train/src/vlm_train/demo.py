@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ CHAT_TEMPLATE = (
 class DemoRecipe:
     """Everything that decides the demo model; the defaults are the shipped model's."""
 
-    sizes: ModelSizes = ModelSizes(
+    sizes: ModelSizes = ModelSizes(  # noqa: RUF009
         hidden_size=128,
         num_hidden_layers=6,
         num_attention_heads=4,

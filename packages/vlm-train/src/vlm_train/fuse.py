@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.nn as nn
+
 from vlm_models.adapters import fuse_lora, read_adapter_config
 from vlm_models.convert import dequantize_model, quantize_model, save_model
 from vlm_models.loading import load, load_config, resolve_model_path

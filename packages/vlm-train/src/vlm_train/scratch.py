@@ -10,6 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+
 from vlm_models.convert import save_model
 from vlm_models.loading import load_config, resolve_model_path
 from vlm_models.registry import architecture_of

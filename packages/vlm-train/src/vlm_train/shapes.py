@@ -4,9 +4,10 @@ with questions and exact short answers about them (which shapes, how many, which
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -207,6 +208,7 @@ def model_answerer(
     """Greedy answers of a loaded model through its chat template, ``batch_size`` questions at a time.
     ``max_tokens`` leaves room for the longest listing (three shapes: up to 36 tokens of the fixtures' tokenizer)."""
     from tqdm import tqdm
+
     from vlm_models import apply_chat_template
     from vlm_runtime import batch_generate
 

@@ -8,9 +8,10 @@ question) and one assistant turn.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 __all__ = ["TABLE_SUFFIXES", "TableColumns", "is_table", "read_rows", "row_to_record", "table_files"]
 

@@ -8,14 +8,16 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
 from vlm_models.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, apply_lora
 from vlm_models.convert import quantize_model
 
@@ -120,6 +122,7 @@ def _schedule(config: TrainingConfig) -> Callable[[mx.array], mx.array] | float:
     elif config.lr_schedule == "linear":
         main = optim.linear_schedule(lr, config.min_learning_rate, decay_steps)
     else:
+
         def main(step: mx.array) -> mx.array:
             return mx.array(lr)
 
@@ -200,7 +203,7 @@ class Trainer:
         for j in range(config.grad_accumulation):
             batch = self.micro_batch(self.step * config.grad_accumulation + j)
             (loss, n), grad = loss_and_grad(model, batch)
-            grad = tree_map(lambda g: g * n, grad)
+            grad = tree_map(lambda g, n=n: g * n, grad)
             total_grad = grad if total_grad is None else tree_map(mx.add, total_grad, grad)
             mx.eval(total_grad, loss, n)
             loss_sum += loss.item() * n.item()

@@ -8,23 +8,24 @@ Module names follow the transformers 5 weight names (``model.vision_tower.*``, `
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
 from vlm_runtime import KVCache, PromptEmbedding, RotatingKVCache
 from vlm_runtime.vision_cache import VisionFeatureCache, content_key
 
 from ..config import ConfigError, text_section
+from ..nn.checkpoint import rename_prefix
 from ..nn.gemma import GEMMA_DEFAULTS, SLIDING, GemmaDecoder, GemmaDecoderConfig, GemmaRMSNorm
 from ..nn.output import ModelOutput
 from ..nn.siglip import SiglipVisionConfig, SiglipVisionModel
-from ..nn.vit import conv2d_weight_to_mlx
-from ..nn.checkpoint import rename_prefix
 from ..nn.vision import cached_per_image, merge_features, vision_identity
-
+from ..nn.vit import conv2d_weight_to_mlx
 
 TEXT_DEFAULTS = {
     **GEMMA_DEFAULTS,  # and transformers' Gemma3TextConfig's own
@@ -45,11 +46,11 @@ class ModelConfig:
     tie_word_embeddings: bool
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any]) -> "ModelConfig":
+    def from_hf(cls, config: Mapping[str, Any]) -> ModelConfig:
         text = text_section(config)
         vision = SiglipVisionConfig.from_hf(config.get("vision_config") or {})
         tokens = int(config.get("mm_tokens_per_image") or 256)
-        side = int(round(tokens**0.5))
+        side = round(tokens**0.5)
         if side * side != tokens or vision.patches_per_side % side:
             raise ConfigError(
                 f"mm_tokens_per_image={tokens} must be a square whose side divides the {vision.patches_per_side}"
@@ -74,7 +75,7 @@ class MultiModalProjector(nn.Module):
         self.mm_input_projection_weight = mx.zeros((v.hidden_size, config.text.hidden_size))
         self.mm_soft_emb_norm = GemmaRMSNorm(v.hidden_size, eps=v.layer_norm_eps)
         self.patches_per_side = v.patches_per_side
-        self.pool = v.patches_per_side // int(round(config.mm_tokens_per_image**0.5))
+        self.pool = v.patches_per_side // round(config.mm_tokens_per_image**0.5)
 
     def __call__(self, patches: mx.array) -> mx.array:
         """(images, patches, vision hidden) -> (images, soft tokens, text hidden)."""
@@ -120,7 +121,7 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any]) -> "Model":
+    def from_hf_config(cls, config: Mapping[str, Any]) -> Model:
         return cls(cls.config_class.from_hf(config))
 
     def attention_groups(
@@ -161,7 +162,9 @@ class Model(nn.Module):
                 features = self.image_features(pixel_values)
             else:
                 features = mx.stack(self._cached_image_features(pixel_values, vision_cache))
-            embeds = merge_features(embeds, input_ids, self.config.image_token_id, features.reshape(-1, features.shape[-1]))
+            embeds = merge_features(
+                embeds, input_ids, self.config.image_token_id, features.reshape(-1, features.shape[-1])
+            )
         mask = None if attention_mask is None else np.asarray(attention_mask)
         types = None if token_type_ids is None else np.asarray(token_type_ids)
         groups = self.attention_groups(np.asarray(input_ids), mask, types)
@@ -203,7 +206,9 @@ class Model(nn.Module):
         )
 
     def compute_logits(self, hidden: mx.array) -> mx.array:
-        return self.model.language_model.compute_logits(hidden, None if self.config.tie_word_embeddings else self.lm_head)
+        return self.model.language_model.compute_logits(
+            hidden, None if self.config.tie_word_embeddings else self.lm_head
+        )
 
     # -- the Hugging Face contract
     def __call__(

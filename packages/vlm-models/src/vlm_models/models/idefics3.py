@@ -8,12 +8,14 @@ MLX-community layout (``vision_model.*``, ``connector.*``, ``language_model.*``)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
 from vlm_runtime import PromptEmbedding
 from vlm_runtime.vision_cache import VisionFeatureCache, content_key
 
@@ -29,8 +31,14 @@ from .llava import TEXT_DEFAULTS as LLAVA_TEXT_DEFAULTS
 # Idefics3Config's own defaults: its Llama text model (rms_norm_eps 1e-5) and its SigLIP-like vision model.
 TEXT_DEFAULTS = {**LLAVA_TEXT_DEFAULTS["llama"], "rms_norm_eps": 1e-5}
 VISION_DEFAULTS = dict(
-    hidden_size=1152, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16, image_size=224,
-    patch_size=32, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+    hidden_size=1152,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=32,
+    layer_norm_eps=1e-6,
+    hidden_act="gelu_pytorch_tanh",
 )
 
 
@@ -45,7 +53,7 @@ class ModelConfig:
     tie_word_embeddings: bool
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any]) -> "ModelConfig":
+    def from_hf(cls, config: Mapping[str, Any]) -> ModelConfig:
         text = dict(config.get("text_config") or {})
         if text.get("model_type", "llama") != "llama":
             raise ConfigError(f"text_config.model_type {text['model_type']!r} is not supported (Idefics3 uses llama)")
@@ -82,7 +90,7 @@ def pixel_shuffle(x: mx.array, scale: int) -> mx.array:
     """(tiles, side*side, dim) -> (tiles, side*side / scale^2, dim * scale^2): each scale x scale block of the
     patch grid becomes one token, in the reference's order (columns grouped first, then rows)."""
     tiles, length, dim = x.shape
-    side = int(round(length**0.5))
+    side = round(length**0.5)
     x = x.reshape(tiles, side, side // scale, dim * scale).transpose(0, 2, 1, 3)
     x = x.reshape(tiles, side // scale, side // scale, dim * scale * scale).transpose(0, 2, 1, 3)
     return x.reshape(tiles, length // scale**2, dim * scale * scale)
@@ -141,7 +149,7 @@ class Model(TextGeneration, nn.Module):
     split steps (``embed_prompt``, ``hidden_states``, ``compute_logits``)."""
 
     config_class: Any = ModelConfig
-    adapter_groups = {
+    adapter_groups = {  # noqa: RUF012
         "language": ("model.text_model.",),
         "vision": ("model.vision_model.",),
         "projector": ("model.connector.",),
@@ -155,7 +163,7 @@ class Model(TextGeneration, nn.Module):
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any]) -> "Model":
+    def from_hf_config(cls, config: Mapping[str, Any]) -> Model:
         return cls(cls.config_class.from_hf(config))
 
     # -- vision
@@ -163,9 +171,7 @@ class Model(TextGeneration, nn.Module):
         """(frames, C, H, W) tiles and their (frames, rows, cols) patch masks -> (frames, tokens, text hidden)."""
         return self.model.connector(self.model.vision_model(pixels, patch_mask))
 
-    def frames(
-        self, pixel_values: mx.array, pixel_attention_mask: mx.array | None
-    ) -> tuple[mx.array, np.ndarray]:
+    def frames(self, pixel_values: mx.array, pixel_attention_mask: mx.array | None) -> tuple[mx.array, np.ndarray]:
         """The real frames of (batch, frames, C, H, W) pixels, in prompt order, and their patch masks."""
         if pixel_values.ndim != 5:
             raise ValueError(f"pixel_values must be (batch, frames, C, H, W), got {tuple(pixel_values.shape)}")
@@ -190,8 +196,9 @@ class Model(TextGeneration, nn.Module):
             features = self.tile_features(pixels, patch_mask)
             return features.reshape(-1, features.shape[-1])
         tower = self.model.vision_model
-        identity = vision_identity(self, (self.config.vision, self.config.scale_factor), tower.dtype,
-                                   tower.embeddings.patch_embedding)
+        identity = vision_identity(
+            self, (self.config.vision, self.config.scale_factor), tower.dtype, tower.embeddings.patch_embedding
+        )
         keys = [content_key(pixels[i], patch_mask[i], identity) for i in range(pixels.shape[0])]
 
         def compute(order: list[int]) -> list[mx.array]:

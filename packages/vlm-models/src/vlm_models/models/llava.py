@@ -7,39 +7,58 @@ layouts onto them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
 from vlm_runtime import PromptEmbedding
 from vlm_runtime.vision_cache import VisionFeatureCache, content_key
 
 from ..config import ConfigError, from_dict
 from ..nn.clip import CLIPVisionConfig, CLIPVisionTower
-from ..nn.vit import conv2d_weight_to_mlx
 from ..nn.decoder import DecoderConfig, TextDecoder, TextGeneration
 from ..nn.layers import activation
 from ..nn.output import ModelOutput
 from ..nn.rope import Rotary
 from ..nn.vision import cached_per_image, merge_features, vision_identity
+from ..nn.vit import conv2d_weight_to_mlx
 
 # transformers' defaults for the text models LLaVA checkpoints use: published configs leave out what equals them.
 TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=None,
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        sliding_window=None,
     ),
     "mistral": dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=4096,
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        sliding_window=4096,
     ),
 }
 # LlavaConfig's own defaults for its vision tower (CLIP ViT-L/14 at 336 px).
 VISION_DEFAULTS = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-    image_size=336, patch_size=14,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
 )
 
 
@@ -59,7 +78,7 @@ class ModelConfig:
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any], vision: Any = None) -> "ModelConfig":
+    def from_hf(cls, config: Mapping[str, Any], vision: Any = None) -> ModelConfig:
         """``vision``: the tower's config, parsed by the caller, for towers other than CLIP."""
         vision_type = (config.get("vision_config") or {}).get("model_type", "clip_vision_model")
         if vision is None and vision_type != "clip_vision_model":
@@ -159,7 +178,7 @@ class Model(TextGeneration, nn.Module):
         return LlavaModel(config)
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any]) -> "Model":
+    def from_hf_config(cls, config: Mapping[str, Any]) -> Model:
         return cls(ModelConfig.from_hf(config))
 
     # -- vision

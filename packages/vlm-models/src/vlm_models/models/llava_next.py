@@ -7,7 +7,9 @@ Only what differs from LLaVA 1.5 lives here: the newline parameter and the packi
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import itertools
+from collections.abc import Mapping
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -34,7 +36,7 @@ class Model(llava.Model):
         return LlavaNextModel(config)
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any]) -> "Model":
+    def from_hf_config(cls, config: Mapping[str, Any]) -> Model:
         parsed = llava.ModelConfig.from_hf(config)
         if not parsed.image_grid_pinpoints:
             raise ConfigError("config.json lacks image_grid_pinpoints")
@@ -68,7 +70,7 @@ class Model(llava.Model):
             return [pixel_values[i, :n] for i, n in enumerate(counts)]
         if pixel_values.ndim == 4 and pixel_values.shape[0] == sum(counts):
             bounds = np.cumsum([0, *counts]).tolist()
-            return [pixel_values[a:b] for a, b in zip(bounds, bounds[1:])]
+            return [pixel_values[a:b] for a, b in itertools.pairwise(bounds)]
         raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} do not match image_sizes {sizes}")
 
     def image_features(self, pixel_values: mx.array, image_sizes: mx.array | None = None, **_: Any) -> list[mx.array]:

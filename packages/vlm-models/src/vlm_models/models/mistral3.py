@@ -9,8 +9,9 @@ Only what differs from Pixtral-on-LLaVA (models/pixtral.py) lives here: the proj
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,7 +39,7 @@ class ModelConfig(llava.ModelConfig):
     spatial_merge_size: int = 2
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any], vision: Any = None) -> "ModelConfig":
+    def from_hf(cls, config: Mapping[str, Any], vision: Any = None) -> ModelConfig:
         parsed = pixtral.parse_config(config, DEFAULTS)
         if len(parsed.vision_feature_layers) != 1:
             raise ConfigError("Mistral 3 normalises one vision layer's features: vision_feature_layer must be one int")
@@ -92,7 +93,7 @@ class Model(pixtral.Model):
         )
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any]) -> "Model":
+    def from_hf_config(cls, config: Mapping[str, Any]) -> Model:
         return cls(ModelConfig.from_hf(config))
 
     def project(self, features: mx.array, grid: tuple[int, int]) -> mx.array:

@@ -8,8 +8,9 @@ decoder) is not supported.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,7 +20,6 @@ from ..config import ConfigError, text_section
 from ..nn.gemma import GEMMA_DEFAULTS, GemmaDecoderConfig
 from ..nn.siglip import SiglipVisionConfig
 from . import gemma3
-
 
 TEXT_DEFAULTS = {
     **GEMMA_DEFAULTS,  # and transformers' Gemma2Config's own, with PaliGemma's vocabulary
@@ -41,7 +41,7 @@ class ModelConfig:
     tie_word_embeddings: bool
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any]) -> "ModelConfig":
+    def from_hf(cls, config: Mapping[str, Any]) -> ModelConfig:
         text = text_section(config)
         text_type = (config.get("text_config") or {}).get("model_type", "gemma2")
         if text_type != "gemma2":

@@ -8,7 +8,8 @@ Only what differs from LLaVA 1.5 lives here: the tower, per-image sizes, and how
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -50,7 +51,7 @@ class Model(llava.Model):
         return llava.LlavaModel(config, vision_tower=PixtralVisionTower(config.vision))
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any]) -> "Model":
+    def from_hf_config(cls, config: Mapping[str, Any]) -> Model:
         return cls(parse_config(config))
 
     @property

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
 from vlm_runtime.masks import block_diagonal_mask
 
 from ..nn.layers import GatedMLP

@@ -6,22 +6,24 @@ Module names follow the transformers 5 weight names (``model.visual.*``, ``model
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
 from vlm_runtime import PromptEmbedding
 from vlm_runtime.masks import block_diagonal_mask
 from vlm_runtime.vision_cache import VisionFeatureCache, content_key
 
 from ..config import ConfigError, from_dict, text_section
+from ..nn.checkpoint import rename_prefix
 from ..nn.decoder import DecoderConfig, TextDecoder, TextGeneration
 from ..nn.layers import MLP
-from ..nn.rope import MultimodalRotary, inverse_frequencies
 from ..nn.output import ModelOutput
-from ..nn.checkpoint import rename_prefix
+from ..nn.rope import MultimodalRotary, inverse_frequencies
 from ..nn.vision import VisionBlock, cached_per_image, merge_features, vision_identity
 
 
@@ -61,7 +63,7 @@ class ModelConfig:
     mrope_interleaved: bool = False
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any], vision_cls: type = VisionConfig) -> "ModelConfig":
+    def from_hf(cls, config: Mapping[str, Any], vision_cls: type = VisionConfig) -> ModelConfig:
         text = text_section(config)
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
         vision = dict(config.get("vision_config") or {})
@@ -250,7 +252,7 @@ class Model(TextGeneration, nn.Module):
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any]) -> "Model":
+    def from_hf_config(cls, config: Mapping[str, Any]) -> Model:
         return cls(ModelConfig.from_hf(config, cls.vision_config_class))
 
     # -- runtime protocol (the decoder steps come from TextGeneration)

@@ -11,12 +11,14 @@ cache, batching) carries them unchanged; ``hidden_states`` splits them off again
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
 from vlm_runtime.masks import block_diagonal_mask
 
 from ..config import from_dict, text_section
@@ -153,7 +155,7 @@ class Model(qwen2_vl.Model):
     supports_video = True
 
     @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any]) -> "Model":
+    def from_hf_config(cls, config: Mapping[str, Any]) -> Model:
         base = qwen2_vl.ModelConfig.from_hf(config, cls.vision_config_class)
         # M-RoPE is always interleaved here, as in transformers, whatever "mrope_interleaved" says.
         return cls(dataclasses.replace(base, text=cls.text_config(config), mrope_interleaved=True))

@@ -8,7 +8,8 @@ either orientation, one MLP per expert, MLX-community ``switch_mlp``), which ``s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import mlx.core as mx
 

@@ -7,8 +7,8 @@ rather than the pooled output, so layers past the deepest selected one never run
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -6,12 +6,14 @@ this class; families pass in their rotary embedding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
 from vlm_runtime import KVCache, PromptEmbedding
 from vlm_runtime.masks import padded_causal_mask
 
@@ -51,9 +53,7 @@ class DecoderConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
 
-def attention_mask_for(
-    n_queries: int, attention_mask: mx.array | None, dtype: mx.Dtype
-) -> mx.array | str | None:
+def attention_mask_for(n_queries: int, attention_mask: mx.array | None, dtype: mx.Dtype) -> mx.array | str | None:
     """The mask argument for fused attention: none for one query, "causal" without padding, else additive.
 
     Additive with a finite minimum rather than boolean: a padded query row would otherwise see no key at all,

@@ -7,11 +7,13 @@ Gemma 3 adds RMSNorm on queries and keys and gives sliding and global layers the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+
 from vlm_runtime.masks import grouped_window_mask
 
 from ..config import ConfigError
@@ -72,7 +74,7 @@ class GemmaDecoderConfig:
         qk_norm: bool,
         first_position: int = 0,
         window_limits_groups: bool = True,
-    ) -> "GemmaDecoderConfig":
+    ) -> GemmaDecoderConfig:
         """From a Gemma 2 / 3 text config in either layout: transformers 5 ``layer_types`` and per-type
         ``rope_parameters``, or the published ``sliding_window_pattern``, ``rope_theta``,
         ``rope_local_base_freq`` and ``rope_scaling``. ``defaults`` are the family's transformers defaults,
@@ -169,7 +171,9 @@ class GemmaAttention(Attention):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
             if isinstance(k, tuple):
-                raise ValueError("soft-capped attention (Gemma 2, PaliGemma 2) cannot use a quantized KV cache (kv_bits)")
+                raise ValueError(
+                    "soft-capped attention (Gemma 2, PaliGemma 2) cannot use a quantized KV cache (kv_bits)"
+                )
         batch, heads, n_q, dim = q.shape
         groups = heads // k.shape[1]
         q = (q * self.scale).reshape(batch, k.shape[1], groups, n_q, dim)

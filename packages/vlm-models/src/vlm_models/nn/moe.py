@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -104,7 +104,7 @@ class QuantizedSwitchLinear(nn.Module):
     @classmethod
     def from_switch_linear(
         cls, layer: SwitchLinear, group_size: int | None, bits: int | None, mode: str = "affine"
-    ) -> "QuantizedSwitchLinear":
+    ) -> QuantizedSwitchLinear:
         return cls(layer.weight, group_size, bits, mode)
 
     def to_float(self, dtype: mx.Dtype) -> SwitchLinear:
@@ -205,7 +205,9 @@ def _oriented(value: mx.array, out: int, dims: int) -> mx.array:
         return value
     if tuple(value.shape[1:]) == (dims, out):
         return value.swapaxes(1, 2)
-    raise ValueError(f"stacked expert weight of shape {tuple(value.shape)} fits neither ({out}, {dims}) nor its transpose")
+    raise ValueError(
+        f"stacked expert weight of shape {tuple(value.shape)} fits neither ({out}, {dims}) nor its transpose"
+    )
 
 
 def expert_weights(weights: Mapping[str, mx.array], *, hidden: int, intermediate: int) -> dict[str, mx.array]:
@@ -241,4 +243,3 @@ def expert_weights(weights: Mapping[str, mx.array], *, hidden: int, intermediate
 def mlx_community_expert_names(key: str) -> str:
     """The MLX-community name of one of our expert tensors (the inverse of ``expert_weights`` on that layout)."""
     return key.replace(".experts.", ".switch_mlp.") if any(f".experts.{p}." in key for p in _PROJECTIONS) else key
-

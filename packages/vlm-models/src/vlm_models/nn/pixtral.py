@@ -8,8 +8,9 @@ Module names follow the transformers ``PixtralVisionModel`` weight names (``patc
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,7 +40,7 @@ class PixtralVisionConfig:
     rope_theta: float = 10000.0
 
     @classmethod
-    def from_hf(cls, vision: Mapping[str, Any]) -> "PixtralVisionConfig":
+    def from_hf(cls, vision: Mapping[str, Any]) -> PixtralVisionConfig:
         rope = dict(vision.get("rope_parameters") or {})
         rope_type = rope.get("rope_type", "axial")
         if rope_type not in ("axial", "default"):
@@ -125,7 +126,7 @@ class PixtralVisionTower(nn.Module):
             rotate = self._rotary.at_grid(
                 mx.array(np.repeat(np.arange(rows), cols)), mx.array(np.tile(np.arange(cols), rows))
             )
-            blocks = [lambda h, layer=layer: layer(h, rotate, None) for layer in self.transformer.layers]
+            blocks = [lambda h, layer=layer, rotate=rotate: layer(h, rotate, None) for layer in self.transformer.layers]
             hidden = selected_hidden_states(self.ln_pre(x), blocks, layers)
             for j, i in enumerate(members):
                 out[i] = hidden[j]

@@ -8,8 +8,9 @@ models.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,7 +36,7 @@ class SiglipVisionConfig:
     hidden_act: str = "gelu_pytorch_tanh"
 
     @classmethod
-    def from_hf(cls, vision: Mapping[str, Any]) -> "SiglipVisionConfig":
+    def from_hf(cls, vision: Mapping[str, Any]) -> SiglipVisionConfig:
         return from_dict(cls, vision)
 
     @property

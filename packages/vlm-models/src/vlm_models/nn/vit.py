@@ -3,7 +3,7 @@ and the pre-norm LayerNorm encoder layer. Attribute names follow both families' 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn

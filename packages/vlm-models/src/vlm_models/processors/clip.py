@@ -111,7 +111,7 @@ class CLIPImageProcessor(RepeatsImageTokens, SampleBatching):
         return kwargs
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "CLIPImageProcessor":
+    def from_config(cls, cfg: dict[str, Any]) -> CLIPImageProcessor:
         """Build from the image processor dict merged with processor_config.json's top-level settings."""
         processor = cls(**cls.config_kwargs(cfg))
         if processor.patch_size is None:
@@ -209,7 +209,7 @@ class LlavaNextImageProcessor(CLIPImageProcessor):
     do_pad: bool = True  # here: pad the tile axis for batching, not the LLaVA 1.5 square padding
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "LlavaNextImageProcessor":
+    def from_config(cls, cfg: dict[str, Any]) -> LlavaNextImageProcessor:
         kwargs = cls.config_kwargs(cfg)
         if cfg.get("image_grid_pinpoints") is not None:
             kwargs["image_grid_pinpoints"] = tuple((int(h), int(w)) for h, w in cfg["image_grid_pinpoints"])

@@ -28,11 +28,11 @@ def pan_and_scan_boxes(
     long, short = (width, height) if width >= height else (height, width)
     if long / short < min_ratio:
         return []
-    n = int(math.floor(long / short + 0.5))  # half rounds up
-    n = min(int(math.floor(long / min_crop_size)), n)
+    n = math.floor(long / short + 0.5)  # half rounds up
+    n = min(math.floor(long / min_crop_size), n)
     n = min(max_num_crops, max(2, n))
     n_w, n_h = (n, 1) if width >= height else (1, n)
-    crop_w, crop_h = int(math.ceil(width / n_w)), int(math.ceil(height / n_h))
+    crop_w, crop_h = math.ceil(width / n_w), math.ceil(height / n_h)
     if min(crop_w, crop_h) < min_crop_size:
         return []
     # In a degenerate picture (a side of a pixel or two) a crop can start past the edge; it holds nothing.
@@ -58,7 +58,7 @@ class Gemma3ImageProcessor(SiglipImageProcessor):
     pan_and_scan_min_ratio_to_activate: float = 1.2
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "Gemma3ImageProcessor":
+    def from_config(cls, cfg: dict[str, Any]) -> Gemma3ImageProcessor:
         kwargs = cls.config_values(cfg)
         if cfg.get("do_pan_and_scan") is not None:
             kwargs["do_pan_and_scan"] = bool(cfg["do_pan_and_scan"])
@@ -104,7 +104,9 @@ class Gemma3ImageProcessor(SiglipImageProcessor):
         for n_crops, piece in zip(outputs["num_crops"], pieces[1:]):
             if n_crops:
                 crops = " ".join([sequence] * int(n_crops))
-                out.append(f"Here is the original image {sequence} and here are some crops to help you see better {crops}")
+                out.append(
+                    f"Here is the original image {sequence} and here are some crops to help you see better {crops}"
+                )
             else:
                 out.append(sequence)
             out.append(piece)

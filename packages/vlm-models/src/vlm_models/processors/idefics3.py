@@ -70,9 +70,7 @@ def image_prompt(rows: int, cols: int, tokens_per_tile: int, image_token: str) -
     whole = f"{FAKE}{GLOBAL}{tokens}{FAKE}"
     if rows == 0 and cols == 0:
         return whole
-    grid = "".join(
-        "".join(f"{FAKE}<row_{r + 1}_col_{c + 1}>{tokens}" for c in range(cols)) + "\n" for r in range(rows)
-    )
+    grid = "".join("".join(f"{FAKE}<row_{r + 1}_col_{c + 1}>{tokens}" for c in range(cols)) + "\n" for r in range(rows))
     return f"{grid}\n{whole}"
 
 
@@ -91,7 +89,7 @@ class Idefics3ImageProcessor(SiglipImageProcessor):
     do_image_splitting: bool = True
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "Idefics3ImageProcessor":
+    def from_config(cls, cfg: dict[str, Any]) -> Idefics3ImageProcessor:
         kwargs: dict[str, Any] = image_settings(cfg, bool_keys=("do_image_splitting",))
         if cfg.get("image_seq_len") is not None:
             kwargs["image_seq_length"] = int(cfg["image_seq_len"])

@@ -37,7 +37,7 @@ __all__ = [
     "to_rgb",
 ]
 
-ImageSource = Union[Image.Image, str, Path, bytes, bytearray, memoryview]
+ImageSource = Union[Image.Image, str, Path, bytes, bytearray, memoryview]  # noqa: UP007
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 """Cap on fetched or base64-embedded image payloads."""
@@ -186,9 +186,7 @@ def load_image(source: ImageSource) -> Image.Image:
     return to_rgb(image)
 
 
-def resize(
-    image: Image.Image, size: tuple[int, int], resample: int = Image.Resampling.BICUBIC
-) -> np.ndarray:
+def resize(image: Image.Image, size: tuple[int, int], resample: int = Image.Resampling.BICUBIC) -> np.ndarray:
     """Resize to ``(height, width)`` with Pillow; uint8 HWC, as transformers' ``image_transforms.resize``."""
     height, width = size
     if image.size != (width, height):

@@ -55,7 +55,7 @@ class PixtralImageProcessor(RepeatsImageTokens, SampleBatching):
     image_end_token: str = "[IMG_END]"
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "PixtralImageProcessor":
+    def from_config(cls, cfg: dict[str, Any]) -> PixtralImageProcessor:
         """Build from the image processor dict merged with processor_config.json's top-level settings."""
         kwargs: dict[str, Any] = image_settings(cfg, int_keys=("spatial_merge_size",), bool_keys=("do_pad",))
         if cfg.get("size") is not None:

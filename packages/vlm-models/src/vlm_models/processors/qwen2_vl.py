@@ -12,7 +12,14 @@ from PIL import Image
 
 from .image import RepeatsImageTokens, SampleBatching, image_settings, rescale_and_normalize, resize, to_rgb
 
-__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "Qwen2VLImageProcessor", "fit_pixel_budget", "patchify", "smart_resize"]
+__all__ = [
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "Qwen2VLImageProcessor",
+    "fit_pixel_budget",
+    "patchify",
+    "smart_resize",
+]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

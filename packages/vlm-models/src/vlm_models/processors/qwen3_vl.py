@@ -68,7 +68,14 @@ class Qwen3VLVideoProcessor(FrameSettings):
         Qwen3-VL video processor does not read but mlx-vlm's conversions write for it, take its place."""
         kwargs: dict[str, Any] = image_settings(
             cfg,
-            int_keys=("patch_size", "temporal_patch_size", "merge_size", "min_frames", "max_frames", "max_video_tokens"),
+            int_keys=(
+                "patch_size",
+                "temporal_patch_size",
+                "merge_size",
+                "min_frames",
+                "max_frames",
+                "max_video_tokens",
+            ),
             bool_keys=("do_sample_frames", "cap_pixels_per_frame"),
         )
         size = cfg.get("size")

@@ -47,7 +47,7 @@ class SiglipImageProcessor(SampleBatching):
         return kwargs
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "SiglipImageProcessor":
+    def from_config(cls, cfg: dict[str, Any]) -> SiglipImageProcessor:
         return cls(**cls.config_values(cfg))
 
     def preprocess(self, image: Image.Image) -> np.ndarray:

@@ -112,7 +112,7 @@ class SmolVLMVideoProcessor(FrameSettings):
         if self.fps is None or self.max_frames is None:
             raise ValueError("sampling SmolVLM video frames needs both fps and a frame count")
         duration = total_frames / video_fps
-        count = max(min(int(round(self.fps * duration)), self.max_frames), 1)
+        count = max(min(round(self.fps * duration), self.max_frames), 1)
         start, end = 0, total_frames - 1
         if self.skip_secs > 0 and duration - 2 * self.skip_secs > self.max_frames * self.fps:
             start, end = int(self.skip_secs * video_fps), int(total_frames - self.skip_secs * video_fps)
@@ -147,7 +147,9 @@ class SmolVLMVideoProcessor(FrameSettings):
         pixels = self.normalize(frames)
         return pixels.transpose(0, 3, 1, 2)
 
-    def expand_prompt(self, prompt: str, video_token: str, processed: ProcessedVideos, image_token: str = "<image>") -> str:
+    def expand_prompt(
+        self, prompt: str, video_token: str, processed: ProcessedVideos, image_token: str = "<image>"
+    ) -> str:
         """Each video slot becomes the introduction, each frame's ``Frame from MM:SS:`` line and global view,
         and a blank line (SmolVLMProcessor.replace_video_token)."""
         pieces = prompt.split(video_token)

@@ -140,7 +140,9 @@ def _resample_axis(frames: np.ndarray, axis: int, out_size: int, resample: int) 
     return np.moveaxis(out, -1, axis)
 
 
-def resize_frames(frames: np.ndarray, size: tuple[int, int], resample: int = int(Image.Resampling.BICUBIC)) -> np.ndarray:
+def resize_frames(
+    frames: np.ndarray, size: tuple[int, int], resample: int = int(Image.Resampling.BICUBIC)
+) -> np.ndarray:
     """Resize (frames, height, width, channels) uint8 to ``size`` = (height, width) as torchvision does on CPU
     (antialiased, ``align_corners=False``)."""
     if resample not in _FILTERS:
