@@ -22,7 +22,7 @@ def main() -> None:
 
     from vlm_models import apply_chat_template, load
     from vlm_runtime import BatchGenerator, GenerationConfig
-    from vlm_runtime.cache import BatchKVCache
+    from vlm_runtime.batch_cache import BatchKVCache
 
     model, processor = load(args.model)
     layers = model.config.text.num_hidden_layers

@@ -20,17 +20,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vlm_runtime.batch_cache import BatchKVCache, BatchQuantizedKVCache, BatchRotatingKVCache, batch_cache_like
 from vlm_runtime.cache import (
     ArraysCache,
     AttentionCache,
-    BatchKVCache,
-    BatchQuantizedKVCache,
-    BatchRotatingKVCache,
     Cache,
     KVCache,
     QuantizedKVCache,
     RotatingKVCache,
-    batch_cache_like,
     quantized_attention,
 )
 from vlm_runtime.cache_io import load_prompt_cache, save_prompt_cache

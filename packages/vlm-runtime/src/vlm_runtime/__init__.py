@@ -1,16 +1,8 @@
 """vlm_runtime: model-agnostic generation for vision-language models on MLX."""
 
 from .batch import BatchGenerator, batch_generate
-from .cache import (
-    ArraysCache,
-    BatchKVCache,
-    BatchQuantizedKVCache,
-    BatchRotatingKVCache,
-    Cache,
-    KVCache,
-    QuantizedKVCache,
-    RotatingKVCache,
-)
+from .batch_cache import BatchKVCache, BatchQuantizedKVCache, BatchRotatingKVCache
+from .cache import ArraysCache, Cache, KVCache, QuantizedKVCache, RotatingKVCache
 from .cache_io import load_prompt_cache, save_prompt_cache
 from .cache_settings import CacheSettings, make_prompt_cache
 from .engine import Engine, EngineBusy, RequestStream

@@ -16,7 +16,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from .cache import BatchKVCache, Cache, batch_cache_like, can_batch
+from .batch_cache import BatchKVCache, batch_cache_like, can_batch
+from .cache import Cache
 from .cache_settings import CacheSettings, make_prompt_cache
 from .generate import (
     GenerationConfig,

@@ -13,16 +13,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .cache import (
-    ArraysCache,
-    BatchKVCache,
-    BatchQuantizedKVCache,
-    BatchRotatingKVCache,
-    Cache,
-    KVCache,
-    QuantizedKVCache,
-    RotatingKVCache,
-)
+from .batch_cache import BatchKVCache, BatchQuantizedKVCache, BatchRotatingKVCache
+from .cache import ArraysCache, Cache, KVCache, QuantizedKVCache, RotatingKVCache
 
 __all__ = ["CACHE_CLASSES", "load_prompt_cache", "register_cache_class", "save_prompt_cache"]
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["causal_mask", "padded_causal_mask", "block_diagonal_mask", "grouped_window_mask"]
+__all__ = [
+    "attention_mask_for",
+    "block_diagonal_mask",
+    "causal_mask",
+    "grouped_window_mask",
+    "padded_causal_mask",
+]
+
+AttentionMask = mx.array | str | None
+"""What fused attention takes: None (every key), "causal" (queries are the last keys), or a boolean / additive array."""
 
 
 def causal_mask(n_queries: int, offset: int = 0) -> mx.array:
@@ -69,3 +78,31 @@ def grouped_window_mask(
     if in_window is not None and window_limits_groups:
         allowed = allowed & in_window
     return allowed
+
+
+def attention_mask_for(
+    n_queries: int,
+    dtype: mx.Dtype,
+    *,
+    n_past: int = 0,
+    window: int | None = None,
+    groups: mx.array | None = None,
+    key_padding: mx.array | None = None,
+    window_limits_groups: bool = True,
+) -> AttentionMask:
+    """The mask for ``n_queries`` new tokens attending over ``n_past`` earlier keys followed by themselves.
+
+    The simplest form that is right: None for one query, "causal" while no key leaves a query's ``window``,
+    else a boolean array (``grouped_window_mask``). With ``key_padding`` ((batch, >= n_past + n_queries), 1 for
+    real tokens; its last columns are these keys) the mask is additive with a finite minimum, so that a query
+    row that is all padding averages its keys instead of turning NaN and leaking NaN into later layers.
+    """
+    if groups is None and key_padding is None and (window is None or n_past + n_queries <= window):
+        return None if n_queries == 1 else "causal"
+    allowed = grouped_window_mask(
+        n_queries, n_past, window=window, groups=groups, window_limits_groups=window_limits_groups
+    )
+    if key_padding is None:
+        return allowed
+    allowed = allowed & (key_padding[:, None, None, -(n_past + n_queries) :] != 0)
+    return mx.where(allowed, mx.array(0.0, dtype), mx.array(mx.finfo(dtype).min, dtype))

@@ -15,7 +15,7 @@ import mlx.nn as nn
 import numpy as np
 
 from vlm_runtime import KVCache, PromptEmbedding
-from vlm_runtime.masks import padded_causal_mask
+from vlm_runtime.masks import attention_mask_for
 
 from .layers import Attention, DecoderLayer, GatedMLP
 from .moe import MoEConfig, SparseMoE
@@ -26,7 +26,6 @@ __all__ = [
     "DecoderConfig",
     "TextDecoder",
     "TextGeneration",
-    "attention_mask_for",
     "padded_prompt_embedding",
 ]
 
@@ -51,18 +50,6 @@ class DecoderConfig:
     @property
     def attention_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
-
-
-def attention_mask_for(n_queries: int, attention_mask: mx.array | None, dtype: mx.Dtype) -> mx.array | str | None:
-    """The mask argument for fused attention: none for one query, "causal" without padding, else additive.
-
-    Additive with a finite minimum rather than boolean: a padded query row would otherwise see no key at all,
-    its softmax would be NaN, and NaN values leak through later layers' (masked) attention products.
-    """
-    if attention_mask is None:
-        return None if n_queries == 1 else "causal"
-    allowed = padded_causal_mask(attention_mask, n_queries)
-    return mx.where(allowed, mx.array(0.0, dtype), mx.array(mx.finfo(dtype).min, dtype))
 
 
 def padded_prompt_embedding(inputs_embeds: mx.array, attention_mask: mx.array | None) -> PromptEmbedding:
@@ -125,11 +112,11 @@ class TextDecoder(nn.Module):
         else:
             delta = cache[0].position_delta if cache else 0
             rotate = self._rotary.at_offset(offset + delta)
-        if attention_mask is None and cache:
+        if cache:
             # Sliding windows, quantized storage and batch padding each shape the mask their own way.
-            mask = cache[0].make_mask(length, inputs_embeds.dtype)
+            mask = cache[0].make_mask(length, inputs_embeds.dtype, key_padding=attention_mask)
         else:
-            mask = attention_mask_for(length, attention_mask, inputs_embeds.dtype)
+            mask = attention_mask_for(length, inputs_embeds.dtype, key_padding=attention_mask)
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             h = layer(h, rotate, mask, cache[i] if cache else None)

@@ -14,7 +14,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from vlm_runtime.masks import grouped_window_mask
+from vlm_runtime.masks import attention_mask_for
 
 from ..config import ConfigError
 from .layers import Attention, GatedMLP
@@ -263,29 +263,15 @@ class GemmaDecoder(nn.Module):
         groups: mx.array | None,
         dtype: mx.Dtype,
     ) -> Any:
-        window = self.config.sliding_window if kind == SLIDING else None
-        if cache is not None and key_padding is None and groups is None:
-            return cache.make_mask(n_queries, dtype)  # the cache knows which keys it hands attention
-        if n_queries == 1 and key_padding is None:
-            return None
-        n_past = 0
-        if cache is not None:
-            # A rolling cache (a sliding layer's, or any layer's under max_kv_size) hands attention at most
-            # max_size - 1 earlier keys before the new ones, and bounds what a query sees to its window.
-            cache_window = getattr(cache, "max_size", None)
-            n_past = cache.offset if cache_window is None else min(cache.offset, cache_window - 1)
-            if cache_window is not None:
-                window = cache_window if window is None else min(window, cache_window)
-        if groups is None and key_padding is None and (window is None or n_past + n_queries <= window):
-            return "causal"
-        allowed = grouped_window_mask(
-            n_queries, n_past, window=window, groups=groups, window_limits_groups=self.config.window_limits_groups
+        shape = dict(
+            window=self.config.sliding_window if kind == SLIDING else None,
+            groups=groups,
+            key_padding=key_padding,
+            window_limits_groups=self.config.window_limits_groups,
         )
-        if key_padding is None:
-            return allowed
-        allowed = allowed & (key_padding[:, None, None, -(n_past + n_queries) :] != 0)
-        # Additive with a finite minimum: a padded query row would otherwise see no key and turn NaN.
-        return mx.where(allowed, mx.array(0.0, dtype), mx.array(mx.finfo(dtype).min, dtype))
+        if cache is not None:
+            return cache.make_mask(n_queries, dtype, **shape)  # the cache knows which keys it hands attention
+        return attention_mask_for(n_queries, dtype, **shape)
 
     def compute_logits(self, hidden: mx.array, lm_head: nn.Module | None) -> mx.array:
         logits = self.embed_tokens.as_linear(hidden) if lm_head is None else lm_head(hidden)
