@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from vlm_models import load
-from vlm_models.convert import quantize_model, save_model
+from vlm_models.convert import save_model
+from vlm_models.quantize import quantize_model
 
 
 def main() -> None:

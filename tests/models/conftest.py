@@ -124,7 +124,7 @@ def check_quantized_fixture(family: str, ref: Reference, cases: tuple[str, ...] 
     import mlx.nn as nn
 
     from vlm_models import load
-    from vlm_models.convert import dequantize_model
+    from vlm_models.quantize import dequantize_model
 
     path = FIXTURES / family / "mlx_community_4bit"
     quantized, _ = load(path)

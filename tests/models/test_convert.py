@@ -17,17 +17,8 @@ from mlx.utils import tree_flatten
 
 from vlm_models import load
 from vlm_models.cli import main
-from vlm_models.convert import (
-    ConvertError,
-    ConvertOptions,
-    QuantizeOptions,
-    _shard,
-    convert,
-    dequantize_model,
-    float_reason,
-    is_vision_tower,
-    save_model,
-)
+from vlm_models.convert import ConvertOptions, _shard, convert, save_model
+from vlm_models.quantize import QuantizeError, QuantizeOptions, dequantize_model, float_reason, is_vision_tower
 
 from .conftest import FAMILIES, FAMILY_LAYOUTS, FIXTURES, Reference
 
@@ -216,7 +207,7 @@ def test_mode_defaults_follow_mlx() -> None:
         ("affine", 7, None, "must be one of"),
         ("int4", None, None, "unknown quantization mode"),
     ]:
-        with pytest.raises(ConvertError, match=message):
+        with pytest.raises(QuantizeError, match=message):
             QuantizeOptions.for_mode(mode, bits, group_size)
 
 
@@ -237,7 +228,7 @@ def test_the_mode_rules_are_what_mlx_accepts() -> None:
                 try:
                     QuantizeOptions.for_mode(mode, bits, group_size)
                     accepted = True
-                except ConvertError:
+                except QuantizeError:
                     accepted = False
                 expected = mlx_quantizes(mode, bits, group_size) and not (mode == "affine" and bits == 1)
                 assert accepted == expected, (mode, bits, group_size)

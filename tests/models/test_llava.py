@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vlm_models import ModelLoadError, apply_chat_template, load
-from vlm_models.convert import dequantize_model
+from vlm_models.quantize import dequantize_model
 from vlm_runtime.vision_cache import VisionFeatureCache
 
 from .conftest import FIXTURES, Reference

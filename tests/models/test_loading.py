@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from vlm_models import ModelLoadError, load
-from vlm_models.convert import dequantize_model, quantize_model, save_model
+from vlm_models.convert import save_model
+from vlm_models.quantize import dequantize_model, quantize_model
 from vlm_models.registry import UnsupportedModelError
 
 from .conftest import FIXTURES, Reference

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from vlm_models import load
-from vlm_models.convert import dequantize_model
+from vlm_models.quantize import dequantize_model
 
 from .conftest import FIXTURES, Reference
 

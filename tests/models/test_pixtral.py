@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vlm_models import ModelLoadError, apply_chat_template, load
-from vlm_models.convert import dequantize_model, quantize_model
 from vlm_models.models.mistral3 import PatchMerger
 from vlm_models.nn.rope import AxialRotary
 from vlm_models.processors import load_image
 from vlm_models.processors.pixtral import PixtralImageProcessor
+from vlm_models.quantize import dequantize_model, quantize_model
 from vlm_models.registry import architecture_of
 from vlm_runtime.vision_cache import VisionFeatureCache
 

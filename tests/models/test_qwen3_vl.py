@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vlm_models import apply_chat_template, load
-from vlm_models.convert import dequantize_model
 from vlm_models.models.qwen3_vl import Model, interpolation_taps
 from vlm_models.nn.rope import axis_of_frequency
 from vlm_models.processors.qwen2_vl import Qwen2VLImageProcessor
+from vlm_models.quantize import dequantize_model
 from vlm_runtime import GenerationConfig, SamplingParams, generate_step, make_sampler
 
 from .conftest import FIXTURES, Reference, check_chunked_prefill

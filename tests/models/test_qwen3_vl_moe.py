@@ -17,11 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlm_models import load
-from vlm_models.convert import ConvertOptions, QuantizeOptions, convert, dequantize_model
+from vlm_models.convert import ConvertOptions, convert
 from vlm_models.loading import ModelLoadError
 from vlm_models.models.qwen3_vl_moe import Model
 from vlm_models.nn import moe
 from vlm_models.nn.moe import MoEConfig, QuantizedSwitchLinear, SparseMoE, SwitchGLU, expert_weights
+from vlm_models.quantize import QuantizeOptions, dequantize_model
 
 from .conftest import (
     FIXTURES,

@@ -241,7 +241,7 @@ def load_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
     quantization = values.get("base_quantization")
     if quantization and not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
         # QLoRA quantized a float base before training; the adapter belongs to that quantized model.
-        from .convert import quantize_model
+        from .quantize import quantize_model
 
         quantize_model(model, bits=int(quantization["bits"]), group_size=int(quantization["group_size"]))
     if lora is not None:

@@ -284,7 +284,8 @@ def _add_convert_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from .convert import ConvertOptions, QuantizeOptions, convert
+    from .convert import ConvertOptions, convert
+    from .quantize import QuantizeOptions
 
     quantize = None
     if args.quantize:

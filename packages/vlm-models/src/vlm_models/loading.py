@@ -13,8 +13,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError
-from .convert import float_dtype, keep_embedding_dtype
 from .processor import Processor, load_chat_template
+from .quantize import apply_quantization
 from .registry import Architecture, architecture_of
 
 __all__ = ["load", "load_config", "resolve_model_path", "ModelLoadError"]
@@ -81,28 +81,6 @@ def _summarise(keys: set[str], limit: int = 8) -> str:
     shown = sorted(keys)[:limit]
     more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(shown) + more
-
-
-def apply_quantization(model: nn.Module, quantization: Mapping[str, Any], weights: Mapping[str, mx.array]) -> None:
-    """Swap in quantized layers wherever the checkpoint stores quantized weights (``<path>.scales``), with a
-    layer's own settings where ``quantization`` has an entry for its path (``false``: the layer stays float)."""
-    defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
-
-    def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
-        override = quantization.get(path)
-        if override is False or f"{path}.scales" not in weights:
-            return False
-        return {**defaults, **override} if isinstance(override, dict) else True
-
-    # None lets MLX pick the mode's own group size and width (mxfp4, nvfp4, ... fix them).
-    nn.quantize(
-        model,
-        group_size=defaults.get("group_size"),
-        bits=defaults.get("bits"),
-        mode=defaults.get("mode", "affine"),
-        class_predicate=predicate,
-    )
-    keep_embedding_dtype(model, float_dtype(weights.values()))
 
 
 def _layer_entries_as_ours(

@@ -1,26 +1,28 @@
 """Batched caches: the rows of several requests in shared buffers, for the continuous batching engine.
 
 Each row is left-padded to the longest; the caches carry each row's padding and rotary position, and give the
-merge / filter / extend an engine needs between decode steps. A single-request cache names its batched twin
-through ``batch_like`` (``batch_cache_like`` below); a kind without one cannot be batched.
+merge / filter / extend an engine needs between decode steps. ``BATCHED_TWINS`` says which batched kind holds
+the rows of each single-request kind; a kind without one cannot be batched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
 
-from .cache import KVCache, QuantizedKVCache, _meta_ints, _round_up, _with_room
+from .cache import KVCache, QuantizedKVCache, RotatingKVCache, _meta_ints, _round_up, _with_room
 from .masks import AttentionMask
 
 __all__ = [
     "BatchKVCache",
     "BatchQuantizedKVCache",
     "BatchRotatingKVCache",
+    "BATCHED_TWINS",
     "batch_cache_like",
     "can_batch",
+    "register_batched_twin",
 ]
 
 
@@ -326,16 +328,33 @@ class BatchQuantizedKVCache(_LeftPadded, QuantizedKVCache):
         )
 
 
+BATCHED_TWINS: dict[type, Callable[[Any, Sequence[int]], Any]] = {
+    KVCache: lambda layer, padding: BatchKVCache(padding),
+    RotatingKVCache: lambda layer, padding: BatchRotatingKVCache(padding, layer.max_size),
+    QuantizedKVCache: lambda layer, padding: BatchQuantizedKVCache(padding, layer.bits, layer.group_size),
+}
+"""Single-request cache kind -> its batched twin, given the layer and the rows' left padding. A kind missing
+here cannot be batched; a module with a cache kind of its own adds its twin with ``register_batched_twin``."""
+
+
+def register_batched_twin(kind: type, make: Callable[[Any, Sequence[int]], Any]) -> None:
+    """Let the batching engine batch ``kind`` layers: ``make(layer, left_padding)`` is an empty batched cache
+    with ``layer``'s settings (it must do what ``BatchKVCache`` does: merge, filter, padded masks)."""
+    BATCHED_TWINS[kind] = make
+
+
 def batch_cache_like(layer: Any, left_padding: Sequence[int]) -> Any:
     """An empty batched cache of ``layer``'s kind and settings, for prefilling several prompts at once."""
-    batched = layer.batch_like(left_padding)
-    if batched is None:
+    if isinstance(layer, _LeftPadded):
+        return layer.batch_like(left_padding)
+    make = BATCHED_TWINS.get(type(layer))
+    if make is None:
         raise TypeError(f"{type(layer).__name__} layers cannot be batched")
-    return batched
+    return make(layer, left_padding)
 
 
 def can_batch(layer: Any) -> bool:
-    return layer.batch_like([]) is not None
+    return isinstance(layer, _LeftPadded) or type(layer) in BATCHED_TWINS
 
 
 class _Rows:

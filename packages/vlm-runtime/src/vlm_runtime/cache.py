@@ -15,7 +15,6 @@ cache names its twin through ``batch_like``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import mlx.core as mx
@@ -76,12 +75,6 @@ class Cache(Protocol):
 
     @property
     def nbytes(self) -> int: ...
-
-    def batch_like(self, left_padding: Sequence[int]) -> Cache | None:
-        """An empty batched cache of this kind and settings for rows with this left padding (the batching
-        engine prefills several prompts into it and merges it into the running batch), or None where this kind
-        cannot be batched."""
-        ...
 
 
 @runtime_checkable
@@ -222,11 +215,6 @@ class KVCache(_StoresFloat, _AppendOnly):
             window_limits_groups=window_limits_groups,
         )
 
-    def batch_like(self, left_padding: Sequence[int]) -> Cache | None:
-        from .batch_cache import BatchKVCache  # the batched twin builds on this module
-
-        return BatchKVCache(left_padding)
-
     @property
     def state(self) -> list[mx.array]:
         if self.keys is None:
@@ -353,11 +341,6 @@ class RotatingKVCache(_StoresFloat):
             key_padding=key_padding,
             window_limits_groups=window_limits_groups,
         )
-
-    def batch_like(self, left_padding: Sequence[int]) -> Cache | None:
-        from .batch_cache import BatchRotatingKVCache
-
-        return BatchRotatingKVCache(left_padding, self.max_size)
 
     @property
     def state(self) -> list[mx.array]:
@@ -563,11 +546,6 @@ class QuantizedKVCache(_AppendOnly):
             window_limits_groups=window_limits_groups,
         )
 
-    def batch_like(self, left_padding: Sequence[int]) -> Cache | None:
-        from .batch_cache import BatchQuantizedKVCache
-
-        return BatchQuantizedKVCache(left_padding, self.bits, self.group_size)
-
     def attend(
         self, queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None
     ) -> mx.array:
@@ -679,9 +657,6 @@ class ArraysCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state)
-
-    def batch_like(self, left_padding: Sequence[int]) -> Cache | None:
-        return None  # recurrent state has no columns to pad
 
     def __repr__(self) -> str:
         return f"ArraysCache(size={len(self.slots)}, offset={self.offset})"

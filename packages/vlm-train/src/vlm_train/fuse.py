@@ -9,8 +9,9 @@ from typing import Any
 import mlx.nn as nn
 
 from vlm_models.adapters import fuse_lora, read_adapter_config
-from vlm_models.convert import dequantize_model, quantize_model, save_model
+from vlm_models.convert import save_model
 from vlm_models.loading import load, load_config, resolve_model_path
+from vlm_models.quantize import dequantize_model, quantize_model
 
 from .config import QuantizationConfig
 

@@ -19,7 +19,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from vlm_models.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, apply_lora
-from vlm_models.convert import quantize_model
+from vlm_models.quantize import quantize_model
 
 from .config import TrainingConfig
 from .data import BadSample, Batch, EncodedSample, collate, epoch_batches, load_samples, resolve_data_files
