@@ -56,7 +56,7 @@ CHAT_TEMPLATE = (
 class DemoRecipe:
     """Everything that decides the demo model; the defaults are the shipped model's."""
 
-    sizes: ModelSizes = ModelSizes(  # noqa: RUF009
+    sizes: ModelSizes = ModelSizes(
         hidden_size=128,
         num_hidden_layers=6,
         num_attention_heads=4,

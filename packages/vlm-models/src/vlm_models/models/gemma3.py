@@ -17,14 +17,14 @@ import mlx.nn as nn
 import numpy as np
 
 from vlm_runtime import KVCache, PromptEmbedding, RotatingKVCache
-from vlm_runtime.vision_cache import VisionFeatureCache, content_key
+from vlm_runtime.vision_cache import VisionFeatureCache
 
 from ..config import ConfigError, text_section
 from ..nn.checkpoint import rename_prefix
 from ..nn.gemma import GEMMA_DEFAULTS, SLIDING, GemmaDecoder, GemmaDecoderConfig, GemmaRMSNorm
 from ..nn.output import ModelOutput
 from ..nn.siglip import SiglipVisionConfig, SiglipVisionModel
-from ..nn.vision import cached_per_image, merge_features, vision_identity
+from ..nn.vision import features_per_image, merge_features, vision_identity
 from ..nn.vit import conv2d_weight_to_mlx
 
 TEXT_DEFAULTS = {
@@ -158,13 +158,8 @@ class Model(nn.Module):
         ``num_crops`` (a processor output) is implied by the pixels."""
         embeds = self.embed_tokens(input_ids)
         if pixel_values is not None:
-            if vision_cache is None:
-                features = self.image_features(pixel_values)
-            else:
-                features = mx.stack(self._cached_image_features(pixel_values, vision_cache))
-            embeds = merge_features(
-                embeds, input_ids, self.config.image_token_id, features.reshape(-1, features.shape[-1])
-            )
+            features = mx.concatenate(self._features_per_image(pixel_values, vision_cache))
+            embeds = merge_features(embeds, input_ids, self.config.image_token_id, features)
         mask = None if attention_mask is None else np.asarray(attention_mask)
         types = None if token_type_ids is None else np.asarray(token_type_ids)
         groups = self.attention_groups(np.asarray(input_ids), mask, types)
@@ -176,17 +171,22 @@ class Model(nn.Module):
             None if groups is None else mx.array(groups),
         )
 
-    def _cached_image_features(self, pixel_values: mx.array, vision_cache: VisionFeatureCache) -> list[mx.array]:
+    def _features_per_image(self, pixel_values: mx.array, vision_cache: VisionFeatureCache | None) -> list[mx.array]:
+        """(soft tokens, text hidden) per image."""
         tower = self.model.vision_tower
-        identity = vision_identity(self, self.config.vision, tower.dtype, tower.embeddings.patch_embedding)
-        keys = [content_key(pixel_values[i], identity) for i in range(pixel_values.shape[0])]
+        n_images = pixel_values.shape[0]
 
-        def compute(indices: list[int]) -> list[mx.array]:
-            batch = pixel_values if len(indices) == len(keys) else pixel_values[mx.array(indices)]
+        def encode(indices: list[int]) -> list[mx.array]:
+            batch = pixel_values if len(indices) == n_images else pixel_values[mx.array(indices)]
             features = self.image_features(batch)
             return [features[j] for j in range(len(indices))]
 
-        return cached_per_image(keys, vision_cache, compute)
+        return features_per_image(
+            vision_cache,
+            [(pixel_values[i],) for i in range(n_images)],
+            lambda: vision_identity(self, self.config.vision, tower.dtype, tower.embeddings.patch_embedding),
+            encode,
+        )
 
     def hidden_states(
         self,

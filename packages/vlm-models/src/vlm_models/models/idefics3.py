@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from vlm_runtime import PromptEmbedding
-from vlm_runtime.vision_cache import VisionFeatureCache, content_key
+from vlm_runtime.vision_cache import VisionFeatureCache
 
 from ..config import ConfigError, from_dict
 from ..nn.checkpoint import rename_prefix, renamed_weights
@@ -25,7 +25,7 @@ from ..nn.decoder import DecoderConfig, TextDecoder, TextGeneration, padded_prom
 from ..nn.output import ModelOutput
 from ..nn.rope import Rotary
 from ..nn.siglip import SiglipVisionConfig, SiglipVisionModel
-from ..nn.vision import cached_per_image, merge_features, vision_identity
+from ..nn.vision import features_per_image, merge_features, vision_identity
 from .llava import TEXT_DEFAULTS as LLAVA_TEXT_DEFAULTS
 
 # Idefics3Config's own defaults: its Llama text model (rms_norm_eps 1e-5) and its SigLIP-like vision model.
@@ -192,20 +192,24 @@ class Model(TextGeneration, nn.Module):
     ) -> mx.array:
         """(image tokens, text hidden): every real frame's tokens, in prompt order."""
         pixels, patch_mask = self.frames(pixel_values, pixel_attention_mask)
-        if vision_cache is None:
-            features = self.tile_features(pixels, patch_mask)
-            return features.reshape(-1, features.shape[-1])
         tower = self.model.vision_model
-        identity = vision_identity(
-            self, (self.config.vision, self.config.scale_factor), tower.dtype, tower.embeddings.patch_embedding
-        )
-        keys = [content_key(pixels[i], patch_mask[i], identity) for i in range(pixels.shape[0])]
+        n_frames = pixels.shape[0]
 
-        def compute(order: list[int]) -> list[mx.array]:
-            features = self.tile_features(pixels[mx.array(order)], patch_mask[order])
+        def encode(order: list[int]) -> list[mx.array]:
+            every = len(order) == n_frames
+            features = self.tile_features(pixels if every else pixels[mx.array(order)], patch_mask[order])
             return [features[j] for j in range(len(order))]
 
-        return mx.concatenate(cached_per_image(keys, vision_cache, compute))
+        return mx.concatenate(
+            features_per_image(
+                vision_cache,
+                [(pixels[i], patch_mask[i]) for i in range(n_frames)],
+                lambda: vision_identity(
+                    self, (self.config.vision, self.config.scale_factor), tower.dtype, tower.embeddings.patch_embedding
+                ),
+                encode,
+            )
+        )
 
     # -- runtime protocol (the decoder steps come from TextGeneration)
     def embed_prompt(

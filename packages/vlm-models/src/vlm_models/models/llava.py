@@ -16,7 +16,7 @@ import mlx.nn as nn
 import numpy as np
 
 from vlm_runtime import PromptEmbedding
-from vlm_runtime.vision_cache import VisionFeatureCache, content_key
+from vlm_runtime.vision_cache import VisionFeatureCache
 
 from ..config import ConfigError, from_dict
 from ..nn.clip import CLIPVisionConfig, CLIPVisionTower
@@ -24,7 +24,7 @@ from ..nn.decoder import DecoderConfig, TextDecoder, TextGeneration
 from ..nn.layers import activation
 from ..nn.output import ModelOutput
 from ..nn.rope import Rotary
-from ..nn.vision import cached_per_image, merge_features, vision_identity
+from ..nn.vision import features_per_image, merge_features, vision_identity
 from ..nn.vit import conv2d_weight_to_mlx
 
 # transformers' defaults for the text models LLaVA checkpoints use: published configs leave out what equals them.
@@ -208,21 +208,26 @@ class Model(TextGeneration, nn.Module):
         """The tower's first layer: its weights tell checkpoints apart in the vision feature cache."""
         return self.model.vision_tower.embeddings.patch_embedding
 
-    def _cached_image_features(
-        self, pixel_values: mx.array, vision_cache: VisionFeatureCache, **image_inputs: mx.array
+    def _features_per_image(
+        self, pixel_values: mx.array, vision_cache: VisionFeatureCache | None, **image_inputs: mx.array
     ) -> list[mx.array]:
-        """Per image: its features from ``vision_cache`` or, for the images it lacks, one tower call over them."""
-        identity = vision_identity(self, self.config, self.model.vision_tower.dtype, self.patch_embedding)
+        """Per image: its features, from ``vision_cache`` where it has them, the rest from one tower call."""
+        if vision_cache is None:  # the pixels as the processor batched them: no need to split them per image
+            return self.image_features(pixel_values, **image_inputs)
         pixels = self.image_pixels(pixel_values, **image_inputs)
         extras = {k: np.asarray(v) for k, v in image_inputs.items()}
-        keys = [content_key(p, *(v[i] for v in extras.values()), identity) for i, p in enumerate(pixels)]
 
-        def compute(order: list[int]) -> list[mx.array]:
+        def encode(order: list[int]) -> list[mx.array]:
             index = mx.array(order)
             batch = self.batch_pixels([pixels[i] for i in order])
             return self.image_features(batch, **{k: v[index] for k, v in image_inputs.items()})
 
-        return cached_per_image(keys, vision_cache, compute)
+        return features_per_image(
+            vision_cache,
+            [(p, *(v[i] for v in extras.values())) for i, p in enumerate(pixels)],
+            lambda: vision_identity(self, self.config, self.model.vision_tower.dtype, self.patch_embedding),
+            encode,
+        )
 
     # -- runtime protocol (the decoder steps come from TextGeneration)
     def embed_prompt(
@@ -241,10 +246,7 @@ class Model(TextGeneration, nn.Module):
             raise ValueError(f"{self.config.model_type}: unexpected inputs {sorted(unknown)}")
         embeds = self.embed_tokens(input_ids)
         if pixel_values is not None:
-            if vision_cache is None:
-                per_image = self.image_features(pixel_values, **image_inputs)
-            else:
-                per_image = self._cached_image_features(pixel_values, vision_cache, **image_inputs)
+            per_image = self._features_per_image(pixel_values, vision_cache, **image_inputs)
             features = per_image[0] if len(per_image) == 1 else mx.concatenate(per_image)
             embeds = merge_features(embeds, input_ids, self.config.image_token_id, features)
         mask = None if attention_mask is None else np.asarray(attention_mask)

@@ -16,7 +16,7 @@ import numpy as np
 
 from vlm_runtime import PromptEmbedding
 from vlm_runtime.masks import block_diagonal_mask
-from vlm_runtime.vision_cache import VisionFeatureCache, content_key
+from vlm_runtime.vision_cache import VisionFeatureCache
 
 from ..config import ConfigError, from_dict, text_section
 from ..nn.checkpoint import rename_prefix
@@ -24,7 +24,7 @@ from ..nn.decoder import DecoderConfig, TextDecoder, TextGeneration
 from ..nn.layers import MLP
 from ..nn.output import ModelOutput
 from ..nn.rope import MultimodalRotary, inverse_frequencies
-from ..nn.vision import VisionBlock, cached_per_image, merge_features, vision_identity
+from ..nn.vision import VisionBlock, features_per_image, merge_features, vision_identity
 
 
 @dataclass(frozen=True)
@@ -280,10 +280,7 @@ class Model(TextGeneration, nn.Module):
         grid = None
         if pixel_values is not None:
             grid = np.asarray(image_grid_thw).astype(np.int64).reshape(-1, 3)
-            if vision_cache is None:
-                features = self.model.visual(pixel_values, grid)
-            else:
-                features = self._cached_image_features(pixel_values, grid, vision_cache)
+            features = self._image_features(pixel_values, grid, vision_cache)
             embeds = merge_features(embeds, input_ids, self.config.image_token_id, features)
         frames = None
         if pixel_values_videos is not None:
@@ -317,20 +314,20 @@ class Model(TextGeneration, nn.Module):
         """The embeddings the image features replace at the image tokens (wider than the decoder in Qwen3-VL)."""
         return self.embed_tokens(input_ids)
 
-    def _cached_image_features(
-        self, pixel_values: mx.array, grid: np.ndarray, vision_cache: VisionFeatureCache
+    def _image_features(
+        self, pixel_values: mx.array, grid: np.ndarray, vision_cache: VisionFeatureCache | None
     ) -> mx.array:
-        """The vision tower's output for ``pixel_values`` (all images' patches, concatenated), running the tower
-        once over the images ``vision_cache`` lacks and taking the rest from it."""
+        """The vision tower's output for ``pixel_values`` (all images' patches, concatenated); with a
+        ``vision_cache``, the tower runs once over the images it lacks and the rest come from it."""
+        visual = self.model.visual
+        if vision_cache is None:  # the images' patches as the processor concatenated them
+            return visual(pixel_values, grid)
         patches_per_image = grid.prod(axis=1)
         patch_bounds = np.concatenate([[0], np.cumsum(patches_per_image)]).tolist()
         pixels = [pixel_values[patch_bounds[i] : patch_bounds[i + 1]] for i in range(len(grid))]
-        visual = self.model.visual
-        identity = vision_identity(self, self.config.vision, visual.dtype, visual.patch_embed)
-        keys = [content_key(pixels[i], grid[i], identity) for i in range(len(grid))]
         rows_per_image = patches_per_image // self.config.vision.spatial_merge_size**2
 
-        def compute(order: list[int]) -> list[mx.array]:
+        def encode(order: list[int]) -> list[mx.array]:
             # One tower call over the misses, each keeping its own grid row: the block-diagonal (and, in
             # Qwen2.5-VL, per-image window) attention keeps images apart, as in a call over all of them.
             batch = pixel_values if len(order) == len(grid) else mx.concatenate([pixels[i] for i in order])
@@ -338,7 +335,12 @@ class Model(TextGeneration, nn.Module):
             bounds = np.concatenate([[0], np.cumsum(rows_per_image[order])]).tolist()
             return [computed[bounds[j] : bounds[j + 1]] for j in range(len(order))]
 
-        features = cached_per_image(keys, vision_cache, compute)
+        features = features_per_image(
+            vision_cache,
+            [(pixels[i], grid[i]) for i in range(len(grid))],
+            lambda: vision_identity(self, self.config.vision, visual.dtype, visual.patch_embed),
+            encode,
+        )
         return features[0] if len(features) == 1 else mx.concatenate(features)
 
     # -- the Hugging Face contract

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from vlm_runtime.vision_cache import model_identity
+from vlm_runtime.vision_cache import VisionFeatureCache, content_key, model_identity
 
 from .rope import apply_rotary
 
-__all__ = ["VisionAttention", "VisionBlock", "cached_per_image", "merge_features", "vision_identity"]
+__all__ = ["VisionAttention", "VisionBlock", "features_per_image", "merge_features", "vision_identity"]
 
 
 class VisionAttention(nn.Module):
@@ -71,11 +71,29 @@ def merge_features(
     return mx.where(slots[..., None], gathered, inputs_embeds)
 
 
-def cached_per_image(
-    keys: list[str], vision_cache: Any, compute: Callable[[list[int]], list[mx.array]]
+def features_per_image(
+    vision_cache: VisionFeatureCache | None,
+    contents: Sequence[tuple[Any, ...]],
+    identity: Callable[[], str],
+    encode: Callable[[list[int]], list[mx.array]],
 ) -> list[mx.array]:
-    """Per-image features for images named by content ``keys``: from ``vision_cache`` where it has them, the
-    rest from one ``compute(indices)`` call (an image repeated in the prompt is computed once)."""
+    """Each image's features, through the vision feature cache where there is one.
+
+    ``encode(indices)`` runs the family's tower over the images at ``indices`` and returns their features, one
+    array per image. ``contents[i]`` is what decides image i's features besides the model (its pixels, grid,
+    patch mask ...); ``identity()`` names the model (``vision_identity``). Without a cache this is one
+    ``encode`` over every image; with one, images seen before come from it and one ``encode`` call computes the
+    rest (an image repeated in the prompt is computed once).
+    """
+    if vision_cache is None:
+        return encode(list(range(len(contents))))
+    model = identity()
+    return _cached_per_image([content_key(*parts, model) for parts in contents], vision_cache, encode)
+
+
+def _cached_per_image(
+    keys: list[str], vision_cache: VisionFeatureCache, compute: Callable[[list[int]], list[mx.array]]
+) -> list[mx.array]:
     found: dict[str, mx.array] = {}
     missing: dict[str, int] = {}
     for i, key in enumerate(keys):
