@@ -24,13 +24,13 @@ import mlx.core as mx
 
 
 def ours(model: Any, processor: Any, prompts: list[str], tokens: int) -> tuple[float, float]:
-    from vlm_runtime import BatchGenerator, GenerationConfig
+    from vlm_runtime import BatchGenerator, GenerationConfig, Request
 
     start = time.perf_counter()
     engine = BatchGenerator(model, processor, max_batch_size=len(prompts))
     config = GenerationConfig(max_tokens=tokens, ignore_eos=True)
     for prompt in prompts:
-        engine.submit(processor.prepare_inputs(prompt), config=config)
+        engine.submit(Request(processor.prepare_inputs(prompt), config=config))
     generated = len(engine.step())  # every request joins (prefill + first token)
     decoded, joined = 0, time.perf_counter()
     while engine.has_work():

@@ -21,7 +21,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from vlm_models import apply_chat_template, load
-    from vlm_runtime import BatchGenerator, GenerationConfig
+    from vlm_runtime import BatchGenerator, GenerationConfig, Request
     from vlm_runtime.batch_cache import BatchKVCache
 
     model, processor = load(args.model)
@@ -52,7 +52,7 @@ def main() -> None:
         engine = BatchGenerator(model, processor, max_batch_size=batch)
         config = GenerationConfig(max_tokens=args.steps + 1, ignore_eos=True)
         for prompt in prompts[:batch]:
-            engine.submit(processor.prepare_inputs(prompt), config=config)
+            engine.submit(Request(processor.prepare_inputs(prompt), config=config))
         tic = time.perf_counter()
         engine.step()
         admit = (time.perf_counter() - tic) / batch * 1e3

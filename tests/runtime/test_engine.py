@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from vlm_runtime import Engine, EngineBusy, GenerationConfig, SamplingParams, generate
+from vlm_runtime import Engine, EngineBusy, GenerationConfig, Request, SamplingParams, generate
 
 from .toy import ByteProcessor, ToyModel
 
@@ -33,7 +33,7 @@ def test_threads_get_their_single_request_outputs(model: ToyModel) -> None:
     with Engine(model, processor, max_batch_size=4) as engine:
 
         def client(i: int) -> None:
-            results[i] = collect(engine.submit(processor.prepare_inputs(PROMPTS[i]), config=config))
+            results[i] = collect(engine.submit(Request(processor.prepare_inputs(PROMPTS[i]), config=config)))
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
         for t in threads:
@@ -55,7 +55,7 @@ def test_asyncio_streams(model: ToyModel) -> None:
 
     async def main(engine: Engine) -> list[str]:
         async def one(prompt: str) -> str:
-            stream = engine.submit(processor.prepare_inputs(prompt), config=config)
+            stream = engine.submit(Request(processor.prepare_inputs(prompt), config=config))
             return "".join([e.text async for e in stream])
 
         return await asyncio.gather(*(one(p) for p in PROMPTS))
@@ -69,10 +69,10 @@ def test_cancel_frees_the_slot_and_others_continue(model: ToyModel) -> None:
     alone = generate(model, processor, "survivor", max_tokens=30, ignore_eos=True).text
     with Engine(model, processor, max_batch_size=2) as engine:
         doomed = engine.submit(
-            processor.prepare_inputs("doomed"), config=GenerationConfig(max_tokens=10_000, ignore_eos=True)
+            Request(processor.prepare_inputs("doomed"), config=GenerationConfig(max_tokens=10_000, ignore_eos=True))
         )
         survivor = engine.submit(
-            processor.prepare_inputs("survivor"), config=GenerationConfig(max_tokens=30, ignore_eos=True)
+            Request(processor.prepare_inputs("survivor"), config=GenerationConfig(max_tokens=30, ignore_eos=True))
         )
         seen = 0
         for event in doomed:  # noqa: B007
@@ -81,7 +81,9 @@ def test_cancel_frees_the_slot_and_others_continue(model: ToyModel) -> None:
                 doomed.cancel()
         assert event.finish_reason == "cancelled"
         # The freed slot takes a third request while the survivor runs on.
-        third = engine.submit(processor.prepare_inputs("third"), config=GenerationConfig(max_tokens=5, ignore_eos=True))
+        third = engine.submit(
+            Request(processor.prepare_inputs("third"), config=GenerationConfig(max_tokens=5, ignore_eos=True))
+        )
         assert collect(survivor)[0] == alone
         assert collect(third)[1] == "length"
         assert engine.stats().cancelled == 1
@@ -90,8 +92,10 @@ def test_cancel_frees_the_slot_and_others_continue(model: ToyModel) -> None:
 def test_bad_request_fails_alone(model: ToyModel) -> None:
     processor = ByteProcessor()
     with Engine(model, processor) as engine:
-        good = engine.submit(processor.prepare_inputs("fine"), config=GenerationConfig(max_tokens=5, ignore_eos=True))
-        bad = engine.submit({"input_ids": [[1, 2], [3, 4]]})  # two prompts at once: refused
+        good = engine.submit(
+            Request(processor.prepare_inputs("fine"), config=GenerationConfig(max_tokens=5, ignore_eos=True))
+        )
+        bad = engine.submit(Request({"input_ids": [[1, 2], [3, 4]]}))  # two prompts at once: refused
         _text, finish, events = collect(bad)
         assert finish == "error" and "one prompt at a time" in events[-1].error
         assert collect(good)[1] == "length"
@@ -104,7 +108,7 @@ def test_seeded_sampling_repeats(model: ToyModel) -> None:
     config = GenerationConfig(max_tokens=12, ignore_eos=True)
     with Engine(model, processor) as engine:
         runs = [
-            collect(engine.submit(processor.prepare_inputs("seed"), sampling=sampling, config=config))[0]
+            collect(engine.submit(Request(processor.prepare_inputs("seed"), sampling=sampling, config=config)))[0]
             for _ in range(2)
         ]
     assert runs[0] == runs[1]
@@ -115,14 +119,14 @@ def test_full_queue_and_closed_engine_refuse(model: ToyModel) -> None:
     processor = ByteProcessor()
     engine = Engine(model, processor, max_batch_size=1, max_waiting=0)
     long = GenerationConfig(max_tokens=10_000, ignore_eos=True)
-    first = engine.submit(processor.prepare_inputs("a"), config=long)
+    first = engine.submit(Request(processor.prepare_inputs("a"), config=long))
     next(iter(first))  # running: the one slot is taken
     with pytest.raises(EngineBusy):
-        engine.submit(processor.prepare_inputs("b"))
+        engine.submit(Request(processor.prepare_inputs("b")))
     engine.close()
     assert collect(first)[1] == "cancelled"
     with pytest.raises(EngineBusy):
-        engine.submit(processor.prepare_inputs("c"))
+        engine.submit(Request(processor.prepare_inputs("c")))
 
 
 class OnlyAB:
@@ -147,8 +151,8 @@ def test_per_request_constraints(model: ToyModel) -> None:
     constraint = OnlyAB()
     expected = generate(model, processor, "free", max_tokens=9, ignore_eos=True).text
     with Engine(model, processor) as engine:
-        constrained = engine.submit(processor.prepare_inputs("abc"), config=config, constraints=[constraint])
-        free = engine.submit(processor.prepare_inputs("free"), config=config)
+        constrained = engine.submit(Request(processor.prepare_inputs("abc"), config=config, constraints=[constraint]))
+        free = engine.submit(Request(processor.prepare_inputs("free"), config=config))
         text = collect(constrained)[0]
         assert collect(free)[0] == expected  # the neighbour in the batch is untouched
     assert len(text) == 9 and set(text) <= {"a", "b"}
@@ -170,9 +174,9 @@ def test_a_failing_constraint_ends_only_its_request(model: ToyModel) -> None:
     expected = generate(model, processor, "steady", max_tokens=8, ignore_eos=True).text
     with Engine(model, processor) as engine:
         doomed = engine.submit(
-            processor.prepare_inputs("doomed"), config=config, constraints=[breaks_on_the_third_token]
+            Request(processor.prepare_inputs("doomed"), config=config, constraints=[breaks_on_the_third_token])
         )
-        steady = engine.submit(processor.prepare_inputs("steady"), config=config)
+        steady = engine.submit(Request(processor.prepare_inputs("steady"), config=config))
         _text, finish, events = collect(doomed)
         assert finish == "error" and "grammar in an error state" in events[-1].error and len(events) == 3
         assert collect(steady)[0] == expected
@@ -190,7 +194,7 @@ def test_cache_settings_hold_for_every_request(model: ToyModel, cache_options: d
     expected = [generate(model, processor, p, max_tokens=10, ignore_eos=True, **cache_options).text for p in PROMPTS]
     config = GenerationConfig(max_tokens=10, ignore_eos=True)
     with Engine(model, processor, max_batch_size=4, cache_settings=CacheSettings(**cache_options)) as engine:
-        streams = [engine.submit(processor.prepare_inputs(p), config=config) for p in PROMPTS]
+        streams = [engine.submit(Request(processor.prepare_inputs(p), config=config)) for p in PROMPTS]
         texts = [collect(s)[0] for s in streams]
     assert texts == expected
     assert len(set(expected)) > 1

@@ -17,6 +17,7 @@ from vlm_runtime import (
     BatchGenerator,
     GenerationConfig,
     PromptCache,
+    Request,
     SamplingParams,
     batch_generate,
     generate,
@@ -273,16 +274,16 @@ def test_requests_admitted_together_equal_each_alone(model: ToyModel, lengths: l
     processor = ByteProcessor()
     engine = BatchGenerator(model, processor, max_batch_size=8, prefill_step_size=budget)
     configs = [GenerationConfig(max_tokens=n, ignore_eos=True) for n in lengths]
-    uids = [engine.submit(processor.prepare_inputs(PROMPTS[i % 4]), config=c) for i, c in enumerate(configs)]
+    uids = [engine.submit(Request(processor.prepare_inputs(PROMPTS[i % 4]), config=c)) for i, c in enumerate(configs)]
     tokens: dict[int, list[int]] = {uid: [] for uid in uids}
     while engine.has_work():
         for event in engine.step():
-            if event.token >= 0:
+            if event.token is not None:
                 tokens[event.uid].append(event.token)
     for i, (uid, config) in enumerate(zip(uids, configs)):
         alone = BatchGenerator(model, processor, max_batch_size=1)
-        only = alone.submit(processor.prepare_inputs(PROMPTS[i % 4]), config=config)
-        expected = [e.token for e in _drain(alone) if e.uid == only and e.token >= 0]
+        only = alone.submit(Request(processor.prepare_inputs(PROMPTS[i % 4]), config=config))
+        expected = [e.token for e in _drain(alone) if e.uid == only and e.token is not None]
         assert tokens[uid] == expected and len(expected) == config.max_tokens
 
 
@@ -297,16 +298,16 @@ def test_requests_join_and_leave_between_steps(model: ToyModel) -> None:
     processor = ByteProcessor()
     engine = BatchGenerator(model, processor, max_batch_size=4)
     config = GenerationConfig(max_tokens=10, ignore_eos=True)
-    uids = {engine.submit(processor.prepare_inputs(p), config=config): p for p in PROMPTS[:2]}
+    uids = {engine.submit(Request(processor.prepare_inputs(p), config=config)): p for p in PROMPTS[:2]}
     tokens: dict[int, list[int]] = {uid: [] for uid in uids}
     finishes: dict[int, str] = {}
     steps = 0
     while engine.has_work():
         if steps == 3:  # a request arrives mid-generation
-            late = engine.submit(processor.prepare_inputs(PROMPTS[2]), config=config)
+            late = engine.submit(Request(processor.prepare_inputs(PROMPTS[2]), config=config))
             uids[late], tokens[late] = PROMPTS[2], []
         if steps == 4:  # another is cancelled
-            victim = engine.submit(processor.prepare_inputs(PROMPTS[3]), config=config)
+            victim = engine.submit(Request(processor.prepare_inputs(PROMPTS[3]), config=config))
             uids[victim], tokens[victim] = PROMPTS[3], []
         if steps == 6:
             engine.cancel(victim)
@@ -329,8 +330,8 @@ def test_a_waiting_request_can_be_cancelled(model: ToyModel) -> None:
     processor = ByteProcessor()
     engine = BatchGenerator(model, processor, max_batch_size=1)
     config = GenerationConfig(max_tokens=3, ignore_eos=True)
-    running = engine.submit(processor.prepare_inputs("a"), config=config)
-    waiting = engine.submit(processor.prepare_inputs("b"), config=config)
+    running = engine.submit(Request(processor.prepare_inputs("a"), config=config))
+    waiting = engine.submit(Request(processor.prepare_inputs("b"), config=config))
     engine.step()
     assert engine.waiting == 1
     engine.cancel(waiting)
@@ -343,10 +344,12 @@ def test_a_waiting_request_can_be_cancelled(model: ToyModel) -> None:
 def test_batch_rows_keep_their_own_sampling(model: ToyModel) -> None:
     processor = ByteProcessor()
     engine = BatchGenerator(model, processor)
-    greedy_uid = engine.submit(processor.prepare_inputs("x"), config=GenerationConfig(max_tokens=6, ignore_eos=True))
+    greedy_uid = engine.submit(
+        Request(processor.prepare_inputs("x"), config=GenerationConfig(max_tokens=6, ignore_eos=True))
+    )
     biased = SamplingParams(logit_bias={ord("q"): 100.0})
     biased_uid = engine.submit(
-        processor.prepare_inputs("x"), sampling=biased, config=GenerationConfig(max_tokens=6, ignore_eos=True)
+        Request(processor.prepare_inputs("x"), sampling=biased, config=GenerationConfig(max_tokens=6, ignore_eos=True))
     )
     out: dict[int, list[int]] = {greedy_uid: [], biased_uid: []}
     while engine.has_work():

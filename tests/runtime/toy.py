@@ -36,10 +36,10 @@ class ToyModel(nn.Module):
     def embed_tokens(self, input_ids: mx.array) -> mx.array:
         return self.embed(input_ids)
 
-    def embed_prompt(self, input_ids: mx.array, **_: Any) -> PromptEmbedding:
+    def embed_prompt(self, input_ids: mx.array, *, vision_cache: Any = None) -> PromptEmbedding:
         return PromptEmbedding(self.embed(input_ids))
 
-    def hidden_states(self, inputs_embeds, *, cache, position_ids=None, attention_mask=None):
+    def hidden_states(self, inputs_embeds, *, cache, position_ids=None, attention_mask=None, attention_groups=None):
         h = inputs_embeds
         length = h.shape[1]
         # The rotary position of row b continues from offset + position_delta[b] (batches are left-padded).
@@ -68,10 +68,13 @@ class ByteProcessor:
     """Bytes in, bytes out: a token is a byte, so decoding single tokens splits UTF-8 characters."""
 
     eos_token_ids = frozenset({EOS})
+    supports_video = False
 
-    def prepare_inputs(self, prompt: str, images: Sequence[Any] = ()) -> dict[str, mx.array]:
-        if images:
-            raise ValueError("the toy model takes no images")
+    def prepare_inputs(
+        self, prompt: str, images: Sequence[Any] = (), videos: Sequence[Any] = (), video_sampling: Any = None
+    ) -> dict[str, mx.array]:
+        if images or videos:
+            raise ValueError("the toy model takes no images or videos")
         return {"input_ids": mx.array([[BOS, *self.encode(prompt)]])}
 
     def encode(self, text: str) -> list[int]:

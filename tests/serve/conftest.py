@@ -59,11 +59,11 @@ def loaded_model() -> tuple[Any, Any]:
 
 
 def make_server(loaded_model: tuple[Any, Any], **options: Any) -> Iterator[Server]:
-    from vlm_serve import ServeSettings, ServingEngine, create_app
+    from vlm_serve import ModelHost, ServeSettings, create_app
 
     settings = ServeSettings(model=str(MODEL), context_length=CONTEXT, **options)
     model, processor = loaded_model
-    engine = ServingEngine.from_model(str(MODEL), model, processor, settings, context_length=CONTEXT)
+    engine = ModelHost.from_model(str(MODEL), model, processor, settings, context_length=CONTEXT)
     app = create_app(engine, settings)
     server, thread, url = start(app)
     try:

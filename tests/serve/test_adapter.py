@@ -17,7 +17,7 @@ MESSAGES = [{"role": "user", "content": "What shape is it?"}]
 
 
 def test_server_answers_with_the_adapter(tmp_path: Path) -> None:
-    from vlm_serve import ServeSettings, ServingEngine, create_app
+    from vlm_serve import ModelHost, ServeSettings, create_app
 
     adapter, _ = trained_adapter(tmp_path)
     tuned, processor = load(MODEL, adapter_path=adapter)
@@ -27,7 +27,7 @@ def test_server_answers_with_the_adapter(tmp_path: Path) -> None:
     assert generate(base, processor, prompt, max_tokens=12, ignore_eos=True).text != expected
 
     settings = ServeSettings(model=str(MODEL), adapter_path=str(adapter))
-    engine = ServingEngine(settings)  # loads the model itself, adapter applied, on the first request
+    engine = ModelHost(settings)  # loads the model itself, adapter applied, on the first request
     server, thread, url = start(create_app(engine, settings))
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)

@@ -13,10 +13,10 @@ from .conftest import MODEL
 
 @pytest.fixture(scope="module")
 def fuzz_schema(loaded_model):
-    from vlm_serve import ServeSettings, ServingEngine, create_app
+    from vlm_serve import ModelHost, ServeSettings, create_app
 
     options = ServeSettings(model=str(MODEL), context_length=256, max_tokens_limit=3, media_timeout_s=1.0)
-    engine = ServingEngine.from_model(str(MODEL), *loaded_model, options, context_length=256)
+    engine = ModelHost.from_model(str(MODEL), *loaded_model, options, context_length=256)
     app = create_app(engine, options)
     yield schemathesis.openapi.from_asgi("/openapi.json", app)
     engine.close()

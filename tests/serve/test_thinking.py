@@ -49,12 +49,12 @@ def thinking_checkpoint(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def thinker(tmp_path_factory) -> Iterator[tuple[Server, tuple]]:
-    from vlm_serve import ServeSettings, ServingEngine, create_app
+    from vlm_serve import ModelHost, ServeSettings, create_app
 
     path = thinking_checkpoint(tmp_path_factory.mktemp("thinking") / "model")
     loaded = load(path)
     settings = ServeSettings(model=str(path), context_length=1024)
-    app = create_app(ServingEngine.from_model(str(path), *loaded, settings, context_length=1024), settings)
+    app = create_app(ModelHost.from_model(str(path), *loaded, settings, context_length=1024), settings)
     server, thread, url = start(app)
     try:
         yield Server(url, str(path), app), loaded

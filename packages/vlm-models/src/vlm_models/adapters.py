@@ -22,6 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .family import FamilyModel
+
 __all__ = [
     "ADAPTER_CONFIG_FILE",
     "ADAPTER_WEIGHTS_FILE",
@@ -41,14 +43,6 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapters.safetensors"
 FINE_TUNE_TYPES = ("lora", "qlora", "full")
 TARGET_GROUPS = ("language", "vision", "projector")
-
-# Where each group of a model lives (Qwen's names, then LLaVA's, Pixtral's and Gemma's); a model class may
-# override with its own ``adapter_groups``.
-_DEFAULT_GROUPS = {
-    "language": ("model.language_model.",),
-    "vision": ("model.visual.", "model.vision_tower."),
-    "projector": ("model.visual.merger.", "model.multi_modal_projector."),
-}
 
 
 class AdapterError(ValueError):
@@ -160,9 +154,9 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.QuantizedLinear))
 
 
-def target_paths(model: nn.Module, config: LoRAConfig) -> list[str]:
+def target_paths(model: FamilyModel, config: LoRAConfig) -> list[str]:
     """Paths of the linear layers ``config`` selects, in model order."""
-    groups: Mapping[str, tuple[str, ...]] = getattr(model, "adapter_groups", _DEFAULT_GROUPS)
+    groups = model.adapter_groups
     paths = []
     for path, module in model.named_modules():
         if not _is_linear(module):

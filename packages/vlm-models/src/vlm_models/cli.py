@@ -117,6 +117,34 @@ def _video_inputs(args: argparse.Namespace) -> dict[str, Any]:
     return {"videos": args.video, "video_sampling": sampling}
 
 
+def _cache_settings(args: argparse.Namespace) -> Any:
+    from vlm_runtime import CacheSettings
+
+    return CacheSettings(max_kv_size=args.max_kv_size, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
+
+
+def _generation_settings(args: argparse.Namespace) -> Any:
+    """The typed settings of ``vlm generate``'s flags (each checked by its settings class)."""
+    from vlm_runtime import GenerationConfig, GenerationSettings, SamplingParams, ThinkingConfig
+
+    return GenerationSettings(
+        sampling=SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            seed=args.seed,
+            repetition_penalty=args.repetition_penalty,
+            repetition_context_size=args.repetition_context_size,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+        ),
+        config=GenerationConfig(max_tokens=args.max_tokens, prefill_step_size=args.prefill_step_size, stop=args.stop),
+        thinking=ThinkingConfig(args.thinking_budget, args.thinking_start_token, args.thinking_end_token),
+        cache=_cache_settings(args),
+    )
+
+
 def _generate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -138,24 +166,7 @@ def _generate(args: argparse.Namespace) -> None:
         image=args.image,
         **_video_inputs(args),
         prompt_cache=prompt_cache,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        repetition_context_size=args.repetition_context_size,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        seed=args.seed,
-        stop=args.stop,
-        thinking_budget=args.thinking_budget,
-        thinking_start_token=args.thinking_start_token,
-        thinking_end_token=args.thinking_end_token,
-        max_kv_size=args.max_kv_size,
-        kv_bits=args.kv_bits,
-        kv_group_size=args.kv_group_size,
-        prefill_step_size=args.prefill_step_size,
+        settings=_generation_settings(args),
     ):
         if last.reasoning:
             if not thinking:
@@ -183,10 +194,12 @@ def _generate(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     import mlx.core as mx
 
-    from vlm_runtime import stream_generate
+    from vlm_runtime import GenerationConfig, GenerationSettings, stream_generate
 
     model, processor, prompt = _load_and_format(args)
     videos = _video_inputs(args)
+    config = GenerationConfig(max_tokens=args.max_tokens, prefill_step_size=args.prefill_step_size, ignore_eos=True)
+    settings = GenerationSettings(config=config, cache=_cache_settings(args))
     inputs = processor.prepare_inputs(prompt, args.image, videos.get("videos", ()), videos.get("video_sampling"))
     rows = []
     for run in range(args.warmup + args.runs):
@@ -197,16 +210,7 @@ def _bench(args: argparse.Namespace) -> None:
             vision_s = time.perf_counter() - tic
         last = None
         for last in stream_generate(  # noqa: B007
-            model,
-            processor,
-            prompt,
-            image=args.image,
-            **videos,
-            max_tokens=args.max_tokens,
-            ignore_eos=True,
-            max_kv_size=args.max_kv_size,
-            kv_bits=args.kv_bits,
-            kv_group_size=args.kv_group_size,
+            model, processor, prompt, image=args.image, **videos, settings=settings
         ):
             pass
         assert last is not None

@@ -59,9 +59,7 @@ def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
 
 def _layout_names(model: nn.Module, params: Mapping[str, mx.array]) -> tuple[dict[str, mx.array], dict[str, str]]:
     """The weights under their MLX-community names, and each of our layer paths' name in that layout."""
-    rename = getattr(model, "mlx_community_names", None)
-    if rename is None:
-        return dict(params), {}
+    rename = model.mlx_community_names
     weights: dict[str, mx.array] = {}
     layers: dict[str, str] = {}
     for key, value in params.items():

@@ -174,7 +174,7 @@ def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, tr
     except Exception as exc:  # transformers raises many types for a broken tokenizer folder
         raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from None
     # A family may derive processor settings from the model config, for checkpoints whose processor files lack them.
-    defaults = getattr(arch.load_module(), "processor_defaults", lambda _: {})(config)
+    defaults = arch.load_module().Model.processor_defaults(config)
     image_processor = arch.image_processor_class().from_config({**defaults, **_image_processor_config(path)})
     video_class = arch.video_processor_class()
     video_config = {**defaults, **_video_processor_config(path)}

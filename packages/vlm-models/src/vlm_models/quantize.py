@@ -82,10 +82,7 @@ class QuantizeOptions:
 
 def _stored_shape(model: nn.Module, key: str, value: mx.array) -> tuple[int, ...] | None:
     """The shape the MLX-community layout stores ``key`` in (None where the model has no such layout)."""
-    rename = getattr(model, "mlx_community_names", None)
-    if rename is None:
-        return tuple(value.shape)
-    stored = rename({key: value})
+    stored = model.mlx_community_names({key: value})
     return tuple(next(iter(stored.values())).shape) if len(stored) == 1 else None
 
 

@@ -6,10 +6,12 @@ from .cache import ArraysCache, Cache, KVCache, QuantizedKVCache, RotatingKVCach
 from .cache_io import load_prompt_cache, save_prompt_cache
 from .cache_settings import CacheSettings, make_prompt_cache
 from .engine import Engine, EngineBusy, RequestStream
-from .generate import GenerationConfig, GenerationResult, generate, generate_step, stream_generate
+from .generate import generate, generate_step, stream_generate
 from .prompt_cache import PromptCache
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
+from .request import FinishReason, GenerationConfig, GenerationResult, Request
 from .sampling import SamplingParams, make_sampler
+from .settings import GenerationSettings
 from .thinking import ThinkingConfig
 from .vision_cache import VisionFeatureCache
 
@@ -24,14 +26,17 @@ __all__ = [
     "CacheSettings",
     "Engine",
     "EngineBusy",
+    "FinishReason",
     "GenerationConfig",
     "GenerationResult",
+    "GenerationSettings",
     "GenerativeModel",
     "KVCache",
     "PromptCache",
     "PromptEmbedding",
     "PromptProcessor",
     "QuantizedKVCache",
+    "Request",
     "RequestStream",
     "RotatingKVCache",
     "SamplingParams",

@@ -3,7 +3,7 @@
 
 Requests join the running batch between two decode steps (each is prefilled alone, images included) and leave
 when they finish; a cancelled request, such as one whose client went away, frees its slot at the next step.
-The engine knows nothing about HTTP or chat formats: it takes prepared inputs and gives back ``BatchEvent``s.
+The engine knows nothing about HTTP or chat formats: it takes prepared inputs and gives back ``GenerationResult``s.
 """
 
 from __future__ import annotations
@@ -14,18 +14,16 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
 
-from .batch import BatchEvent, BatchGenerator, error_event
+from .batch import BatchGenerator
 from .cache_settings import CacheSettings
-from .generate import GenerationConfig
 from .protocols import GenerativeModel, PromptProcessor
-from .sampling import LogitsProcessor, SamplingParams
-from .thinking import ThinkingConfig
+from .request import GenerationResult, Request
 
 __all__ = ["Engine", "EngineBusy", "EngineStats", "RequestStream"]
 
@@ -65,8 +63,8 @@ class RequestStream:
         self._engine = engine
         self.request_id = request_id
         self._loop = loop
-        self._async_queue: asyncio.Queue[BatchEvent] | None = asyncio.Queue() if loop is not None else None
-        self._sync_queue: queue.SimpleQueue[BatchEvent] = queue.SimpleQueue()
+        self._async_queue: asyncio.Queue[GenerationResult] | None = asyncio.Queue() if loop is not None else None
+        self._sync_queue: queue.SimpleQueue[GenerationResult] = queue.SimpleQueue()
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.done = False
@@ -81,14 +79,14 @@ class RequestStream:
         if not self.done:
             self._engine._cancel(self)
 
-    def _put(self, event: BatchEvent) -> None:
+    def _put(self, event: GenerationResult) -> None:
         """Called on the engine thread (plain streams) or on the stream's loop (asyncio streams)."""
         if self._async_queue is None:
             self._sync_queue.put(event)
         else:
             self._async_queue.put_nowait(event)
 
-    def __iter__(self) -> Iterator[BatchEvent]:
+    def __iter__(self) -> Iterator[GenerationResult]:
         if self._loop is not None:
             raise TypeError("this stream was submitted from an asyncio loop; use `async for`")
         while not self.done:
@@ -96,7 +94,7 @@ class RequestStream:
             self.done = event.finish_reason is not None
             yield event
 
-    async def __aiter__(self) -> AsyncIterator[BatchEvent]:
+    async def __aiter__(self) -> AsyncIterator[GenerationResult]:
         if self._async_queue is None:
             raise TypeError("this stream was submitted outside an asyncio loop; use `for`")
         while not self.done:
@@ -108,11 +106,7 @@ class RequestStream:
 @dataclass
 class _Submission:
     stream: RequestStream
-    inputs: Mapping[str, Any]
-    sampling: SamplingParams
-    config: GenerationConfig
-    thinking: ThinkingConfig
-    constraints: tuple[LogitsProcessor, ...]
+    request: Request
 
 
 class Engine:
@@ -165,18 +159,9 @@ class Engine:
         self._thread.start()
 
     # -- the callers' side
-    def submit(
-        self,
-        inputs: Mapping[str, Any],
-        *,
-        sampling: SamplingParams = SamplingParams(),
-        config: GenerationConfig = GenerationConfig(),
-        thinking: ThinkingConfig = ThinkingConfig(),
-        constraints: Sequence[LogitsProcessor] = (),
-    ) -> RequestStream:
-        """Queue one prepared prompt (the processor's ``prepare_inputs`` output; numpy arrays are fine and are
-        turned into MLX arrays on the engine thread). ``constraints`` are the request's own logits processors
-        (``BatchGenerator.submit``); they run on the engine thread. Raises ``EngineBusy`` when the waiting queue is full."""
+    def submit(self, request: Request) -> RequestStream:
+        """Queue one request. Its inputs may be numpy arrays: they become MLX arrays on the engine thread, where
+        its ``constraints`` run too. Raises ``EngineBusy`` when the waiting queue is full."""
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -187,7 +172,7 @@ class Engine:
             if self._waiting + len(self._incoming) >= self.max_waiting + max(0, self.max_batch_size - self._active):
                 raise EngineBusy(f"too many requests waiting ({self.max_waiting}); retry later")
             stream = RequestStream(self, next(self._ids), loop)
-            self._incoming.append(_Submission(stream, inputs, sampling, config, thinking, tuple(constraints)))
+            self._incoming.append(_Submission(stream, request))
             self._counts["requests"] += 1
             self._wake.notify()
         return stream
@@ -250,36 +235,30 @@ class Engine:
             self._deliver(events, uid_of, elapsed)
 
     def _admit(self, submission: _Submission, uid_of: dict[int, int]) -> None:
-        stream = submission.stream
+        stream, request = submission.stream, submission.request
         try:
-            inputs = {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in submission.inputs.items()}
-            uid = self._generator.submit(
-                inputs,
-                sampling=submission.sampling,
-                config=submission.config,
-                thinking=submission.thinking,
-                constraints=submission.constraints,
-            )
+            inputs = {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in request.inputs.items()}
+            uid = self._generator.submit(replace(request, inputs=inputs))
         except Exception as exc:
-            self._deliver([error_event(-1, exc)], {}, 0.0, direct=stream)
+            self._deliver([GenerationResult.ended(-1, "error", error=exc)], {}, 0.0, direct=stream)
             return
         uid_of[stream.request_id] = uid
         self._streams[uid] = stream
 
-    def _fail_all(self, message: str) -> list[BatchEvent]:
-        events = [error_event(uid, message) for uid in self._streams]
+    def _fail_all(self, message: str) -> list[GenerationResult]:
+        events = [GenerationResult.ended(uid, "error", error=message) for uid in self._streams]
         self._generator = self._make_generator()
         return events
 
     def _shut_down(self, incoming: list[_Submission]) -> None:
-        events = [BatchEvent(uid, -1, "", "", "cancelled", 0, 0) for uid in self._streams]
+        events = [GenerationResult.ended(uid, "cancelled") for uid in self._streams]
         self._deliver(events, {}, 0.0)
         for submission in incoming:
-            self._deliver([BatchEvent(-1, -1, "", "", "cancelled", 0, 0)], {}, 0.0, direct=submission.stream)
+            self._deliver([GenerationResult.ended(-1, "cancelled")], {}, 0.0, direct=submission.stream)
 
     def _deliver(
         self,
-        events: list[BatchEvent],
+        events: list[GenerationResult],
         uid_of: dict[int, int],
         elapsed: float,
         direct: RequestStream | None = None,
@@ -287,7 +266,7 @@ class Engine:
         """Route events to their streams (``direct``: to that stream, for a request the generator never saw)
         and keep the counters."""
         now = time.perf_counter()
-        routed: list[tuple[RequestStream, BatchEvent]] = []
+        routed: list[tuple[RequestStream, GenerationResult]] = []
         with self._lock:
             self._busy_s += elapsed
             for event in events:
@@ -305,7 +284,7 @@ class Engine:
             self._active = self._generator.active
             self._waiting = self._generator.waiting
         # One wake-up per event loop per step, not one per event: with many streams that is most of the cost.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, BatchEvent]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, GenerationResult]]] = {}
         for stream, event in routed:
             if stream._loop is None:
                 stream._put(event)
@@ -317,7 +296,7 @@ class Engine:
             except RuntimeError:  # that loop has closed: nobody is listening any more
                 pass
 
-    def _finish(self, stream: RequestStream, event: BatchEvent, uid_of: dict[int, int], now: float) -> None:
+    def _finish(self, stream: RequestStream, event: GenerationResult, uid_of: dict[int, int], now: float) -> None:
         uid_of.pop(stream.request_id, None)
         counts = self._counts
         counts["prompt_tokens"] += event.prompt_tokens
@@ -331,7 +310,7 @@ class Engine:
             self._latency.append(now - stream.submitted_at)
 
 
-def _hand_over(batch: list[tuple[RequestStream, BatchEvent]]) -> None:
+def _hand_over(batch: list[tuple[RequestStream, GenerationResult]]) -> None:
     """Runs on a caller's event loop: queue a step's events for their streams."""
     for stream, event in batch:
         stream._put(event)

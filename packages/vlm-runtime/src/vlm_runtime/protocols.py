@@ -30,8 +30,10 @@ class PromptEmbedding:
 class GenerativeModel(Protocol):
     def make_cache(self) -> list[Cache]: ...
 
-    def embed_prompt(self, **inputs: mx.array) -> PromptEmbedding:
-        """Token embeddings with any media features merged in; the vision tower runs here."""
+    def embed_prompt(self, *, vision_cache: Any = None, **inputs: mx.array) -> PromptEmbedding:
+        """Token embeddings with any media features merged in; the vision tower runs here. ``inputs`` are the
+        processor's (``input_ids``, ``pixel_values``, ...); ``vision_cache`` (a ``VisionFeatureCache``, or
+        None) lets images seen before skip the tower."""
         ...
 
     def embed_tokens(self, input_ids: mx.array) -> mx.array: ...
@@ -43,8 +45,10 @@ class GenerativeModel(Protocol):
         cache: list[Cache],
         position_ids: mx.array | None = None,
         attention_mask: mx.array | None = None,
+        attention_groups: mx.array | None = None,
     ) -> mx.array:
-        """Run the decoder over embeddings, extending ``cache``; returns final hidden states."""
+        """Run the decoder over embeddings, extending ``cache``; returns final hidden states.
+        ``attention_groups``: ``PromptEmbedding.attention_groups`` (None for models without such spans)."""
         ...
 
     def compute_logits(self, hidden: mx.array) -> mx.array: ...
@@ -53,13 +57,24 @@ class GenerativeModel(Protocol):
 class PromptProcessor(Protocol):
     eos_token_ids: frozenset[int]
 
-    def prepare_inputs(self, prompt: str, images: Sequence[Any] = ()) -> dict[str, mx.array]:
-        """Tokenize ``prompt`` (already chat-formatted) and preprocess ``images`` into model inputs."""
+    @property
+    def supports_video(self) -> bool:
+        """Whether ``prepare_inputs`` takes videos (the family has a video processor)."""
+        ...
+
+    def prepare_inputs(
+        self,
+        prompt: str,
+        images: Sequence[Any] = (),
+        videos: Sequence[Any] = (),
+        video_sampling: Any = None,
+    ) -> dict[str, mx.array]:
+        """Tokenize ``prompt`` (already chat-formatted) and preprocess ``images`` and ``videos`` (sampled as
+        ``video_sampling`` says; a processor without video refuses them) into model inputs."""
         ...
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of plain text, no special tokens added. Optional: the thinking budget needs it to find the
-        thinking markers."""
+        """Token ids of plain text, no special tokens added (the thinking budget finds its markers with it)."""
         ...
 
     def decode(self, tokens: Sequence[int]) -> str: ...

@@ -31,6 +31,7 @@ __all__ = [
     "greedy",
     "make_logits_processors",
     "make_sampler",
+    "process_and_sample",
     "top_logprobs",
     "MAX_TOP_LOGPROBS",
 ]
@@ -282,3 +283,20 @@ def make_sampler(params: SamplingParams) -> Sampler:
         return mx.random.categorical(logprobs * inv_temp, axis=-1, key=draw_key)
 
     return sample
+
+
+def process_and_sample(
+    logits: mx.array,
+    processors: Iterable[LogitsProcessor],
+    history: mx.array | None,
+    n_generated: int,
+    sampler: Sampler,
+) -> tuple[mx.array, mx.array]:
+    """Run the logits processors, then draw: (token ids, the log-probabilities they were drawn from)."""
+    for process in processors:
+        logits = process(logits, history, n_generated)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    if sampler is greedy:
+        # argmax needs no normalisation; the log-softmax stays lazy and costs nothing unless read.
+        return mx.argmax(logits, axis=-1), logprobs
+    return sampler(logprobs), logprobs

@@ -7,9 +7,9 @@ from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ServeSettings", "ServingEngine", "__version__", "create_app"]
+__all__ = ["ServeSettings", "ModelHost", "__version__", "create_app"]
 
-_HOMES = {"ServeSettings": ".settings", "ServingEngine": ".host", "create_app": ".app"}
+_HOMES = {"ServeSettings": ".settings", "ModelHost": ".host", "create_app": ".app"}
 
 
 def __getattr__(name: str) -> Any:

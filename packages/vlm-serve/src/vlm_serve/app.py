@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import anthropic_api, openai_api, responses_api
 from .errors import APIError, error_body, http_status
-from .host import ServingEngine
+from .host import ModelHost
 from .settings import ServeSettings
 
 __all__ = ["create_app"]
@@ -35,10 +35,10 @@ class ServerCounters:
         self.started = time.time()
 
 
-def create_app(engine: ServingEngine | None = None, settings: ServeSettings | None = None) -> FastAPI:
-    """The server for ``engine`` (a ``ServingEngine``; by default one that loads ``settings.model`` on demand)."""
+def create_app(engine: ModelHost | None = None, settings: ServeSettings | None = None) -> FastAPI:
+    """The server for ``engine`` (a ``ModelHost``; by default one that loads ``settings.model`` on demand)."""
     settings = settings or (engine.settings if engine is not None else ServeSettings())
-    engine = engine or ServingEngine(settings)
+    engine = engine or ModelHost(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -91,7 +91,7 @@ def _describe_validation(exc: RequestValidationError) -> str:
 
 def _add_admin_routes(app: FastAPI) -> None:
     def model_cards(request: Request) -> dict[str, Any]:
-        engine: ServingEngine = request.app.state.engine
+        engine: ModelHost = request.app.state.engine
         created = engine.loaded.created if engine.loaded is not None else int(request.app.state.counters.started)
         data = [{"id": i, "object": "model", "created": created, "owned_by": "vlm"} for i in engine.served_ids()]
         return {"object": "list", "data": data}

@@ -84,10 +84,10 @@ def serve(args: argparse.Namespace) -> None:
 
     from .app import create_app
     from .errors import APIError
-    from .host import ServingEngine
+    from .host import ModelHost
 
     settings = settings_from(args)
-    engine = ServingEngine(settings)
+    engine = ModelHost(settings)
     if settings.model is not None:
         print(f"loading {settings.model} ...", file=sys.stderr)
         try:

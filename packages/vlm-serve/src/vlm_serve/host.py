@@ -14,7 +14,7 @@ from .errors import APIError
 from .grammar import GrammarFactory
 from .settings import ServeSettings
 
-__all__ = ["LoadedModel", "ServingEngine"]
+__all__ = ["LoadedModel", "ModelHost"]
 
 DEFAULT_CONTEXT = 4096
 """Context length for checkpoints whose config does not say."""
@@ -45,7 +45,7 @@ def context_length_of(config: dict[str, Any]) -> int:
     return DEFAULT_CONTEXT
 
 
-class ServingEngine:
+class ModelHost:
     """Owns at most one loaded model and its engine. ``get`` is called from the event loop."""
 
     def __init__(self, settings: ServeSettings, loaded: LoadedModel | None = None) -> None:
@@ -56,7 +56,7 @@ class ServingEngine:
     @classmethod
     def from_model(
         cls, model_id: str, model: Any, processor: Any, settings: ServeSettings, *, context_length: int
-    ) -> ServingEngine:
+    ) -> ModelHost:
         """Serve an already loaded model (tests, embedding the server in a program)."""
         return cls(settings, _start(model_id, model, processor, settings, context_length))
 

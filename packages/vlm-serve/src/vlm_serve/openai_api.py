@@ -228,7 +228,7 @@ def _logprob_entry(processor: Any, event: Any) -> dict[str, Any]:
 
 
 def _has_logprob(loaded: LoadedModel, event: Any) -> bool:
-    return event.logprob is not None and event.token >= 0 and event.token not in loaded.processor.eos_token_ids
+    return event.logprob is not None and event.token is not None and event.token not in loaded.processor.eos_token_ids
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from vlm_models import apply_chat_template
 from vlm_models.video import VideoLoadError
-from vlm_runtime import GenerationConfig, SamplingParams, ThinkingConfig
+from vlm_runtime import GenerationConfig, Request, SamplingParams, ThinkingConfig
 from vlm_runtime.stopping import StopStrings
 from vlm_runtime.thinking import resolve_thinking_tokens
 
@@ -51,12 +51,10 @@ class ChatRequest:
 
 @dataclass
 class PreparedRequest:
-    inputs: dict[str, Any]
+    """A chat request made ready for the engine: the runtime ``Request`` and what the reply needs to know."""
+
+    request: Request
     prompt_tokens: int
-    sampling: SamplingParams
-    config: GenerationConfig
-    thinking: ThinkingConfig
-    constraints: tuple[Any, ...] = ()
     tool_format: ToolFormat | None = None
     """Where the output may hold tool calls: the format to parse them out of."""
 
@@ -131,7 +129,7 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
         top_logprobs=config.top_logprobs,
     )
     return PreparedRequest(
-        inputs, prompt_tokens, sampling, config, thinking, constraints, tool_format if tools else None
+        Request(inputs, sampling, config, thinking, constraints), prompt_tokens, tool_format if tools else None
     )
 
 

@@ -11,8 +11,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from vlm_runtime import EngineBusy, RequestStream
-from vlm_runtime.batch import BatchEvent
+from vlm_runtime import EngineBusy, GenerationResult, RequestStream
 
 from .errors import APIError
 from .host import LoadedModel
@@ -25,13 +24,7 @@ DISCONNECT_POLL_S = 0.25
 
 def submit(loaded: LoadedModel, prepared: PreparedRequest) -> RequestStream:
     try:
-        return loaded.engine.submit(
-            prepared.inputs,
-            sampling=prepared.sampling,
-            config=prepared.config,
-            thinking=prepared.thinking,
-            constraints=prepared.constraints,
-        )
+        return loaded.engine.submit(prepared.request)
     except EngineBusy as e:
         raise APIError(503, str(e)) from e
 
@@ -42,11 +35,11 @@ class Outcome:
 
     text: str = ""
     reasoning: str = ""
-    events: list[BatchEvent] = field(default_factory=list)
-    last: BatchEvent | None = None
+    events: list[GenerationResult] = field(default_factory=list)
+    last: GenerationResult | None = None
 
 
-def failure(event: BatchEvent) -> APIError | None:
+def failure(event: GenerationResult) -> APIError | None:
     """The error a request's last event stands for, if any."""
     if event.finish_reason == "error":
         return APIError(500, f"generation failed: {event.error}")

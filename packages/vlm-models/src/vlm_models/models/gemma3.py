@@ -20,6 +20,7 @@ from vlm_runtime import KVCache, PromptEmbedding, RotatingKVCache
 from vlm_runtime.vision_cache import VisionFeatureCache
 
 from ..config import ConfigError, text_section
+from ..family import FamilyDefaults
 from ..nn.checkpoint import rename_prefix
 from ..nn.gemma import GEMMA_DEFAULTS, SLIDING, GemmaDecoder, GemmaDecoderConfig, GemmaRMSNorm
 from ..nn.output import ModelOutput
@@ -106,7 +107,7 @@ def image_groups(input_ids: np.ndarray, image_token_id: int) -> np.ndarray | Non
     return np.where(is_image, np.cumsum(starts, axis=1) - 1, -1).astype(np.int32)
 
 
-class Model(nn.Module):
+class Model(FamilyDefaults, nn.Module):
     """Gemma 3 for generation. ``__call__`` takes the Hugging Face processor's tensors; the runtime uses the
     split steps (``embed_prompt``, ``hidden_states``, ``compute_logits``)."""
 

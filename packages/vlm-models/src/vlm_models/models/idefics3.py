@@ -144,11 +144,17 @@ def patch_mask_of(pixel_mask: np.ndarray, patch_size: int) -> np.ndarray:
     return blocks.any(axis=(2, 4))
 
 
+def processor_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The tokens per tile implied by the model, for processor files that leave ``image_seq_len`` out."""
+    return {"image_seq_len": ModelConfig.from_hf(config).tokens_per_tile}
+
+
 class Model(TextGeneration, nn.Module):
     """Idefics3 for generation. ``__call__`` takes the Hugging Face processor's tensors; the runtime uses the
     split steps (``embed_prompt``, ``hidden_states``, ``compute_logits``)."""
 
     config_class: Any = ModelConfig
+    processor_defaults = staticmethod(processor_defaults)
     adapter_groups = {  # noqa: RUF012
         "language": ("model.text_model.",),
         "vision": ("model.vision_model.",),
@@ -268,8 +274,3 @@ _MLX_COMMUNITY_PREFIXES = (
     ("lm_head.", "language_model.lm_head."),
     ("model.", ""),
 )
-
-
-def processor_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The tokens per tile implied by the model, for processor files that leave ``image_seq_len`` out."""
-    return {"image_seq_len": ModelConfig.from_hf(config).tokens_per_tile}

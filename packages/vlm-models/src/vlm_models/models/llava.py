@@ -165,6 +165,7 @@ class Model(TextGeneration, nn.Module):
 
     image_input_names: tuple[str, ...] = ()
     """Inputs besides ``pixel_values`` that the image features depend on (LLaVA-NeXT: ``image_sizes``)."""
+    processor_defaults = staticmethod(processor_defaults)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -85,6 +85,7 @@ class MultiModalProjector(llava.MultiModalProjector):
 
 class Model(pixtral.Model):
     config: ModelConfig
+    processor_defaults = staticmethod(processor_defaults)
 
     @staticmethod
     def make_inner(config: ModelConfig) -> llava.LlavaModel:  # type: ignore[override]

@@ -45,6 +45,7 @@ def processor_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
 
 class Model(llava.Model):
     image_input_names = ("image_sizes",)
+    processor_defaults = staticmethod(processor_defaults)
 
     @staticmethod
     def make_inner(config: llava.ModelConfig) -> llava.LlavaModel:

@@ -22,7 +22,7 @@ import numpy as np
 from vlm_runtime.masks import block_diagonal_mask
 
 from ..config import from_dict, text_section
-from ..nn.decoder import DecoderConfig
+from ..nn.decoder import DecoderConfig, no_attention_groups
 from ..nn.layers import activation
 from ..nn.rope import inverse_frequencies
 from ..nn.vision import VisionBlock
@@ -187,8 +187,10 @@ class Model(qwen2_vl.Model):
         cache: list[Any] | None = None,
         position_ids: mx.array | None = None,
         attention_mask: mx.array | None = None,
+        attention_groups: mx.array | None = None,
     ) -> mx.array:
         """Prompt embeddings carry the deepstack channels (added after the first layers); decode steps' do not."""
+        no_attention_groups(attention_groups)
         hidden = self.config.text.hidden_size
         levels = inputs_embeds.shape[-1] // hidden - 1
         parts = mx.split(inputs_embeds, levels + 1, axis=-1) if levels else [inputs_embeds]

@@ -17,6 +17,7 @@ import numpy as np
 from vlm_runtime import KVCache, PromptEmbedding
 from vlm_runtime.masks import attention_mask_for
 
+from ..family import FamilyDefaults
 from .layers import Attention, DecoderLayer, GatedMLP
 from .moe import MoEConfig, SparseMoE
 from .output import ModelOutput
@@ -26,6 +27,7 @@ __all__ = [
     "DecoderConfig",
     "TextDecoder",
     "TextGeneration",
+    "no_attention_groups",
     "padded_prompt_embedding",
 ]
 
@@ -125,7 +127,13 @@ class TextDecoder(nn.Module):
         return self.norm(h)
 
 
-class TextGeneration:
+def no_attention_groups(groups: mx.array | None) -> None:
+    """Decoders of purely causal families have no bidirectional spans to honour: refuse them, never ignore."""
+    if groups is not None:
+        raise ValueError("this model's decoder is causal: it takes no attention_groups")
+
+
+class TextGeneration(FamilyDefaults):
     """The runtime's decoder steps for a family model holding its ``TextDecoder`` at ``self.model.language_model``
     and, unless ``self.config.tie_word_embeddings``, an ``lm_head``."""
 
@@ -145,7 +153,9 @@ class TextGeneration:
         cache: list[Any] | None = None,
         position_ids: mx.array | None = None,
         attention_mask: mx.array | None = None,
+        attention_groups: mx.array | None = None,
     ) -> mx.array:
+        no_attention_groups(attention_groups)
         return self.model.language_model(
             inputs_embeds, cache=cache, position_ids=position_ids, attention_mask=attention_mask
         )
