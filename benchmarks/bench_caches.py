@@ -10,7 +10,7 @@ random keys/values to each context length; ``nbytes`` summed over layers. No mod
 (b) Decode tokens/s: a random-weight Qwen2-VL built from the test fixture's config with a wider decoder (head_dim
 128, so 4- and 8-bit groups of 64 fit), float32. Each round prefills the same prompt, then times greedy decoding
 of ``--tokens`` tokens, for every cache type in turn (interleaved, so drifting host speed hits all alike);
-the table shows the median over rounds. Caches come from ``model.make_cache()`` through ``make_prompt_cache``.
+the table shows the median over rounds. Caches come from ``model.make_cache()`` through ``make_layer_caches``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import mlx.core as mx
 
 from vlm_runtime.cache import KVCache, QuantizedKVCache, RotatingKVCache, cache_nbytes
-from vlm_runtime.cache_settings import CacheSettings, make_prompt_cache
+from vlm_runtime.cache_settings import CacheSettings, make_layer_caches
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_CONFIG = REPO / "tests" / "fixtures" / "qwen2_vl" / "hf4" / "config.json"
@@ -78,7 +78,7 @@ def bench_model(hidden: int, layers: int) -> Any:
 
 
 def decode_rate(model: Any, settings: CacheSettings, prompt: mx.array, tokens: int) -> float:
-    cache = make_prompt_cache(model, settings)
+    cache = make_layer_caches(model, settings)
     hidden = model.hidden_states(model.embed_tokens(prompt), cache=cache)
     token = mx.argmax(model.compute_logits(hidden[:, -1, :]), axis=-1)
     mx.eval(token)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vlm_models.processors.video import resize_frames
+from vlm_models.processors.frames import resize_frames
 from vlm_models.video import Video, VideoLoadError, read_video
 
 

@@ -31,7 +31,7 @@ from vlm_runtime.cache import (
     quantized_attention,
 )
 from vlm_runtime.cache_io import load_prompt_cache, save_prompt_cache
-from vlm_runtime.cache_settings import CacheSettings, make_prompt_cache
+from vlm_runtime.cache_settings import CacheSettings, make_layer_caches
 
 from .toy import BOS, ToyModel
 
@@ -686,16 +686,16 @@ def test_cache_settings_validate(options: dict, match: str) -> None:
 def test_factory_converts_plain_layers_silently(model: ToyModel) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert [type(c) for c in make_prompt_cache(model, CacheSettings())] == [KVCache, KVCache]
-        rotating = make_prompt_cache(model, CacheSettings(max_kv_size=32))
-        quantized = make_prompt_cache(model, CacheSettings(kv_bits=4, kv_group_size=32))
+        assert [type(c) for c in make_layer_caches(model, CacheSettings())] == [KVCache, KVCache]
+        rotating = make_layer_caches(model, CacheSettings(max_kv_size=32))
+        quantized = make_layer_caches(model, CacheSettings(kv_bits=4, kv_group_size=32))
     assert all(isinstance(c, RotatingKVCache) and c.max_size == 32 for c in rotating)
     assert all(isinstance(c, QuantizedKVCache) and (c.bits, c.group_size) == (4, 32) for c in quantized)
 
 
 def test_factory_warns_once_about_layers_that_keep_their_cache() -> None:
     with pytest.warns(UserWarning) as record:
-        cache = make_prompt_cache(MixedLayoutModel(), CacheSettings(max_kv_size=64))
+        cache = make_layer_caches(MixedLayoutModel(), CacheSettings(max_kv_size=64))
     assert len(record) == 1 and "1 ArraysCache" in str(record[0].message)
     assert "max_kv_size=64" in str(record[0].message)
     assert [type(c).__name__ for c in cache] == ["RotatingKVCache", "ArraysCache", "RotatingKVCache"] + [
@@ -704,7 +704,7 @@ def test_factory_warns_once_about_layers_that_keep_their_cache() -> None:
     assert [c.max_size for c in cache if isinstance(c, RotatingKVCache)] == [64, 4, 64, 64]
 
     with pytest.warns(UserWarning) as record:
-        cache = make_prompt_cache(MixedLayoutModel(), CacheSettings(kv_bits=8))
+        cache = make_layer_caches(MixedLayoutModel(), CacheSettings(kv_bits=8))
     assert len(record) == 1
     assert "1 ArraysCache, 2 RotatingKVCache" in str(record[0].message) and "kv_bits=8" in str(record[0].message)
     assert [type(c).__name__ for c in cache].count("QuantizedKVCache") == 2

@@ -7,7 +7,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .processor import Processor
+from .inputs import Processor
 
 __all__ = ["apply_chat_template", "prepare_inputs"]
 

@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError
-from .processor import Processor, load_chat_template
+from .inputs import Processor, load_chat_template
 from .quantize import apply_quantization
 from .registry import Architecture, architecture_of
 

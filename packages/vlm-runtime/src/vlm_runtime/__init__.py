@@ -4,7 +4,7 @@ from .batch import BatchGenerator, batch_generate
 from .batch_cache import BatchKVCache, BatchQuantizedKVCache, BatchRotatingKVCache
 from .cache import ArraysCache, Cache, KVCache, QuantizedKVCache, RotatingKVCache
 from .cache_io import load_prompt_cache, save_prompt_cache
-from .cache_settings import CacheSettings, make_prompt_cache
+from .cache_settings import CacheSettings, make_layer_caches
 from .engine import Engine, EngineBusy, RequestStream
 from .generate import generate, generate_step, stream_generate
 from .prompt_cache import PromptCache
@@ -14,6 +14,9 @@ from .sampling import SamplingParams, make_sampler
 from .settings import GenerationSettings
 from .thinking import ThinkingConfig
 from .vision_cache import VisionFeatureCache
+
+make_prompt_cache = make_layer_caches
+"""mlx-lm's name for ``make_layer_caches`` (one cache per layer; ``PromptCache`` is a whole conversation's)."""
 
 __version__ = "0.1.0"
 __all__ = [
@@ -47,6 +50,7 @@ __all__ = [
     "generate",
     "generate_step",
     "load_prompt_cache",
+    "make_layer_caches",
     "make_prompt_cache",
     "make_sampler",
     "save_prompt_cache",

@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from .batch_cache import BatchKVCache, batch_cache_like, can_batch
 from .cache import Cache
-from .cache_settings import CacheSettings, make_prompt_cache
+from .cache_settings import CacheSettings, make_layer_caches
 from .generate import media_list, prefill
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
 from .request import GenerationResult, Request, RequestState
@@ -149,7 +149,7 @@ class BatchGenerator:
     ) -> list[tuple[list[RequestState], list[Cache]]]:
         """Prefill the group's prompts as one left-padded batch and emit each row's first token; return the
         rows still running with their cache, to join (one request alone keeps a plain cache)."""
-        layers = make_prompt_cache(self.model, self.cache_settings)
+        layers = make_layer_caches(self.model, self.cache_settings)
         unbatchable = sorted({type(c).__name__ for c in layers if not can_batch(c)})
         if unbatchable:
             raise ValueError(f"batched generation cannot hold {', '.join(unbatchable)} layers")

@@ -21,7 +21,7 @@ from .cache import (
     RotatingKVCache,
 )
 
-__all__ = ["CacheSettings", "make_prompt_cache"]
+__all__ = ["CacheSettings", "make_layer_caches"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class CacheSettings:
         return self.max_kv_size is None and self.kv_bits is None
 
 
-def make_prompt_cache(model: Any, settings: CacheSettings | None = None) -> list[Cache]:
+def make_layer_caches(model: Any, settings: CacheSettings | None = None) -> list[Cache]:
     """``model.make_cache()`` with each plain ``KVCache`` layer replaced as ``settings`` ask.
 
     With ``max_kv_size``: plain layers become ``RotatingKVCache(max_kv_size)``, and so do sliding-window

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import Cache
-from .cache_settings import CacheSettings, make_prompt_cache
+from .cache_settings import CacheSettings, make_layer_caches
 from .prompt_cache import PromptCache, media_key
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
 from .request import GenerationConfig, GenerationResult, Request, RequestState
@@ -217,7 +217,7 @@ def run_generation(
     inputs, config = request.inputs, request.config
     prompt_list = request.prompt_ids
     if prompt_cache is None:
-        cache, reused = make_prompt_cache(model, cache_settings), 0
+        cache, reused = make_layer_caches(model, cache_settings), 0
     else:
         media = media_key(inputs)
         cache, reused = prompt_cache.reuse(model, cache_settings, prompt_list, media)

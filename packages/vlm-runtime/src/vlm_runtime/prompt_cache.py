@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from .cache import Cache
 from .cache_io import load_prompt_cache, save_prompt_cache
-from .cache_settings import CacheSettings, make_prompt_cache
+from .cache_settings import CacheSettings, make_layer_caches
 from .vision_cache import content_key
 
 __all__ = ["PromptCache", "media_key"]
@@ -65,7 +65,7 @@ class PromptCache:
         if common > 0 and self._trim_to(common):
             return self.layers, common  # type: ignore[return-value]
         self.layers, self.tokens, self.media, self.settings = None, [], None, settings
-        return make_prompt_cache(model, settings), 0
+        return make_layer_caches(model, settings), 0
 
     def _trim_to(self, n: int) -> bool:
         assert self.layers is not None

@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from vlm_models.processor import Processor
+from vlm_models.inputs import Processor
 from vlm_models.processors.image import ImageLoadError, load_image
 
 __all__ = [

@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image
 
 from ..video import Video, VideoSampling
+from .frames import FrameSettings, ProcessedVideos, resize_frames
 from .image import image_settings
 from .qwen2_vl import MAX_ASPECT_RATIO, fit_pixel_budget, patchify
-from .video import FrameSettings, ProcessedVideos, resize_frames
 
 __all__ = ["Qwen3VLVideoProcessor", "video_smart_resize"]
 

@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from ..video import Video, VideoSampling
+from .frames import FrameSettings, ProcessedVideos, resize_frames
 from .idefics3 import image_prompt, scaled_to_longest_edge
 from .image import image_settings
-from .video import FrameSettings, ProcessedVideos, resize_frames
 
 __all__ = ["SmolVLMVideoProcessor", "number_words"]
 

@@ -1,4 +1,5 @@
-"""The processor: tokenizer, numpy image processor and chat template of one checkpoint.
+"""From a prompt and its media to model inputs: the tokenizer, numpy image and video processors and chat
+template of one checkpoint (``Processor``).
 
 It produces the same tensors, under the same names, as the Hugging Face processor of the family, without
 torch.
