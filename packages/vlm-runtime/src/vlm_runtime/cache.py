@@ -129,7 +129,8 @@ def _with_room(data: mx.array, capacity: int) -> mx.array:
 
 
 class _AppendOnly:
-    """Caches that only ever append: dropping the last tokens is just moving ``offset`` back."""
+    """Caches that only ever append: dropping the last tokens is just moving ``offset`` back, and attention
+    sees every earlier key."""
 
     offset: int
 
@@ -145,6 +146,26 @@ class _AppendOnly:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state)  # type: ignore[attr-defined]
+
+    def make_mask(
+        self,
+        n_queries: int,
+        dtype: mx.Dtype,
+        *,
+        window: int | None = None,
+        groups: mx.array | None = None,
+        key_padding: mx.array | None = None,
+        window_limits_groups: bool = True,
+    ) -> AttentionMask:
+        return attention_mask_for(
+            n_queries,
+            dtype,
+            n_past=self.offset,
+            window=window,
+            groups=groups,
+            key_padding=key_padding,
+            window_limits_groups=window_limits_groups,
+        )
 
 
 class _StoresFloat:
@@ -194,26 +215,6 @@ class KVCache(_StoresFloat, _AppendOnly):
         old_v = self.values[..., : self.offset, :]
         self.keys = mx.concatenate([old_k, new_k], axis=2)
         self.values = mx.concatenate([old_v, new_v], axis=2)
-
-    def make_mask(
-        self,
-        n_queries: int,
-        dtype: mx.Dtype,
-        *,
-        window: int | None = None,
-        groups: mx.array | None = None,
-        key_padding: mx.array | None = None,
-        window_limits_groups: bool = True,
-    ) -> AttentionMask:
-        return attention_mask_for(
-            n_queries,
-            dtype,
-            n_past=self.offset,
-            window=window,
-            groups=groups,
-            key_padding=key_padding,
-            window_limits_groups=window_limits_groups,
-        )
 
     @property
     def state(self) -> list[mx.array]:
@@ -525,26 +526,6 @@ class QuantizedKVCache(_AppendOnly):
         else:
             self.keys = [_with_room(a, capacity) for a in self._fetch(self.keys)]
             self.values = [_with_room(a, capacity) for a in self._fetch(self.values)]
-
-    def make_mask(
-        self,
-        n_queries: int,
-        dtype: mx.Dtype,
-        *,
-        window: int | None = None,
-        groups: mx.array | None = None,
-        key_padding: mx.array | None = None,
-        window_limits_groups: bool = True,
-    ) -> AttentionMask:
-        return attention_mask_for(
-            n_queries,
-            dtype,
-            n_past=self.offset,
-            window=window,
-            groups=groups,
-            key_padding=key_padding,
-            window_limits_groups=window_limits_groups,
-        )
 
     def attend(
         self, queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None
