@@ -17,6 +17,7 @@ import numpy as np
 
 from .cache import Cache
 from .cache_settings import CacheSettings, make_layer_caches
+from .compiled_decode import CompiledDecode, compiled_decode
 from .prompt_cache import PromptCache, media_key
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
 from .request import GenerationConfig, GenerationResult, Request, RequestState
@@ -142,22 +143,57 @@ def generate_step(
 
     prompt = drop_prefix(model.embed_prompt(vision_cache=vision_cache, **inputs), cached_prefix)
     token, logprobs = next_token(prefill(model, prompt, cache, config.prefill_step_size))
+    decode = _decoder(model, cache, config)
     forced = override(None) if override is not None else None
-    while True:
-        if forced is not None:
-            token = mx.array([forced], mx.int32)
-        generated += 1
-        if history is not None:
-            history = mx.concatenate([history, token[:, None].astype(mx.int32)], axis=1)
-        if generated < config.max_tokens:
-            # Queued before the caller sees this token: the device works while Python handles it.
-            next_pair = next_token(_decode_logits(model, token, cache))
-        value = token.item()
-        yield value, logprobs
-        if generated == config.max_tokens:
-            return
-        forced = override(value) if override is not None else None
-        token, logprobs = next_pair
+    try:
+        while True:
+            if forced is not None:
+                token = mx.array([forced], mx.int32)
+            generated += 1
+            if history is not None:
+                history = mx.concatenate([history, token[:, None].astype(mx.int32)], axis=1)
+            if generated < config.max_tokens:
+                # Queued before the caller sees this token: the device works while Python handles it.
+                next_pair = next_token(decode(token))
+            value = token.item()
+            yield value, logprobs
+            if generated == config.max_tokens:
+                return
+            forced = override(value) if override is not None else None
+            token, logprobs = next_pair
+    finally:
+        decode.finish()
+
+
+class _Decoder:
+    """The decode step of one generation: compiled over static caches where every layer has a static twin,
+    else the plain graph over the caches themselves."""
+
+    def __init__(self, model: GenerativeModel, cache: list[Cache], compiled: CompiledDecode | None) -> None:
+        self.model, self.cache, self.compiled = model, cache, compiled
+
+    def __call__(self, token: mx.array) -> mx.array:
+        if self.compiled is not None:
+            try:
+                return self.compiled(token)
+            except Exception as exc:  # a layer the static caches cannot serve shows up when the step is traced
+                if self.compiled.steps_taken:
+                    raise
+                self.compiled.give_up(exc)
+                self.compiled = None
+        return _decode_logits(self.model, token, self.cache)
+
+    def finish(self) -> None:
+        """Hand the decoded tokens back to the caches (the prompt cache may keep them)."""
+        if self.compiled is not None:
+            self.compiled.write_back(self.cache)
+
+
+def _decoder(model: GenerativeModel, cache: list[Cache], config: GenerationConfig) -> _Decoder:
+    compiled = None
+    if config.compile_decode and config.max_tokens > 1 and cache:
+        compiled = compiled_decode(model, cache, capacity=cache[0].offset + config.max_tokens)
+    return _Decoder(model, cache, compiled)
 
 
 def media_list(media: Any) -> list[Any]:

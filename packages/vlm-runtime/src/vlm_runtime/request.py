@@ -48,6 +48,9 @@ class GenerationConfig:
     """Report each token's log-probability (under the distribution after penalties, before temperature)."""
     top_logprobs: int = 0
     """Also report this many most likely alternatives per token (0 to 20; implies logprobs)."""
+    compile_decode: bool = True
+    """Decode through a compiled step over fixed-size caches where every layer's cache allows it (the same
+    tokens, with less per-token overhead); False builds each step's graph anew."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
