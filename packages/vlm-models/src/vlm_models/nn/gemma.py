@@ -20,7 +20,16 @@ from ..config import ConfigError
 from .layers import Attention, GatedMLP
 from .rope import Rotary, Rotate
 
-__all__ = ["GEMMA_DEFAULTS", "GemmaDecoder", "GemmaDecoderConfig", "GemmaRMSNorm", "SLIDING", "FULL", "softcap"]
+__all__ = [
+    "FULL",
+    "GEMMA_DEFAULTS",
+    "GemmaDecoder",
+    "GemmaDecoderConfig",
+    "GemmaRMSNorm",
+    "SLIDING",
+    "decoder_mask",
+    "softcap",
+]
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -264,29 +273,52 @@ class GemmaDecoder(nn.Module):
         dtype: mx.Dtype,
     ) -> Any:
         window = self.config.sliding_window if kind == SLIDING else None
-        if cache is not None and key_padding is None and groups is None:
-            return cache.make_mask(n_queries, dtype)  # the cache knows which keys it hands attention
-        if n_queries == 1 and key_padding is None:
-            return None
-        n_past = 0
-        if cache is not None:
-            # A rolling cache (a sliding layer's, or any layer's under max_kv_size) hands attention at most
-            # max_size - 1 earlier keys before the new ones, and bounds what a query sees to its window.
-            cache_window = getattr(cache, "max_size", None)
-            n_past = cache.offset if cache_window is None else min(cache.offset, cache_window - 1)
-            if cache_window is not None:
-                window = cache_window if window is None else min(window, cache_window)
-        if groups is None and key_padding is None and (window is None or n_past + n_queries <= window):
-            return "causal"
-        allowed = grouped_window_mask(
-            n_queries, n_past, window=window, groups=groups, window_limits_groups=self.config.window_limits_groups
+        return decoder_mask(
+            n_queries,
+            cache,
+            key_padding,
+            groups,
+            dtype,
+            window=window,
+            window_limits_groups=self.config.window_limits_groups,
         )
-        if key_padding is None:
-            return allowed
-        allowed = allowed & (key_padding[:, None, None, -(n_past + n_queries) :] != 0)
-        # Additive with a finite minimum: a padded query row would otherwise see no key and turn NaN.
-        return mx.where(allowed, mx.array(0.0, dtype), mx.array(mx.finfo(dtype).min, dtype))
 
     def compute_logits(self, hidden: mx.array, lm_head: nn.Module | None) -> mx.array:
         logits = self.embed_tokens.as_linear(hidden) if lm_head is None else lm_head(hidden)
         return softcap(logits, self.config.final_logit_softcapping)
+
+
+def decoder_mask(
+    n_queries: int,
+    cache: Any,
+    key_padding: mx.array | None,
+    groups: mx.array | None,
+    dtype: mx.Dtype,
+    *,
+    window: int | None,
+    window_limits_groups: bool = True,
+) -> Any:
+    """The mask of ``n_queries`` new tokens in a layer that sees ``window`` keys back (None: all of them), given
+    its cache, the prompt's padding (batch, keys) and bidirectional ``groups`` (batch, n_queries)."""
+    if cache is not None and key_padding is None and groups is None:
+        return cache.make_mask(n_queries, dtype)  # the cache knows which keys it hands attention
+    if n_queries == 1 and key_padding is None:
+        return None
+    n_past = 0
+    if cache is not None:
+        # A rolling cache (a sliding layer's, or any layer's under max_kv_size) hands attention at most
+        # max_size - 1 earlier keys before the new ones, and bounds what a query sees to its window.
+        cache_window = getattr(cache, "max_size", None)
+        n_past = cache.offset if cache_window is None else min(cache.offset, cache_window - 1)
+        if cache_window is not None:
+            window = cache_window if window is None else min(window, cache_window)
+    if groups is None and key_padding is None and (window is None or n_past + n_queries <= window):
+        return "causal"
+    allowed = grouped_window_mask(
+        n_queries, n_past, window=window, groups=groups, window_limits_groups=window_limits_groups
+    )
+    if key_padding is None:
+        return allowed
+    allowed = allowed & (key_padding[:, None, None, -(n_past + n_queries) :] != 0)
+    # Additive with a finite minimum: a padded query row would otherwise see no key and turn NaN.
+    return mx.where(allowed, mx.array(0.0, dtype), mx.array(mx.finfo(dtype).min, dtype))
