@@ -29,7 +29,7 @@ from vlm_models.convert import (
     save_model,
 )
 
-from .conftest import FAMILIES, FAMILY_LAYOUTS, FIXTURES, Reference
+from .conftest import FAMILIES, FAMILY_LAYOUTS, FIXTURES, Reference, published
 
 TOL = 1e-4
 CASES = ("one_image", "text")
@@ -106,7 +106,7 @@ def test_float_round_trip_every_layout(tmp_path: Path, family: str, layout: str,
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mlx_community_output_is_a_fixed_point(tmp_path: Path, family: str) -> None:
     """Converting a conversion changes nothing: the writer emits exactly the layout the reader takes."""
-    first = convert(FIXTURES / family / "hf4", tmp_path / "a", ConvertOptions()).destination
+    first = convert(published(family), tmp_path / "a", ConvertOptions()).destination
     second = convert(first, tmp_path / "b", ConvertOptions()).destination
     a, b = stored(first), stored(second)
     assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]) for k in a)
@@ -178,7 +178,7 @@ def check_quantized(out: Path, source: Path, options: QuantizeOptions, ref: Refe
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_round_trip_every_family(tmp_path: Path, family: str, references) -> None:
     options = QuantizeOptions.for_mode("affine", 4, 32)
-    source = FIXTURES / family / "hf4"
+    source = published(family)
     report = convert(source, tmp_path / "q", ConvertOptions(quantize=options))
     check_quantized(report.destination, source, options, references[family])
     assert sorted(report.quantized) == quantized_layers(stored(report.destination))
@@ -280,7 +280,7 @@ def test_a_layer_the_layout_stores_as_a_convolution_stays_float(tmp_path: Path) 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_skip_vision_keeps_the_vision_tower_float(tmp_path: Path, family: str, references) -> None:
-    source = FIXTURES / family / "hf4"
+    source = published(family)
     options = QuantizeOptions.for_mode("affine", 4, 32)
     report = convert(source, tmp_path / "q", ConvertOptions(quantize=options, skip_vision=True))
     written = stored(report.destination)
@@ -339,7 +339,7 @@ def quantized_sources() -> list[tuple[str, str]]:
 def test_dequantize_round_trip(tmp_path: Path, family: str, source_kind: str, references) -> None:
     if source_kind == "own":
         options = ConvertOptions(quantize=QuantizeOptions.for_mode("affine", 4, 32))
-        source = convert(FIXTURES / family / "hf4", tmp_path / "q", options).destination
+        source = convert(published(family), tmp_path / "q", options).destination
     else:
         source = FIXTURES / family / source_kind
     report = convert(source, tmp_path / "dq", ConvertOptions(dequantize=True))

@@ -11,14 +11,14 @@ from PIL import Image
 from vlm_models import apply_chat_template, load
 from vlm_runtime import PromptCache, RotatingKVCache, batch_generate, generate
 
-from .conftest import FAMILIES, FIXTURES
+from .conftest import FAMILIES, FIXTURES, published
 
 IMAGES = FIXTURES / "images"
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def loaded(request):
-    return load(FIXTURES / request.param / "hf4")
+    return load(published(request.param))
 
 
 def skip_sliding_window_models(model, feature: str) -> None:

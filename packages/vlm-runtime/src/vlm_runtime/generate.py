@@ -320,6 +320,8 @@ def stream_generate(
     image: Any = None,
     videos: Any = None,
     video_sampling: Any = None,
+    audio: Any = None,
+    audios: Any = None,
     prompt_cache: PromptCache | None = None,
     vision_cache: Any = None,
     **options: Any,
@@ -328,7 +330,8 @@ def stream_generate(
 
     ``image`` is one image or a list (paths, URLs, PIL images), in the order of the prompt's image slots;
     ``videos`` likewise fill its video slots, sampled as ``video_sampling`` says (both go to the processor,
-    whose family must take video).
+    whose family must take video); ``audio`` (one clip or a list) or ``audios`` fill its audio slots (files,
+    their bytes or samples; the family must hear).
     ``prompt_cache`` (a ``PromptCache``) is reused where it holds a prefix of this prompt and is left holding
     this conversation afterwards; ``vision_cache`` (a ``VisionFeatureCache``) skips the vision tower for images
     seen before. ``options`` are those of ``generation_settings``: sampling (temperature, top_p, top_k, min_p,
@@ -339,6 +342,8 @@ def stream_generate(
     media: dict[str, Any] = {"images": _as_list(image)}
     if videos is not None or video_sampling is not None:  # only then: processors without video keep working
         media.update(videos=_as_list(videos), video_sampling=video_sampling)
+    if audio is not None or audios is not None:  # likewise for processors without audio
+        media["audios"] = _as_list(audio) + _as_list(audios)
     inputs = processor.prepare_inputs(prompt, **media)
     yield from run_generation(
         model,

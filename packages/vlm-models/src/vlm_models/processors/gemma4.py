@@ -43,15 +43,15 @@ def aspect_ratio_preserving_size(
     target = max_patches * patch_size**2
     factor = math.sqrt(target / (height * width))
     unit = pooling_kernel_size * patch_size
-    new_height = int(math.floor(factor * height / unit)) * unit
-    new_width = int(math.floor(factor * width / unit)) * unit
+    new_height = math.floor(factor * height / unit) * unit
+    new_width = math.floor(factor * width / unit) * unit
     if new_height == 0 and new_width == 0:
         raise ValueError(f"a {width}x{height} picture cannot be resized to a multiple of {unit} pixels")
     longest = (max_patches // pooling_kernel_size**2) * unit
     if new_height == 0:
-        new_height, new_width = unit, min(int(math.floor(width / height)) * unit, longest)
+        new_height, new_width = unit, min(math.floor(width / height) * unit, longest)
     elif new_width == 0:
-        new_width, new_height = unit, min(int(math.floor(height / width)) * unit, longest)
+        new_width, new_height = unit, min(math.floor(height / width) * unit, longest)
     if new_height * new_width > target:
         raise ValueError(f"a {width}x{height} picture needs more than {max_patches} patches of {patch_size} pixels")
     return new_height, new_width
@@ -168,8 +168,8 @@ class Gemma4AudioFeatureExtractor:
     pad_to_multiple_of: int = 128
 
     def __post_init__(self) -> None:
-        self.frame_length = int(round(self.sampling_rate * self.frame_length_ms / 1000.0))
-        self.hop_length = int(round(self.sampling_rate * self.hop_length_ms / 1000.0))
+        self.frame_length = round(self.sampling_rate * self.frame_length_ms / 1000.0)
+        self.hop_length = round(self.sampling_rate * self.hop_length_ms / 1000.0)
         self.fft_length = 2 ** math.ceil(math.log2(self.frame_length)) * (2 if self.fft_overdrive else 1)
         self.window = hann_window(self.frame_length).astype(np.float32)
         self.mel_filters = mel_filter_bank(
