@@ -213,7 +213,11 @@ def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, tr
     video_config = {**defaults, **_video_processor_config(path)}
     video_processor = None if video_class is None else video_class.from_config(video_config)
     audio_class = arch.audio_processor_class()
-    audio_processor = None if audio_class is None else audio_class.from_config(_audio_processor_config(path))
+    # A family whose checkpoints may or may not hear says which (Gemma 4's large models have no audio tower).
+    hears = getattr(arch.load_module(), "takes_audio", lambda _: True)(config)
+    audio_processor = None
+    if audio_class is not None and hears:
+        audio_processor = audio_class.from_config(_audio_processor_config(path))
     eos: set[int] = set()
     generation = path / "generation_config.json"
     if generation.is_file():

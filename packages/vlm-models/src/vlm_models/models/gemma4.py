@@ -495,6 +495,11 @@ _MLX_COMMUNITY_PREFIXES = (
 )
 
 
+def takes_audio(config: Mapping[str, Any]) -> bool:
+    """Only checkpoints with an audio tower hear (E2B, E4B)."""
+    return isinstance(config.get("audio_config"), Mapping)
+
+
 def processor_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
     """Image processor settings implied by the model config, for processor files that lack them."""
     vision = config.get("vision_config") or {}
