@@ -158,7 +158,7 @@ def test_bad_audio_gives_one_clear_error(tmp_path: Path) -> None:
         load_audio(not_audio, 16_000)
     with pytest.raises(AudioLoadError, match="holds no samples"):
         load_audio(np.zeros(0, np.float32), 16_000)
-    with pytest.raises(AudioLoadError, match="directory|not a file"):
+    with pytest.raises(AudioLoadError, match=r"directory|not a file"):
         load_audio(tmp_path, 16_000)
     assert len(load_audio(Audio(np.zeros((800, 2), np.float32), 8_000), 16_000)) == 1600
 
@@ -205,7 +205,7 @@ def test_experts_route_as_transformers(moe, moe_ref: Reference) -> None:
         picked = {}
         original = type(decoder.layers[0].router).__call__
 
-        def spy(self, x, _original=original):
+        def spy(self, x, _original=original, picked=picked):
             chosen, weights = _original(self, x)
             picked[id(self)] = np.sort(np.array(chosen)[0], axis=-1)
             return chosen, weights
