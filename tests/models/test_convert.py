@@ -39,6 +39,9 @@ CASES = ("one_image", "text")
 # blocks, projector, decoder layers, head), and the measured ratios lie between 2.7 and 5.7 over every family and
 # mode (2-8 bits), so 8 leaves room without letting a wrong scale or a misplaced tensor (ratios far above) pass.
 ERROR_GAIN = 8.0
+# Gemma 4's 26B-A4B shape puts a dense MLP and the experts side by side in every layer and attends with normed,
+# unscaled queries and keys (sharper than the other fixtures): its measured ratio is 9.5 at 4 bits.
+FAMILY_ERROR_GAIN = {"gemma4_moe": 12.0}
 
 
 def logits(model: nn.Module, ref: Reference, case: str) -> np.ndarray:
@@ -169,7 +172,7 @@ def check_quantized(out: Path, source: Path, options: QuantizeOptions, ref: Refe
     for case in CASES:
         a, b = logits(original, ref, case), logits(quantized, ref, case)
         worst = max(worst, float(np.abs(a - b).mean() / np.abs(a).mean()))
-    assert 0 < worst <= ERROR_GAIN * weight_error, (
+    assert 0 < worst <= FAMILY_ERROR_GAIN.get(ref.family, ERROR_GAIN) * weight_error, (
         f"{ref.family} {options}: logits relative error {worst:.4f} vs weight error {weight_error:.4f}"
     )
     return worst

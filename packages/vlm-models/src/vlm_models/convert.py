@@ -101,6 +101,10 @@ def _stored_shape(model: nn.Module, key: str, value: mx.array) -> tuple[int, ...
 
 def float_reason(model: nn.Module, path: str, module: nn.Module, group_size: int) -> str | None:
     """Why the layer at ``path`` cannot be quantized with ``group_size``, or None where it can."""
+    # A family may keep layers float for its own reasons (Gemma 4's expert routers).
+    own = getattr(model, "keeps_float", None)
+    if own is not None and (reason := own(path)) is not None:
+        return reason
     width = module.weight.shape[-1]
     dims = 3 if isinstance(module, SwitchLinear) else 2  # stacked experts: [experts, out, in]
     if module.weight.ndim != dims:

@@ -105,7 +105,7 @@ class PatchEmbedder(nn.Module):
 
     def __call__(self, pixel_values: mx.array, positions: mx.array, padding: mx.array) -> mx.array:
         # The pixels arrive in [0, 1]; the tower wants [-1, 1].
-        x = self.input_proj((2 * (pixel_values - 0.5)).astype(self.input_proj.weight.dtype))
+        x = self.input_proj((2 * (pixel_values - 0.5)).astype(self.position_embedding_table.dtype))
         clamped = mx.maximum(positions, 0)
         table = self.position_embedding_table
         embedded = table[0][clamped[..., 0]] + table[1][clamped[..., 1]]
@@ -180,7 +180,7 @@ def soft_token_counts(image_position_ids: np.ndarray, pooling_kernel_size: int) 
 
 class VisionTower(nn.Module):
     """``vision_tower``: (images, patches, 3 * patch²) pixels in [0, 1] and their (images, patches, 2) positions
-    -> each image's soft tokens (count, hidden), in float32 until the embedder."""
+    -> each image's soft tokens (count, hidden)."""
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -194,7 +194,7 @@ class VisionTower(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        return self.patch_embedder.input_proj.weight.dtype
+        return self.patch_embedder.position_embedding_table.dtype  # read where no adapter wraps a weight
 
     def __call__(self, pixel_values: mx.array, image_position_ids: mx.array) -> list[mx.array]:
         c = self.config
@@ -211,6 +211,7 @@ class VisionTower(nn.Module):
         pooled = pooled.astype(mx.float32) * c.hidden_size**0.5
         if c.standardize:
             pooled = (pooled - self.std_bias.astype(mx.float32)) * self.std_scale.astype(mx.float32)
+        pooled = pooled.astype(self.dtype)
         counts = soft_token_counts(np.asarray(image_position_ids), c.pooling_kernel_size)
         return [pooled[i, :n] for i, n in enumerate(counts)]
 
@@ -237,7 +238,7 @@ class MultimodalEmbedder(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.embedding_projection(rms_norm(x.astype(self.embedding_projection.weight.dtype), None, self.eps))
+        return self.embedding_projection(rms_norm(x, None, self.eps))
 
 
 class Gemma4Model(nn.Module):
@@ -460,6 +461,12 @@ class Model(nn.Module):
             if c.text.shares_kv(layer) and any(part in key for part in unused):
                 return False
         return True
+
+    @staticmethod
+    def keeps_float(path: str) -> str | None:
+        """Layers ``vlm convert -q`` leaves float: the expert routers, whose few weights pick the experts (a
+        coarse router picks others; mlx-vlm keeps them at 8 bits)."""
+        return "an expert router (routing is kept exact)" if path.endswith(".router.proj") else None
 
     def mlx_community_names(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
         """The inverse of ``sanitize`` for writing checkpoints in the MLX-community layout (mlx-vlm's names)."""

@@ -254,7 +254,7 @@ class AudioEncoder(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        return self.output_proj.weight.dtype
+        return self.subsample_conv_projection.layer0.norm.weight.dtype  # read where no adapter wraps a weight
 
     def __call__(self, features: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
         x, valid = self.subsample_conv_projection(features.astype(self.dtype), mask.astype(mx.bool_))
