@@ -46,9 +46,9 @@ FAMILY_LAYOUTS = {
     "pixtral": LAYOUTS,
     "mistral3": LAYOUTS,
     # Gemma 4 was published in the transformers 5 layout: "hub" spells the config as the Hub's repos do, "hf5" as
-    # transformers 5.25 saves it.
-    "gemma4": ["hub", "hf5"],
-    "gemma4_moe": ["hub", "hf5"],
+    # transformers 5.25 saves it; mlx_community is mlx-vlm 0.7.10's own conversion (make_mlx_community_fixtures.py).
+    "gemma4": ["hub", "hf5", "mlx_community"],
+    "gemma4_moe": ["hub", "hf5", "mlx_community"],
 }
 PREFIX_LM = {"paligemma2"}
 """Families whose whole prompt attends both ways: a token decoded after a prefill is no longer in the prompt."""

@@ -20,11 +20,23 @@ from vlm_models.convert import dequantize_model
 
 from .conftest import FIXTURES, Reference
 
+# Gemma 4's 26B-A4B shape reacts about twice as strongly to 4-bit weights as the others (see test_convert.py's
+# FAMILY_ERROR_GAIN): its quantized experts and attention move the logits further.
+LOOSER = {"gemma4_moe": (0.8, 0.7)}
 PEER_4BIT = sorted(p.parent.name for p in FIXTURES.glob("*/mlx_vlm_4bit"))
 
 
 def test_every_peer_folder_is_checked() -> None:
-    assert PEER_4BIT == ["idefics3", "llava", "llava_next", "mistral3", "paligemma2", "qwen3_vl", "qwen3_vl_moe"]
+    assert PEER_4BIT == [
+        "gemma4_moe",
+        "idefics3",
+        "llava",
+        "llava_next",
+        "mistral3",
+        "paligemma2",
+        "qwen3_vl",
+        "qwen3_vl_moe",
+    ]
 
 
 @pytest.mark.parametrize("family", PEER_4BIT)
@@ -33,6 +45,8 @@ def test_peer_quantized_checkpoint_loads_and_computes_its_weights(family: str) -
     ref = Reference(family)
     model, _ = load(path)
     assert sum(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()) >= 4
+    if family.endswith("_moe"):
+        assert any(type(m).__name__ == "QuantizedSwitchLinear" for _, m in model.named_modules()), "experts"
     twin, _ = load(path)
     dequantize_model(twin)
     for case in ("one_image", "text"):
@@ -42,4 +56,5 @@ def test_peer_quantized_checkpoint_loads_and_computes_its_weights(family: str) -
         # 4 bits on a model this small moves the logits a lot, but they still follow the reference.
         rel = np.abs(ours - expected).mean() / np.abs(expected).mean()
         corr = np.corrcoef(ours.reshape(-1), expected.reshape(-1))[0, 1]
-        assert rel < 0.5 and corr > 0.9, f"{family}/{case}: relative error {rel:.3f}, correlation {corr:.3f}"
+        most, least = LOOSER.get(family, (0.5, 0.9))
+        assert rel < most and corr > least, f"{family}/{case}: relative error {rel:.3f}, correlation {corr:.3f}"
