@@ -216,9 +216,11 @@ class Gemma4AudioFeatureExtractor:
     def __call__(self, waveforms: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         if not waveforms:
             raise ValueError("no audio given")
-        clips = [np.asarray(w, dtype=np.float32).reshape(-1)[: self.max_length] for w in waveforms]
-        longest = max(len(c) for c in clips)
         step = self.pad_to_multiple_of
+        # As transformers: the cut is at max_length rounded up to a multiple of the padding step.
+        limit = -(-self.max_length // step) * step if step else self.max_length
+        clips = [np.asarray(w, dtype=np.float32).reshape(-1)[:limit] for w in waveforms]
+        longest = max(len(c) for c in clips)
         padded_length = -(-longest // step) * step if step else longest
         features, masks = [], []
         for clip in clips:
