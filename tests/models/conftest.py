@@ -23,6 +23,8 @@ FAMILIES = [
     "paligemma2",
     "idefics3",
     "smolvlm",
+    "gemma4",
+    "gemma4_moe",
 ]
 LAYOUTS = ["hf4", "hf5", "mlx_community"]
 FAMILY_LAYOUTS = {
@@ -43,9 +45,18 @@ FAMILY_LAYOUTS = {
     # mlx_community: written by our own converter (tests/fixtures/make_mlx_community_llava.py), as for LLaVA.
     "pixtral": LAYOUTS,
     "mistral3": LAYOUTS,
+    # Gemma 4 was published in the transformers 5 layout: "hub" spells the config as the Hub's repos do, "hf5" as
+    # transformers 5.25 saves it; mlx_community is mlx-vlm 0.7.10's own conversion (make_mlx_community_fixtures.py).
+    "gemma4": ["hub", "hf5", "mlx_community"],
+    "gemma4_moe": ["hub", "hf5", "mlx_community"],
 }
 PREFIX_LM = {"paligemma2"}
 """Families whose whole prompt attends both ways: a token decoded after a prefill is no longer in the prompt."""
+
+
+def published(family: str) -> Path:
+    """The family's fixture in the layout its Hub checkpoints were published in (the first of its layouts)."""
+    return FIXTURES / family / FAMILY_LAYOUTS[family][0]
 
 
 def checkpoint_with_config(tmp_path: Path, family: str, change: Callable[[dict[str, Any]], Any]) -> Path:
@@ -80,7 +91,17 @@ class Reference:
         return self.arrays[key] if key in self.arrays.files else None
 
     def inputs(self, case: str) -> dict[str, np.ndarray]:
-        names = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask")
+        names = (
+            "input_ids",
+            "attention_mask",
+            "pixel_values",
+            "image_grid_thw",
+            "image_sizes",
+            "pixel_attention_mask",
+            "image_position_ids",
+            "input_features",
+            "input_features_mask",
+        )
         return {n: self.get(case, n) for n in names if self.get(case, n) is not None}
 
 

@@ -20,7 +20,7 @@ from vlm_models.cli import main
 from vlm_models.convert import ConvertOptions, _shard, convert, save_model
 from vlm_models.quantize import QuantizeError, QuantizeOptions, dequantize_model, float_reason, is_vision_tower
 
-from .conftest import FAMILIES, FAMILY_LAYOUTS, FIXTURES, Reference
+from .conftest import FAMILIES, FAMILY_LAYOUTS, FIXTURES, Reference, published
 
 TOL = 1e-4
 CASES = ("one_image", "text")
@@ -30,6 +30,9 @@ CASES = ("one_image", "text")
 # blocks, projector, decoder layers, head), and the measured ratios lie between 2.7 and 5.7 over every family and
 # mode (2-8 bits), so 8 leaves room without letting a wrong scale or a misplaced tensor (ratios far above) pass.
 ERROR_GAIN = 8.0
+# Gemma 4's 26B-A4B shape puts a dense MLP and the experts side by side in every layer and attends with normed,
+# unscaled queries and keys (sharper than the other fixtures): its measured ratio is 9.5 at 4 bits.
+FAMILY_ERROR_GAIN = {"gemma4_moe": 12.0}
 
 
 def logits(model: nn.Module, ref: Reference, case: str) -> np.ndarray:
@@ -97,7 +100,7 @@ def test_float_round_trip_every_layout(tmp_path: Path, family: str, layout: str,
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mlx_community_output_is_a_fixed_point(tmp_path: Path, family: str) -> None:
     """Converting a conversion changes nothing: the writer emits exactly the layout the reader takes."""
-    first = convert(FIXTURES / family / "hf4", tmp_path / "a", ConvertOptions()).destination
+    first = convert(published(family), tmp_path / "a", ConvertOptions()).destination
     second = convert(first, tmp_path / "b", ConvertOptions()).destination
     a, b = stored(first), stored(second)
     assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]) for k in a)
@@ -160,7 +163,7 @@ def check_quantized(out: Path, source: Path, options: QuantizeOptions, ref: Refe
     for case in CASES:
         a, b = logits(original, ref, case), logits(quantized, ref, case)
         worst = max(worst, float(np.abs(a - b).mean() / np.abs(a).mean()))
-    assert 0 < worst <= ERROR_GAIN * weight_error, (
+    assert 0 < worst <= FAMILY_ERROR_GAIN.get(ref.family, ERROR_GAIN) * weight_error, (
         f"{ref.family} {options}: logits relative error {worst:.4f} vs weight error {weight_error:.4f}"
     )
     return worst
@@ -169,7 +172,7 @@ def check_quantized(out: Path, source: Path, options: QuantizeOptions, ref: Refe
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_round_trip_every_family(tmp_path: Path, family: str, references) -> None:
     options = QuantizeOptions.for_mode("affine", 4, 32)
-    source = FIXTURES / family / "hf4"
+    source = published(family)
     report = convert(source, tmp_path / "q", ConvertOptions(quantize=options))
     check_quantized(report.destination, source, options, references[family])
     assert sorted(report.quantized) == quantized_layers(stored(report.destination))
@@ -271,7 +274,7 @@ def test_a_layer_the_layout_stores_as_a_convolution_stays_float(tmp_path: Path) 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_skip_vision_keeps_the_vision_tower_float(tmp_path: Path, family: str, references) -> None:
-    source = FIXTURES / family / "hf4"
+    source = published(family)
     options = QuantizeOptions.for_mode("affine", 4, 32)
     report = convert(source, tmp_path / "q", ConvertOptions(quantize=options, skip_vision=True))
     written = stored(report.destination)
@@ -330,7 +333,7 @@ def quantized_sources() -> list[tuple[str, str]]:
 def test_dequantize_round_trip(tmp_path: Path, family: str, source_kind: str, references) -> None:
     if source_kind == "own":
         options = ConvertOptions(quantize=QuantizeOptions.for_mode("affine", 4, 32))
-        source = convert(FIXTURES / family / "hf4", tmp_path / "q", options).destination
+        source = convert(published(family), tmp_path / "q", options).destination
     else:
         source = FIXTURES / family / source_kind
     report = convert(source, tmp_path / "dq", ConvertOptions(dequantize=True))

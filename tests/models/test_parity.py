@@ -71,10 +71,14 @@ def test_processor_matches_transformers(loaded, references: dict[str, Reference]
         if meta.get("image_processor"):  # the reference ran this case with these image processor settings
             case_processor = copy.copy(processor)
             case_processor.image_processor = dataclasses.replace(processor.image_processor, **meta["image_processor"])
-        ours = case_processor(meta["prompt"], images)
+        audios = [FIXTURES / "audio" / name for name in meta.get("audios", [])]
+        ours = case_processor(meta["prompt"], images, audios=audios)
         np.testing.assert_array_equal(ours["input_ids"], ref.get(case, "input_ids"), err_msg=f"{family}/{case}")
+        if audios:
+            np.testing.assert_array_equal(ours["input_features_mask"], ref.get(case, "input_features_mask"))
+            np.testing.assert_allclose(ours["input_features"], ref.get(case, "input_features"), atol=1e-4, rtol=0)
         if images:
-            for name in ("image_grid_thw", "image_sizes", "num_crops", "pixel_attention_mask"):
+            for name in ("image_grid_thw", "image_sizes", "num_crops", "pixel_attention_mask", "image_position_ids"):
                 if ref.get(case, name) is not None:
                     np.testing.assert_array_equal(ours[name], ref.get(case, name), err_msg=f"{family}/{case}/{name}")
             np.testing.assert_allclose(ours["pixel_values"], ref.get(case, "pixel_values"), atol=1e-5, rtol=0)

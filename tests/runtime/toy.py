@@ -71,10 +71,15 @@ class ByteProcessor:
     supports_video = False
 
     def prepare_inputs(
-        self, prompt: str, images: Sequence[Any] = (), videos: Sequence[Any] = (), video_sampling: Any = None
+        self,
+        prompt: str,
+        images: Sequence[Any] = (),
+        videos: Sequence[Any] = (),
+        video_sampling: Any = None,
+        audios: Sequence[Any] = (),
     ) -> dict[str, mx.array]:
-        if images or videos:
-            raise ValueError("the toy model takes no images or videos")
+        if images or videos or audios:
+            raise ValueError("the toy model takes no media")
         return {"input_ids": mx.array([[BOS, *self.encode(prompt)]])}
 
     def encode(self, text: str) -> list[int]:

@@ -22,7 +22,7 @@ from vlm_train.config import TrainingConfig
 from vlm_train.data import collate, load_samples
 from vlm_train.trainer import Trainer, token_losses
 
-from ..models.conftest import FAMILIES
+from ..models.conftest import FAMILIES, published
 from .conftest import FIXTURES, write_jsonl
 
 IMAGES = FIXTURES / "images"
@@ -75,7 +75,7 @@ def end_of_run(mask: np.ndarray, start: int) -> int:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_loss_is_the_inference_loss(tmp_path: Path, family: str) -> None:
-    model, processor = load(FIXTURES / family / "hf4")
+    model, processor = load(published(family))
     bad = []
     samples, _ = load_samples(
         training_data(tmp_path, CONVERSATIONS), processor, max_length=4096, on_bad_sample="skip", report=bad.append
@@ -124,7 +124,7 @@ def test_a_few_lora_steps_on_image_samples_cut_the_loss(tmp_path: Path, family: 
     """Adapters on the decoder, the vision tower and the projector (where it has linear layers): the loss falls,
     and the vision tower's adapters learn too, so the gradient reaches the pixels."""
     data = training_data(tmp_path, CONVERSATIONS[:3])
-    path = FIXTURES / family / "hf4"
+    path = published(family)
     lora = LoRAConfig(targets=("language", "vision", "projector"))
     config = TrainingConfig(
         model=str(path),
@@ -159,7 +159,7 @@ def _picture(seed: int, height: int, width: int) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def image_processors() -> dict[str, object]:
-    return {family: load(FIXTURES / family / "hf4")[1].image_processor for family in FAMILIES}
+    return {family: load(published(family))[1].image_processor for family in FAMILIES}
 
 
 @given(

@@ -26,16 +26,17 @@ def apply_chat_template(
 ) -> str:
     """Format ``prompt`` (a user message, or a list of chat messages) for generation.
 
-    For a single user message the media slots come first (images, then videos), then the text, as the Qwen and
+    For a single user message the media slots come first (images, videos, then audio clips), then the text, as the Qwen and
     most VLM templates expect. ``config`` is the model's config dict; kept for templates that depend on it.
     ``tools`` (OpenAI-style function definitions) go to templates that render them. A conversation with a video
     takes the family's video template where its processor has one (SmolVLM's).
     """
-    if num_audios:
+    if num_audios and not processor.supports_audio:
         raise ValueError("audio inputs are not supported by this model")
     if isinstance(prompt, str):
         content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
         content.extend({"type": "video"} for _ in range(num_videos))
+        content.extend({"type": "audio"} for _ in range(num_audios))
         content.append({"type": "text", "text": prompt})
         messages: list[Mapping[str, Any]] = [{"role": "user", "content": content}]
     else:

@@ -41,6 +41,7 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-path", default=None, help="folder with adapters.safetensors from `vlm train`")
     parser.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
     parser.add_argument("--video", action="append", default=[], help="video file, folder of frame images (repeatable)")
+    parser.add_argument("--audio", action="append", default=[], help="audio file (wav, flac, mp3, ...; repeatable)")
     parser.add_argument("--video-fps", type=float, default=None, help="frames taken per second of video")
     parser.add_argument("--video-num-frames", type=int, default=None, help="take exactly this many frames")
     parser.add_argument("--video-max-frames", type=int, default=None, help="take at most this many frames")
@@ -90,31 +91,36 @@ def _load_and_format(args: argparse.Namespace) -> tuple[Any, Any, str]:
     model, processor = load(args.model, adapter_path=args.adapter_path, trust_remote_code=args.trust_remote_code)
     if args.video and not processor.supports_video:
         raise CommandError(f"{args.model}: this model does not take video input (--video)")
+    if args.audio and not processor.supports_audio:
+        raise CommandError(f"{args.model}: this model does not take audio input (--audio)")
     prompt = apply_chat_template(
         processor,
         None,
         args.prompt,
         num_images=len(args.image),
         num_videos=len(args.video),
+        num_audios=len(args.audio),
         system=args.system,
         enable_thinking=True if getattr(args, "enable_thinking", False) else None,
     )
     return model, processor, prompt
 
 
-def _video_inputs(args: argparse.Namespace) -> dict[str, Any]:
-    """The videos of the command line and their sampling, as keywords of stream_generate (none without videos)."""
+def _media_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The videos and audio clips of the command line (and the videos' sampling), as keywords of stream_generate
+    (none without them)."""
     from .video import VideoSampling
 
+    audio = {"audios": args.audio} if args.audio else {}
     if not args.video:
-        return {}
+        return audio
     sampling = VideoSampling(
         fps=args.video_fps,
         num_frames=args.video_num_frames,
         max_frames=args.video_max_frames,
         source_fps=args.video_source_fps,
     )
-    return {"videos": args.video, "video_sampling": sampling}
+    return {"videos": args.video, "video_sampling": sampling, **audio}
 
 
 def _cache_settings(args: argparse.Namespace) -> Any:
@@ -164,7 +170,7 @@ def _generate(args: argparse.Namespace) -> None:
         processor,
         prompt,
         image=args.image,
-        **_video_inputs(args),
+        **_media_inputs(args),
         prompt_cache=prompt_cache,
         settings=_generation_settings(args),
     ):
@@ -197,10 +203,12 @@ def _bench(args: argparse.Namespace) -> None:
     from vlm_runtime import GenerationConfig, GenerationSettings, stream_generate
 
     model, processor, prompt = _load_and_format(args)
-    videos = _video_inputs(args)
+    videos = _media_inputs(args)
     config = GenerationConfig(max_tokens=args.max_tokens, prefill_step_size=args.prefill_step_size, ignore_eos=True)
     settings = GenerationSettings(config=config, cache=_cache_settings(args))
-    inputs = processor.prepare_inputs(prompt, args.image, videos.get("videos", ()), videos.get("video_sampling"))
+    inputs = processor.prepare_inputs(
+        prompt, args.image, videos.get("videos", ()), videos.get("video_sampling"), videos.get("audios", ())
+    )
     rows = []
     for run in range(args.warmup + args.runs):
         vision_s = 0.0

@@ -43,6 +43,16 @@ class FamilyModel(GenerativeModel, Protocol):
         """Processor settings that follow from the model config, for processor files that leave them out."""
         ...
 
+    @staticmethod
+    def takes_audio(config: Mapping[str, Any]) -> bool:
+        """Whether a checkpoint with this config hears (has an audio tower), for families that have one."""
+        ...
+
+    @staticmethod
+    def keeps_float(path: str) -> str | None:
+        """Why ``vlm convert -q`` must leave the layer at ``path`` float (an expert router, say), or None."""
+        ...
+
     def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
         """Any supported checkpoint layout's weights under this model's names. Pure and idempotent."""
         ...
@@ -53,11 +63,19 @@ class FamilyModel(GenerativeModel, Protocol):
 
 
 class FamilyDefaults:
-    """What a family's ``Model`` inherits unless it says otherwise: the usual adapter groups and no processor
-    settings implied by the config."""
+    """What a family's ``Model`` inherits unless it says otherwise: the usual adapter groups, no processor
+    settings implied by the config, every checkpoint hearing where the family has audio, no layer kept float."""
 
     adapter_groups: ClassVar[Mapping[str, tuple[str, ...]]] = DEFAULT_ADAPTER_GROUPS
 
     @staticmethod
     def processor_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
         return {}
+
+    @staticmethod
+    def takes_audio(config: Mapping[str, Any]) -> bool:
+        return True  # a family hears where it has an audio processor at all
+
+    @staticmethod
+    def keeps_float(path: str) -> str | None:
+        return None

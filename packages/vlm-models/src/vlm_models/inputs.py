@@ -15,6 +15,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from .audio import AudioSource, load_audio
 from .processors.image import load_image
 from .video import VideoSampling, VideoSource, read_video
 
@@ -33,6 +34,8 @@ class Processor:
         video_processor: Any = None,
         video_token: str | None = None,
         video_chat_template: str | None = None,
+        audio_processor: Any = None,
+        audio_token: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -42,6 +45,9 @@ class Processor:
         self.video_token = video_token
         self.video_chat_template = video_chat_template
         """Where set, the template for conversations holding a video (the family's processor has its own)."""
+        self.audio_processor = audio_processor
+        """None for a family without audio input."""
+        self.audio_token = audio_token
         self.chat_template = chat_template
         self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -55,13 +61,15 @@ class Processor:
         images: Sequence[Any] = (),
         videos: Sequence[VideoSource] = (),
         video_sampling: VideoSampling | None = None,
+        audios: Sequence[AudioSource] = (),
     ) -> dict[str, np.ndarray]:
         """Numpy outputs, like the Hugging Face processor with ``return_tensors="np"``.
 
         ``videos`` (files, frame folders, frame lists or :class:`Video`) fill the prompt's video slots in order;
-        ``video_sampling`` overrides the checkpoint's frame sampling.
+        ``video_sampling`` overrides the checkpoint's frame sampling. ``audios`` (files, their bytes, or
+        samples: see ``vlm_models.audio``) fill its audio slots.
         """
-        text, outputs = self.expand(prompt, images, videos, video_sampling)
+        text, outputs = self.expand(prompt, images, videos, video_sampling, audios)
         outputs["input_ids"] = np.asarray([self.token_ids(text)], dtype=np.int64)
         outputs["attention_mask"] = np.ones_like(outputs["input_ids"])
         return outputs
@@ -72,9 +80,10 @@ class Processor:
         images: Sequence[Any] = (),
         videos: Sequence[VideoSource] = (),
         video_sampling: VideoSampling | None = None,
+        audios: Sequence[AudioSource] = (),
     ) -> tuple[str, dict[str, np.ndarray]]:
-        """The prompt with its image (and video) slots expanded as the family lays them out, and the processors'
-        outputs for them (none without media)."""
+        """The prompt with its image (video, audio) slots expanded as the family lays them out, and the
+        processors' outputs for them (none without media)."""
         n_slots = prompt.count(self.image_token)
         if n_slots != len(images):
             raise ValueError(
@@ -87,6 +96,8 @@ class Processor:
             prompt = self.image_processor.expand_prompt(prompt, self.image_token, outputs)
         if videos:
             prompt = self._add_videos(prompt, videos, video_sampling, outputs)
+        if audios or (self.audio_token and self.audio_token in prompt):
+            prompt = self._add_audios(prompt, audios, outputs)
         return prompt, outputs
 
     def token_ids(self, text: str) -> list[int]:
@@ -119,14 +130,33 @@ class Processor:
         outputs.update(processed.arrays)
         return video_processor.expand_prompt(prompt, self.video_token, processed)
 
+    @property
+    def supports_audio(self) -> bool:
+        return self.audio_processor is not None
+
+    def _add_audios(self, prompt: str, audios: Sequence[AudioSource], outputs: dict[str, np.ndarray]) -> str:
+        if self.audio_processor is None or self.audio_token is None:
+            raise ValueError("this model does not take audio input (its family has no audio feature extractor)")
+        n_slots = prompt.count(self.audio_token)
+        if n_slots != len(audios):
+            raise ValueError(
+                f"the prompt has {n_slots} audio slot(s) ({self.audio_token}) but {len(audios)} audio clip(s) "
+                "were given"
+            )
+        rate = self.audio_processor.sampling_rate
+        processed = self.audio_processor([load_audio(a, rate) for a in audios])
+        outputs.update(processed)
+        return self.audio_processor.expand_prompt(prompt, self.audio_token, processed)
+
     def prepare_inputs(
         self,
         prompt: str,
         images: Sequence[Any] = (),
         videos: Sequence[VideoSource] = (),
         video_sampling: VideoSampling | None = None,
+        audios: Sequence[AudioSource] = (),
     ) -> dict[str, mx.array]:
-        return {k: mx.array(v) for k, v in self(prompt, images, videos, video_sampling).items()}
+        return {k: mx.array(v) for k, v in self(prompt, images, videos, video_sampling, audios).items()}
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens added (markers like ``<think>`` map to their id)."""

@@ -166,6 +166,17 @@ def _video_processor_config(path: Path) -> dict[str, Any]:
     return _image_processor_config(path)
 
 
+def _audio_processor_config(path: Path) -> dict[str, Any]:
+    """The ``feature_extractor`` of processor_config.json (transformers 5), else preprocessor_config.json."""
+    if (path / "processor_config.json").is_file():
+        nested = _read_json(path / "processor_config.json").get("feature_extractor")
+        if isinstance(nested, dict):
+            return nested
+    if (path / "preprocessor_config.json").is_file():
+        return _read_json(path / "preprocessor_config.json")
+    return {}
+
+
 def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, trust_remote_code: bool) -> Processor:
     from transformers import AutoTokenizer
 
@@ -179,6 +190,12 @@ def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, tr
     video_class = arch.video_processor_class()
     video_config = {**defaults, **_video_processor_config(path)}
     video_processor = None if video_class is None else video_class.from_config(video_config)
+    audio_class = arch.audio_processor_class()
+    # A family whose checkpoints may or may not hear says which (Gemma 4's large models have no audio tower).
+    hears = arch.load_module().Model.takes_audio(config)
+    audio_processor = None
+    if audio_class is not None and hears:
+        audio_processor = audio_class.from_config(_audio_processor_config(path))
     eos: set[int] = set()
     generation = path / "generation_config.json"
     if generation.is_file():
@@ -197,6 +214,8 @@ def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, tr
         video_processor=video_processor,
         video_token=arch.video_token,
         video_chat_template=arch.video_chat_template,
+        audio_processor=audio_processor,
+        audio_token=arch.audio_token,
     )
 
 

@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .family import FamilyModel
 from .nn.moe import QuantizedSwitchLinear, SwitchLinear
 
 __all__ = [
@@ -86,8 +87,11 @@ def _stored_shape(model: nn.Module, key: str, value: mx.array) -> tuple[int, ...
     return tuple(next(iter(stored.values())).shape) if len(stored) == 1 else None
 
 
-def float_reason(model: nn.Module, path: str, module: nn.Module, group_size: int) -> str | None:
+def float_reason(model: FamilyModel, path: str, module: nn.Module, group_size: int) -> str | None:
     """Why the layer at ``path`` cannot be quantized with ``group_size``, or None where it can."""
+    own = model.keeps_float(path)  # a family's own reasons (Gemma 4's expert routers)
+    if own is not None:
+        return own
     width = module.weight.shape[-1]
     dims = 3 if isinstance(module, SwitchLinear) else 2  # stacked experts: [experts, out, in]
     if module.weight.ndim != dims:

@@ -36,6 +36,9 @@ class Architecture:
     video_token: str | None = None
     video_chat_template: str | None = None
     """The template transformers' processor applies in place of the checkpoint's to conversations with a video."""
+    audio_processor: str | None = None
+    """``module:Class`` of the numpy audio feature extractor, for families that hear."""
+    audio_token: str | None = None
 
     def load_module(self) -> ModuleType:
         return importlib.import_module(f"vlm_models.models.{self.module}")
@@ -45,6 +48,9 @@ class Architecture:
 
     def video_processor_class(self) -> type | None:
         return None if self.video_processor is None else _processor_class(self.video_processor)
+
+    def audio_processor_class(self) -> type | None:
+        return None if self.audio_processor is None else _processor_class(self.audio_processor)
 
 
 def _processor_class(spec: str) -> type:
@@ -99,6 +105,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llava": Architecture("llava", "clip:CLIPImageProcessor", image_token="<image>"),
     "llava_next": Architecture("llava_next", "clip:LlavaNextImageProcessor", image_token="<image>"),
     "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),
+    "gemma4": Architecture(
+        "gemma4",
+        "gemma4:Gemma4ImageProcessor",
+        image_token="<|image|>",
+        audio_processor="gemma4:Gemma4AudioFeatureExtractor",
+        audio_token="<|audio|>",
+    ),
     "idefics3": Architecture("idefics3", "idefics3:Idefics3ImageProcessor", image_token="<image>"),
     "smolvlm": Architecture(
         "smolvlm",

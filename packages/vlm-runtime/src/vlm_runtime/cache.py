@@ -107,6 +107,11 @@ class AttentionCache(Cache, Protocol):
         queries over everything stored."""
         ...
 
+    def attend_shared(self, queries: mx.array, *, scale: float, mask: mx.array | str | None) -> mx.array:
+        """Attend from another layer's queries over the keys/values the last ``attend`` used, storing nothing: a
+        later layer that shares this layer's keys (Gemma 3n / Gemma 4's last layers) reads them this way."""
+        ...
+
 
 def _meta_ints(meta: dict[str, str], *names: str) -> list[int]:
     return [int(meta[n]) for n in names]
@@ -175,6 +180,12 @@ class _StoresFloat:
         self, queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None
     ) -> mx.array:
         keys, values = self.update_and_fetch(keys, values)
+        # Kept for ``attend_shared``: a window's multi-token update hands attention more than it keeps.
+        self._attended = keys, values
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+    def attend_shared(self, queries: mx.array, *, scale: float, mask: mx.array | str | None) -> mx.array:
+        keys, values = self._attended
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
 
@@ -533,6 +544,21 @@ class QuantizedKVCache(_AppendOnly):
         stored_keys, stored_values = self.update_and_fetch(keys, values)
         if self.float_fallback is not None:
             return mx.fast.scaled_dot_product_attention(queries, stored_keys, stored_values, scale=scale, mask=mask)
+        return quantized_attention(
+            queries,
+            self.keys,
+            self.values,
+            scale=scale,
+            mask=mask,
+            bits=self.bits,
+            group_size=self.group_size,
+            n_valid=self.offset,
+        )
+
+    def attend_shared(self, queries: mx.array, *, scale: float, mask: mx.array | str | None) -> mx.array:
+        if self.float_fallback is not None:  # append-only: what it stores is what the last attend used
+            keys, values = self.float_fallback.state
+            return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
         return quantized_attention(
             queries,
             self.keys,

@@ -92,6 +92,11 @@ class _Static:
         keys, values = self.update_and_fetch(keys, values)
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
+    def attend_shared(self, queries: mx.array, *, scale: float, mask: AttentionMask) -> mx.array:
+        """Another layer's queries over this layer's buffers, as the last ``attend`` left them."""
+        keys, values = self.arrays["keys"], self.arrays["values"]
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
 
 def _buffer(like: mx.array, capacity: int) -> mx.array:
     shape = list(like.shape)

@@ -213,6 +213,8 @@ def stream_generate(
     image: Any = None,
     videos: Any = None,
     video_sampling: Any = None,
+    audio: Any = None,
+    audios: Any = None,
     prompt_cache: PromptCache | None = None,
     vision_cache: Any = None,
     settings: GenerationSettings | None = None,
@@ -222,14 +224,17 @@ def stream_generate(
 
     ``image`` is one image or a list (paths, URLs, PIL images), in the order of the prompt's image slots;
     ``videos`` likewise fill its video slots, sampled as ``video_sampling`` says (the processor's family must
-    take video). ``prompt_cache`` (a ``PromptCache``) is reused where it holds a prefix of this prompt and is
-    left holding this conversation afterwards; ``vision_cache`` (a ``VisionFeatureCache``) skips the vision
-    tower for images seen before. How to generate is ``settings`` (a ``GenerationSettings``), with any keyword
-    ``options`` applied on top (``vlm_runtime.settings.generation_settings`` lists them: sampling, length and
-    stopping, logprobs, the thinking budget, the KV cache).
+    take video); ``audio`` (one clip or a list) or ``audios`` fill its audio slots (files, their bytes or
+    samples; the family must hear). ``prompt_cache`` (a ``PromptCache``) is reused where it holds a prefix of
+    this prompt and is left holding this conversation afterwards; ``vision_cache`` (a ``VisionFeatureCache``)
+    skips the vision tower for images seen before. How to generate is ``settings`` (a ``GenerationSettings``),
+    with any keyword ``options`` applied on top (``vlm_runtime.settings.generation_settings`` lists them:
+    sampling, length and stopping, logprobs, the thinking budget, the KV cache).
     """
     settings = generation_settings(settings, **options)
-    inputs = processor.prepare_inputs(prompt, media_list(image), media_list(videos), video_sampling)
+    inputs = processor.prepare_inputs(
+        prompt, media_list(image), media_list(videos), video_sampling, media_list(audio) + media_list(audios)
+    )
     yield from run_generation(
         model,
         processor,

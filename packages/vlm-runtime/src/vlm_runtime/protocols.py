@@ -68,9 +68,11 @@ class PromptProcessor(Protocol):
         images: Sequence[Any] = (),
         videos: Sequence[Any] = (),
         video_sampling: Any = None,
+        audios: Sequence[Any] = (),
     ) -> dict[str, mx.array]:
-        """Tokenize ``prompt`` (already chat-formatted) and preprocess ``images`` and ``videos`` (sampled as
-        ``video_sampling`` says; a processor without video refuses them) into model inputs."""
+        """Tokenize ``prompt`` (already chat-formatted) and preprocess ``images``, ``videos`` (sampled as
+        ``video_sampling`` says) and ``audios`` into model inputs; a processor refuses media its family does
+        not take."""
         ...
 
     def encode(self, text: str) -> list[int]:

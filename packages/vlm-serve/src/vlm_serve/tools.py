@@ -1,10 +1,11 @@
 """Tool calling: definitions into the prompt, calls out of the generated text (streamed or not), and a grammar
 that forces a call when the request says so.
 
-Four output formats, chosen from the checkpoint's chat template: Hermes / Qwen ``<tool_call>{json}</tool_call>``
-blocks (the default), Mistral's ``[TOOL_CALLS][{json}, ...]``, the pythonic ``[f(x=1), g()]`` of Llama 3.2+, and
+Five output formats, chosen from the checkpoint's chat template: Hermes / Qwen ``<tool_call>{json}</tool_call>``
+blocks (the default), Mistral's ``[TOOL_CALLS][{json}, ...]``, the pythonic ``[f(x=1), g()]`` of Llama 3.2+,
 Gemma's fenced ``tool_code`` block of Python calls (results in a ``tool_output`` block), as Google's Gemma
-function-calling guide prompts it.
+function-calling guide prompts it, and Gemma 4's ``<|tool_call>call:name{key:value,...}<tool_call|>`` (strings
+between ``<|"|>`` marks).
 
 Templates that render tools themselves (Qwen2.5's, Hermes') get the definitions and the tool messages as they
 are; for templates that do not, the tools are described in a system message and calls/results are written in
@@ -284,9 +285,13 @@ class WholeAnswerCallParser:
     streamed as it comes. An answer that does not parse stays text."""
 
     def __init__(
-        self, opener: str, parse: Callable[[str], list[tuple[str, dict[str, Any]]] | None], id_prefix: str = "call_"
+        self,
+        opener: str | tuple[str, ...],
+        parse: Callable[[str], list[tuple[str, dict[str, Any]]] | None],
+        id_prefix: str = "call_",
     ) -> None:
-        self._opener, self._parse, self._prefix = opener, parse, id_prefix
+        self._openers = (opener,) if isinstance(opener, str) else opener
+        self._parse, self._prefix = parse, id_prefix
         self._buffer = ""
         self._mode: str | None = None  # None: undecided, "text", "calls"
         self.calls: list[ToolCall] = []
@@ -297,9 +302,9 @@ class WholeAnswerCallParser:
         self._buffer += piece
         start = self._buffer.lstrip()
         if self._mode is None and start:
-            if start.startswith(self._opener):
+            if start.startswith(self._openers):
                 self._mode = "calls"
-            elif not self._opener.startswith(start):
+            elif not any(opener.startswith(start) for opener in self._openers):
                 self._mode = "text"
                 text, self._buffer = self._buffer, ""
                 return text, []
@@ -382,10 +387,80 @@ def parse_tool_code_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
     return parse_pythonic_calls("[" + ", ".join(unwrapped) + "]") if unwrapped else None
 
 
+GEMMA4_OPEN, GEMMA4_CLOSE, GEMMA4_QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
+
+
+def parse_gemma4_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
+    """Gemma 4's calls, ``<|tool_call>call:name{key:value,...}<tool_call|>`` one after another (the marks may be
+    missing where decoding dropped them as special tokens); None unless the whole text is calls."""
+    calls, rest = [], text.strip()
+    while rest:
+        rest = rest.removeprefix(GEMMA4_OPEN).lstrip()
+        if not rest.startswith("call:") or "{" not in rest:
+            return None
+        name, _, body = rest[len("call:") :].partition("{")
+        name = name.strip()
+        try:
+            arguments, end = _gemma4_value("{" + body, 0)
+        except ValueError:
+            return None
+        if not name or not isinstance(arguments, dict):
+            return None
+        calls.append((name, arguments))
+        rest = ("{" + body)[end:].lstrip().removeprefix(GEMMA4_CLOSE).lstrip()
+    return calls or None
+
+
+def _gemma4_value(text: str, i: int) -> tuple[Any, int]:
+    """The value starting at ``text[i]`` and where it ends: a ``<|"|>`` string, an object (bare or quoted keys),
+    an array, or a bare literal (JSON's numbers, true/false/null, None; other bare text is a string)."""
+    if text.startswith(GEMMA4_QUOTE, i):
+        end = text.find(GEMMA4_QUOTE, i + len(GEMMA4_QUOTE))
+        if end < 0:
+            raise ValueError("unterminated string")
+        return text[i + len(GEMMA4_QUOTE) : end], end + len(GEMMA4_QUOTE)
+    if text.startswith(("{", "["), i):
+        closing, items, i = "}" if text[i] == "{" else "]", [], i + 1
+        while True:
+            if i >= len(text):
+                raise ValueError("unterminated object")
+            if text[i] == closing:
+                break
+            if text[i] == ",":
+                i += 1
+                continue
+            if closing == "}":
+                if text.startswith(GEMMA4_QUOTE, i):
+                    key, i = _gemma4_value(text, i)
+                else:
+                    colon = text.find(":", i)
+                    if colon < 0:
+                        raise ValueError("a key without a value")
+                    key, i = text[i:colon].strip(), colon
+                if not text.startswith(":", i):
+                    raise ValueError("a key without a value")
+                value, i = _gemma4_value(text, i + 1)
+                items.append((key, value))
+            else:
+                value, i = _gemma4_value(text, i)
+                items.append(value)
+        return (dict(items) if closing == "}" else items), i + 1
+    end = i
+    while end < len(text) and text[end] not in ",}]":
+        end += 1
+    bare = text[i:end].strip()
+    if bare == "None":  # the template writes a null as Python spells it
+        return None, end
+    try:
+        return json.loads(bare), end
+    except json.JSONDecodeError:
+        return bare, end
+
+
 @dataclass(frozen=True)
 class ToolFormat:
     style: str
-    """"hermes", "mistral", "pythonic" or "gemma"."""
+    """"hermes", "mistral", "pythonic", "gemma" or "gemma4"."""
 
     def parser(self, id_prefix: str = "call_") -> CallParser:
         if self.style == "mistral":
@@ -395,6 +470,8 @@ class ToolFormat:
             return WholeAnswerCallParser("[", parse_pythonic_calls, id_prefix)
         if self.style == "gemma":
             return WholeAnswerCallParser(GEMMA_OPEN, parse_tool_code_calls, id_prefix)
+        if self.style == "gemma4":
+            return WholeAnswerCallParser((GEMMA4_OPEN, "call:"), parse_gemma4_calls, id_prefix)
         return ToolCallParser(id_prefix)
 
     def forced_grammar(self, tools: list[Tool], choice: str) -> str | None:
@@ -413,6 +490,8 @@ class _MistralParser(WholeAnswerCallParser):
 def tool_format_for(chat_template: str | None) -> ToolFormat:
     """The tool-call format a checkpoint's template speaks (Hermes / Qwen when it says nothing else)."""
     template = chat_template or ""
+    if GEMMA4_OPEN in template:
+        return ToolFormat("gemma4")
     if MISTRAL_MARKER in template:
         return ToolFormat("mistral")
     if "func_name1(" in template or "[func_name(" in template:  # how Llama 3.2+ templates spell the format

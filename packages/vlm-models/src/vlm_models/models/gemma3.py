@@ -25,7 +25,7 @@ from ..nn.checkpoint import rename_prefix
 from ..nn.gemma import GEMMA_DEFAULTS, SLIDING, GemmaDecoder, GemmaDecoderConfig, GemmaRMSNorm
 from ..nn.output import ModelOutput
 from ..nn.siglip import SiglipVisionConfig, SiglipVisionModel
-from ..nn.vision import features_per_image, merge_features, vision_identity
+from ..nn.vision import features_per_image, image_groups, merge_features, vision_identity
 from ..nn.vit import conv2d_weight_to_mlx
 
 TEXT_DEFAULTS = {
@@ -95,16 +95,6 @@ class Gemma3Model(nn.Module):
         self.vision_tower = SiglipVisionModel(config.vision)
         self.multi_modal_projector = self.projector(config)
         self.language_model = GemmaDecoder(config.text)
-
-
-def image_groups(input_ids: np.ndarray, image_token_id: int) -> np.ndarray | None:
-    """(batch, length) group ids: each run of image tokens is one group (0, 1, ... per row), text is -1.
-    None when the prompt has no image tokens."""
-    is_image = input_ids == image_token_id
-    if not is_image.any():
-        return None
-    starts = is_image & ~np.pad(is_image, ((0, 0), (1, 0)))[:, :-1]
-    return np.where(is_image, np.cumsum(starts, axis=1) - 1, -1).astype(np.int32)
 
 
 class Model(FamilyDefaults, nn.Module):

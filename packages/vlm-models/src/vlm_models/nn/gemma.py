@@ -20,7 +20,16 @@ from ..config import ConfigError
 from .layers import Attention, GatedMLP
 from .rope import Rotary, Rotate
 
-__all__ = ["GEMMA_DEFAULTS", "GemmaDecoder", "GemmaDecoderConfig", "GemmaRMSNorm", "SLIDING", "FULL", "softcap"]
+__all__ = [
+    "FULL",
+    "GEMMA_DEFAULTS",
+    "GemmaDecoder",
+    "GemmaDecoderConfig",
+    "GemmaRMSNorm",
+    "SLIDING",
+    "decoder_mask",
+    "softcap",
+]
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -263,16 +272,36 @@ class GemmaDecoder(nn.Module):
         groups: mx.array | None,
         dtype: mx.Dtype,
     ) -> Any:
-        shape = dict(
-            window=self.config.sliding_window if kind == SLIDING else None,
-            groups=groups,
-            key_padding=key_padding,
+        window = self.config.sliding_window if kind == SLIDING else None
+        return decoder_mask(
+            n_queries,
+            cache,
+            key_padding,
+            groups,
+            dtype,
+            window=window,
             window_limits_groups=self.config.window_limits_groups,
         )
-        if cache is not None:
-            return cache.make_mask(n_queries, dtype, **shape)  # the cache knows which keys it hands attention
-        return attention_mask_for(n_queries, dtype, **shape)
 
     def compute_logits(self, hidden: mx.array, lm_head: nn.Module | None) -> mx.array:
         logits = self.embed_tokens.as_linear(hidden) if lm_head is None else lm_head(hidden)
         return softcap(logits, self.config.final_logit_softcapping)
+
+
+def decoder_mask(
+    n_queries: int,
+    cache: Any,
+    key_padding: mx.array | None,
+    groups: mx.array | None,
+    dtype: mx.Dtype,
+    *,
+    window: int | None,
+    window_limits_groups: bool = True,
+) -> Any:
+    """The mask of ``n_queries`` new tokens in a layer that sees ``window`` keys back (None: all of them), given
+    its cache (which knows which keys it hands attention), the prompt's padding (batch, keys) and bidirectional
+    ``groups`` (batch, n_queries)."""
+    shape = dict(window=window, groups=groups, key_padding=key_padding, window_limits_groups=window_limits_groups)
+    if cache is not None:
+        return cache.make_mask(n_queries, dtype, **shape)
+    return attention_mask_for(n_queries, dtype, **shape)

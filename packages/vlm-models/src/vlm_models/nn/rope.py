@@ -12,9 +12,11 @@ __all__ = [
     "MultimodalRotary",
     "Rotary",
     "Rotate",
+    "SplitAxialRotary",
     "apply_rotary",
     "axis_of_frequency",
     "inverse_frequencies",
+    "proportional_frequencies",
     "rotate_half",
 ]
 
@@ -53,14 +55,27 @@ def _rotate_with(cos: mx.array, sin: mx.array) -> Rotate:
     return lambda x: (_apply_rotary_decode if x.shape[2] == 1 else apply_rotary)(x, cos, sin)
 
 
-class Rotary:
-    """Plain RoPE; ``position_scale`` multiplies every position (1 / factor of "linear" rope scaling)."""
+def proportional_frequencies(head_dim: int, theta: float, fraction: float, factor: float = 1.0) -> mx.array:
+    """Gemma 4's "proportional" RoPE: the first ``fraction`` of the head_dim/2 frequencies as plain RoPE over the
+    whole head_dim would have them, the rest zero (those pairs never turn), all divided by ``factor``."""
+    rotated = int(fraction * head_dim // 2)
+    turning = 1.0 / (theta ** (mx.arange(0, 2 * rotated, 2, dtype=mx.float32) / head_dim))
+    return mx.concatenate([turning, mx.zeros((head_dim // 2 - rotated,), mx.float32)]) / factor
 
-    def __init__(self, head_dim: int, theta: float, position_scale: float = 1.0) -> None:
+
+class Rotary:
+    """Plain RoPE; ``position_scale`` multiplies every position (1 / factor of "linear" rope scaling).
+    ``inv_freq`` (head_dim/2 values) replaces the frequencies ``theta`` would give (zeros leave a pair as it is)."""
+
+    def __init__(
+        self, head_dim: int, theta: float, position_scale: float = 1.0, inv_freq: mx.array | None = None
+    ) -> None:
         self.head_dim = head_dim
         self.theta = float(theta)
         self.position_scale = float(position_scale)
-        self._inv_freq = inverse_frequencies(head_dim, theta)
+        self._inv_freq = inverse_frequencies(head_dim, theta) if inv_freq is None else inv_freq
+        # mx.fast.rope takes wavelengths: a zero frequency is an infinite one (the angle stays 0).
+        self._wavelengths = None if inv_freq is None else 1.0 / inv_freq
 
     def at_positions(self, position_ids: mx.array) -> Rotate:
         """``position_ids``: (batch, length)."""
@@ -70,8 +85,15 @@ class Rotary:
     def at_offset(self, offset: int | mx.array) -> Rotate:
         """Consecutive positions starting at ``offset`` (an int, or one per batch row)."""
         if mx.default_device() == mx.gpu:
+            base = self.theta if self._wavelengths is None else None
             return lambda x: mx.fast.rope(
-                x, self.head_dim, traditional=False, base=self.theta, scale=self.position_scale, offset=offset
+                x,
+                self.head_dim,
+                traditional=False,
+                base=base,
+                scale=self.position_scale,
+                offset=offset,
+                freqs=self._wavelengths,
             )
         # On the CPU, MLX's rope is built from many small ops per call; one table serves every layer.
         start = mx.array(offset).reshape(-1, 1)
@@ -136,3 +158,26 @@ class AxialRotary:
             axis=-1,
         )
         return _rotate_with(*_tables(angles[None]))
+
+
+class SplitAxialRotary:
+    """2D RoPE over a patch grid (Gemma 4's vision tower): the head splits into halves, the first turning with the
+    patch column (x), the second with the row (y), each half rotated in the half-split convention with the
+    head_dim/4 frequencies of a half-size head."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        if head_dim % 4:
+            raise ValueError(f"2D rotary needs a head_dim divisible by 4, got {head_dim}")
+        self._inv_freq = inverse_frequencies(head_dim // 2, theta)
+
+    def at_grid(self, positions: mx.array) -> Rotate:
+        """``positions``: (batch, patches, 2) integer (x, y) coordinates."""
+        angles = positions.astype(mx.float32)[..., None] * self._inv_freq  # (batch, patches, 2, head_dim/4)
+        tables = [_tables(angles[:, :, axis]) for axis in (0, 1)]
+
+        def rotate(x: mx.array) -> mx.array:
+            half = x.shape[-1] // 2
+            parts = [apply_rotary(x[..., i * half : (i + 1) * half], *tables[i]) for i in (0, 1)]
+            return mx.concatenate(parts, axis=-1)
+
+        return rotate

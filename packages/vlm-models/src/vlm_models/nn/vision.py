@@ -7,13 +7,21 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from vlm_runtime.vision_cache import VisionFeatureCache, content_key, model_identity
 
 from .rope import apply_rotary
 
-__all__ = ["VisionAttention", "VisionBlock", "features_per_image", "merge_features", "vision_identity"]
+__all__ = [
+    "VisionAttention",
+    "VisionBlock",
+    "features_per_image",
+    "image_groups",
+    "merge_features",
+    "vision_identity",
+]
 
 
 class VisionAttention(nn.Module):
@@ -118,3 +126,13 @@ def vision_identity(model: nn.Module, vision_config: Any, dtype: mx.Dtype, patch
     patch_weights = [value for _, value in tree_flatten(patch_embedding.parameters())]
     model_class = f"{type(model).__module__}.{type(model).__qualname__}"
     return model_identity(model, patch_weights, model_class, repr(vision_config), str(dtype))
+
+
+def image_groups(input_ids: np.ndarray, image_token_id: int | Sequence[int]) -> np.ndarray | None:
+    """(batch, length) group ids: each run of image tokens (``image_token_id``, or any of several) is one group
+    (0, 1, ... per row), text is -1. None when the prompt has no image tokens."""
+    is_image = np.isin(input_ids, image_token_id)
+    if not is_image.any():
+        return None
+    starts = is_image & ~np.pad(is_image, ((0, 0), (1, 0)))[:, :-1]
+    return np.where(is_image, np.cumsum(starts, axis=1) - 1, -1).astype(np.int32)
