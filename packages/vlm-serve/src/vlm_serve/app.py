@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import secrets
 import time
 from collections import Counter
@@ -16,11 +19,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import anthropic_api, openai_api, responses_api
-from .errors import APIError, error_body, http_status
+from .errors import APIError, error_body, error_headers, http_status
 from .host import ServingEngine
 from .settings import ServeSettings
 
 __all__ = ["create_app"]
+
+_log = logging.getLogger("vlm_serve")
 
 OPEN_PATHS = frozenset({"/health"})
 """Reachable without the API key (load balancers' liveness probes)."""
@@ -54,7 +59,8 @@ def create_app(engine: ServingEngine | None = None, settings: ServeSettings | No
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         body = error_body(exc.status, exc.message, request.url.path, param=exc.param, code=exc.code)
-        return JSONResponse(body, status_code=http_status(exc.status, request.url.path))
+        status = http_status(exc.status, request.url.path)
+        return JSONResponse(body, status_code=status, headers=error_headers(exc.status))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -62,12 +68,14 @@ def create_app(engine: ServingEngine | None = None, settings: ServeSettings | No
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail), request.url.path), status_code=exc.status_code)
+        body = error_body(exc.status_code, str(exc.detail), request.url.path)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)  # a 405's Allow
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        message = f"internal error: {type(exc).__name__}: {exc}"
-        return JSONResponse(error_body(500, message, request.url.path), status_code=500)
+        # The details (which may name files) go to the log, not to the client.
+        _log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
+        return JSONResponse(error_body(500, "internal error", request.url.path), status_code=500)
 
     app.include_router(openai_api.router())
     app.include_router(anthropic_api.router())
@@ -182,6 +190,10 @@ class _Guard:
             body.append(chunk)
             more = message.get("more_body", False)
         whole = b"".join(body)
+        problem = _not_unicode(whole)
+        if problem is not None:
+            await _reply(counting_send, 400, problem, path)
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -218,10 +230,42 @@ def _authorized(scope: Scope, key: str) -> bool:
     return any(c and secrets.compare_digest(c, key.encode()) for c in candidates)
 
 
-async def _reply(send: Send, status: int, message: str, path: str) -> None:
-    import json
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
+
+def _not_unicode(body: bytes) -> str | None:
+    """Why a body's text is not valid Unicode, if it is not: bytes that are not UTF-8, or a JSON string with an
+    unpaired surrogate escape, which no tokenizer, URL or file name can take (Python's JSON parser lets both
+    through). Only bodies with a surrogate escape are parsed here; paired escapes, such as an emoji, are fine."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"the body is not valid UTF-8 (at byte {e.start})"
+    if _SURROGATE_ESCAPE.search(body) is None:
+        return None
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return None  # the route answers that the body is not JSON
+    stack = [parsed]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "the body holds a lone UTF-16 surrogate escape (such as \\ud800): strings must be valid Unicode"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+async def _reply(send: Send, status: int, message: str, path: str) -> None:
     body = json.dumps(error_body(status, message, path)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error_headers(status).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -30,6 +30,8 @@ class LoadedModel:
     vision_cache: VisionFeatureCache | None
     created: int = 0
     grammars: GrammarFactory | None = None
+    vocabulary_size: int = 0
+    """Width of the model's logits: the bound on token ids a request may name (logit_bias)."""
 
     def __post_init__(self) -> None:
         if self.grammars is None:
@@ -139,5 +141,19 @@ def _start(model_id: str, model: Any, processor: Any, settings: ServeSettings, c
         cache_settings=settings.cache,
     )
     return LoadedModel(
-        model_id, model, processor, engine, settings.context_length or context_length, cache, int(time.time())
+        model_id,
+        model,
+        processor,
+        engine,
+        settings.context_length or context_length,
+        cache,
+        int(time.time()),
+        vocabulary_size=_vocabulary_size(model),
     )
+
+
+def _vocabulary_size(model: Any) -> int:
+    """The logits' width, from shapes alone: MLX knows an expression's shape without evaluating it."""
+    import mlx.core as mx
+
+    return int(model.compute_logits(model.embed_tokens(mx.zeros((1, 1), dtype=mx.int32))).shape[-1])

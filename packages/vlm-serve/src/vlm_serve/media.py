@@ -82,8 +82,13 @@ def _local_path(raw: str, settings: ServeSettings, kind: str = "image") -> Path:
         raise APIError(
             400, f"local {kind} paths are not allowed on this server (start it with --allow-local-media DIR)"
         )
-    path = Path(raw).expanduser()
-    resolved = (root / path if not path.is_absolute() else path).resolve()
+    if "\0" in raw:
+        raise APIError(400, f"a local {kind} path cannot hold a NUL byte")
+    path = Path(raw)
+    try:
+        resolved = (root / path if not path.is_absolute() else path).resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # a symlink loop, a name the file system refuses
+        raise APIError(400, f"cannot use the local {kind} path {raw[:200]!r}") from e
     if not resolved.is_relative_to(root):
         raise APIError(403, f"local {kind} paths must be inside the folder given to --allow-local-media")
     return resolved

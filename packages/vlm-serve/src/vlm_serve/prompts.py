@@ -66,7 +66,7 @@ class PreparedRequest:
 
 async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSettings) -> PreparedRequest:
     """Validate the options and build the engine inputs; every problem is a 4xx ``APIError``."""
-    sampling, config, thinking = _options(request, settings)
+    sampling, config, thinking = _options(request, settings, loaded.vocabulary_size)
     enable = settings.enable_thinking if request.enable_thinking is None else request.enable_thinking
     if thinking.budget is not None:
         try:
@@ -135,13 +135,22 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
     )
 
 
-def _options(request: ChatRequest, settings: ServeSettings) -> tuple[SamplingParams, GenerationConfig, ThinkingConfig]:
+def _options(
+    request: ChatRequest, settings: ServeSettings, vocabulary_size: int
+) -> tuple[SamplingParams, GenerationConfig, ThinkingConfig]:
     if request.top_logprobs > settings.top_logprobs_k:
         raise APIError(
             400, f"top_logprobs must be at most {settings.top_logprobs_k} on this server", param="top_logprobs"
         )
     if request.max_tokens is not None and request.max_tokens < 0:
         raise APIError(400, "max_tokens must be >= 0", param="max_tokens")
+    outside = [t for t in request.sampling.get("logit_bias") or () if not 0 <= t < vocabulary_size]
+    if outside:
+        raise APIError(
+            400,
+            f"logit_bias names token {outside[0]}; this model's token ids are 0..{vocabulary_size - 1}",
+            param="logit_bias",
+        )
     budget = settings.thinking_budget if request.thinking_budget is None else request.thinking_budget
     try:
         sampling = SamplingParams(**request.sampling)

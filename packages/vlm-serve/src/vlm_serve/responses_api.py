@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .errors import APIError
 from .grammar import json_schema_grammar, response_format_schema
 from .prompts import ChatRequest, prepare
 from .running import collect, failure, sse, streaming_response, submit
 from .tools import CallParser, Tool, ToolCall, split_calls
+from .wire import WireModel
 
 __all__ = ["ResponseStore", "ResponsesRequest", "router"]
 
@@ -56,17 +57,13 @@ class ResponseStore:
             self._items.popitem(last=False)
 
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class InputPart(_Open):
+class InputPart(WireModel):
     type: str
     text: str | None = None
     image_url: str | None = None
 
 
-class InputItem(_Open):
+class InputItem(WireModel):
     type: str | None = None
     role: Literal["user", "assistant", "system", "developer"] | None = None
     content: str | list[InputPart] | None = None
@@ -76,18 +73,18 @@ class InputItem(_Open):
     output: str | list[dict[str, Any]] | None = None
 
 
-class FunctionTool(_Open):
+class FunctionTool(WireModel):
     type: Literal["function"]
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
 
-class TextOptions(_Open):
+class TextOptions(WireModel):
     format: dict[str, Any] | None = None
 
 
-class ResponsesRequest(_Open):
+class ResponsesRequest(WireModel):
     model: str = ""
     input: str | list[InputItem]
     instructions: str | None = None
