@@ -12,7 +12,7 @@ from pydantic import Field
 from .errors import APIError
 from .host import LoadedModel
 from .prompts import ChatRequest, prepare
-from .running import collect, failure, sse, streaming_response, submit
+from .running import collect, failure, sse, streaming_response, submit, while_connected
 from .tools import CallParser, Tool, ToolCall, split_calls
 from .wire import WireModel
 
@@ -188,14 +188,14 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
 
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
     loaded = await request.app.state.engine.get(body.model)
-    prepared = await prepare(loaded, to_chat_request(body), request.app.state.settings)
+    prepared = await while_connected(request, prepare(loaded, to_chat_request(body), request.app.state.settings))
     return {"input_tokens": prepared.prompt_tokens}
 
 
 async def messages(body: MessagesRequest, request: Request) -> Any:
     loaded = await request.app.state.engine.get(body.model)
     chat = to_chat_request(body)
-    prepared = await prepare(loaded, chat, request.app.state.settings)
+    prepared = await while_connected(request, prepare(loaded, chat, request.app.state.settings))
     message_id = f"msg_{uuid.uuid4().hex}"
     stream = submit(loaded, prepared)
     parser = prepared.tool_parser("toolu_")

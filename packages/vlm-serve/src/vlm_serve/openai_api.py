@@ -15,7 +15,7 @@ from .errors import APIError
 from .grammar import json_schema_grammar, response_format_schema
 from .host import LoadedModel
 from .prompts import ChatRequest, prepare, token_text
-from .running import collect, failure, sse, streaming_response, submit
+from .running import collect, failure, sse, streaming_response, submit, while_connected
 from .tools import CallParser, Tool, ToolCall, split_calls
 from .wire import WireModel
 
@@ -239,7 +239,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     settings = request.app.state.settings
     loaded = await request.app.state.engine.get(body.model)
-    prepared = await prepare(loaded, to_chat_request(body), settings)
+    prepared = await while_connected(request, prepare(loaded, to_chat_request(body), settings))
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     stream = submit(loaded, prepared)

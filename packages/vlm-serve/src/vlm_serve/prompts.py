@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,32 +97,19 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
     processor = loaded.processor
     if request.videos and not getattr(processor, "supports_video", False):
         raise APIError(400, "this model does not take video input", param="messages", code="unsupported_media")
-    images = await asyncio.gather(*(fetch_image(source, settings) for source in request.images))
-    videos = await asyncio.gather(*(fetch_video(source, settings) for source in request.videos))
-
-    def tokenize() -> dict[str, Any]:
-        prompt = apply_chat_template(
-            processor, None, messages, enable_thinking=True if enable else None, tools=template_tools
-        )
-        return processor(prompt, list(images), list(videos)) if videos else processor(prompt, list(images))
-
+    abandoned = threading.Event()
     try:
-        inputs = await asyncio.to_thread(tokenize)
-    except APIError:
+        prompt = await _in_thread(_render, loaded, messages, enable, template_tools, abandoned)
+        images = await asyncio.gather(*(fetch_image(source, settings) for source in request.images))
+        videos = await asyncio.gather(*(fetch_video(source, settings) for source in request.videos))
+        inputs = await _in_thread(_tokenize, processor, prompt, list(images), list(videos))
+    except asyncio.CancelledError:
+        abandoned.set()  # the client has gone: the thread stops at its next chunk
         raise
-    except VideoLoadError as e:
-        raise APIError(400, str(e), code="invalid_video") from e
-    except Exception as e:  # template errors (jinja raises its own types), slot/image count mismatches
-        raise APIError(400, f"cannot format the conversation: {e}") from e
     prompt_tokens = int(inputs["input_ids"].shape[-1])
     room = loaded.context_length - prompt_tokens
     if room < 1:
-        raise APIError(
-            400,
-            f"the prompt is {prompt_tokens} tokens; this model's context is {loaded.context_length} tokens",
-            param="messages",
-            code="context_length_exceeded",
-        )
+        raise _too_long(f"the prompt is {prompt_tokens} tokens", loaded.context_length)
     wanted = request.max_tokens if request.max_tokens is not None else settings.max_tokens_limit
     config = GenerationConfig(
         max_tokens=min(wanted, settings.max_tokens_limit, room),
@@ -132,6 +120,63 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
     )
     return PreparedRequest(
         inputs, prompt_tokens, sampling, config, thinking, constraints, tool_format if tools else None
+    )
+
+
+COUNT_CHUNK_CHARS = 16_384
+"""Text tokenized at a time while a long prompt is counted against the context."""
+COUNT_ABOVE_CHARS_PER_TOKEN = 4
+"""Prompts longer than this many characters per context token are counted chunk by chunk before the real
+tokenization: up to there, tokenizing the whole text costs about as much as counting it."""
+CHUNK_SLACK_TOKENS = 8
+"""Tokens a cut between two chunks may add to the count (a word or a special token split in two)."""
+
+
+async def _in_thread(function: Any, *args: Any) -> Any:
+    """``function(*args)`` on a worker thread; its failures become 400s."""
+    try:
+        return await asyncio.to_thread(function, *args)
+    except (APIError, asyncio.CancelledError):
+        raise
+    except VideoLoadError as e:
+        raise APIError(400, str(e), code="invalid_video") from e
+    except Exception as e:  # template errors (jinja raises its own types), slot/image count mismatches
+        raise APIError(400, f"cannot format the conversation: {e}") from e
+
+
+def _render(
+    loaded: LoadedModel, messages: list[dict[str, Any]], enable: bool, tools: Any, abandoned: threading.Event
+) -> str:
+    """The chat-formatted prompt, refused when it is certainly longer than the context."""
+    prompt = apply_chat_template(
+        loaded.processor, None, messages, enable_thinking=True if enable else None, tools=tools
+    )
+    _refuse_beyond_context(loaded.processor, prompt, loaded.context_length, abandoned)
+    return prompt
+
+
+def _refuse_beyond_context(processor: Any, prompt: str, context: int, abandoned: threading.Event) -> None:
+    """Count a long prompt's tokens a chunk at a time and stop as soon as the count is past the context, so a
+    far-too-long prompt costs about ``context`` tokens of tokenizing, whatever its length; the exact count comes
+    from the real tokenization, for prompts that may fit."""
+    if len(prompt) <= COUNT_ABOVE_CHARS_PER_TOKEN * context:
+        return
+    counted = 0
+    for chunks, start in enumerate(range(0, len(prompt), COUNT_CHUNK_CHARS), start=1):
+        if abandoned.is_set():
+            raise asyncio.CancelledError
+        counted += len(processor.encode(prompt[start : start + COUNT_CHUNK_CHARS]))
+        if counted > context + CHUNK_SLACK_TOKENS * chunks:
+            raise _too_long(f"the prompt is more than {context} tokens", context)
+
+
+def _tokenize(processor: Any, prompt: str, images: list[Any], videos: list[Any]) -> dict[str, Any]:
+    return processor(prompt, images, videos) if videos else processor(prompt, images)
+
+
+def _too_long(what: str, context: int) -> APIError:
+    return APIError(
+        400, f"{what}; this model's context is {context} tokens", param="messages", code="context_length_exceeded"
     )
 
 

@@ -16,7 +16,7 @@ from pydantic import Field
 from .errors import APIError
 from .grammar import json_schema_grammar, response_format_schema
 from .prompts import ChatRequest, prepare
-from .running import collect, failure, sse, streaming_response, submit
+from .running import collect, failure, sse, streaming_response, submit, while_connected
 from .tools import CallParser, Tool, ToolCall, split_calls
 from .wire import WireModel
 
@@ -188,7 +188,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
         tools=[Tool(t.name, t.description or "", t.parameters or {"type": "object"}) for t in body.tools or []],
         tool_choice=_tool_choice(body.tool_choice),
     )
-    prepared = await prepare(loaded, chat, request.app.state.settings)
+    prepared = await while_connected(request, prepare(loaded, chat, request.app.state.settings))
     stream = submit(loaded, prepared)
     builder = _Builder(body, loaded.model_id, prepared.tool_parser())
 
