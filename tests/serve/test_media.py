@@ -1,16 +1,22 @@
-"""Remote images: fetched over http with a size cap and a total timeout; a lazily loaded model; /unload."""
+"""Remote images: fetched over http with a size cap and a total timeout; pixel budgets checked from image headers;
+a lazily loaded model; /unload."""
 
 from __future__ import annotations
 
+import base64
 import http.server
+import io
+import json
 import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from PIL import Image
 
 from .conftest import IMAGES, MODEL, make_server
+from .test_limits import peak_rise_mb, post
 
 PNG = (IMAGES / "rgb_56x56.png").read_bytes()
 
@@ -133,3 +139,46 @@ def test_model_named_by_the_first_request() -> None:
     finally:
         server.should_exit = True
         thread.join(20)
+
+
+def bomb(side: int = 13000) -> str:
+    buffer = io.BytesIO()
+    Image.new("1", (side, side)).save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_pixel_bombs_are_refused_from_their_headers(server) -> None:
+    image = {"type": "image_url", "image_url": {"url": bomb()}}
+    content = [image, image, image, {"type": "text", "text": "?"}]
+    body = json.dumps({"model": server.model_id, "max_tokens": 1, "messages": [{"role": "user", "content": content}]})
+    response, rise = peak_rise_mb(lambda: post(server, body.encode()))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "image_too_large" and "13000x13000" in error["message"]
+    assert rise < 300, rise  # before: 3.9 GB for these three 21 KB PNGs
+
+
+def test_a_large_jpeg_photo_gets_through_at_a_reduced_scale(loaded_model) -> None:
+    from .conftest import make_server
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (200, 30, 30)).save(buffer, format="JPEG")
+    url = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    servers = make_server(loaded_model, max_image_pixels=1_000_000, max_request_pixels=2_000_000)
+    small = next(servers)
+    try:
+        image = {"type": "image_url", "image_url": {"url": url}}
+        one = {"model": small.model_id, "max_tokens": 1, "messages": [{"role": "user", "content": [image]}]}
+        assert httpx.post(f"{small.base}/chat/completions", json=one, timeout=60).status_code == 200
+        # 4000x3000 at 1/4 is 1000x750 = 0.75 M pixels: two fit in 2 M, three do not.
+        three = {**one, "messages": [{"role": "user", "content": [image, image, image]}]}
+        refused = httpx.post(f"{small.base}/chat/completions", json=three, timeout=60)
+        assert refused.status_code == 400 and "2000000 pixels in all" in refused.json()["error"]["message"]
+        png = io.BytesIO()
+        Image.new("RGB", (1200, 1000)).save(png, format="PNG")
+        other = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+        body = {**one, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": other}}]}]}
+        refused = httpx.post(f"{small.base}/chat/completions", json=body, timeout=60)
+        assert refused.status_code == 400 and "1200x1000" in refused.json()["error"]["message"]
+    finally:
+        next(servers, None)

@@ -45,6 +45,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-logprobs-k", type=int, default=20, help="most alternatives a request may ask for")
     parser.add_argument("--allow-local-media", default=None, metavar="DIR", help="allow local image paths under DIR")
     parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=36_000_000,
+        metavar="N",
+        help="pixels one image may decode to, checked before decoding; larger JPEGs are decoded at a reduced "
+        "scale, other formats refused (default 36000000)",
+    )
+    parser.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=100_000_000,
+        metavar="N",
+        help="pixels all the images of one request may decode to (default 100000000)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
     )
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -72,6 +87,8 @@ def settings_from(args: argparse.Namespace) -> Any:
         thinking_budget=args.thinking_budget,
         top_logprobs_k=args.top_logprobs_k,
         allow_local_media=Path(args.allow_local_media) if args.allow_local_media else None,
+        max_image_pixels=args.max_image_pixels,
+        max_request_pixels=args.max_request_pixels,
         log_level=args.log_level,
         trust_remote_code=args.trust_remote_code,
     )

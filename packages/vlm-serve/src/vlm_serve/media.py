@@ -12,16 +12,21 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from vlm_models.processors.image import ImageLoadError, load_image
+from vlm_models.processors.image import ImageLoadError, ImageTooLarge, PixelBudget, load_image
 
 from .errors import APIError
 from .settings import ServeSettings
 
-__all__ = ["fetch_image", "fetch_video"]
+__all__ = ["fetch_image", "fetch_video", "pixel_budget"]
 
 
-async def fetch_image(source: str, settings: ServeSettings) -> Image.Image:
-    """The picture ``source`` names, or a 400 saying why not."""
+def pixel_budget(settings: ServeSettings) -> PixelBudget:
+    """A fresh budget for one request's images."""
+    return PixelBudget(settings.max_image_pixels, settings.max_request_pixels)
+
+
+async def fetch_image(source: str, settings: ServeSettings, budget: PixelBudget) -> Image.Image:
+    """The picture ``source`` names, decoded within ``budget``, or a 400 saying why not."""
     if not isinstance(source, str) or not source:
         raise APIError(400, "an image source must be a non-empty string")
     scheme = (
@@ -31,17 +36,18 @@ async def fetch_image(source: str, settings: ServeSettings) -> Image.Image:
         if source[:5].lower() == "data:":
             if len(source) * 3 // 4 > settings.max_media_bytes:
                 raise APIError(413, f"data URL image is larger than {settings.max_media_bytes} bytes")
-            return await asyncio.to_thread(load_image, source)
+            return await asyncio.to_thread(load_image, source, budget)
         if scheme in ("http", "https"):
             data = await _download(source, settings, "image")
-            return await asyncio.to_thread(load_image, data)
+            return await asyncio.to_thread(load_image, data, budget)
         if scheme == "file":
-            return await asyncio.to_thread(
-                load_image, _local_path(urllib.parse.unquote(urllib.parse.urlsplit(source).path), settings)
-            )
+            path = _local_path(urllib.parse.unquote(urllib.parse.urlsplit(source).path), settings)
+            return await asyncio.to_thread(load_image, path, budget)
         if scheme:
             raise APIError(400, f"unsupported image URL scheme {scheme!r}: use http(s) or a data: URL")
-        return await asyncio.to_thread(load_image, _local_path(source, settings))
+        return await asyncio.to_thread(load_image, _local_path(source, settings), budget)
+    except ImageTooLarge as e:
+        raise APIError(400, str(e), code="image_too_large") from e
     except ImageLoadError as e:
         raise APIError(400, str(e), code="invalid_image") from e
 

@@ -16,7 +16,7 @@ from vlm_runtime.thinking import resolve_thinking_tokens
 
 from .errors import APIError
 from .host import LoadedModel
-from .media import fetch_image, fetch_video
+from .media import fetch_image, fetch_video, pixel_budget
 from .settings import ServeSettings
 from .tools import CallParser, Tool, ToolFormat, render_tools, resolve_choice, tool_format_for
 
@@ -100,7 +100,8 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
     abandoned = threading.Event()
     try:
         prompt = await _in_thread(_render, loaded, messages, enable, template_tools, abandoned)
-        images = await asyncio.gather(*(fetch_image(source, settings) for source in request.images))
+        budget = pixel_budget(settings)
+        images = await asyncio.gather(*(fetch_image(source, settings, budget) for source in request.images))
         videos = await asyncio.gather(*(fetch_video(source, settings) for source in request.videos))
         inputs = await _in_thread(_tokenize, processor, prompt, list(images), list(videos))
     except asyncio.CancelledError:

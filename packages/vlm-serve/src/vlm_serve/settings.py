@@ -41,14 +41,26 @@ class ServeSettings:
     max_body_bytes: int = 64 * 1024 * 1024
     max_media_bytes: int = 20 * 1024 * 1024
     """Cap on one fetched image."""
+    max_image_pixels: int = 36_000_000
+    """Pixels one image may decode to, checked from its header (an 8K screenshot is 33 M); a JPEG above it is
+    decoded at 1/2, 1/4 or 1/8 scale when that fits (a 48 MP photo at 1/2), anything else is refused."""
+    max_request_pixels: int = 100_000_000
+    """Pixels all the images of one request may decode to together."""
     media_timeout_s: float = 10.0
     """Total time allowed for fetching one remote image."""
     log_level: str = "info"
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_concurrency", "max_tokens_limit", "top_logprobs_k", "max_body_bytes", "max_media_bytes"):
-            if getattr(self, name) < 1 and name != "top_logprobs_k":
+        for name in (
+            "max_concurrency",
+            "max_tokens_limit",
+            "max_body_bytes",
+            "max_media_bytes",
+            "max_image_pixels",
+            "max_request_pixels",
+        ):
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.top_logprobs_k <= 20:
             raise ValueError(f"top-logprobs-k must be in 0..20, got {self.top_logprobs_k}")
