@@ -61,7 +61,9 @@ def media_host() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def capped(loaded_model):
-    yield from make_server(loaded_model, max_media_bytes=200_000, media_timeout_s=1.0)
+    yield from make_server(
+        loaded_model, max_media_bytes=200_000, media_timeout_s=1.0, allowed_url_networks=("127.0.0.1/32",)
+    )
 
 
 def ask(server, url: str) -> httpx.Response:

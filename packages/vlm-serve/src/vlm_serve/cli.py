@@ -45,6 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-logprobs-k", type=int, default=20, help="most alternatives a request may ask for")
     parser.add_argument("--allow-local-media", default=None, metavar="DIR", help="allow local image paths under DIR")
     parser.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="fetch image/video URLs from loopback, private and link-local addresses too (refused by default)",
+    )
+    parser.add_argument(
+        "--allow-url-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="a non-public network image/video URLs may still point into (repeatable), such as 10.1.0.0/16",
+    )
+    parser.add_argument(
         "--max-image-pixels",
         type=int,
         default=36_000_000,
@@ -87,6 +99,8 @@ def settings_from(args: argparse.Namespace) -> Any:
         thinking_budget=args.thinking_budget,
         top_logprobs_k=args.top_logprobs_k,
         allow_local_media=Path(args.allow_local_media) if args.allow_local_media else None,
+        allow_private_urls=args.allow_private_urls,
+        allowed_url_networks=tuple(args.allow_url_network),
         max_image_pixels=args.max_image_pixels,
         max_request_pixels=args.max_request_pixels,
         log_level=args.log_level,

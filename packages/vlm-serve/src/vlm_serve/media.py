@@ -1,20 +1,22 @@
-"""Images and videos named in requests, fetched under the server's policy: http(s) with a size cap and a total
-timeout, ``data:`` URLs, and local files only under ``--allow-local-media``."""
+"""Images and videos named in requests, fetched under the server's policy: http(s) from public addresses (see
+``fetching``) with a size cap and a total timeout, ``data:`` URLs, and local files only under
+``--allow-local-media``."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import ipaddress
 import urllib.parse
 from pathlib import Path
 
-import httpx
 from PIL import Image
 
 from vlm_models.processors.image import ImageLoadError, ImageTooLarge, PixelBudget, load_image
 
 from .errors import APIError
+from .fetching import AddressPolicy, FetchError, fetch
 from .settings import ServeSettings
 
 __all__ = ["fetch_image", "fetch_video", "pixel_budget"]
@@ -39,7 +41,7 @@ async def fetch_image(source: str, settings: ServeSettings, budget: PixelBudget)
             return await asyncio.to_thread(load_image, source, budget)
         if scheme in ("http", "https"):
             data = await _download(source, settings, "image")
-            return await asyncio.to_thread(load_image, data, budget)
+            return await _decode_remote(data, source, budget)
         if scheme == "file":
             path = _local_path(urllib.parse.unquote(urllib.parse.urlsplit(source).path), settings)
             return await asyncio.to_thread(load_image, path, budget)
@@ -67,6 +69,17 @@ async def fetch_video(source: str, settings: ServeSettings) -> bytes | Path:
     if scheme:
         raise APIError(400, f"unsupported video URL scheme {scheme!r}: use http(s) or a data: URL")
     return _local_path(source, settings, "video")
+
+
+async def _decode_remote(data: bytes, url: str, budget: PixelBudget) -> Image.Image:
+    """Decoded without echoing what the remote sent (its size, its format) back to the client."""
+    try:
+        return await asyncio.to_thread(load_image, data, budget)
+    except ImageTooLarge as e:
+        message = f"the image at {url[:200]} has more pixels than this server takes ({budget.per_image} per image)"
+        raise APIError(400, message, code="image_too_large") from e
+    except ImageLoadError as e:
+        raise APIError(400, f"the data at {url[:200]} is not an image", code="invalid_image") from e
 
 
 def _video_data_url(url: str, settings: ServeSettings) -> bytes:
@@ -101,25 +114,18 @@ def _local_path(raw: str, settings: ServeSettings, kind: str = "image") -> Path:
 
 
 async def _download(url: str, settings: ServeSettings, kind: str) -> bytes:
-    cap = settings.max_media_bytes
     try:
-        async with asyncio.timeout(settings.media_timeout_s):
-            async with httpx.AsyncClient(follow_redirects=True, max_redirects=5) as client:
-                headers = {"Accept": f"{kind}/*", "User-Agent": "vlm-serve"}
-                async with client.stream("GET", url, headers=headers) as response:
-                    if response.status_code >= 400:
-                        raise APIError(400, f"cannot fetch {kind} {url[:200]}: HTTP {response.status_code}")
-                    length = response.headers.get("content-length", "")
-                    if length.isdigit() and int(length) > cap:
-                        raise APIError(413, f"{kind} at {url[:200]} is larger than {cap} bytes")
-                    chunks, size = [], 0
-                    async for chunk in response.aiter_bytes():
-                        size += len(chunk)
-                        if size > cap:
-                            raise APIError(413, f"{kind} at {url[:200]} is larger than {cap} bytes")
-                        chunks.append(chunk)
-    except TimeoutError as e:
-        raise APIError(400, f"fetching {kind} {url[:200]} took longer than {settings.media_timeout_s} s") from e
-    except httpx.HTTPError as e:
-        raise APIError(400, f"cannot fetch {kind} {url[:200]}: {type(e).__name__}: {e}") from e
-    return b"".join(chunks)
+        return await fetch(
+            url,
+            policy=address_policy(settings),
+            max_bytes=settings.max_media_bytes,
+            timeout_s=settings.media_timeout_s,
+            kind=kind,
+        )
+    except FetchError as e:
+        raise APIError(e.status, str(e)) from e
+
+
+def address_policy(settings: ServeSettings) -> AddressPolicy:
+    networks = tuple(ipaddress.ip_network(n, strict=False) for n in settings.allowed_url_networks)
+    return AddressPolicy(settings.allow_private_urls, networks)

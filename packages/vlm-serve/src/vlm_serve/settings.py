@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,10 @@ class ServeSettings:
     """Pixels all the images of one request may decode to together."""
     media_timeout_s: float = 10.0
     """Total time allowed for fetching one remote image."""
+    allow_private_urls: bool = False
+    """Fetch remote media from loopback, private, link-local and other non-public addresses too."""
+    allowed_url_networks: tuple[str, ...] = ()
+    """Non-public networks (CIDR) remote media may still come from, such as an internal image store."""
     log_level: str = "info"
     trust_remote_code: bool = False
 
@@ -72,5 +77,10 @@ class ServeSettings:
             raise ValueError(f"thinking-budget must be >= 0, got {self.thinking_budget}")
         if self.media_timeout_s <= 0:
             raise ValueError("media timeout must be positive")
+        for network in self.allowed_url_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"allow-url-network {network!r} is not a network (such as 10.1.0.0/16)") from None
         if self.allow_local_media is not None:
             object.__setattr__(self, "allow_local_media", Path(self.allow_local_media).expanduser().resolve())
