@@ -54,7 +54,7 @@ def create_app(engine: ServingEngine | None = None, settings: ServeSettings | No
     app.state.engine = engine
     app.state.settings = settings
     app.state.counters = ServerCounters()
-    app.state.responses = responses_api.ResponseStore()
+    app.state.responses = responses_api.ResponseStore(max_bytes=settings.response_store_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:

@@ -72,6 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pixels all the images of one request may decode to (default 100000000)",
     )
     parser.add_argument(
+        "--response-store-mb",
+        type=int,
+        default=256,
+        metavar="MB",
+        help="memory kept for the Responses API's previous_response_id, images once each (default 256)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
     )
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -103,6 +110,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         allowed_url_networks=tuple(args.allow_url_network),
         max_image_pixels=args.max_image_pixels,
         max_request_pixels=args.max_request_pixels,
+        response_store_bytes=args.response_store_mb * 2**20,
         log_level=args.log_level,
         trust_remote_code=args.trust_remote_code,
     )

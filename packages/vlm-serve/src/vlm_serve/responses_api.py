@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -26,27 +27,50 @@ __all__ = ["ResponseStore", "ResponsesRequest", "router"]
 @dataclass
 class _Stored:
     messages: list[dict[str, Any]]
-    images: list[str]
+    media: list[str]
+    """Digests of the conversation's images, in order."""
+    size: int
+    """Bytes charged for the messages (the media are charged once each, in the store's media table)."""
     expires: float
 
 
 class ResponseStore:
-    """Conversations by response id, for ``previous_response_id``: at most ``max_entries``, each kept for
-    ``ttl_s`` seconds; the oldest go first."""
+    """Conversations by response id, for ``previous_response_id``: at most ``max_bytes`` in all and
+    ``max_entries`` entries, each kept for ``ttl_s`` seconds; the oldest go first. Images are kept once per
+    content digest however many stored turns name them (a ``data:`` URL is most of a request's bytes), and
+    counted against ``max_bytes`` once; a conversation that alone is over ``max_bytes`` is not stored."""
 
-    def __init__(self, max_entries: int = 1024, ttl_s: float = 3600.0) -> None:
-        self.max_entries, self.ttl_s = max_entries, ttl_s
+    def __init__(self, max_bytes: int = 256 * 2**20, max_entries: int = 1024, ttl_s: float = 3600.0) -> None:
+        self.max_bytes, self.max_entries, self.ttl_s = max_bytes, max_entries, ttl_s
         self._items: OrderedDict[str, _Stored] = OrderedDict()
+        self._media: dict[str, tuple[str, int]] = {}  # digest -> (source, how many entries name it)
+        self.bytes = 0
 
-    def put(self, response_id: str, messages: list[dict[str, Any]], images: list[str]) -> None:
+    def put(self, response_id: str, messages: list[dict[str, Any]], images: list[str]) -> bool:
+        """Keep a conversation; False when it is too large to keep at all."""
         self._expire()
-        self._items[response_id] = _Stored(messages, images, time.monotonic() + self.ttl_s)
-        while len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
+        size = len(json.dumps(messages, ensure_ascii=False).encode())
+        digests = [hashlib.sha256(source.encode()).hexdigest() for source in images]
+        sizes = {d: len(s.encode()) for d, s in zip(digests, images, strict=True)}
+        if size + sum(sizes.values()) > self.max_bytes:
+            return False
+        new_media = {d: n for d, n in sizes.items() if d not in self._media}
+        for digest, source in zip(digests, images, strict=True):
+            held, count = self._media.get(digest, (source, 0))
+            self._media[digest] = (held, count + 1)
+        self.bytes += size + sum(new_media.values())
+        self._items[response_id] = _Stored(messages, digests, size, time.monotonic() + self.ttl_s)
+        while self.bytes > self.max_bytes or len(self._items) > self.max_entries:
+            self._drop_oldest()
+        return True
 
-    def get(self, response_id: str) -> _Stored | None:
+    def get(self, response_id: str) -> tuple[list[dict[str, Any]], list[str]] | None:
+        """The stored conversation's messages and image sources."""
         self._expire()
-        return self._items.get(response_id)
+        stored = self._items.get(response_id)
+        if stored is None:
+            return None
+        return list(stored.messages), [self._media[d][0] for d in stored.media]
 
     def __len__(self) -> int:
         return len(self._items)
@@ -54,7 +78,18 @@ class ResponseStore:
     def _expire(self) -> None:
         now = time.monotonic()
         while self._items and next(iter(self._items.values())).expires <= now:
-            self._items.popitem(last=False)
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        _, stored = self._items.popitem(last=False)
+        self.bytes -= stored.size
+        for digest in stored.media:
+            source, count = self._media[digest]
+            if count == 1:
+                del self._media[digest]
+                self.bytes -= len(source.encode())
+            else:
+                self._media[digest] = (source, count - 1)
 
 
 class InputPart(WireModel):
@@ -112,7 +147,7 @@ def _conversation(body: ResponsesRequest, store: ResponseStore) -> tuple[list[di
                 f"previous response {body.previous_response_id!r} not found (or expired)",
                 param="previous_response_id",
             )
-        messages, images = list(stored.messages), list(stored.images)
+        messages, images = stored
     items = [InputItem(role="user", content=body.input)] if isinstance(body.input, str) else body.input
     for item in items:
         kind = item.type or "message"
@@ -198,7 +233,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
         turn: dict[str, Any] = {"role": "assistant", "content": text}
         if calls:
             turn["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]
-        store.put(builder.id, history + [turn], images)
+        builder.stored = store.put(builder.id, history + [turn], images)
 
     if body.stream:
         return streaming_response(builder.stream(stream, remember), stream)
@@ -217,6 +252,8 @@ class _Builder:
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.sequence = 0
+        self.stored = body.store is not False
+        """Whether the store kept (or will keep) this response: false too when it was too large to keep."""
 
     def split(self, text: str, *, final: bool) -> tuple[str, list[ToolCall]]:
         return split_calls(self.parser, text, final=final)
@@ -272,7 +309,7 @@ class _Builder:
             "top_p": body.top_p,
             "max_output_tokens": body.max_output_tokens,
             "text": {"format": (body.text.format if body.text and body.text.format else {"type": "text"})},
-            "store": body.store is not False,
+            "store": self.stored,
             "metadata": body.metadata or {},
             "usage": None
             if last is None

@@ -53,6 +53,9 @@ class ServeSettings:
     """Fetch remote media from loopback, private, link-local and other non-public addresses too."""
     allowed_url_networks: tuple[str, ...] = ()
     """Non-public networks (CIDR) remote media may still come from, such as an internal image store."""
+    response_store_bytes: int = 256 * 2**20
+    """Memory the Responses API may keep for ``previous_response_id`` (images once per content digest); 0 keeps
+    nothing."""
     log_level: str = "info"
     trust_remote_code: bool = False
 
@@ -69,6 +72,8 @@ class ServeSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.top_logprobs_k <= 20:
             raise ValueError(f"top-logprobs-k must be in 0..20, got {self.top_logprobs_k}")
+        if self.response_store_bytes < 0:
+            raise ValueError(f"response-store-mb must be >= 0, got {self.response_store_bytes // 2**20}")
         if self.max_waiting < 0 or self.vision_cache_size < 0:
             raise ValueError("max-waiting and vision-cache-size must be >= 0")
         if self.context_length is not None and self.context_length < 2:
