@@ -67,7 +67,7 @@ def make_server(loaded_model: tuple[Any, Any], **options: Any) -> Iterator[Serve
     app = create_app(engine, settings)
     server, thread, url = start(app)
     try:
-        yield Server(url, str(MODEL), app)
+        yield Server(url, MODEL.name, app)  # clients see the folder's name, never its path
     finally:
         server.should_exit = True
         thread.join(20)

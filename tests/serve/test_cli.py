@@ -18,10 +18,12 @@ def test_vlm_serve_subcommand_and_defaults() -> None:
     "argv, says",
     [
         (["--model", "/no/such/model"], "no model folder"),
+        ([], "nothing to serve"),
+        (["--models-dir", "/no/such/dir"], "not a folder"),
         (["--kv-bits", "4", "--max-kv-size", "64"], "cannot be combined"),
         (["--max-kv-size", "0"], "max_kv_size"),
-        (["--allow-local-media", "/no/such/dir"], "not a folder"),
-        (["--max-concurrency", "0"], "max-concurrency"),
+        (["--model", "m", "--allow-local-media", "/no/such/dir"], "not a folder"),
+        (["--model", "m", "--max-concurrency", "0"], "max-concurrency"),
     ],
 )
 def test_bad_flags(capsys, argv, says) -> None:

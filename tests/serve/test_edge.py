@@ -6,6 +6,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from .conftest import CONTEXT
+
 
 def chat(server, content="hi", **extra) -> dict:
     return {"model": server.model_id, "messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
@@ -95,3 +97,11 @@ def test_405_says_what_is_allowed_and_503_when_to_retry(server, loaded_model) ->
                 assert int(refused.headers["retry-after"]) >= 1
     finally:
         next(servers, None)
+def test_no_paths_in_health_or_errors(server) -> None:
+    """The served model is named by its folder, not its absolute path, wherever a client can see it."""
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["model"] == server.model_id and "/" not in health["model"]
+    wrong = httpx.post(f"{server.base}/chat/completions", json={**chat(server), "model": "other"}, timeout=30)
+    assert wrong.status_code == 404 and "/" not in wrong.json()["error"]["message"]
+    long = httpx.post(f"{server.base}/chat/completions", json=chat(server, "word " * (CONTEXT * 2)), timeout=30)
+    assert long.status_code == 400 and "/" not in long.json()["error"]["message"]

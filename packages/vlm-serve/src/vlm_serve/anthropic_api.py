@@ -187,17 +187,18 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
 
 
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
-    loaded = await request.app.state.engine.get(body.model)
-    prepared = await while_connected(request, prepare(loaded, to_chat_request(body), request.app.state.settings))
+    async with request.app.state.engine.use(body.model) as loaded:
+        chat = to_chat_request(body)
+        prepared = await while_connected(request, prepare(loaded, chat, request.app.state.settings))
     return {"input_tokens": prepared.prompt_tokens}
 
 
 async def messages(body: MessagesRequest, request: Request) -> Any:
-    loaded = await request.app.state.engine.get(body.model)
-    chat = to_chat_request(body)
-    prepared = await while_connected(request, prepare(loaded, chat, request.app.state.settings))
+    async with request.app.state.engine.use(body.model) as loaded:
+        chat = to_chat_request(body)
+        prepared = await while_connected(request, prepare(loaded, chat, request.app.state.settings))
+        stream = submit(loaded, prepared)
     message_id = f"msg_{uuid.uuid4().hex}"
-    stream = submit(loaded, prepared)
     parser = prepared.tool_parser("toolu_")
     if body.stream:
         events = _stream(loaded, stream, message_id, prepared.prompt_tokens, parser)

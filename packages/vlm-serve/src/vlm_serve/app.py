@@ -22,6 +22,7 @@ from . import anthropic_api, openai_api, responses_api
 from .errors import APIError, error_body, error_headers, http_status
 from .host import ServingEngine
 from .settings import ServeSettings
+from .wire import WireModel
 
 __all__ = ["create_app"]
 
@@ -29,6 +30,10 @@ _log = logging.getLogger("vlm_serve")
 
 OPEN_PATHS = frozenset({"/health"})
 """Reachable without the API key (load balancers' liveness probes)."""
+
+
+class UnloadRequest(WireModel):
+    force: bool = False
 
 
 class ServerCounters:
@@ -113,8 +118,10 @@ def _add_admin_routes(app: FastAPI) -> None:
         return {"status": "ok", "model": loaded.model_id if loaded is not None else None, "loaded": loaded is not None}
 
     @app.post("/unload")
-    async def unload(request: Request) -> dict[str, Any]:
-        unloaded = await request.app.state.engine.unload()
+    async def unload(request: Request, body: UnloadRequest | None = None) -> dict[str, Any]:
+        """Unload the model (the next request that names it loads it again); refused while it has requests in
+        flight unless ``force``, which cancels them."""
+        unloaded = await request.app.state.engine.unload(force=body is not None and body.force)
         return {"unloaded": unloaded}
 
     @app.get("/metrics")

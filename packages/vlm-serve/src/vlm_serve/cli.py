@@ -15,11 +15,20 @@ EXIT_USAGE = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model to serve (local folder or Hugging Face repo id)")
     parser.add_argument(
-        "--model",
+        "--allow-model",
+        action="append",
+        default=[],
+        metavar="M",
+        help="another model (folder or repo id) a request may name; loaded when asked for, one model at a time "
+        "(repeatable)",
+    )
+    parser.add_argument(
+        "--models-dir",
         default=None,
-        help="model to preload (local folder or Hugging Face repo id); "
-        "without it the first request's model is loaded, one at a time",
+        metavar="DIR",
+        help="requests may name the model folders under DIR (NAME or ORG/NAME); loaded when asked for",
     )
     parser.add_argument("--adapter-path", default=None)
     parser.add_argument(
@@ -89,10 +98,13 @@ def settings_from(args: argparse.Namespace) -> Any:
 
     from .settings import ServeSettings
 
-    if args.allow_local_media is not None and not Path(args.allow_local_media).is_dir():
-        raise ValueError(f"--allow-local-media {args.allow_local_media}: not a folder")
-    return ServeSettings(
+    for flag, value in (("--allow-local-media", args.allow_local_media), ("--models-dir", args.models_dir)):
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"{flag} {value}: not a folder")
+    settings = ServeSettings(
         model=args.model,
+        allowed_models=tuple(args.allow_model),
+        models_dir=Path(args.models_dir) if args.models_dir else None,
         adapter_path=args.adapter_path,
         host=args.host,
         port=args.port,
@@ -114,6 +126,9 @@ def settings_from(args: argparse.Namespace) -> Any:
         log_level=args.log_level,
         trust_remote_code=args.trust_remote_code,
     )
+    if not (settings.model or settings.allowed_models or settings.models_dir):
+        raise ValueError("nothing to serve: give --model M, --allow-model M or --models-dir DIR")
+    return settings
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -130,7 +145,7 @@ def serve(args: argparse.Namespace) -> None:
     if settings.model is not None:
         print(f"loading {settings.model} ...", file=sys.stderr)
         try:
-            asyncio.run(engine.get(settings.model))
+            asyncio.run(engine.preload())
         except APIError as e:
             raise ValueError(e.message) from None
     app = create_app(engine, settings)

@@ -238,11 +238,11 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     settings = request.app.state.settings
-    loaded = await request.app.state.engine.get(body.model)
-    prepared = await while_connected(request, prepare(loaded, to_chat_request(body), settings))
+    async with request.app.state.engine.use(body.model) as loaded:
+        prepared = await while_connected(request, prepare(loaded, to_chat_request(body), settings))
+        stream = submit(loaded, prepared)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    stream = submit(loaded, prepared)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         parser = prepared.tool_parser()

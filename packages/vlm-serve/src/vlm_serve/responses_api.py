@@ -204,7 +204,6 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> str:
 
 async def create_response(body: ResponsesRequest, request: Request) -> Any:
     store: ResponseStore = request.app.state.responses
-    loaded = await request.app.state.engine.get(body.model)
     history, images = _conversation(body, store)
     messages = ([{"role": "system", "content": body.instructions}] if body.instructions else []) + history
     schema = None
@@ -223,8 +222,9 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
         tools=[Tool(t.name, t.description or "", t.parameters or {"type": "object"}) for t in body.tools or []],
         tool_choice=_tool_choice(body.tool_choice),
     )
-    prepared = await while_connected(request, prepare(loaded, chat, request.app.state.settings))
-    stream = submit(loaded, prepared)
+    async with request.app.state.engine.use(body.model) as loaded:
+        prepared = await while_connected(request, prepare(loaded, chat, request.app.state.settings))
+        stream = submit(loaded, prepared)
     builder = _Builder(body, loaded.model_id, prepared.tool_parser())
 
     def remember(text: str, calls: list[ToolCall]) -> None:

@@ -14,7 +14,11 @@ __all__ = ["ServeSettings"]
 @dataclass(frozen=True)
 class ServeSettings:
     model: str | None = None
-    """Served model (local folder or Hugging Face repo id); None: load the one the first request names."""
+    """Model loaded up front (local folder or Hugging Face repo id)."""
+    allowed_models: tuple[str, ...] = ()
+    """Other models (folders or repo ids) a request may name; the server loads them one at a time."""
+    models_dir: Path | None = None
+    """A folder whose model folders (``NAME/config.json`` or ``ORG/NAME/config.json``) a request may name."""
     adapter_path: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
@@ -87,5 +91,6 @@ class ServeSettings:
                 ipaddress.ip_network(network, strict=False)
             except ValueError:
                 raise ValueError(f"allow-url-network {network!r} is not a network (such as 10.1.0.0/16)") from None
-        if self.allow_local_media is not None:
-            object.__setattr__(self, "allow_local_media", Path(self.allow_local_media).expanduser().resolve())
+        for name in ("allow_local_media", "models_dir"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).expanduser().resolve())
