@@ -97,6 +97,8 @@ def test_405_says_what_is_allowed_and_503_when_to_retry(server, loaded_model) ->
                 assert int(refused.headers["retry-after"]) >= 1
     finally:
         next(servers, None)
+
+
 def test_no_paths_in_health_or_errors(server) -> None:
     """The served model is named by its folder, not its absolute path, wherever a client can see it."""
     health = httpx.get(f"{server.url}/health").json()

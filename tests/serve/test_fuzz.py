@@ -15,7 +15,9 @@ from .conftest import MODEL
 def fuzz_schema(loaded_model):
     from vlm_serve import ServeSettings, ServingEngine, create_app
 
-    options = ServeSettings(model=str(MODEL), context_length=256, max_tokens_limit=3, media_timeout_s=1.0)
+    options = ServeSettings(
+        model=str(MODEL), context_length=256, max_tokens_limit=3, media_timeout_s=1.0, allowed_hosts=("testserver",)
+    )
     engine = ServingEngine.from_model(str(MODEL), *loaded_model, options, context_length=256)
     app = create_app(engine, options)
     yield schemathesis.openapi.from_asgi("/openapi.json", app)

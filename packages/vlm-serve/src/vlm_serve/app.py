@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-import secrets
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import anthropic_api, openai_api, responses_api
 from .errors import APIError, error_body, error_headers, http_status
+from .guard import Guard, ServerCounters
 from .host import ServingEngine
 from .settings import ServeSettings
 from .wire import WireModel
@@ -28,21 +25,9 @@ __all__ = ["create_app"]
 
 _log = logging.getLogger("vlm_serve")
 
-OPEN_PATHS = frozenset({"/health"})
-"""Reachable without the API key (load balancers' liveness probes)."""
-
 
 class UnloadRequest(WireModel):
     force: bool = False
-
-
-class ServerCounters:
-    """HTTP-level counts for /metrics."""
-
-    def __init__(self) -> None:
-        self.requests: Counter[str] = Counter()
-        self.statuses: Counter[int] = Counter()
-        self.started = time.time()
 
 
 def create_app(engine: ServingEngine | None = None, settings: ServeSettings | None = None) -> FastAPI:
@@ -86,7 +71,14 @@ def create_app(engine: ServingEngine | None = None, settings: ServeSettings | No
     app.include_router(anthropic_api.router())
     app.include_router(responses_api.router())
     _add_admin_routes(app)
-    app.add_middleware(_Guard, settings=settings, counters=app.state.counters)
+    app.add_middleware(Guard, settings=settings, counters=app.state.counters)
+    if settings.cors_origins:  # outside the guard: a browser's preflight carries no key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
     return app
 
 
@@ -152,127 +144,3 @@ def _add_admin_routes(app: FastAPI) -> None:
             cache = loaded.vision_cache
             out["vision_cache"] = {"hits": cache.hits, "misses": cache.misses, "entries": len(cache)} if cache else None
         return out
-
-
-class _Guard:
-    """API key, body size limit and counters, before any route runs (pure ASGI: the body is read once here)."""
-
-    def __init__(self, app: ASGIApp, *, settings: ServeSettings, counters: ServerCounters) -> None:
-        self.app, self.settings, self.counters = app, settings, counters
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        self.counters.requests[path if path in _KNOWN else "other"] += 1
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                self.counters.statuses[message["status"]] += 1
-            await send(message)
-
-        key = self.settings.api_key
-        if key is not None and path not in OPEN_PATHS and not _authorized(scope, key):
-            await _reply(
-                counting_send, 401, "invalid or missing API key (Authorization: Bearer <key> or x-api-key)", path
-            )
-            return
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length", b"")
-        limit = self.settings.max_body_bytes
-        if declared.isdigit() and int(declared) > limit:
-            await _reply(counting_send, 413, f"the request body is larger than {limit} bytes", path)
-            return
-        body, more, size = [], True, 0
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await _reply(counting_send, 413, f"the request body is larger than {limit} bytes", path)
-                return
-            body.append(chunk)
-            more = message.get("more_body", False)
-        whole = b"".join(body)
-        problem = _not_unicode(whole)
-        if problem is not None:
-            await _reply(counting_send, 400, problem, path)
-            return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": whole, "more_body": False}
-            return await receive()  # then the disconnect notice, when it comes
-
-        await self.app(scope, replay, counting_send)
-
-
-_KNOWN = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/responses",
-        "/v1/messages",
-        "/v1/messages/count_tokens",
-        "/v1/models",
-        "/models",
-        "/health",
-        "/metrics",
-        "/unload",
-    }
-)
-
-
-def _authorized(scope: Scope, key: str) -> bool:
-    headers = dict(scope["headers"])
-    candidates = [headers.get(b"x-api-key", b"")]
-    auth = headers.get(b"authorization", b"")
-    if auth[:7].lower() == b"bearer ":
-        candidates.append(auth[7:].strip())
-    return any(c and secrets.compare_digest(c, key.encode()) for c in candidates)
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _not_unicode(body: bytes) -> str | None:
-    """Why a body's text is not valid Unicode, if it is not: bytes that are not UTF-8, or a JSON string with an
-    unpaired surrogate escape, which no tokenizer, URL or file name can take (Python's JSON parser lets both
-    through). Only bodies with a surrogate escape are parsed here; paired escapes, such as an emoji, are fine."""
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return f"the body is not valid UTF-8 (at byte {e.start})"
-    if _SURROGATE_ESCAPE.search(body) is None:
-        return None
-    try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):
-        return None  # the route answers that the body is not JSON
-    stack = [parsed]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return "the body holds a lone UTF-16 surrogate escape (such as \\ud800): strings must be valid Unicode"
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return None
-
-
-async def _reply(send: Send, status: int, message: str, path: str) -> None:
-    body = json.dumps(error_body(status, message, path)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in error_headers(status).items()]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -36,6 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument(
+        "--allowed-hosts",
+        action="append",
+        default=[],
+        metavar="NAMES",
+        help="host names clients may reach this server by, comma-separated (IP addresses and localhost always "
+        "work; .example.com matches subdomains; * turns the check off)",
+    )
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin allowed to call the API, such as https://chat.example.com (repeatable; none by default)",
+    )
+    parser.add_argument(
         "--api-key", default=os.environ.get("VLM_API_KEY"), help="require this key (default: $VLM_API_KEY)"
     )
     parser.add_argument("--max-concurrency", type=int, default=32, help="requests decoded together")
@@ -107,6 +122,8 @@ def settings_from(args: argparse.Namespace) -> Any:
         models_dir=Path(args.models_dir) if args.models_dir else None,
         adapter_path=args.adapter_path,
         host=args.host,
+        allowed_hosts=tuple(name for names in args.allowed_hosts for name in names.split(",")),
+        cors_origins=tuple(args.cors_origin),
         port=args.port,
         api_key=args.api_key or None,
         max_concurrency=args.max_concurrency,

@@ -22,6 +22,11 @@ class ServeSettings:
     adapter_path: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
+    allowed_hosts: tuple[str, ...] = ()
+    """Names the Host header may carry besides IP literals, localhost and ``host`` (DNS-rebinding defence);
+    ``.example.com`` matches its subdomains, ``*`` anything."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins allowed to call the API (CORS); none by default."""
     api_key: str | None = None
     """When set, every endpoint but /health needs ``Authorization: Bearer <key>`` or ``x-api-key: <key>``."""
     max_concurrency: int = 32
@@ -91,6 +96,7 @@ class ServeSettings:
                 ipaddress.ip_network(network, strict=False)
             except ValueError:
                 raise ValueError(f"allow-url-network {network!r} is not a network (such as 10.1.0.0/16)") from None
+        object.__setattr__(self, "allowed_hosts", tuple(h.strip().lower() for h in self.allowed_hosts if h.strip()))
         for name in ("allow_local_media", "models_dir"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)).expanduser().resolve())
