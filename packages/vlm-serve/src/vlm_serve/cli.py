@@ -103,6 +103,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory kept for the Responses API's previous_response_id, images once each (default 256)",
     )
     parser.add_argument(
+        "--max-connections", type=int, default=512, help="open connections; one more is answered 503 (default 512)"
+    )
+    parser.add_argument(
+        "--body-timeout", type=float, default=30.0, metavar="S", help="seconds a request body may take (default 30)"
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds a request's headers may take (default 10)",
+    )
+    parser.add_argument(
+        "--max-header-bytes", type=int, default=64 * 1024, metavar="N", help="request line and headers (default 64 KiB)"
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
     )
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -140,6 +156,10 @@ def settings_from(args: argparse.Namespace) -> Any:
         max_image_pixels=args.max_image_pixels,
         max_request_pixels=args.max_request_pixels,
         response_store_bytes=args.response_store_mb * 2**20,
+        max_connections=args.max_connections,
+        body_timeout_s=args.body_timeout,
+        header_timeout_s=args.header_timeout,
+        max_header_bytes=args.max_header_bytes,
         log_level=args.log_level,
         trust_remote_code=args.trust_remote_code,
     )
@@ -156,6 +176,7 @@ def serve(args: argparse.Namespace) -> None:
     from .app import create_app
     from .errors import APIError
     from .host import ServingEngine
+    from .listening import uvicorn_config
 
     settings = settings_from(args)
     engine = ServingEngine(settings)
@@ -166,7 +187,7 @@ def serve(args: argparse.Namespace) -> None:
         except APIError as e:
             raise ValueError(e.message) from None
     app = create_app(engine, settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.Server(uvicorn_config(app, settings)).run()
 
 
 def register(subparsers: Any) -> None:

@@ -1,10 +1,11 @@
 """The checks every request passes before any route runs (pure ASGI, so the body is read once, here): the Host
 header (DNS rebinding), the API key, a JSON content type on state-changing routes (a cross-site form or
-``text/plain`` fetch cannot send one without a CORS preflight), the body's size and that its text is valid
-Unicode. Refusals come in the API's own error shape."""
+``text/plain`` fetch cannot send one without a CORS preflight), the body's size and read time, and that its text
+is valid Unicode. Refusals come in the API's own error shape."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import re
@@ -97,18 +98,22 @@ class Guard:
         return any(host == name or (name.startswith(".") and host.endswith(name)) for name in allowed)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, tuple[int, str] | None]:
-        limit = self.settings.max_body_bytes
+        limit, timeout = self.settings.max_body_bytes, self.settings.body_timeout_s
         chunks, more, size = [], True, 0
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return b"", (0, "")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return b"", (413, f"the request body is larger than {limit} bytes")
-            chunks.append(chunk)
-            more = message.get("more_body", False)
+        try:
+            async with asyncio.timeout(timeout):
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return b"", (0, "")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        return b"", (413, f"the request body is larger than {limit} bytes")
+                    chunks.append(chunk)
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            return b"", (408, f"the request body did not arrive within {timeout} s")
         body = b"".join(chunks)
         problem = _not_unicode(body)
         return body, (400, problem) if problem is not None else None

@@ -49,6 +49,14 @@ class ServeSettings:
     allow_local_media: Path | None = None
     """Local image paths are read only under this folder; None refuses them all."""
     max_body_bytes: int = 64 * 1024 * 1024
+    body_timeout_s: float = 30.0
+    """Time a request's body may take to arrive once its headers have (408 after)."""
+    max_header_bytes: int = 64 * 1024
+    """Size of a request's line and headers together (400 and the connection closed beyond)."""
+    header_timeout_s: float = 10.0
+    """Time a connection may take to send a request's headers (closed after)."""
+    max_connections: int = 512
+    """Open connections; one more is answered 503 and closed."""
     max_media_bytes: int = 20 * 1024 * 1024
     """Cap on one fetched image."""
     max_image_pixels: int = 36_000_000
@@ -76,6 +84,8 @@ class ServeSettings:
             "max_media_bytes",
             "max_image_pixels",
             "max_request_pixels",
+            "max_header_bytes",
+            "max_connections",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -89,8 +99,8 @@ class ServeSettings:
             raise ValueError(f"context-length must be >= 2, got {self.context_length}")
         if self.thinking_budget is not None and self.thinking_budget < 0:
             raise ValueError(f"thinking-budget must be >= 0, got {self.thinking_budget}")
-        if self.media_timeout_s <= 0:
-            raise ValueError("media timeout must be positive")
+        if min(self.media_timeout_s, self.body_timeout_s, self.header_timeout_s) <= 0:
+            raise ValueError("timeouts must be positive")
         for network in self.allowed_url_networks:
             try:
                 ipaddress.ip_network(network, strict=False)
