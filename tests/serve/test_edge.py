@@ -107,3 +107,21 @@ def test_no_paths_in_health_or_errors(server) -> None:
     assert wrong.status_code == 404 and "/" not in wrong.json()["error"]["message"]
     long = httpx.post(f"{server.base}/chat/completions", json=chat(server, "word " * (CONTEXT * 2)), timeout=30)
     assert long.status_code == 400 and "/" not in long.json()["error"]["message"]
+
+
+def test_metrics_do_not_tell_whether_an_image_was_sent_lately(server) -> None:
+    import base64
+
+    from .conftest import IMAGES
+
+    url = "data:image/png;base64," + base64.b64encode((IMAGES / "rgb_56x56.png").read_bytes()).decode()
+    before = httpx.get(f"{server.url}/metrics").json()["vision_cache"]
+    cache = server.app.state.engine.loaded.vision_cache
+    hits = cache.hits
+    for _ in range(2):
+        assert (
+            httpx.post(f"{server.base}/chat/completions", json=chat(server, image(url)), timeout=30).status_code == 200
+        )
+    assert cache.hits > hits  # the second one was a hit
+    after = httpx.get(f"{server.url}/metrics").json()["vision_cache"]
+    assert after == before and after["window_s"] >= 60  # but /metrics moves once a window, not per request

@@ -141,6 +141,5 @@ def _add_admin_routes(app: FastAPI) -> None:
                 "time_to_first_token_s": stats.time_to_first_token_s,
                 "latency_s": stats.latency_s,
             }
-            cache = loaded.vision_cache
-            out["vision_cache"] = {"hits": cache.hits, "misses": cache.misses, "entries": len(cache)} if cache else None
+            out["vision_cache"] = counters.vision_cache(loaded.vision_cache)
         return out

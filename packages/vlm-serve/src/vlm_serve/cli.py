@@ -141,7 +141,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         allowed_hosts=tuple(name for names in args.allowed_hosts for name in names.split(",")),
         cors_origins=tuple(args.cors_origin),
         port=args.port,
-        api_key=args.api_key or None,
+        api_key=args.api_key,
         max_concurrency=args.max_concurrency,
         max_tokens_limit=args.max_tokens_limit,
         context_length=args.context_length,

@@ -12,6 +12,7 @@ import re
 import secrets
 import time
 from collections import Counter
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,6 +26,10 @@ OPEN_PATHS = frozenset({"/health"})
 LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
 
+VISION_METRICS_WINDOW_S = 60.0
+"""How often /metrics' vision-cache figures move."""
+
+
 class ServerCounters:
     """HTTP-level counts for /metrics."""
 
@@ -32,6 +37,18 @@ class ServerCounters:
         self.requests: Counter[str] = Counter()
         self.statuses: Counter[int] = Counter()
         self.started = time.time()
+        self._vision: tuple[float, dict[str, Any]] | None = None
+
+    def vision_cache(self, cache: Any) -> dict[str, Any] | None:
+        """The vision cache's hits, misses and entries as of the start of the current window: live figures
+        would tell a client whether someone else sent a given image lately (send it, see a hit)."""
+        if cache is None:
+            return None
+        now = time.monotonic()
+        if self._vision is None or now - self._vision[0] >= VISION_METRICS_WINDOW_S:
+            figures = {"hits": cache.hits, "misses": cache.misses, "entries": len(cache)}
+            self._vision = (now, {**figures, "window_s": VISION_METRICS_WINDOW_S})
+        return self._vision[1]
 
 
 class Guard:

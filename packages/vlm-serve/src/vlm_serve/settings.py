@@ -77,6 +77,10 @@ class ServeSettings:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError(
+                "the API key is empty (--api-key or VLM_API_KEY): give a key, or leave both unset to serve without one"
+            )
         for name in (
             "max_concurrency",
             "max_tokens_limit",
