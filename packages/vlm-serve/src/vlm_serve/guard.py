@@ -19,10 +19,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import error_body, error_headers
 from .settings import ServeSettings
 
-__all__ = ["KNOWN_PATHS", "OPEN_PATHS", "Guard", "ServerCounters"]
+__all__ = ["JSON_POST_PATHS", "KNOWN_PATHS", "OPEN_PATHS", "Guard", "ServerCounters"]
 
 OPEN_PATHS = frozenset({"/health"})
 """Reachable without the API key (load balancers' liveness probes)."""
+JSON_POST_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/unload"}
+)
+"""The routes that take a POST (others answer 404 / 405 as routing decides)."""
 LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
 
@@ -94,7 +98,8 @@ class Guard:
         key = self.settings.api_key
         if key is not None and scope["path"] not in OPEN_PATHS and not _authorized(headers, key):
             return 401, "invalid or missing API key (Authorization: Bearer <key> or x-api-key)"
-        if scope["method"] == "POST" and key is None and not _is_json(headers.get(b"content-type", b"")):
+        posting = scope["method"] == "POST" and scope["path"] in JSON_POST_PATHS
+        if posting and key is None and not _is_json(headers.get(b"content-type", b"")):
             return 415, "POST bodies must be sent as Content-Type: application/json"
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.settings.max_body_bytes:
