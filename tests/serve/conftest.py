@@ -37,10 +37,16 @@ def free_port() -> int:
 
 
 def start(app: Any) -> tuple[Any, threading.Thread, str]:
+    """``app`` served as the command serves it (its settings' connection limits), on a free loopback port."""
+    import dataclasses
+
     import uvicorn
 
+    from vlm_serve.listening import uvicorn_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    settings = dataclasses.replace(app.state.settings, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn_config(app, settings, lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -67,7 +73,7 @@ def make_server(loaded_model: tuple[Any, Any], **options: Any) -> Iterator[Serve
     app = create_app(engine, settings)
     server, thread, url = start(app)
     try:
-        yield Server(url, str(MODEL), app)
+        yield Server(url, MODEL.name, app)  # clients see the folder's name, never its path
     finally:
         server.should_exit = True
         thread.join(20)

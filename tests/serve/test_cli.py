@@ -18,10 +18,14 @@ def test_vlm_serve_subcommand_and_defaults() -> None:
     "argv, says",
     [
         (["--model", "/no/such/model"], "no model folder"),
+        ([], "nothing to serve"),
+        (["--model", "m", "--api-key", ""], "API key is empty"),
+        (["--model", "m", "--api-key", "  "], "API key is empty"),
+        (["--models-dir", "/no/such/dir"], "not a folder"),
         (["--kv-bits", "4", "--max-kv-size", "64"], "cannot be combined"),
         (["--max-kv-size", "0"], "max_kv_size"),
-        (["--allow-local-media", "/no/such/dir"], "not a folder"),
-        (["--max-concurrency", "0"], "max-concurrency"),
+        (["--model", "m", "--allow-local-media", "/no/such/dir"], "not a folder"),
+        (["--model", "m", "--max-concurrency", "0"], "max-concurrency"),
     ],
 )
 def test_bad_flags(capsys, argv, says) -> None:
@@ -31,3 +35,12 @@ def test_bad_flags(capsys, argv, says) -> None:
     assert err.splitlines()[-1].startswith("vlm-serve: error: ") and says in err.splitlines()[-1]
     assert vlm_main(["serve", *argv]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("vlm serve: error: ")
+
+
+def test_an_empty_key_in_the_environment_is_refused_too(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("VLM_API_KEY", "")
+    from vlm_serve.cli import main
+
+    assert main(["--model", "m"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "API key is empty" in lines[0]

@@ -3,11 +3,15 @@ structured output, and the store's bound and expiry."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import jsonschema
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vlm_models import apply_chat_template
 from vlm_runtime import generate
@@ -133,4 +137,96 @@ def test_store_bound_and_expiry(monkeypatch) -> None:
         store.put(name, [{"role": "user", "content": name}], [])
     assert store.get("a") is None and store.get("b") is not None and len(store) == 2
     clock[0] += 11
-    assert store.get("c") is None and len(store) == 0
+    assert store.get("c") is None and len(store) == 0 and store.bytes == 0
+
+
+def stored_size(messages, images) -> int:
+    return len(json.dumps(messages, ensure_ascii=False).encode()) + sum(len(i.encode()) for i in set(images))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.text(max_size=300), st.lists(st.sampled_from(["data:a" * 40, "data:b" * 90, "u" * 7]), max_size=4)
+        ),
+        max_size=40,
+    ),
+    st.integers(1, 2000),
+)
+def test_the_byte_cap_holds_and_media_are_counted_once(turns, cap) -> None:
+    store = ResponseStore(max_bytes=cap, max_entries=1000)
+    kept = {}
+    for index, (text, images) in enumerate(turns):
+        messages = [{"role": "user", "content": text}]
+        if store.put(str(index), messages, images):
+            kept[str(index)] = (messages, images)
+        else:
+            assert stored_size(messages, images) > cap  # refused only when it alone is too large
+        assert store.bytes <= cap
+    alive = {k: v for k, v in kept.items() if store.get(k) is not None}
+    assert all(store.get(k) == (v[0], v[1]) for k, v in alive.items())
+    media = {i for _, images in alive.values() for i in images}
+    text = sum(len(json.dumps(m, ensure_ascii=False).encode()) for m, _ in alive.values())
+    assert store.bytes == text + sum(len(i.encode()) for i in media)  # each image once, however often named
+    if kept:  # the newest that was kept is always there
+        assert max(kept, key=int) in alive
+
+
+def test_a_flood_of_image_responses_stays_under_the_cap(loaded_model) -> None:
+    """Distinct ~50 KB images in every request, stored: the store keeps the newest and stays under its cap;
+    one image named by many stored turns is kept once."""
+    import numpy as np
+    from PIL import Image
+
+    from .conftest import make_server
+
+    def noise(seed: int, side: int = 128) -> str:
+        pixels = np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    cap = 400_000
+    servers = make_server(loaded_model, response_store_bytes=cap)
+    server = next(servers)
+    try:
+        client = openai.OpenAI(base_url=server.base, api_key="x", max_retries=0)
+        store: ResponseStore = server.app.state.responses
+        ids = []
+        for seed in range(24):
+            content = [{"type": "input_image", "image_url": noise(seed)}, {"type": "input_text", "text": "?"}]
+            reply = client.responses.create(
+                model=server.model_id, input=[{"role": "user", "content": content}], max_output_tokens=1
+            )
+            ids.append(reply.id)
+            assert store.bytes <= cap and reply.store
+        assert store.get(ids[-1]) is not None and store.get(ids[0]) is None  # 24 x ~66 KB: the oldest went
+        with pytest.raises(openai.NotFoundError):
+            client.responses.create(model=server.model_id, input="x", previous_response_id=ids[0], max_output_tokens=1)
+        follow = client.responses.create(
+            model=server.model_id, input="and?", previous_response_id=ids[-1], max_output_tokens=1
+        )
+        assert follow.previous_response_id == ids[-1]
+        # The same image in ten chained turns: stored once.
+        image = noise(99)
+        first = client.responses.create(
+            model=server.model_id,
+            input=[{"role": "user", "content": [{"type": "input_image", "image_url": image}]}],
+            max_output_tokens=1,
+        )
+        after_first, previous = store.bytes, first.id
+        for _ in range(9):
+            previous = client.responses.create(
+                model=server.model_id, input="more", previous_response_id=previous, max_output_tokens=1
+            ).id
+        assert store.bytes - after_first < len(image)  # nine more turns cost their text, not the image again
+        big = noise(7, side=400)  # about 640 KB as a data URL, a few hundred tokens
+        assert len(big) > cap
+        content = [{"type": "input_image", "image_url": big}]
+        huge = client.responses.create(
+            model=server.model_id, input=[{"role": "user", "content": content}], max_output_tokens=1
+        )
+        assert huge.store is False and store.get(huge.id) is None  # served, but too large to keep
+    finally:
+        next(servers, None)

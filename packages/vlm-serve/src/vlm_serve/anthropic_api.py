@@ -7,29 +7,26 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .errors import APIError
 from .host import LoadedModel
 from .prompts import ChatRequest, prepare
-from .running import collect, failure, sse, streaming_response, submit
+from .running import collect, failure, sse, streaming_response, submit, while_connected
 from .tools import CallParser, Tool, ToolCall, split_calls
+from .wire import WireModel
 
 __all__ = ["MessagesRequest", "router"]
 
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class ImageSource(_Open):
+class ImageSource(WireModel):
     type: Literal["base64", "url"]
     media_type: str | None = None
     data: str | None = None
     url: str | None = None
 
 
-class ContentBlock(_Open):
+class ContentBlock(WireModel):
     type: str
     text: str | None = None
     source: ImageSource | None = None
@@ -41,34 +38,34 @@ class ContentBlock(_Open):
     is_error: bool | None = None
 
 
-class ToolDefinition(_Open):
+class ToolDefinition(WireModel):
     name: str = Field(min_length=1, max_length=128)
     description: str = ""
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
     type: str | None = None
 
 
-class ToolChoice(_Open):
+class ToolChoice(WireModel):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
 
 
-class Message(_Open):
+class Message(WireModel):
     role: Literal["user", "assistant"]
     content: str | list[ContentBlock]
 
 
-class TextBlock(_Open):
+class TextBlock(WireModel):
     type: Literal["text"]
     text: str
 
 
-class ThinkingOption(_Open):
+class ThinkingOption(WireModel):
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: int | None = Field(default=None, ge=0)
 
 
-class MessagesRequest(_Open):
+class MessagesRequest(WireModel):
     model: str = ""
     max_tokens: int = Field(ge=0)
     messages: list[Message] = Field(min_length=1)
@@ -83,7 +80,7 @@ class MessagesRequest(_Open):
     tool_choice: ToolChoice | None = None
 
 
-class CountTokensRequest(_Open):
+class CountTokensRequest(WireModel):
     model: str = ""
     messages: list[Message] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
@@ -190,17 +187,18 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
 
 
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
-    loaded = await request.app.state.engine.get(body.model)
-    prepared = await prepare(loaded, to_chat_request(body), request.app.state.settings)
+    async with request.app.state.engine.use(body.model) as loaded:
+        chat = to_chat_request(body)
+        prepared = await while_connected(request, prepare(loaded, chat, request.app.state.settings))
     return {"input_tokens": prepared.prompt_tokens}
 
 
 async def messages(body: MessagesRequest, request: Request) -> Any:
-    loaded = await request.app.state.engine.get(body.model)
-    chat = to_chat_request(body)
-    prepared = await prepare(loaded, chat, request.app.state.settings)
+    async with request.app.state.engine.use(body.model) as loaded:
+        chat = to_chat_request(body)
+        prepared = await while_connected(request, prepare(loaded, chat, request.app.state.settings))
+        stream = submit(loaded, prepared)
     message_id = f"msg_{uuid.uuid4().hex}"
-    stream = submit(loaded, prepared)
     parser = prepared.tool_parser("toolu_")
     if body.stream:
         events = _stream(loaded, stream, message_id, prepared.prompt_tokens, parser)

@@ -2,37 +2,32 @@
 
 from __future__ import annotations
 
-import secrets
+import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import anthropic_api, openai_api, responses_api
-from .errors import APIError, error_body, http_status
+from . import anthropic_api, openai_api, openapi, responses_api
+from .errors import APIError, error_body, error_headers, http_status
+from .guard import Guard, ServerCounters
 from .host import ModelHost
 from .settings import ServeSettings
+from .wire import WireModel
 
 __all__ = ["create_app"]
 
-OPEN_PATHS = frozenset({"/health"})
-"""Reachable without the API key (load balancers' liveness probes)."""
+_log = logging.getLogger("vlm_serve")
 
 
-class ServerCounters:
-    """HTTP-level counts for /metrics."""
-
-    def __init__(self) -> None:
-        self.requests: Counter[str] = Counter()
-        self.statuses: Counter[int] = Counter()
-        self.started = time.time()
+class UnloadRequest(WireModel):
+    force: bool = False
 
 
 def create_app(engine: ModelHost | None = None, settings: ServeSettings | None = None) -> FastAPI:
@@ -49,12 +44,13 @@ def create_app(engine: ModelHost | None = None, settings: ServeSettings | None =
     app.state.engine = engine
     app.state.settings = settings
     app.state.counters = ServerCounters()
-    app.state.responses = responses_api.ResponseStore()
+    app.state.responses = responses_api.ResponseStore(max_bytes=settings.response_store_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         body = error_body(exc.status, exc.message, request.url.path, param=exc.param, code=exc.code)
-        return JSONResponse(body, status_code=http_status(exc.status, request.url.path))
+        status = http_status(exc.status, request.url.path)
+        return JSONResponse(body, status_code=status, headers=error_headers(exc.status))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -62,18 +58,28 @@ def create_app(engine: ModelHost | None = None, settings: ServeSettings | None =
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail), request.url.path), status_code=exc.status_code)
+        body = error_body(exc.status_code, str(exc.detail), request.url.path)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)  # a 405's Allow
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        message = f"internal error: {type(exc).__name__}: {exc}"
-        return JSONResponse(error_body(500, message, request.url.path), status_code=500)
+        # The details (which may name files) go to the log, not to the client.
+        _log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
+        return JSONResponse(error_body(500, "internal error", request.url.path), status_code=500)
 
     app.include_router(openai_api.router())
     app.include_router(anthropic_api.router())
     app.include_router(responses_api.router())
     _add_admin_routes(app)
-    app.add_middleware(_Guard, settings=settings, counters=app.state.counters)
+    openapi.install(app)
+    app.add_middleware(Guard, settings=settings, counters=app.state.counters)
+    if settings.cors_origins:  # outside the guard: a browser's preflight carries no key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
     return app
 
 
@@ -105,8 +111,10 @@ def _add_admin_routes(app: FastAPI) -> None:
         return {"status": "ok", "model": loaded.model_id if loaded is not None else None, "loaded": loaded is not None}
 
     @app.post("/unload")
-    async def unload(request: Request) -> dict[str, Any]:
-        unloaded = await request.app.state.engine.unload()
+    async def unload(request: Request, body: UnloadRequest | None = None) -> dict[str, Any]:
+        """Unload the model (the next request that names it loads it again); refused while it has requests in
+        flight unless ``force``, which cancels them."""
+        unloaded = await request.app.state.engine.unload(force=body is not None and body.force)
         return {"unloaded": unloaded}
 
     @app.get("/metrics")
@@ -134,94 +142,5 @@ def _add_admin_routes(app: FastAPI) -> None:
                 "time_to_first_token_s": stats.time_to_first_token_s,
                 "latency_s": stats.latency_s,
             }
-            cache = loaded.vision_cache
-            out["vision_cache"] = {"hits": cache.hits, "misses": cache.misses, "entries": len(cache)} if cache else None
+            out["vision_cache"] = counters.vision_cache(loaded.vision_cache)
         return out
-
-
-class _Guard:
-    """API key, body size limit and counters, before any route runs (pure ASGI: the body is read once here)."""
-
-    def __init__(self, app: ASGIApp, *, settings: ServeSettings, counters: ServerCounters) -> None:
-        self.app, self.settings, self.counters = app, settings, counters
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        self.counters.requests[path if path in _KNOWN else "other"] += 1
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                self.counters.statuses[message["status"]] += 1
-            await send(message)
-
-        key = self.settings.api_key
-        if key is not None and path not in OPEN_PATHS and not _authorized(scope, key):
-            await _reply(
-                counting_send, 401, "invalid or missing API key (Authorization: Bearer <key> or x-api-key)", path
-            )
-            return
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length", b"")
-        limit = self.settings.max_body_bytes
-        if declared.isdigit() and int(declared) > limit:
-            await _reply(counting_send, 413, f"the request body is larger than {limit} bytes", path)
-            return
-        body, more, size = [], True, 0
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await _reply(counting_send, 413, f"the request body is larger than {limit} bytes", path)
-                return
-            body.append(chunk)
-            more = message.get("more_body", False)
-        whole = b"".join(body)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": whole, "more_body": False}
-            return await receive()  # then the disconnect notice, when it comes
-
-        await self.app(scope, replay, counting_send)
-
-
-_KNOWN = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/responses",
-        "/v1/messages",
-        "/v1/messages/count_tokens",
-        "/v1/models",
-        "/models",
-        "/health",
-        "/metrics",
-        "/unload",
-    }
-)
-
-
-def _authorized(scope: Scope, key: str) -> bool:
-    headers = dict(scope["headers"])
-    candidates = [headers.get(b"x-api-key", b"")]
-    auth = headers.get(b"authorization", b"")
-    if auth[:7].lower() == b"bearer ":
-        candidates.append(auth[7:].strip())
-    return any(c and secrets.compare_digest(c, key.encode()) for c in candidates)
-
-
-async def _reply(send: Send, status: int, message: str, path: str) -> None:
-    import json
-
-    body = json.dumps(error_body(status, message, path)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -15,17 +15,41 @@ EXIT_USAGE = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model to serve (local folder or Hugging Face repo id)")
     parser.add_argument(
-        "--model",
+        "--allow-model",
+        action="append",
+        default=[],
+        metavar="M",
+        help="another model (folder or repo id) a request may name; loaded when asked for, one model at a time "
+        "(repeatable)",
+    )
+    parser.add_argument(
+        "--models-dir",
         default=None,
-        help="model to preload (local folder or Hugging Face repo id); "
-        "without it the first request's model is loaded, one at a time",
+        metavar="DIR",
+        help="requests may name the model folders under DIR (NAME or ORG/NAME); loaded when asked for",
     )
     parser.add_argument("--adapter-path", default=None)
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument(
+        "--allowed-hosts",
+        action="append",
+        default=[],
+        metavar="NAMES",
+        help="host names clients may reach this server by, comma-separated (IP addresses and localhost always "
+        "work; .example.com matches subdomains; * turns the check off)",
+    )
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin allowed to call the API, such as https://chat.example.com (repeatable; none by default)",
+    )
     parser.add_argument(
         "--api-key", default=os.environ.get("VLM_API_KEY"), help="require this key (default: $VLM_API_KEY)"
     )
@@ -45,6 +69,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-logprobs-k", type=int, default=20, help="most alternatives a request may ask for")
     parser.add_argument("--allow-local-media", default=None, metavar="DIR", help="allow local image paths under DIR")
     parser.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="fetch image/video URLs from loopback, private and link-local addresses too (refused by default)",
+    )
+    parser.add_argument(
+        "--allow-url-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="a non-public network image/video URLs may still point into (repeatable), such as 10.1.0.0/16",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=36_000_000,
+        metavar="N",
+        help="pixels one image may decode to, checked before decoding; larger JPEGs are decoded at a reduced "
+        "scale, other formats refused (default 36000000)",
+    )
+    parser.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=100_000_000,
+        metavar="N",
+        help="pixels all the images of one request may decode to (default 100000000)",
+    )
+    parser.add_argument(
+        "--response-store-mb",
+        type=int,
+        default=256,
+        metavar="MB",
+        help="memory kept for the Responses API's previous_response_id, images once each (default 256)",
+    )
+    parser.add_argument(
+        "--max-connections", type=int, default=512, help="open connections; one more is answered 503 (default 512)"
+    )
+    parser.add_argument(
+        "--body-timeout", type=float, default=30.0, metavar="S", help="seconds a request body may take (default 30)"
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds a request's headers may take (default 10)",
+    )
+    parser.add_argument(
+        "--max-header-bytes", type=int, default=64 * 1024, metavar="N", help="request line and headers (default 64 KiB)"
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
     )
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -55,14 +129,19 @@ def settings_from(args: argparse.Namespace) -> Any:
 
     from .settings import ServeSettings
 
-    if args.allow_local_media is not None and not Path(args.allow_local_media).is_dir():
-        raise ValueError(f"--allow-local-media {args.allow_local_media}: not a folder")
-    return ServeSettings(
+    for flag, value in (("--allow-local-media", args.allow_local_media), ("--models-dir", args.models_dir)):
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"{flag} {value}: not a folder")
+    settings = ServeSettings(
         model=args.model,
+        allowed_models=tuple(args.allow_model),
+        models_dir=Path(args.models_dir) if args.models_dir else None,
         adapter_path=args.adapter_path,
         host=args.host,
+        allowed_hosts=tuple(name for names in args.allowed_hosts for name in names.split(",")),
+        cors_origins=tuple(args.cors_origin),
         port=args.port,
-        api_key=args.api_key or None,
+        api_key=args.api_key,
         max_concurrency=args.max_concurrency,
         max_tokens_limit=args.max_tokens_limit,
         context_length=args.context_length,
@@ -72,9 +151,21 @@ def settings_from(args: argparse.Namespace) -> Any:
         thinking_budget=args.thinking_budget,
         top_logprobs_k=args.top_logprobs_k,
         allow_local_media=Path(args.allow_local_media) if args.allow_local_media else None,
+        allow_private_urls=args.allow_private_urls,
+        allowed_url_networks=tuple(args.allow_url_network),
+        max_image_pixels=args.max_image_pixels,
+        max_request_pixels=args.max_request_pixels,
+        response_store_bytes=args.response_store_mb * 2**20,
+        max_connections=args.max_connections,
+        body_timeout_s=args.body_timeout,
+        header_timeout_s=args.header_timeout,
+        max_header_bytes=args.max_header_bytes,
         log_level=args.log_level,
         trust_remote_code=args.trust_remote_code,
     )
+    if not (settings.model or settings.allowed_models or settings.models_dir):
+        raise ValueError("nothing to serve: give --model M, --allow-model M or --models-dir DIR")
+    return settings
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -85,17 +176,18 @@ def serve(args: argparse.Namespace) -> None:
     from .app import create_app
     from .errors import APIError
     from .host import ModelHost
+    from .listening import uvicorn_config
 
     settings = settings_from(args)
     engine = ModelHost(settings)
     if settings.model is not None:
         print(f"loading {settings.model} ...", file=sys.stderr)
         try:
-            asyncio.run(engine.get(settings.model))
+            asyncio.run(engine.preload())
         except APIError as e:
             raise ValueError(e.message) from None
     app = create_app(engine, settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.Server(uvicorn_config(app, settings)).run()
 
 
 def register(subparsers: Any) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["APIError", "anthropic_path", "error_body", "http_status"]
+__all__ = ["APIError", "RETRY_AFTER_S", "anthropic_path", "error_body", "error_headers", "http_status"]
+
+RETRY_AFTER_S = 1
+"""What a 503 / 529 (overloaded, busy) tells a client to wait before retrying."""
 
 # HTTP status -> (OpenAI error type, Anthropic error type)
 _TYPES = {
@@ -13,9 +16,10 @@ _TYPES = {
     403: ("permission_error", "permission_error"),
     404: ("not_found_error", "not_found_error"),
     405: ("invalid_request_error", "invalid_request_error"),
+    408: ("invalid_request_error", "invalid_request_error"),
+    409: ("invalid_request_error", "invalid_request_error"),
     413: ("invalid_request_error", "request_too_large"),
     415: ("invalid_request_error", "invalid_request_error"),
-    422: ("invalid_request_error", "invalid_request_error"),
     429: ("rate_limit_error", "rate_limit_error"),
     500: ("server_error", "api_error"),
     503: ("server_error", "overloaded_error"),
@@ -38,6 +42,11 @@ def anthropic_path(path: str) -> bool:
 def http_status(status: int, path: str) -> int:
     """The status code to send: Anthropic's API says "overloaded" with its own 529, where OpenAI's uses 503."""
     return 529 if status == 503 and anthropic_path(path) else status
+
+
+def error_headers(status: int) -> dict[str, str]:
+    """Headers an error response carries: when to retry an overloaded server."""
+    return {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
 
 
 def error_body(

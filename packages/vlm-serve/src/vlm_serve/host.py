@@ -1,9 +1,15 @@
-"""The model the server runs: loaded up front or on the first request that names it, one at a time, together
-with the runtime ``Engine`` that batches its requests."""
+"""The model the server runs, one at a time, together with the runtime ``Engine`` that batches its requests:
+``--model`` loaded up front, or a model a request names, if the operator allowed it (``--allow-model``, or a
+folder under ``--models-dir``). Clients see models by public names, never by paths, and cannot tell a missing
+model from a forbidden one; a request for another model waits for no one and cancels no one: while the current
+model has work, it is refused with a 503 to retry."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,15 +20,20 @@ from .errors import APIError
 from .grammar import GrammarFactory
 from .settings import ServeSettings
 
-__all__ = ["LoadedModel", "ModelHost"]
+__all__ = ["LoadedModel", "ModelCatalog", "ModelHost", "public_name"]
 
 DEFAULT_CONTEXT = 4096
 """Context length for checkpoints whose config does not say."""
+MAX_LISTED = 1000
+"""Most models /v1/models lists from --models-dir."""
+
+_log = logging.getLogger("vlm_serve")
 
 
 @dataclass
 class LoadedModel:
     model_id: str
+    """The public name: what clients send and see."""
     model: Any
     processor: Any
     engine: Engine
@@ -30,10 +41,23 @@ class LoadedModel:
     vision_cache: VisionFeatureCache | None
     created: int = 0
     grammars: GrammarFactory | None = None
+    vocabulary_size: int = 0
+    """Width of the model's logits: the bound on token ids a request may name (logit_bias)."""
+    source: str = ""
+    """Where it was loaded from (a path or a repo id); requests may name it by that too."""
+    holds: int = 0
+    """Requests between choosing this model and handing their prompt to its engine."""
 
     def __post_init__(self) -> None:
         if self.grammars is None:
             self.grammars = GrammarFactory(self.processor)
+
+    def answers_to(self, requested: str) -> bool:
+        return requested in (self.model_id, self.source)
+
+    def busy(self) -> bool:
+        stats = self.engine.stats()
+        return self.holds > 0 or stats.active + stats.waiting > 0
 
 
 def context_length_of(config: dict[str, Any]) -> int:
@@ -45,11 +69,67 @@ def context_length_of(config: dict[str, Any]) -> int:
     return DEFAULT_CONTEXT
 
 
+def public_name(source: str) -> str:
+    """What clients call a model: a local folder by its name, a Hugging Face repo by its id."""
+    return Path(source).name if Path(source).exists() else source
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    name: str
+    source: str
+
+
+class ModelCatalog:
+    """The models clients may name: ``--model``, each ``--allow-model``, and the folders under ``--models-dir``
+    that hold a config.json (named by their path inside it, such as ``Qwen/Qwen2-VL-2B-Instruct``)."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        listed = [settings.model] if settings.model else []
+        self._fixed = [ModelChoice(public_name(s), s) for s in dict.fromkeys([*listed, *settings.allowed_models])]
+        self._root = settings.models_dir
+
+    def find(self, requested: str) -> ModelChoice | None:
+        for choice in self._fixed:
+            if requested in (choice.name, choice.source):
+                return choice
+        relative = self._inside_root(requested)
+        if relative is None:
+            return None
+        return ModelChoice(relative, str(self._root / relative))
+
+    def names(self) -> list[str]:
+        names = [c.name for c in self._fixed]
+        if self._root is not None:
+            found = sorted({str(c.parent.relative_to(self._root)) for c in self._configs()})
+            names += found[:MAX_LISTED]
+        return list(dict.fromkeys(names))
+
+    def _inside_root(self, requested: str) -> str | None:
+        """``requested`` as a folder under the root holding a model, or None: absolute paths, ``..``, empty or
+        odd parts are never looked up, so nothing outside the root can be named or probed."""
+        if self._root is None or not requested or "\0" in requested or "\\" in requested:
+            return None
+        parts = requested.split("/")
+        if any(part in ("", ".", "..") or part.startswith("~") for part in parts):
+            return None
+        try:
+            found = (self._root.joinpath(*parts) / "config.json").is_file()
+        except (OSError, ValueError):
+            return None
+        return "/".join(parts) if found else None
+
+    def _configs(self) -> list[Path]:
+        assert self._root is not None
+        return [*self._root.glob("*/config.json"), *self._root.glob("*/*/config.json")]
+
+
 class ModelHost:
-    """Owns at most one loaded model and its engine. ``get`` is called from the event loop."""
+    """Owns at most one loaded model and its engine. Used from the event loop."""
 
     def __init__(self, settings: ServeSettings, loaded: LoadedModel | None = None) -> None:
         self.settings = settings
+        self.catalog = ModelCatalog(settings)
         self._loaded = loaded
         self._lock = asyncio.Lock()
 
@@ -65,68 +145,102 @@ class ModelHost:
         return self._loaded
 
     def served_ids(self) -> list[str]:
-        if self._loaded is not None:
-            return [self._loaded.model_id]
-        return [self.settings.model] if self.settings.model else []
+        names = [self._loaded.model_id] if self._loaded is not None else []
+        return list(dict.fromkeys([*names, *self.catalog.names()]))
 
-    def _accepts(self, requested: str, served: str) -> bool:
-        return requested in (served, Path(served).name)
+    async def preload(self) -> None:
+        """Load ``--model`` now (the command does, before it listens); failures raise as they are, for the
+        operator to read."""
+        if self.settings.model:
+            choice = self.catalog.find(self.settings.model)
+            assert choice is not None
+            self._loaded = await asyncio.to_thread(self._open, choice)
 
-    async def get(self, requested: str | None) -> LoadedModel:
-        """The model for a request naming ``requested``; loads it when needed (404 when it cannot be)."""
-        fixed = self.settings.model
+    @asynccontextmanager
+    async def use(self, requested: str | None) -> AsyncIterator[LoadedModel]:
+        """The model for a request naming ``requested`` (loaded when needed), held so that no other request
+        swaps it out until the block ends; by then the request is in its engine, whose work also holds it."""
+        loaded = await self._get(requested or "")
+        loaded.holds += 1  # no await since _get returned: nothing can have swapped it in between
+        try:
+            yield loaded
+        finally:
+            loaded.holds -= 1
+
+    async def _get(self, requested: str) -> LoadedModel:
         current = self._loaded
-        if current is not None and (not requested or self._accepts(requested, current.model_id)):
+        if current is not None and (not requested or current.answers_to(requested)):
             return current
-        if fixed is not None and requested and not self._accepts(requested, fixed):
+        if not requested:
+            raise APIError(400, "no model is loaded; name one in the request's 'model' field", param="model")
+        choice = self.catalog.find(requested)
+        if choice is None:
             raise APIError(
                 404,
-                f"model {requested!r} is not served here (this server runs {fixed!r})",
+                f"model {requested[:200]!r} is not available on this server (the models endpoint lists those that are)",
                 param="model",
                 code="model_not_found",
             )
-        target = fixed or requested
-        if not target:
-            raise APIError(400, "no model is loaded; name one in the request's 'model' field", param="model")
         async with self._lock:
             current = self._loaded
-            if current is not None and self._accepts(target, current.model_id):
+            if current is not None and current.answers_to(choice.name):
                 return current
             if current is not None:
-                await asyncio.to_thread(self._unload)  # joining the engine thread must not stall the loop
-            self._loaded = await asyncio.to_thread(self._load, target)
+                if current.busy():
+                    raise APIError(
+                        503,
+                        f"this server is busy with model {current.model_id!r}; {choice.name!r} can be loaded once "
+                        "its requests are done",
+                        param="model",
+                    )
+                self._loaded = None  # at once: no request picks the old model up from here on
+                await asyncio.to_thread(current.engine.close)  # joining its thread must not stall the loop
+            self._loaded = await asyncio.to_thread(self._load, choice)
             return self._loaded
 
-    def _load(self, target: str) -> LoadedModel:
+    def _load(self, choice: ModelChoice) -> LoadedModel:
+        try:
+            return self._open(choice)
+        except (ValueError, OSError) as e:  # the reason may name paths: for the operator, not the client
+            _log.error("cannot load model %s from %s: %s", choice.name, choice.source, e)
+            raise APIError(500, f"model {choice.name!r} could not be loaded (the server's log says why)") from e
+
+    def _open(self, choice: ModelChoice) -> LoadedModel:
         from vlm_models import load
         from vlm_models.loading import load_config, resolve_model_path
 
-        try:
-            model, processor = load(
-                target, adapter_path=self.settings.adapter_path, trust_remote_code=self.settings.trust_remote_code
-            )
-            config = load_config(resolve_model_path(target))
-        except (ValueError, OSError) as e:
-            raise APIError(404, f"cannot load model {target!r}: {e}", param="model", code="model_not_found") from e
-        context = self.settings.context_length or context_length_of(config)
-        return _start(target, model, processor, self.settings, context)
+        settings = self.settings
+        model, processor = load(
+            choice.source, adapter_path=settings.adapter_path, trust_remote_code=settings.trust_remote_code
+        )
+        context = settings.context_length or context_length_of(load_config(resolve_model_path(choice.source)))
+        return _start(choice.source, model, processor, settings, context, name=choice.name)
 
-    async def unload(self) -> str | None:
+    async def unload(self, *, force: bool = False) -> str | None:
+        """Unload the model; refused (409) while it has work, unless ``force``, which cancels that work."""
         async with self._lock:
-            return await asyncio.to_thread(self._unload)
-
-    def _unload(self) -> str | None:
-        current, self._loaded = self._loaded, None
-        if current is None:
-            return None
-        current.engine.close()
-        return current.model_id
+            current = self._loaded
+            if current is None:
+                return None
+            if current.busy() and not force:
+                raise APIError(
+                    409,
+                    f"model {current.model_id!r} has requests in flight; unloading it would cancel them "
+                    '(send {"force": true} to do that)',
+                )
+            self._loaded = None
+            await asyncio.to_thread(current.engine.close)
+            return current.model_id
 
     def close(self) -> None:
-        self._unload()
+        current, self._loaded = self._loaded, None
+        if current is not None:
+            current.engine.close()
 
 
-def _start(model_id: str, model: Any, processor: Any, settings: ServeSettings, context_length: int) -> LoadedModel:
+def _start(
+    source: str, model: Any, processor: Any, settings: ServeSettings, context_length: int, *, name: str | None = None
+) -> LoadedModel:
     import time
 
     cache = VisionFeatureCache(settings.vision_cache_size) if settings.vision_cache_size else None
@@ -139,5 +253,20 @@ def _start(model_id: str, model: Any, processor: Any, settings: ServeSettings, c
         cache_settings=settings.cache,
     )
     return LoadedModel(
-        model_id, model, processor, engine, settings.context_length or context_length, cache, int(time.time())
+        name or public_name(source),
+        model,
+        processor,
+        engine,
+        settings.context_length or context_length,
+        cache,
+        int(time.time()),
+        vocabulary_size=_vocabulary_size(model),
+        source=source,
     )
+
+
+def _vocabulary_size(model: Any) -> int:
+    """The logits' width, from shapes alone: MLX knows an expression's shape without evaluating it."""
+    import mlx.core as mx
+
+    return int(model.compute_logits(model.embed_tokens(mx.zeros((1, 1), dtype=mx.int32))).shape[-1])

@@ -1,27 +1,34 @@
-"""Images and videos named in requests, fetched under the server's policy: http(s) with a size cap and a total
-timeout, ``data:`` URLs, and local files only under ``--allow-local-media``."""
+"""Images and videos named in requests, fetched under the server's policy: http(s) from public addresses (see
+``fetching``) with a size cap and a total timeout, ``data:`` URLs, and local files only under
+``--allow-local-media``."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import ipaddress
 import urllib.parse
 from pathlib import Path
 
-import httpx
 from PIL import Image
 
-from vlm_models.processors.image import ImageLoadError, load_image
+from vlm_models.processors.image import ImageLoadError, ImageTooLarge, PixelBudget, load_image
 
 from .errors import APIError
+from .fetching import AddressPolicy, FetchError, fetch
 from .settings import ServeSettings
 
-__all__ = ["fetch_image", "fetch_video"]
+__all__ = ["fetch_image", "fetch_video", "pixel_budget"]
 
 
-async def fetch_image(source: str, settings: ServeSettings) -> Image.Image:
-    """The picture ``source`` names, or a 400 saying why not."""
+def pixel_budget(settings: ServeSettings) -> PixelBudget:
+    """A fresh budget for one request's images."""
+    return PixelBudget(settings.max_image_pixels, settings.max_request_pixels)
+
+
+async def fetch_image(source: str, settings: ServeSettings, budget: PixelBudget) -> Image.Image:
+    """The picture ``source`` names, decoded within ``budget``, or a 400 saying why not."""
     if not isinstance(source, str) or not source:
         raise APIError(400, "an image source must be a non-empty string")
     scheme = (
@@ -31,17 +38,18 @@ async def fetch_image(source: str, settings: ServeSettings) -> Image.Image:
         if source[:5].lower() == "data:":
             if len(source) * 3 // 4 > settings.max_media_bytes:
                 raise APIError(413, f"data URL image is larger than {settings.max_media_bytes} bytes")
-            return await asyncio.to_thread(load_image, source)
+            return await asyncio.to_thread(load_image, source, budget)
         if scheme in ("http", "https"):
             data = await _download(source, settings, "image")
-            return await asyncio.to_thread(load_image, data)
+            return await _decode_remote(data, source, budget)
         if scheme == "file":
-            return await asyncio.to_thread(
-                load_image, _local_path(urllib.parse.unquote(urllib.parse.urlsplit(source).path), settings)
-            )
+            path = _local_path(urllib.parse.unquote(urllib.parse.urlsplit(source).path), settings)
+            return await asyncio.to_thread(load_image, path, budget)
         if scheme:
             raise APIError(400, f"unsupported image URL scheme {scheme!r}: use http(s) or a data: URL")
-        return await asyncio.to_thread(load_image, _local_path(source, settings))
+        return await asyncio.to_thread(load_image, _local_path(source, settings), budget)
+    except ImageTooLarge as e:
+        raise APIError(400, str(e), code="image_too_large") from e
     except ImageLoadError as e:
         raise APIError(400, str(e), code="invalid_image") from e
 
@@ -63,6 +71,17 @@ async def fetch_video(source: str, settings: ServeSettings) -> bytes | Path:
     return _local_path(source, settings, "video")
 
 
+async def _decode_remote(data: bytes, url: str, budget: PixelBudget) -> Image.Image:
+    """Decoded without echoing what the remote sent (its size, its format) back to the client."""
+    try:
+        return await asyncio.to_thread(load_image, data, budget)
+    except ImageTooLarge as e:
+        message = f"the image at {url[:200]} has more pixels than this server takes ({budget.per_image} per image)"
+        raise APIError(400, message, code="image_too_large") from e
+    except ImageLoadError as e:
+        raise APIError(400, f"the data at {url[:200]} is not an image", code="invalid_image") from e
+
+
 def _video_data_url(url: str, settings: ServeSettings) -> bytes:
     header, _, payload = url.partition(",")
     params = header[5:].split(";")
@@ -82,33 +101,31 @@ def _local_path(raw: str, settings: ServeSettings, kind: str = "image") -> Path:
         raise APIError(
             400, f"local {kind} paths are not allowed on this server (start it with --allow-local-media DIR)"
         )
-    path = Path(raw).expanduser()
-    resolved = (root / path if not path.is_absolute() else path).resolve()
+    if "\0" in raw:
+        raise APIError(400, f"a local {kind} path cannot hold a NUL byte")
+    path = Path(raw)
+    try:
+        resolved = (root / path if not path.is_absolute() else path).resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # a symlink loop, a name the file system refuses
+        raise APIError(400, f"cannot use the local {kind} path {raw[:200]!r}") from e
     if not resolved.is_relative_to(root):
         raise APIError(403, f"local {kind} paths must be inside the folder given to --allow-local-media")
     return resolved
 
 
 async def _download(url: str, settings: ServeSettings, kind: str) -> bytes:
-    cap = settings.max_media_bytes
     try:
-        async with asyncio.timeout(settings.media_timeout_s):
-            async with httpx.AsyncClient(follow_redirects=True, max_redirects=5) as client:
-                headers = {"Accept": f"{kind}/*", "User-Agent": "vlm-serve"}
-                async with client.stream("GET", url, headers=headers) as response:
-                    if response.status_code >= 400:
-                        raise APIError(400, f"cannot fetch {kind} {url[:200]}: HTTP {response.status_code}")
-                    length = response.headers.get("content-length", "")
-                    if length.isdigit() and int(length) > cap:
-                        raise APIError(413, f"{kind} at {url[:200]} is larger than {cap} bytes")
-                    chunks, size = [], 0
-                    async for chunk in response.aiter_bytes():
-                        size += len(chunk)
-                        if size > cap:
-                            raise APIError(413, f"{kind} at {url[:200]} is larger than {cap} bytes")
-                        chunks.append(chunk)
-    except TimeoutError as e:
-        raise APIError(400, f"fetching {kind} {url[:200]} took longer than {settings.media_timeout_s} s") from e
-    except httpx.HTTPError as e:
-        raise APIError(400, f"cannot fetch {kind} {url[:200]}: {type(e).__name__}: {e}") from e
-    return b"".join(chunks)
+        return await fetch(
+            url,
+            policy=address_policy(settings),
+            max_bytes=settings.max_media_bytes,
+            timeout_s=settings.media_timeout_s,
+            kind=kind,
+        )
+    except FetchError as e:
+        raise APIError(e.status, str(e)) from e
+
+
+def address_policy(settings: ServeSettings) -> AddressPolicy:
+    networks = tuple(ipaddress.ip_network(n, strict=False) for n in settings.allowed_url_networks)
+    return AddressPolicy(settings.allow_private_urls, networks)

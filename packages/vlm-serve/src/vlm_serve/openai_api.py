@@ -9,30 +9,27 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .errors import APIError
 from .grammar import json_schema_grammar, response_format_schema
 from .host import LoadedModel
 from .prompts import ChatRequest, prepare, token_text
-from .running import collect, failure, sse, streaming_response, submit
+from .running import collect, failure, sse, streaming_response, submit, while_connected
 from .tools import CallParser, Tool, ToolCall, split_calls
+from .wire import WireModel
 
 __all__ = ["ChatCompletionRequest", "router"]
 
 FINISH = {"stop": "stop", "length": "length"}
 
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class ImageURL(_Open):
+class ImageURL(WireModel):
     url: str
     detail: str | None = None
 
 
-class ContentPart(_Open):
+class ContentPart(WireModel):
     type: str
     text: str | None = None
     image_url: ImageURL | str | None = None
@@ -40,18 +37,18 @@ class ContentPart(_Open):
     input_audio: dict[str, Any] | None = None
 
 
-class FunctionCall(_Open):
+class FunctionCall(WireModel):
     name: str
     arguments: str | dict[str, Any] = "{}"
 
 
-class ToolCallIn(_Open):
+class ToolCallIn(WireModel):
     id: str = ""
     type: str = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Open):
+class ChatMessage(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -59,23 +56,23 @@ class ChatMessage(_Open):
     tool_call_id: str | None = None
 
 
-class FunctionDefinition(_Open):
+class FunctionDefinition(WireModel):
     name: str = Field(min_length=1, max_length=64)
     description: str = ""
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDefinition(_Open):
+class ToolDefinition(WireModel):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class StreamOptions(_Open):
+class StreamOptions(WireModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Open):
+class ChatCompletionRequest(WireModel):
     model: str = ""
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=0)
@@ -85,10 +82,10 @@ class ChatCompletionRequest(_Open):
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**64)
     stop: str | list[str] | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -241,11 +238,11 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     settings = request.app.state.settings
-    loaded = await request.app.state.engine.get(body.model)
-    prepared = await prepare(loaded, to_chat_request(body), settings)
+    async with request.app.state.engine.use(body.model) as loaded:
+        prepared = await while_connected(request, prepare(loaded, to_chat_request(body), settings))
+        stream = submit(loaded, prepared)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    stream = submit(loaded, prepared)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         parser = prepared.tool_parser()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ from vlm_runtime.thinking import resolve_thinking_tokens
 
 from .errors import APIError
 from .host import LoadedModel
-from .media import fetch_image, fetch_video
+from .media import fetch_image, fetch_video, pixel_budget
 from .settings import ServeSettings
 from .tools import CallParser, Tool, ToolFormat, render_tools, resolve_choice, tool_format_for
 
@@ -64,7 +65,7 @@ class PreparedRequest:
 
 async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSettings) -> PreparedRequest:
     """Validate the options and build the engine inputs; every problem is a 4xx ``APIError``."""
-    sampling, config, thinking = _options(request, settings)
+    sampling, config, thinking = _options(request, settings, loaded.vocabulary_size)
     enable = settings.enable_thinking if request.enable_thinking is None else request.enable_thinking
     if thinking.budget is not None:
         try:
@@ -94,32 +95,20 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
     processor = loaded.processor
     if request.videos and not getattr(processor, "supports_video", False):
         raise APIError(400, "this model does not take video input", param="messages", code="unsupported_media")
-    images = await asyncio.gather(*(fetch_image(source, settings) for source in request.images))
-    videos = await asyncio.gather(*(fetch_video(source, settings) for source in request.videos))
-
-    def tokenize() -> dict[str, Any]:
-        prompt = apply_chat_template(
-            processor, None, messages, enable_thinking=True if enable else None, tools=template_tools
-        )
-        return processor(prompt, list(images), list(videos)) if videos else processor(prompt, list(images))
-
+    abandoned = threading.Event()
     try:
-        inputs = await asyncio.to_thread(tokenize)
-    except APIError:
+        prompt = await _in_thread(_render, loaded, messages, enable, template_tools, abandoned)
+        budget = pixel_budget(settings)
+        images = await asyncio.gather(*(fetch_image(source, settings, budget) for source in request.images))
+        videos = await asyncio.gather(*(fetch_video(source, settings) for source in request.videos))
+        inputs = await _in_thread(_tokenize, processor, prompt, list(images), list(videos))
+    except asyncio.CancelledError:
+        abandoned.set()  # the client has gone: the thread stops at its next chunk
         raise
-    except VideoLoadError as e:
-        raise APIError(400, str(e), code="invalid_video") from e
-    except Exception as e:  # template errors (jinja raises its own types), slot/image count mismatches
-        raise APIError(400, f"cannot format the conversation: {e}") from e
     prompt_tokens = int(inputs["input_ids"].shape[-1])
     room = loaded.context_length - prompt_tokens
     if room < 1:
-        raise APIError(
-            400,
-            f"the prompt is {prompt_tokens} tokens; this model's context is {loaded.context_length} tokens",
-            param="messages",
-            code="context_length_exceeded",
-        )
+        raise _too_long(f"the prompt is {prompt_tokens} tokens", loaded.context_length)
     wanted = request.max_tokens if request.max_tokens is not None else settings.max_tokens_limit
     config = GenerationConfig(
         max_tokens=min(wanted, settings.max_tokens_limit, room),
@@ -133,13 +122,79 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
     )
 
 
-def _options(request: ChatRequest, settings: ServeSettings) -> tuple[SamplingParams, GenerationConfig, ThinkingConfig]:
+COUNT_CHUNK_CHARS = 16_384
+"""Text tokenized at a time while a long prompt is counted against the context."""
+COUNT_ABOVE_CHARS_PER_TOKEN = 4
+"""Prompts longer than this many characters per context token are counted chunk by chunk before the real
+tokenization: up to there, tokenizing the whole text costs about as much as counting it."""
+CHUNK_SLACK_TOKENS = 8
+"""Tokens a cut between two chunks may add to the count (a word or a special token split in two)."""
+
+
+async def _in_thread(function: Any, *args: Any) -> Any:
+    """``function(*args)`` on a worker thread; its failures become 400s."""
+    try:
+        return await asyncio.to_thread(function, *args)
+    except (APIError, asyncio.CancelledError):
+        raise
+    except VideoLoadError as e:
+        raise APIError(400, str(e), code="invalid_video") from e
+    except Exception as e:  # template errors (jinja raises its own types), slot/image count mismatches
+        raise APIError(400, f"cannot format the conversation: {e}") from e
+
+
+def _render(
+    loaded: LoadedModel, messages: list[dict[str, Any]], enable: bool, tools: Any, abandoned: threading.Event
+) -> str:
+    """The chat-formatted prompt, refused when it is certainly longer than the context."""
+    prompt = apply_chat_template(
+        loaded.processor, None, messages, enable_thinking=True if enable else None, tools=tools
+    )
+    _refuse_beyond_context(loaded.processor, prompt, loaded.context_length, abandoned)
+    return prompt
+
+
+def _refuse_beyond_context(processor: Any, prompt: str, context: int, abandoned: threading.Event) -> None:
+    """Count a long prompt's tokens a chunk at a time and stop as soon as the count is past the context, so a
+    far-too-long prompt costs about ``context`` tokens of tokenizing, whatever its length; the exact count comes
+    from the real tokenization, for prompts that may fit."""
+    if len(prompt) <= COUNT_ABOVE_CHARS_PER_TOKEN * context:
+        return
+    counted = 0
+    for chunks, start in enumerate(range(0, len(prompt), COUNT_CHUNK_CHARS), start=1):
+        if abandoned.is_set():
+            raise asyncio.CancelledError
+        counted += len(processor.encode(prompt[start : start + COUNT_CHUNK_CHARS]))
+        if counted > context + CHUNK_SLACK_TOKENS * chunks:
+            raise _too_long(f"the prompt is more than {context} tokens", context)
+
+
+def _tokenize(processor: Any, prompt: str, images: list[Any], videos: list[Any]) -> dict[str, Any]:
+    return processor(prompt, images, videos) if videos else processor(prompt, images)
+
+
+def _too_long(what: str, context: int) -> APIError:
+    return APIError(
+        400, f"{what}; this model's context is {context} tokens", param="messages", code="context_length_exceeded"
+    )
+
+
+def _options(
+    request: ChatRequest, settings: ServeSettings, vocabulary_size: int
+) -> tuple[SamplingParams, GenerationConfig, ThinkingConfig]:
     if request.top_logprobs > settings.top_logprobs_k:
         raise APIError(
             400, f"top_logprobs must be at most {settings.top_logprobs_k} on this server", param="top_logprobs"
         )
     if request.max_tokens is not None and request.max_tokens < 0:
         raise APIError(400, "max_tokens must be >= 0", param="max_tokens")
+    outside = [t for t in request.sampling.get("logit_bias") or () if not 0 <= t < vocabulary_size]
+    if outside:
+        raise APIError(
+            400,
+            f"logit_bias names token {outside[0]}; this model's token ids are 0..{vocabulary_size - 1}",
+            param="logit_bias",
+        )
     budget = settings.thinking_budget if request.thinking_budget is None else request.thinking_budget
     try:
         sampling = SamplingParams(**request.sampling)

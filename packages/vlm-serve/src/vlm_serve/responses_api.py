@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -11,13 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .errors import APIError
 from .grammar import json_schema_grammar, response_format_schema
 from .prompts import ChatRequest, prepare
-from .running import collect, failure, sse, streaming_response, submit
+from .running import collect, failure, sse, streaming_response, submit, while_connected
 from .tools import CallParser, Tool, ToolCall, split_calls
+from .wire import WireModel
 
 __all__ = ["ResponseStore", "ResponsesRequest", "router"]
 
@@ -25,27 +27,50 @@ __all__ = ["ResponseStore", "ResponsesRequest", "router"]
 @dataclass
 class _Stored:
     messages: list[dict[str, Any]]
-    images: list[str]
+    media: list[str]
+    """Digests of the conversation's images, in order."""
+    size: int
+    """Bytes charged for the messages (the media are charged once each, in the store's media table)."""
     expires: float
 
 
 class ResponseStore:
-    """Conversations by response id, for ``previous_response_id``: at most ``max_entries``, each kept for
-    ``ttl_s`` seconds; the oldest go first."""
+    """Conversations by response id, for ``previous_response_id``: at most ``max_bytes`` in all and
+    ``max_entries`` entries, each kept for ``ttl_s`` seconds; the oldest go first. Images are kept once per
+    content digest however many stored turns name them (a ``data:`` URL is most of a request's bytes), and
+    counted against ``max_bytes`` once; a conversation that alone is over ``max_bytes`` is not stored."""
 
-    def __init__(self, max_entries: int = 1024, ttl_s: float = 3600.0) -> None:
-        self.max_entries, self.ttl_s = max_entries, ttl_s
+    def __init__(self, max_bytes: int = 256 * 2**20, max_entries: int = 1024, ttl_s: float = 3600.0) -> None:
+        self.max_bytes, self.max_entries, self.ttl_s = max_bytes, max_entries, ttl_s
         self._items: OrderedDict[str, _Stored] = OrderedDict()
+        self._media: dict[str, tuple[str, int]] = {}  # digest -> (source, how many entries name it)
+        self.bytes = 0
 
-    def put(self, response_id: str, messages: list[dict[str, Any]], images: list[str]) -> None:
+    def put(self, response_id: str, messages: list[dict[str, Any]], images: list[str]) -> bool:
+        """Keep a conversation; False when it is too large to keep at all."""
         self._expire()
-        self._items[response_id] = _Stored(messages, images, time.monotonic() + self.ttl_s)
-        while len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
+        size = len(json.dumps(messages, ensure_ascii=False).encode())
+        digests = [hashlib.sha256(source.encode()).hexdigest() for source in images]
+        sizes = {d: len(s.encode()) for d, s in zip(digests, images, strict=True)}
+        if size + sum(sizes.values()) > self.max_bytes:
+            return False
+        new_media = {d: n for d, n in sizes.items() if d not in self._media}
+        for digest, source in zip(digests, images, strict=True):
+            held, count = self._media.get(digest, (source, 0))
+            self._media[digest] = (held, count + 1)
+        self.bytes += size + sum(new_media.values())
+        self._items[response_id] = _Stored(messages, digests, size, time.monotonic() + self.ttl_s)
+        while self.bytes > self.max_bytes or len(self._items) > self.max_entries:
+            self._drop_oldest()
+        return True
 
-    def get(self, response_id: str) -> _Stored | None:
+    def get(self, response_id: str) -> tuple[list[dict[str, Any]], list[str]] | None:
+        """The stored conversation's messages and image sources."""
         self._expire()
-        return self._items.get(response_id)
+        stored = self._items.get(response_id)
+        if stored is None:
+            return None
+        return list(stored.messages), [self._media[d][0] for d in stored.media]
 
     def __len__(self) -> int:
         return len(self._items)
@@ -53,20 +78,27 @@ class ResponseStore:
     def _expire(self) -> None:
         now = time.monotonic()
         while self._items and next(iter(self._items.values())).expires <= now:
-            self._items.popitem(last=False)
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        _, stored = self._items.popitem(last=False)
+        self.bytes -= stored.size
+        for digest in stored.media:
+            source, count = self._media[digest]
+            if count == 1:
+                del self._media[digest]
+                self.bytes -= len(source.encode())
+            else:
+                self._media[digest] = (source, count - 1)
 
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class InputPart(_Open):
+class InputPart(WireModel):
     type: str
     text: str | None = None
     image_url: str | None = None
 
 
-class InputItem(_Open):
+class InputItem(WireModel):
     type: str | None = None
     role: Literal["user", "assistant", "system", "developer"] | None = None
     content: str | list[InputPart] | None = None
@@ -76,18 +108,18 @@ class InputItem(_Open):
     output: str | list[dict[str, Any]] | None = None
 
 
-class FunctionTool(_Open):
+class FunctionTool(WireModel):
     type: Literal["function"]
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
 
-class TextOptions(_Open):
+class TextOptions(WireModel):
     format: dict[str, Any] | None = None
 
 
-class ResponsesRequest(_Open):
+class ResponsesRequest(WireModel):
     model: str = ""
     input: str | list[InputItem]
     instructions: str | None = None
@@ -115,7 +147,7 @@ def _conversation(body: ResponsesRequest, store: ResponseStore) -> tuple[list[di
                 f"previous response {body.previous_response_id!r} not found (or expired)",
                 param="previous_response_id",
             )
-        messages, images = list(stored.messages), list(stored.images)
+        messages, images = stored
     items = [InputItem(role="user", content=body.input)] if isinstance(body.input, str) else body.input
     for item in items:
         kind = item.type or "message"
@@ -172,7 +204,6 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> str:
 
 async def create_response(body: ResponsesRequest, request: Request) -> Any:
     store: ResponseStore = request.app.state.responses
-    loaded = await request.app.state.engine.get(body.model)
     history, images = _conversation(body, store)
     messages = ([{"role": "system", "content": body.instructions}] if body.instructions else []) + history
     schema = None
@@ -191,8 +222,9 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
         tools=[Tool(t.name, t.description or "", t.parameters or {"type": "object"}) for t in body.tools or []],
         tool_choice=_tool_choice(body.tool_choice),
     )
-    prepared = await prepare(loaded, chat, request.app.state.settings)
-    stream = submit(loaded, prepared)
+    async with request.app.state.engine.use(body.model) as loaded:
+        prepared = await while_connected(request, prepare(loaded, chat, request.app.state.settings))
+        stream = submit(loaded, prepared)
     builder = _Builder(body, loaded.model_id, prepared.tool_parser())
 
     def remember(text: str, calls: list[ToolCall]) -> None:
@@ -201,7 +233,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
         turn: dict[str, Any] = {"role": "assistant", "content": text}
         if calls:
             turn["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]
-        store.put(builder.id, history + [turn], images)
+        builder.stored = store.put(builder.id, history + [turn], images)
 
     if body.stream:
         return streaming_response(builder.stream(stream, remember), stream)
@@ -220,6 +252,8 @@ class _Builder:
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.sequence = 0
+        self.stored = body.store is not False
+        """Whether the store kept (or will keep) this response: false too when it was too large to keep."""
 
     def split(self, text: str, *, final: bool) -> tuple[str, list[ToolCall]]:
         return split_calls(self.parser, text, final=final)
@@ -275,7 +309,7 @@ class _Builder:
             "top_p": body.top_p,
             "max_output_tokens": body.max_output_tokens,
             "text": {"format": (body.text.format if body.text and body.text.format else {"type": "text"})},
-            "store": body.store is not False,
+            "store": self.stored,
             "metadata": body.metadata or {},
             "usage": None
             if last is None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -17,9 +17,28 @@ from .errors import APIError
 from .host import LoadedModel
 from .prompts import PreparedRequest
 
-__all__ = ["Outcome", "collect", "sse", "streaming_response", "submit"]
+__all__ = ["CLIENT_GONE", "Outcome", "collect", "sse", "streaming_response", "submit", "while_connected"]
 
 DISCONNECT_POLL_S = 0.25
+CLIENT_GONE = 499
+"""The status logged for a request whose client left before the answer (nginx's "client closed request")."""
+
+T = TypeVar("T")
+
+
+async def while_connected(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, or, when the client disconnects first, ``work`` cancelled: a prompt is not prepared
+    (images fetched, text rendered and counted) for nobody."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(CLIENT_GONE, "the client closed the connection")
+    finally:
+        task.cancel()
 
 
 def submit(loaded: LoadedModel, prepared: PreparedRequest) -> RequestStream:

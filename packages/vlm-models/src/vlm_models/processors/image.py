@@ -12,6 +12,7 @@ import binascii
 import http.client
 import io
 import re
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,7 +26,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "ImageLoadError",
     "ImageSource",
+    "ImageTooLarge",
     "MAX_IMAGE_BYTES",
+    "PixelBudget",
     "SampleBatching",
     "concatenate_padded",
     "image_settings",
@@ -49,6 +52,10 @@ _DATA_URL = re.compile(r"^data:([^,]*),", re.DOTALL)
 
 class ImageLoadError(ValueError):
     """An image source could not be turned into a picture; the message names the source."""
+
+
+class ImageTooLarge(ImageLoadError):
+    """An image holds more pixels than a ``PixelBudget`` allows."""
 
 
 def _describe(source: object) -> str:
@@ -75,13 +82,57 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode(data: bytes, name: str) -> Image.Image:
+class PixelBudget:
+    """How many pixels images may decode to, checked from their headers before any pixel is decoded: at most
+    ``per_image`` each (a JPEG over it is decoded at 1/2, 1/4 or 1/8 scale instead, by libjpeg's DCT scaling,
+    when that brings it under) and, when ``total`` is set, at most that many for all the images drawn from one
+    budget together (a server makes one per request). Thread-safe: a request's images decode in parallel."""
+
+    def __init__(self, per_image: int, total: int | None = None) -> None:
+        if per_image < 1 or (total is not None and total < 1):
+            raise ValueError(f"pixel budgets must be >= 1, got {per_image} and {total}")
+        self.per_image, self.total = per_image, total
+        self._left = total
+        self._lock = threading.Lock()
+
+    def admit(self, image: Image.Image, name: str) -> None:
+        """Fit an opened (not yet decoded) ``image`` into the budget, or raise ``ImageLoadError``."""
+        width, height = image.size
+        if width * height > self.per_image:
+            scale = _draft_scale(width, height, self.per_image) if image.format == "JPEG" else None
+            if scale is None or image.draft(None, (width // scale, height // scale)) is None:
+                raise ImageTooLarge(
+                    f"image {name} is {width}x{height} pixels; at most {self.per_image} pixels per image are allowed"
+                )
+            width, height = image.size
+        with self._lock:
+            if self._left is not None:
+                if width * height > self._left:
+                    raise ImageTooLarge(
+                        f"image {name} ({width}x{height}) would take the request past {self.total} pixels in all"
+                    )
+                self._left -= width * height
+
+
+def _draft_scale(width: int, height: int, limit: int) -> int | None:
+    """The smallest JPEG decoding scale (1/2, 1/4, 1/8) that brings ``width`` x ``height`` within ``limit``."""
+    for scale in (2, 4, 8):
+        if -(-width // scale) * -(-height // scale) <= limit:
+            return scale
+    return None
+
+
+def _decode(data: bytes, name: str, budget: PixelBudget | None = None) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
         raise ImageLoadError(f"{name} is not an image (unrecognised format, {len(data)} bytes)") from e
-    except Exception as e:  # Pillow raises a zoo of types (OSError, SyntaxError, DecompressionBombError, ...)
+    except Image.DecompressionBombError as e:  # Pillow's own bound, far above any budget's default
+        raise ImageTooLarge(f"image {name} has too many pixels to decode: {e}") from e
+    except Exception as e:  # Pillow raises a zoo of types (OSError, SyntaxError, ...)
         raise ImageLoadError(f"cannot decode image {name}: {e}") from e
+    if budget is not None:
+        budget.admit(image, name)
     try:
         image.load()  # force the full decode so truncated/corrupt files fail here, not later
     except Exception as e:
@@ -146,37 +197,38 @@ def _read_file(path: Path) -> bytes:
         raise ImageLoadError(f"cannot read image file {path}: {e.strerror or e}") from e
 
 
-def load_image(source: ImageSource) -> Image.Image:
+def load_image(source: ImageSource, budget: PixelBudget | None = None) -> Image.Image:
     """Open an image from a PIL image, a path, an http(s) URL, a ``data:image/...;base64,`` URL or raw bytes.
 
     The result is RGB, upright (the EXIF orientation is applied, as transformers' ``load_image`` does) and
     transparency is composited onto white (as the processors' ``convert_to_rgb`` does). Every failure is an
-    :class:`ImageLoadError` naming the source.
+    :class:`ImageLoadError` naming the source. With a ``budget``, an encoded image's size is checked against it
+    from the header, before decoding (a PIL image is already decoded and passes as it is).
     """
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        image = _decode(bytes(source), _describe(source))
+        image = _decode(bytes(source), _describe(source), budget)
     elif isinstance(source, Path):
-        image = _decode(_read_file(source), str(source))
+        image = _decode(_read_file(source), str(source), budget)
     elif isinstance(source, str):
         scheme = _SCHEME.match(source)
         if source[:5].lower() == "data:":
-            image = _decode(_read_data_url(source), _describe(source))
+            image = _decode(_read_data_url(source), _describe(source), budget)
         elif scheme is not None:
             if scheme.group(1).lower() not in ("http", "https"):
                 raise ImageLoadError(f"unsupported URL scheme {scheme.group(1)!r} in {_describe(source)}")
             data, content_type = _read_url(source)
             try:
-                image = _decode(data, _describe(source))
+                image = _decode(data, _describe(source), budget)
             except ImageLoadError as e:
-                if content_type.startswith("image/"):
+                if content_type.startswith("image/") or isinstance(e, ImageTooLarge):
                     raise
                 raise ImageLoadError(
                     f"URL {_describe(source)} did not return an image (Content-Type {content_type})"
                 ) from e
         else:
-            image = _decode(_read_file(Path(source)), source)
+            image = _decode(_read_file(Path(source)), source, budget)
     else:
         raise ImageLoadError(f"unsupported image source type {type(source).__name__}: {_describe(source)}")
     try:
