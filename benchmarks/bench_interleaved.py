@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--pairs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--uncompiled", action="store_true", help="also time ours with compile_decode=False (the step built anew)"
+    )
     args = parser.parse_args(argv)
 
     import mlx.core as mx
@@ -78,12 +81,18 @@ def main(argv: list[str] | None = None) -> int:
             n = result.generation_tokens
         return n_prompt / (first - started), (n - 1) / (last - first) if n > 1 else 0.0, n
 
-    def ours_once():
+    def ours_once(compiled: bool = True):
         tic = time.perf_counter()
         mx.eval(ours_model.embed_prompt(**ours_inputs).inputs_embeds)
         vision = time.perf_counter() - tic
         stream = ours_stream(
-            ours_model, ours_proc, prompt, image=[args.image], max_tokens=args.max_tokens, ignore_eos=True
+            ours_model,
+            ours_proc,
+            prompt,
+            image=[args.image],
+            max_tokens=args.max_tokens,
+            ignore_eos=True,
+            compile_decode=compiled,
         )
         return (vision, *timed(stream))
 
@@ -100,16 +109,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         return (vision, *timed(stream))
 
-    ours_rows, peer_rows = [], []
+    ours_rows, peer_rows, plain_rows = [], [], []
     for i in range(args.warmup + args.pairs):
         # Alternate which side goes first, so neither always runs right after the other's allocations.
         first, second = (ours_once, peer_once) if i % 2 == 0 else (peer_once, ours_once)
         a, b = first(), second()
         o, p = (a, b) if i % 2 == 0 else (b, a)
+        plain = ours_once(compiled=False) if args.uncompiled else None
         if i >= args.warmup:
             ours_rows.append(o)
             peer_rows.append(p)
-    bad = [r[3] for r in ours_rows + peer_rows if r[3] != args.max_tokens]
+            if plain is not None:
+                plain_rows.append(plain)
+    bad = [r[3] for r in ours_rows + peer_rows + plain_rows if r[3] != args.max_tokens]
     if bad:
         print(f"warning: some runs generated {sorted(set(bad))} tokens, not {args.max_tokens}", file=sys.stderr)
 
@@ -119,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         f"ours vs mlx-vlm {mlx_vlm.__version__} | mlx {mx.__version__} | {mx.default_device()} | {args.model} | "
         f"prompt tokens {n_prompt} | {args.max_tokens} tokens | {args.pairs} pairs"
     )
-    print(f"{'':6s} " + " ".join(f"{n:>28s}" for n in names))
-    for label, rows in (("ours", ours_rows), ("peer", peer_rows)):
+    print(f"{'':6s} " + " ".join(f"{n:>28s}" for n in names) + "   (plain: ours with compile_decode=False)")
+    labelled = [("ours", ours_rows), ("peer", peer_rows)] + ([("plain", plain_rows)] if plain_rows else [])
+    for label, rows in labelled:
         cells = []
         for k in range(3):
             values = [r[k] for r in rows]
