@@ -10,6 +10,13 @@ every later one of the same batch size and capacity bucket, which reuse the comp
 
 After decoding, ``write_back`` returns the tokens to the original caches (a prompt cache may keep them).
 Cache kinds without a static twin (quantized, recurrent, batched) decode uncompiled, as before.
+
+Measured: on this project's 2-core CPU, about 25% less CPU time per token (tiny Qwen2-VL, float32). On an H200
+(MLX 0.32.4, 2B-shaped Qwen2-VL) a decode step is bound by the device, about 4 ms for some 500 kernels, not by
+the host (about 1 ms to build the plain graph), and the compiled step was 5% (bf16) to 10% (4-bit) slower: MLX's
+fused decode attention takes no array mask, so attention over the fixed buffers runs unfused. Hence
+``GenerationConfig.compile_decode`` defaults to the CPU only; a decode-attention kernel that takes the length
+(vlm-kernels) would remove that cost.
 """
 
 from __future__ import annotations

@@ -191,7 +191,8 @@ class _Decoder:
 
 def _decoder(model: GenerativeModel, cache: list[Cache], config: GenerationConfig) -> _Decoder:
     compiled = None
-    if config.compile_decode and config.max_tokens > 1 and cache:
+    wanted = config.compile_decode if config.compile_decode is not None else mx.default_device() == mx.cpu
+    if wanted and config.max_tokens > 1 and cache:
         compiled = compiled_decode(model, cache, capacity=cache[0].offset + config.max_tokens)
     return _Decoder(model, cache, compiled)
 
