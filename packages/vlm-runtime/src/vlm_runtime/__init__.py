@@ -17,6 +17,7 @@ from .engine import Engine, EngineBusy, RequestStream
 from .generate import GenerationConfig, GenerationResult, generate, generate_step, stream_generate
 from .prompt_cache import PromptCache
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
+from .recurrent_cache import BatchRecurrentCache, RecurrentCache
 from .sampling import SamplingParams, make_sampler
 from .thinking import ThinkingConfig
 from .vision_cache import VisionFeatureCache
@@ -27,6 +28,7 @@ __all__ = [
     "BatchGenerator",
     "BatchKVCache",
     "BatchQuantizedKVCache",
+    "BatchRecurrentCache",
     "BatchRotatingKVCache",
     "Cache",
     "CacheSettings",
@@ -40,6 +42,7 @@ __all__ = [
     "PromptEmbedding",
     "PromptProcessor",
     "QuantizedKVCache",
+    "RecurrentCache",
     "RequestStream",
     "RotatingKVCache",
     "SamplingParams",

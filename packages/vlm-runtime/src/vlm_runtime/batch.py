@@ -16,7 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .cache import BatchKVCache, Cache, batch_cache_like, can_batch
+from .cache import Cache, batch_cache_like, can_batch, merge_caches
 from .cache_settings import CacheSettings, make_prompt_cache
 from .generate import (
     GenerationConfig,
@@ -270,7 +270,7 @@ class BatchGenerator:
         layers = zip(*(cache for _, cache in joining))
         running = self._cache or [None] * len(joining[0][1])
         self._cache = [
-            BatchKVCache.merge(([old] if old is not None else []) + list(new)) for old, new in zip(running, layers)
+            merge_caches(([old] if old is not None else []) + list(new)) for old, new in zip(running, layers)
         ]
         mx.eval([layer.state for layer in self._cache])
         for rows, _ in joining:

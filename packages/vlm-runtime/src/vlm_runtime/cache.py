@@ -31,9 +31,11 @@ __all__ = [
     "QUANTIZED_GROUP_SIZES",
     "QuantizedKVCache",
     "RotatingKVCache",
+    "SelfBatching",
     "batch_cache_like",
     "cache_nbytes",
     "can_batch",
+    "merge_caches",
     "quantized_attention",
 ]
 
@@ -900,10 +902,20 @@ class BatchQuantizedKVCache(_LeftPadded, QuantizedKVCache):
         )
 
 
-def batch_cache_like(layer: Any, left_padding: Sequence[int]) -> _LeftPadded:
+@runtime_checkable
+class SelfBatching(Protocol):
+    """A cache kind defined elsewhere that batches its own rows (``recurrent_cache``'s): ``empty_batch`` gives
+    an empty batched cache whose class has ``merge(caches)``, ``filter`` and ``extend`` as ``BatchKVCache`` has."""
+
+    def empty_batch(self, left_padding: Sequence[int]) -> Any: ...
+
+
+def batch_cache_like(layer: Any, left_padding: Sequence[int]) -> Any:
     """An empty batched cache of ``layer``'s kind and settings, for prefilling several prompts at once."""
     if isinstance(layer, _LeftPadded):
         return layer._empty(left_padding)
+    if isinstance(layer, SelfBatching):
+        return layer.empty_batch(left_padding)
     if type(layer) is KVCache:
         return BatchKVCache(left_padding)
     if type(layer) is RotatingKVCache:
@@ -914,7 +926,14 @@ def batch_cache_like(layer: Any, left_padding: Sequence[int]) -> _LeftPadded:
 
 
 def can_batch(layer: Any) -> bool:
-    return isinstance(layer, _LeftPadded) or type(layer) in (KVCache, RotatingKVCache, QuantizedKVCache)
+    return isinstance(layer, (_LeftPadded, SelfBatching)) or type(layer) in (KVCache, RotatingKVCache, QuantizedKVCache)
+
+
+def merge_caches(caches: Sequence[Any]) -> Any:
+    """One batched cache holding every row of ``caches`` (layers of one kind, single or batched)."""
+    if not caches:
+        raise ValueError("merge needs at least one cache")
+    return type(batch_cache_like(caches[0], [])).merge(caches)
 
 
 class _Rows:

@@ -23,6 +23,7 @@ from .cache import (
     QuantizedKVCache,
     RotatingKVCache,
 )
+from .recurrent_cache import BatchRecurrentCache, RecurrentCache
 
 __all__ = ["CACHE_CLASSES", "load_prompt_cache", "register_cache_class", "save_prompt_cache"]
 
@@ -36,6 +37,8 @@ CACHE_CLASSES: dict[str, type] = {
         BatchKVCache,
         BatchRotatingKVCache,
         BatchQuantizedKVCache,
+        RecurrentCache,
+        BatchRecurrentCache,
     )
 }
 """The cache classes a file may name; a model package with its own cache class adds it explicitly."""

@@ -1,0 +1,192 @@
+"""Caches of recurrent (linear-attention) layers, beside the key/value caches of attention layers.
+
+A gated delta-net layer (Qwen3-Next, Qwen3.5) summarises everything it has read in two arrays per sequence: the
+last ``kernel - 1`` inputs of its causal convolution, and a (key_dim, value_dim) memory per value head that the
+delta rule updates token by token. Neither grows with the sequence, and neither can be rolled back: ``trim``
+drops nothing, so a prompt cache reuses such a layer only where its whole state is the state of the prefix.
+
+* ``RecurrentCache``: one request's state (or that of a batch prefilled together from empty).
+* ``BatchRecurrentCache``: the rows of a continuous batch. Rows are left-padded like ``BatchKVCache``'s, and
+  the two keep the same bookkeeping (``offset`` counts columns, padding included; per-row position deltas;
+  ``merge`` / ``extend`` / ``filter`` / ``extract``), so every layer of a hybrid model agrees on where each row
+  stands. Padding columns must leave a row's state as it was: ``token_mask`` tells the layer which new columns
+  hold real tokens.
+
+The layer itself does the arithmetic (vlm_models' gated delta rule); these classes only hold and move state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+
+from .cache import ArraysCache
+
+__all__ = ["BatchRecurrentCache", "RecurrentCache"]
+
+
+def _per_row(delta: mx.array | int, batch: int) -> mx.array:
+    if isinstance(delta, int):
+        return mx.full((batch,), delta, mx.int32)
+    return mx.broadcast_to(delta.reshape(-1).astype(mx.int32), (batch,))
+
+
+class RecurrentCache(ArraysCache):
+    """Conv state (batch, kernel - 1, channels) and recurrent state (batch, value_heads, key_dim, value_dim) of
+    one linear-attention layer; both None until the layer first runs."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    @property
+    def conv_state(self) -> mx.array | None:
+        return self.slots[0]
+
+    @property
+    def recurrent_state(self) -> mx.array | None:
+        return self.slots[1]
+
+    def update(self, conv_state: mx.array, recurrent_state: mx.array, n_tokens: int) -> None:
+        """Keep the layer's new state after it consumed ``n_tokens`` more columns."""
+        self.slots = [conv_state, recurrent_state]
+        self.offset += n_tokens
+
+    def token_mask(self, n_tokens: int) -> mx.array | None:
+        """(batch, n_tokens) booleans, True where the next ``n_tokens`` columns hold real tokens; None when all do."""
+        return None
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.conv_state is None else self.conv_state.shape[0]
+
+    # -- batching (``vlm_runtime.cache.batch_cache_like`` and ``merge_caches`` call these)
+    def empty_batch(self, left_padding: Sequence[int]) -> BatchRecurrentCache:
+        """An empty batched cache for prefilling left-padded prompts together."""
+        return BatchRecurrentCache(left_padding)
+
+    @classmethod
+    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> RecurrentCache:
+        cache = cls()
+        cache._restore(state, meta_state)
+        return cache
+
+    def _restore(self, state: list[mx.array], meta_state: dict[str, str]) -> None:
+        if state and len(state) != 2:
+            raise ValueError(f"{type(self).__name__}: expected the conv and recurrent states, got {len(state)} arrays")
+        self.slots = list(state) if state else [None, None]
+        self.offset = int(meta_state["offset"])
+
+    def __repr__(self) -> str:
+        return f"RecurrentCache(offset={self.offset})"
+
+
+class BatchRecurrentCache(RecurrentCache):
+    """``RecurrentCache`` rows of a batch, left-padded as ``BatchKVCache`` pads its rows.
+
+    ``left_padding[b]`` leading columns of row b hold no token; ``position_delta`` is per row (a row's next rotary
+    position is ``offset + delta[b]``). The state has no columns, so padding only matters while the padded columns
+    are being read (``token_mask``); joining rows of other lengths just adds padding to the bookkeeping.
+    """
+
+    def __init__(self, left_padding: Sequence[int]) -> None:
+        super().__init__()
+        self._set_padding(list(left_padding))
+        self.position_delta = -self.left_padding
+
+    def _set_padding(self, left_padding: list[int]) -> None:
+        if any(p < 0 for p in left_padding):
+            raise ValueError(f"left padding must be >= 0, got {left_padding}")
+        self.padding = [int(p) for p in left_padding]
+        """Host copy of ``left_padding``: whether a mask is needed is decided without a device sync."""
+        self.left_padding = mx.array(self.padding, dtype=mx.int32)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.padding)
+
+    def token_mask(self, n_tokens: int) -> mx.array | None:
+        if self.offset >= max(self.padding, default=0):
+            return None
+        columns = mx.arange(self.offset, self.offset + n_tokens)
+        return columns[None, :] >= self.left_padding[:, None]
+
+    def empty_batch(self, left_padding: Sequence[int]) -> BatchRecurrentCache:
+        return BatchRecurrentCache(left_padding)
+
+    @classmethod
+    def merge(cls, caches: Sequence[Any]) -> BatchRecurrentCache:
+        """One batch of all the rows of ``caches`` (single or batched recurrent caches), aligned to the longest
+        as ``BatchKVCache.merge`` aligns them: shorter rows get extra left padding and their position delta drops
+        by as much."""
+        if not caches:
+            raise ValueError("merge needs at least one cache")
+        if not all(isinstance(c, RecurrentCache) for c in caches):
+            kinds = sorted({type(c).__name__ for c in caches})
+            raise ValueError(f"cannot merge caches of different kinds: {kinds}")
+        if any(c.conv_state is None for c in caches):
+            raise ValueError("cannot merge an empty cache (prefill it first)")
+        length = max(c.offset for c in caches)
+        padding: list[int] = []
+        deltas = []
+        for c in caches:
+            extra = length - c.offset
+            rows = c.conv_state.shape[0]
+            own = c.padding if isinstance(c, BatchRecurrentCache) else [0] * rows
+            padding += [p + extra for p in own]
+            deltas.append(_per_row(c.position_delta, rows) - extra)
+        merged = cls(padding)
+        dtype = caches[0].recurrent_state.dtype
+        merged.slots = [
+            mx.concatenate([c.conv_state for c in caches]),
+            mx.concatenate([c.recurrent_state.astype(dtype) for c in caches]),
+        ]
+        merged.offset = length
+        merged.position_delta = mx.concatenate(deltas)
+        return merged
+
+    def extend(self, other: Any) -> None:
+        """Append ``other``'s rows (a batch or a single prefilled request), aligned as ``merge`` aligns them."""
+        merged = type(self).merge([self, other])
+        self.slots, self.offset, self.position_delta = merged.slots, merged.offset, merged.position_delta
+        self._set_padding(merged.padding)
+
+    def filter(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (in that order); forget the leading columns that are padding in all of them."""
+        rows = list(rows)
+        if not rows:
+            raise ValueError("filter needs at least one row to keep; start a new cache instead")
+        index = mx.array(rows, dtype=mx.int32)
+        self.position_delta = _per_row(self.position_delta, self.batch_size)[index]
+        self._set_padding([self.padding[r] for r in rows])
+        if self.conv_state is not None:
+            self.slots = [slot[index] for slot in self.slots]
+        dropped = min(self.padding)
+        if dropped:
+            self.position_delta = self.position_delta + dropped
+            self._set_padding([p - dropped for p in self.padding])
+            self.offset -= dropped
+
+    def extract(self, row: int) -> RecurrentCache:
+        """Row ``row`` as a standalone cache, with its own int position delta."""
+        padding = self.padding[row]
+        cache = RecurrentCache()
+        if self.conv_state is not None:
+            cache.slots = [slot[row : row + 1] for slot in self.slots]
+        cache.offset = self.offset - padding
+        cache.position_delta = int(_per_row(self.position_delta, self.batch_size)[row].item()) + padding
+        return cache
+
+    @property
+    def meta_state(self) -> dict[str, str]:
+        return {**super().meta_state, "left_padding": ",".join(map(str, self.padding))}
+
+    @classmethod
+    def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> BatchRecurrentCache:
+        cache = cls([int(p) for p in meta_state["left_padding"].split(",") if p])
+        cache._restore(state, meta_state)
+        return cache
+
+    def __repr__(self) -> str:
+        return f"BatchRecurrentCache(left_padding={self.padding}, offset={self.offset})"
