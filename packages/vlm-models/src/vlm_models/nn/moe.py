@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import gated_activation
+from .layers import GatedMLP, gated_activation
 
 __all__ = [
     "MoEConfig",
@@ -41,6 +41,9 @@ class MoEConfig:
     """Renormalise the chosen experts' router probabilities to sum to one."""
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    shared_expert_intermediate_size: int = 0
+    """Width of an always-on gated MLP added to the experts' output, scaled by a sigmoid gate (Qwen2-MoE,
+    Qwen3-Next, Qwen3.5-MoE); 0 for none."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
@@ -167,7 +170,7 @@ class SwitchGLU(nn.Module):
 
 class SparseMoE(nn.Module):
     """A linear router (``gate``) over the experts; each token's output is its top-k experts' outputs weighted by
-    their (softmax) router probabilities."""
+    their (softmax) router probabilities, plus the shared expert's where the config has one."""
 
     def __init__(self, dims: int, config: MoEConfig, act: str = "silu") -> None:
         super().__init__()
@@ -175,6 +178,9 @@ class SparseMoE(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.gate = nn.Linear(dims, config.num_experts, bias=False)
         self.experts = SwitchGLU(dims, config.moe_intermediate_size, config.num_experts, act)
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = GatedMLP(dims, config.shared_expert_intermediate_size, act)
+            self.shared_expert_gate = nn.Linear(dims, 1, bias=False)
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Each token's chosen experts (..., k) and their weights (..., k)."""
@@ -188,7 +194,10 @@ class SparseMoE(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         chosen, weights = self.route(x)
         out = self.experts(x, chosen)
-        return (out * weights[..., None].astype(out.dtype)).sum(axis=-2)
+        out = (out * weights[..., None].astype(out.dtype)).sum(axis=-2)
+        if "shared_expert" in self:
+            out = out + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
 
 
 # -- checkpoint layouts

@@ -16,6 +16,7 @@ __all__ = [
     "axis_of_frequency",
     "inverse_frequencies",
     "rotate_half",
+    "rotate_leading",
 ]
 
 Rotate = Callable[[mx.array], mx.array]
@@ -85,6 +86,12 @@ class Rotary:
             return cache[length](x)
 
         return rotate
+
+
+def rotate_leading(rotate: Rotate, dims: int) -> Rotate:
+    """``rotate`` on the first ``dims`` features of each head only, the rest passed through (partial rotary, as
+    ``partial_rotary_factor`` configures it in transformers)."""
+    return lambda x: mx.concatenate([rotate(x[..., :dims]), x[..., dims:]], axis=-1)
 
 
 def axis_of_frequency(sections: Sequence[int], interleaved: bool = False) -> np.ndarray:
