@@ -11,14 +11,14 @@ from PIL import Image
 from vlm_models import apply_chat_template, load
 from vlm_runtime import PromptCache, RotatingKVCache, batch_generate, generate
 
-from .conftest import FAMILIES, FIXTURES
+from .conftest import FAMILIES, FIXTURES, published
 
 IMAGES = FIXTURES / "images"
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def loaded(request):
-    return load(FIXTURES / request.param / "hf4")
+    return load(published(request.param))
 
 
 def skip_sliding_window_models(model, feature: str) -> None:
@@ -99,7 +99,12 @@ def test_second_turn_with_the_same_image_reuses_the_cache(loaded, tmp_path) -> N
     prompt2 = chat(processor, turn2, 1)
     second = generate(model, processor, prompt2, image=image, max_tokens=6, prompt_cache=cache, ignore_eos=True)
     fresh = generate(model, processor, prompt2, image=image, max_tokens=6, ignore_eos=True)
-    assert second.cached_tokens > first.prompt_tokens // 2
+    if all(layer.is_trimmable() for layer in model.make_cache()):
+        assert second.cached_tokens > first.prompt_tokens // 2
+    else:
+        # Recurrent state cannot go back: the template rewrote the first answer (Qwen3.5 drops its thinking), so
+        # no stored state is that of the common prefix, and nothing may be reused (test_qwen3_5.py: where it is).
+        assert second.cached_tokens == 0
     assert second.text == fresh.text
     # A different image of the same size gives the same token ids: the cached prefix must not be reused.
     flipped = tmp_path / "flipped.png"

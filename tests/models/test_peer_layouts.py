@@ -10,36 +10,27 @@ so those families' MLX-community folders come from our converter.
 
 from __future__ import annotations
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
 import pytest
 
-from vlm_models import load
-from vlm_models.convert import dequantize_model
-
-from .conftest import FIXTURES, Reference
+from .conftest import FIXTURES, Reference, check_quantized_fixture
 
 PEER_4BIT = sorted(p.parent.name for p in FIXTURES.glob("*/mlx_vlm_4bit"))
 
 
 def test_every_peer_folder_is_checked() -> None:
-    assert PEER_4BIT == ["idefics3", "llava", "llava_next", "mistral3", "paligemma2", "qwen3_vl", "qwen3_vl_moe"]
+    assert PEER_4BIT == [
+        "idefics3",
+        "llava",
+        "llava_next",
+        "mistral3",
+        "paligemma2",
+        "qwen3_5",
+        "qwen3_5_moe",
+        "qwen3_vl",
+        "qwen3_vl_moe",
+    ]
 
 
 @pytest.mark.parametrize("family", PEER_4BIT)
 def test_peer_quantized_checkpoint_loads_and_computes_its_weights(family: str) -> None:
-    path = FIXTURES / family / "mlx_vlm_4bit"
-    ref = Reference(family)
-    model, _ = load(path)
-    assert sum(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()) >= 4
-    twin, _ = load(path)
-    dequantize_model(twin)
-    for case in ("one_image", "text"):
-        inputs = {k: mx.array(v) for k, v in ref.inputs(case).items()}
-        ours, expected = np.array(model(**inputs).logits), ref.get(case, "logits")
-        np.testing.assert_allclose(ours, np.array(twin(**inputs).logits), atol=1e-4, rtol=0)
-        # 4 bits on a model this small moves the logits a lot, but they still follow the reference.
-        rel = np.abs(ours - expected).mean() / np.abs(expected).mean()
-        corr = np.corrcoef(ours.reshape(-1), expected.reshape(-1))[0, 1]
-        assert rel < 0.5 and corr > 0.9, f"{family}/{case}: relative error {rel:.3f}, correlation {corr:.3f}"
+    check_quantized_fixture(family, Reference(family), folder="mlx_vlm_4bit")
