@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vlm_models import apply_chat_template
@@ -17,7 +17,7 @@ from .errors import APIError
 from .host import LoadedModel
 from .media import fetch_image, fetch_video
 from .settings import ServeSettings
-from .tools import CallParser, Tool, ToolFormat, render_tools, resolve_choice, tool_format_for
+from .tools import CLOSE, OPEN, CallParser, Tool, ToolFormat, render_tools, resolve_choice, tool_format_for
 
 __all__ = ["ChatRequest", "PreparedRequest", "prepare", "token_text"]
 
@@ -78,7 +78,10 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
     choice = resolve_choice(request.tool_choice, request.tools)
     tools = request.tools if choice != "none" else []
     grammar = request.grammar
-    tool_format = tool_format_for(loaded.processor.chat_template)
+    tags_are_tokens = len(loaded.processor.encode(OPEN)) == 1 and len(loaded.processor.encode(CLOSE)) == 1
+    tool_format = replace(
+        tool_format_for(loaded.processor.chat_template), tools=tuple(tools), tags_are_tokens=tags_are_tokens
+    )
     forced = tool_format.forced_grammar(tools, choice) if tools else None
     if forced is not None:
         if grammar is not None:
@@ -100,9 +103,9 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
     videos = await asyncio.gather(*(fetch_video(source, settings) for source in request.videos))
 
     def tokenize() -> dict[str, Any]:
-        prompt = apply_chat_template(
-            processor, None, messages, enable_thinking=True if enable else None, tools=template_tools
-        )
+        # A forced format must start the answer: templates that think by default (Qwen3.5) get an empty block.
+        thinking_switch = True if enable else (False if grammar is not None else None)
+        prompt = apply_chat_template(processor, None, messages, enable_thinking=thinking_switch, tools=template_tools)
         return processor(prompt, list(images), list(videos)) if videos else processor(prompt, list(images))
 
     try:
