@@ -66,6 +66,7 @@ QUANTIZED_BOUNDS = {
     # elsewhere. 4 bits in groups of 32 cost Qwen3.5's 64-wide random fixtures more (the delta rule normalises every
     # key, so a coarse key moves its whole update); our converter's and mlx-vlm's folders agree with each other.
     "qwen3_5": (0.65, 0.75),
+    "qwen3_5_text": (0.65, 0.75),
     "qwen3_5_moe": (0.75, 0.65),
 }
 

@@ -35,6 +35,7 @@ from vlm_runtime import (
     make_sampler,
 )
 from vlm_runtime.generate import generation_settings, run_generation
+from vlm_runtime.recurrent_cache import SNAPSHOT_MARGIN
 
 from .conftest import FIXTURES, Reference, check_chunked_prefill, check_quantized_fixture, inputs_of, logits_of
 
@@ -299,12 +300,13 @@ def test_text_only_checkpoint_is_the_multimodal_decoder(model) -> None:
 # -- quantized
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe", "qwen3_5_text"])
 def test_our_quantized_folders_load_and_compute_their_weights(family: str) -> None:
     """Ours (``vlm convert -q --skip-vision``; mlx-vlm's are checked in test_peer_layouts.py): quantized, equal to
     its own dequantized weights, following the reference; it also loads in mlx-vlm (checked when the fixture was
     written: the same logits as ours)."""
-    check_quantized_fixture(family, Reference(family), ("one_image", "text", "long"))
+    cases = ("text", "long_text") if family == "qwen3_5_text" else ("one_image", "text", "long")
+    check_quantized_fixture(family, Reference(family), cases)
 
 
 def test_convert_quantizes_the_linear_attention_and_round_trips(tmp_path: Path, ref: Reference) -> None:
@@ -381,9 +383,9 @@ def run(model, processor, ids: list[int], prompt_cache: PromptCache | None = Non
 
 
 def test_prompt_cache_reuses_a_whole_stored_state_and_nothing_else(loaded, tmp_path: Path) -> None:
-    """A prompt that extends everything the cache holds reuses all of it; one that diverges inside it reuses
-    nothing (a recurrent state has no earlier state to go back to). Both give a fresh generation's tokens, and a
-    saved cache continues the same from the file."""
+    """A prompt that extends everything the cache holds reuses all of it; one that diverges inside it goes back
+    only as far as a state the cache kept (a recurrent state cannot be rolled back token by token). Each gives a
+    fresh generation's tokens, and a saved cache continues the same from the file."""
     model, processor = loaded
     first = processor(apply_chat_template(processor, None, "Describe the weather today."))["input_ids"][0].tolist()
     cache = PromptCache()
@@ -400,9 +402,14 @@ def test_prompt_cache_reuses_a_whole_stored_state_and_nothing_else(loaded, tmp_p
     more = list(restored.tokens) + processor.encode(" Sunny.")
     tokens, reused = run(model, processor, more, restored)
     assert reused == len(cache.tokens) and tokens == run(model, processor, more)[0]
+    # Diverging inside what the cache holds: back to the state the first prefill kept SNAPSHOT_MARGIN tokens before
+    # its end, and no further.
     diverging = first[:-3] + processor.encode(" spring?")
     tokens, reused = run(model, processor, diverging, cache)
-    assert reused == 0 and tokens == run(model, processor, diverging)[0]
+    assert reused == len(first) - SNAPSHOT_MARGIN and tokens == run(model, processor, diverging)[0]
+    early = first[: len(first) - SNAPSHOT_MARGIN - 2] + processor.encode(" winter")
+    tokens, reused = run(model, processor, early, cache)
+    assert reused == 0 and tokens == run(model, processor, early)[0]
 
 
 # -- thinking and the chat template

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from vlm_runtime import BatchKVCache, BatchRecurrentCache, KVCache, RecurrentCache, load_prompt_cache, save_prompt_cache
 from vlm_runtime.cache import Cache, batch_cache_like, can_batch, merge_caches
+from vlm_runtime.recurrent_cache import SNAPSHOT_MARGIN
 
 
 def filled(offset: int, rows: int, tag: float, delta: int = 0) -> tuple[RecurrentCache, KVCache]:
@@ -105,3 +106,19 @@ def test_save_load_and_no_rollback(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.array(again_batch.position_delta), np.array(batch.position_delta))
     assert not again_single.is_trimmable() and again_single.trim(3) == 0 and again_single.offset == 7
     assert again_single.nbytes == single.nbytes > 0
+
+
+def test_a_prefill_keeps_a_state_to_go_back_to() -> None:
+    """The layer hands over its state ``SNAPSHOT_MARGIN`` tokens before the end of a long enough update; the cache
+    can go back exactly there (or stay), nowhere else, and a batch keeps no snapshot."""
+    cache = RecurrentCache()
+    assert cache.snapshot_split(SNAPSHOT_MARGIN) is None and cache.snapshot_split(40) == 40 - SNAPSHOT_MARGIN
+    early = [mx.full((1, 3, 4), 1.0), mx.full((1, 2, 4, 3), 1.0)]
+    cache.update(mx.full((1, 3, 4), 2.0), mx.full((1, 2, 4, 3), 2.0), 40, snapshot=early)
+    cache.update(mx.full((1, 3, 4), 3.0), mx.full((1, 2, 4, 3), 3.0), 1)  # a decode step keeps the snapshot
+    point = 40 - SNAPSHOT_MARGIN
+    assert [cache.rewind_point(n) for n in (point - 1, point, 39, 41, 60)] == [None, point, point, 41, 41]
+    assert cache.trim(3) == 0 and cache.offset == 41  # no state 3 tokens back
+    assert cache.trim(41 - point) == 41 - point and cache.offset == point
+    assert np.array(cache.recurrent_state).max() == 1.0
+    assert BatchRecurrentCache([0, 1]).snapshot_split(100) is None

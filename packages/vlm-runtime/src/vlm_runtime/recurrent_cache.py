@@ -5,7 +5,10 @@ last ``kernel - 1`` inputs of its causal convolution, and a (key_dim, value_dim)
 delta rule updates token by token. Neither grows with the sequence, and neither can be rolled back: ``trim``
 drops nothing, so a prompt cache reuses such a layer only where its whole state is the state of the prefix.
 
-* ``RecurrentCache``: one request's state (or that of a batch prefilled together from empty).
+* ``RecurrentCache``: one request's state (or that of a batch prefilled together from empty). A prompt's prefill
+  also leaves a snapshot of the state ``SNAPSHOT_MARGIN`` tokens before its end: a chat template rewrites the last
+  few tokens of a turn in the next one (Qwen3.5 drops the opened thinking block), and the prompt cache can then go
+  back to the snapshot instead of recomputing the conversation.
 * ``BatchRecurrentCache``: the rows of a continuous batch. Rows are left-padded like ``BatchKVCache``'s, and
   the two keep the same bookkeeping (``offset`` counts columns, padding included; per-row position deltas;
   ``merge`` / ``extend`` / ``filter`` / ``extract``), so every layer of a hybrid model agrees on where each row
@@ -24,7 +27,10 @@ import mlx.core as mx
 
 from .cache import ArraysCache
 
-__all__ = ["BatchRecurrentCache", "RecurrentCache"]
+__all__ = ["SNAPSHOT_MARGIN", "BatchRecurrentCache", "RecurrentCache"]
+
+SNAPSHOT_MARGIN = 16
+"""Tokens before the end of a prefill at which the state is kept: more than a chat template's generation prompt."""
 
 
 def _per_row(delta: mx.array | int, batch: int) -> mx.array:
@@ -39,6 +45,8 @@ class RecurrentCache(ArraysCache):
 
     def __init__(self) -> None:
         super().__init__(2)
+        self.snapshot: tuple[int, list[mx.array]] | None = None
+        """(offset, [conv state, recurrent state]) of the latest prefill, ``SNAPSHOT_MARGIN`` tokens before its end."""
 
     @property
     def conv_state(self) -> mx.array | None:
@@ -48,10 +56,41 @@ class RecurrentCache(ArraysCache):
     def recurrent_state(self) -> mx.array | None:
         return self.slots[1]
 
-    def update(self, conv_state: mx.array, recurrent_state: mx.array, n_tokens: int) -> None:
-        """Keep the layer's new state after it consumed ``n_tokens`` more columns."""
+    def update(
+        self, conv_state: mx.array, recurrent_state: mx.array, n_tokens: int, snapshot: list[mx.array] | None = None
+    ) -> None:
+        """Keep the layer's new state after it consumed ``n_tokens`` more columns; ``snapshot``: the state at
+        ``snapshot_split(n_tokens)`` of them."""
+        if snapshot is not None:
+            split = self.snapshot_split(n_tokens)
+            assert split is not None, "a snapshot where none was asked for"
+            self.snapshot = (self.offset + split, list(snapshot))
         self.slots = [conv_state, recurrent_state]
         self.offset += n_tokens
+
+    def snapshot_split(self, n_tokens: int) -> int | None:
+        """After how many of the next ``n_tokens`` the layer should hand over its state (``update``'s snapshot)."""
+        return n_tokens - SNAPSHOT_MARGIN if n_tokens > SNAPSHOT_MARGIN else None
+
+    def rewind_point(self, n_tokens: int) -> int | None:
+        """The longest prefix of at most ``n_tokens`` this cache can go back to (the prompt cache's question)."""
+        if n_tokens >= self.offset:
+            return self.offset
+        if self.snapshot is not None and self.snapshot[0] <= n_tokens:
+            return self.snapshot[0]
+        return None
+
+    def trim(self, n: int) -> int:
+        """Go back ``n`` tokens where the snapshot is exactly there; otherwise nothing changes (returns 0)."""
+        if n <= 0 or self.snapshot is None or self.snapshot[0] != self.offset - n:
+            return 0
+        self.offset, self.slots = self.snapshot[0], list(self.snapshot[1])
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        kept = [] if self.snapshot is None else self.snapshot[1]
+        return sum(a.nbytes for a in self.state + kept)
 
     def token_mask(self, n_tokens: int) -> mx.array | None:
         """(batch, n_tokens) booleans, True where the next ``n_tokens`` columns hold real tokens; None when all do."""
@@ -105,6 +144,9 @@ class BatchRecurrentCache(RecurrentCache):
     @property
     def batch_size(self) -> int:
         return len(self.padding)
+
+    def snapshot_split(self, n_tokens: int) -> int | None:
+        return None  # a batch's rows have no prompt cache to go back for
 
     def token_mask(self, n_tokens: int) -> mx.array | None:
         if self.offset >= max(self.padding, default=0):

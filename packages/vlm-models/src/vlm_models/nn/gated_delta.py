@@ -162,7 +162,8 @@ class CausalConv1d(nn.Module):
         self.weight = mx.zeros((channels, kernel, 1))
 
     def __call__(self, x: mx.array, previous: mx.array | None) -> tuple[mx.array, mx.array]:
-        """``x`` (batch, T, channels); returns silu(conv) (batch, T, channels) and the inputs the next call needs."""
+        """``x`` (batch, T, channels); returns silu(conv) (batch, T, channels) and the window it read: the
+        previous inputs then ``x`` (``state_after`` cuts the next call's previous inputs from it)."""
         batch, length, channels = x.shape
         if previous is None:
             previous = mx.zeros((batch, self.kernel - 1, channels), x.dtype)
@@ -171,7 +172,11 @@ class CausalConv1d(nn.Module):
         out = window[:, :length] * weight[:, 0]
         for j in range(1, self.kernel):
             out = out + window[:, j : j + length] * weight[:, j]
-        return nn.silu(out), window[:, window.shape[1] - (self.kernel - 1) :]
+        return nn.silu(out), window
+
+    def state_after(self, window: mx.array, n_tokens: int) -> mx.array:
+        """The ``kernel - 1`` inputs before token ``n_tokens`` of the call that read ``window``."""
+        return window[:, n_tokens : n_tokens + self.kernel - 1]
 
 
 class GatedRMSNorm(nn.Module):
@@ -214,7 +219,7 @@ class GatedDeltaNet(nn.Module):
             valid = cache.token_mask(length)
         if valid is not None:
             x = x * valid[..., None].astype(x.dtype)
-        mixed, conv_state = self.conv1d(self.in_proj_qkv(x), None if cache is None else cache.conv_state)
+        mixed, window = self.conv1d(self.in_proj_qkv(x), None if cache is None else cache.conv_state)
         q, k, v = mx.split(mixed, [c.key_dim, 2 * c.key_dim], axis=-1)
         repeats = c.num_value_heads // c.num_key_heads
 
@@ -236,13 +241,25 @@ class GatedDeltaNet(nn.Module):
         state = None if cache is None else cache.recurrent_state
         if state is None:
             state = mx.zeros((batch, c.num_value_heads, c.key_head_dim, c.value_head_dim), mx.float32)
+        split = None if cache is None or length == 1 else cache.snapshot_split(length)
+        snapshot = None
         if length == 1 and cache is not None:
             out, state = gated_delta_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[..., 0], beta[..., 0], state)
             out = out[:, :, None]
+        elif split:
+            # The same rule in two pieces, so that the state after the first one can be kept.
+            head, middle = gated_delta_chunked(
+                q[:, :, :split], k[:, :, :split], v[:, :, :split], g[..., :split], beta[..., :split], state
+            )
+            tail, state = gated_delta_chunked(
+                q[:, :, split:], k[:, :, split:], v[:, :, split:], g[..., split:], beta[..., split:], middle
+            )
+            out = mx.concatenate([head, tail], axis=2)
+            snapshot = [self.conv1d.state_after(window, split), middle]
         else:
             out, state = gated_delta_chunked(q, k, v, g, beta, state)
         if cache is not None:
-            cache.update(conv_state, state, length)
+            cache.update(self.conv1d.state_after(window, length), state, length, snapshot)
         out = out.transpose(0, 2, 1, 3).astype(x.dtype)
         z = self.in_proj_z(x).reshape(batch, length, c.num_value_heads, c.value_head_dim)
         return self.out_proj(self.norm(out, z).reshape(batch, length, -1))
