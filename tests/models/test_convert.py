@@ -29,7 +29,7 @@ from vlm_models.convert import (
     save_model,
 )
 
-from .conftest import FAMILIES, FAMILY_LAYOUTS, FIXTURES, Reference
+from .conftest import FAMILIES, FAMILY_LAYOUTS, FIXTURES, Reference, published
 
 TOL = 1e-4
 CASES = ("one_image", "text")
@@ -39,6 +39,10 @@ CASES = ("one_image", "text")
 # blocks, projector, decoder layers, head), and the measured ratios lie between 2.7 and 5.7 over every family and
 # mode (2-8 bits), so 8 leaves room without letting a wrong scale or a misplaced tensor (ratios far above) pass.
 ERROR_GAIN = 8.0
+# Qwen3.5's gated delta-net layers normalise every key and turn in_proj_a's output into a decay exponent, so its tiny
+# random fixtures measure 10 (dense) and 17 (MoE, whose routing also flips) at 8 bits: they round-trip at 8 bits
+# (a misplaced tensor would be ~200 there) with room to 24. 4 bits are checked in test_qwen3_5.py.
+ROUND_TRIP_OF = {"qwen3_5": (8, 24.0), "qwen3_5_moe": (8, 24.0)}
 
 
 def logits(model: nn.Module, ref: Reference, case: str) -> np.ndarray:
@@ -106,7 +110,7 @@ def test_float_round_trip_every_layout(tmp_path: Path, family: str, layout: str,
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mlx_community_output_is_a_fixed_point(tmp_path: Path, family: str) -> None:
     """Converting a conversion changes nothing: the writer emits exactly the layout the reader takes."""
-    first = convert(FIXTURES / family / "hf4", tmp_path / "a", ConvertOptions()).destination
+    first = convert(published(family), tmp_path / "a", ConvertOptions()).destination
     second = convert(first, tmp_path / "b", ConvertOptions()).destination
     a, b = stored(first), stored(second)
     assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]) for k in a)
@@ -129,7 +133,9 @@ def test_quantized_source_passes_through(tmp_path: Path, family: str, references
 # --- quantized: load is exact, the weights are MLX's quantization of the source's, the logits stay close ---------
 
 
-def check_quantized(out: Path, source: Path, options: QuantizeOptions, ref: Reference) -> float:
+def check_quantized(
+    out: Path, source: Path, options: QuantizeOptions, ref: Reference, gain: float = ERROR_GAIN
+) -> float:
     """Asserts the three facts of a quantized conversion; returns the logits' relative error."""
     original, _ = load(source)
     quantized, _ = load(out)
@@ -163,13 +169,13 @@ def check_quantized(out: Path, source: Path, options: QuantizeOptions, ref: Refe
     twin, _ = load(out)
     dequantize_model(twin)
     assert_same_logits(quantized, twin, ref)
-    # 3. The logits move no more than the weights' quantization error predicts (see ERROR_GAIN).
+    # 3. The logits move no more than the weights' quantization error predicts (see ERROR_GAIN, ``gain``).
     weight_error = (num / den) ** 0.5
     worst = 0.0
     for case in CASES:
         a, b = logits(original, ref, case), logits(quantized, ref, case)
         worst = max(worst, float(np.abs(a - b).mean() / np.abs(a).mean()))
-    assert 0 < worst <= ERROR_GAIN * weight_error, (
+    assert 0 < worst <= gain * weight_error, (
         f"{ref.family} {options}: logits relative error {worst:.4f} vs weight error {weight_error:.4f}"
     )
     return worst
@@ -177,10 +183,11 @@ def check_quantized(out: Path, source: Path, options: QuantizeOptions, ref: Refe
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_round_trip_every_family(tmp_path: Path, family: str, references) -> None:
-    options = QuantizeOptions.for_mode("affine", 4, 32)
-    source = FIXTURES / family / "hf4"
+    bits, gain = ROUND_TRIP_OF.get(family, (4, ERROR_GAIN))
+    options = QuantizeOptions.for_mode("affine", bits, 32)
+    source = published(family)
     report = convert(source, tmp_path / "q", ConvertOptions(quantize=options))
-    check_quantized(report.destination, source, options, references[family])
+    check_quantized(report.destination, source, options, references[family], gain)
     assert sorted(report.quantized) == quantized_layers(stored(report.destination))
 
 
@@ -280,7 +287,7 @@ def test_a_layer_the_layout_stores_as_a_convolution_stays_float(tmp_path: Path) 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_skip_vision_keeps_the_vision_tower_float(tmp_path: Path, family: str, references) -> None:
-    source = FIXTURES / family / "hf4"
+    source = published(family)
     options = QuantizeOptions.for_mode("affine", 4, 32)
     report = convert(source, tmp_path / "q", ConvertOptions(quantize=options, skip_vision=True))
     written = stored(report.destination)
@@ -339,7 +346,7 @@ def quantized_sources() -> list[tuple[str, str]]:
 def test_dequantize_round_trip(tmp_path: Path, family: str, source_kind: str, references) -> None:
     if source_kind == "own":
         options = ConvertOptions(quantize=QuantizeOptions.for_mode("affine", 4, 32))
-        source = convert(FIXTURES / family / "hf4", tmp_path / "q", options).destination
+        source = convert(published(family), tmp_path / "q", options).destination
     else:
         source = FIXTURES / family / source_kind
     report = convert(source, tmp_path / "dq", ConvertOptions(dequantize=True))

@@ -15,7 +15,7 @@ from PIL import Image
 from vlm_models import apply_chat_template, load
 from vlm_runtime.vision_cache import VisionFeatureCache
 
-from .conftest import FAMILIES, FIXTURES
+from .conftest import FAMILIES, FIXTURES, published
 
 IMAGES = FIXTURES / "images"
 FIRST, SECOND = IMAGES / "rgb_112x168.png", IMAGES / "rgb_333x250.png"
@@ -196,7 +196,7 @@ def test_weights_swapped_after_a_lookup_miss_the_cache() -> None:
 def test_the_families_sharing_a_cache_do_not_collide() -> None:
     cache = VisionFeatureCache()
     for family in FAMILIES:
-        model, processor = load(FIXTURES / family / "hf4")
+        model, processor = load(published(family))
         inputs = prepare(processor, [FIRST])
         np.testing.assert_array_equal(embeddings(model, inputs, cache), embeddings(model, inputs))
     # One entry per image, or per tile where a family caches its tiles (Idefics3, SmolVLM): never a hit.

@@ -25,18 +25,12 @@ from typing import Any
 
 import mlx.core as mx
 
-from .cache import ArraysCache
+from .cache import ArraysCache, _LeftPadded, _per_row
 
 __all__ = ["SNAPSHOT_MARGIN", "BatchRecurrentCache", "RecurrentCache"]
 
 SNAPSHOT_MARGIN = 16
 """Tokens before the end of a prefill at which the state is kept: more than a chat template's generation prompt."""
-
-
-def _per_row(delta: mx.array | int, batch: int) -> mx.array:
-    if isinstance(delta, int):
-        return mx.full((batch,), delta, mx.int32)
-    return mx.broadcast_to(delta.reshape(-1).astype(mx.int32), (batch,))
 
 
 class RecurrentCache(ArraysCache):
@@ -96,10 +90,6 @@ class RecurrentCache(ArraysCache):
         """(batch, n_tokens) booleans, True where the next ``n_tokens`` columns hold real tokens; None when all do."""
         return None
 
-    @property
-    def batch_size(self) -> int:
-        return 0 if self.conv_state is None else self.conv_state.shape[0]
-
     # -- batching (``vlm_runtime.cache.batch_cache_like`` and ``merge_caches`` call these)
     def empty_batch(self, left_padding: Sequence[int]) -> BatchRecurrentCache:
         """An empty batched cache for prefilling left-padded prompts together."""
@@ -129,21 +119,14 @@ class BatchRecurrentCache(RecurrentCache):
     are being read (``token_mask``); joining rows of other lengths just adds padding to the bookkeeping.
     """
 
+    # The KV batch caches' padding bookkeeping, the same functions (not a copy), so the two cannot drift apart.
+    _init_padding = _LeftPadded._init_padding
+    _set_padding = _LeftPadded._set_padding
+    batch_size = _LeftPadded.batch_size
+
     def __init__(self, left_padding: Sequence[int]) -> None:
         super().__init__()
-        self._set_padding(list(left_padding))
-        self.position_delta = -self.left_padding
-
-    def _set_padding(self, left_padding: list[int]) -> None:
-        if any(p < 0 for p in left_padding):
-            raise ValueError(f"left padding must be >= 0, got {left_padding}")
-        self.padding = [int(p) for p in left_padding]
-        """Host copy of ``left_padding``: whether a mask is needed is decided without a device sync."""
-        self.left_padding = mx.array(self.padding, dtype=mx.int32)
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.padding)
+        self._init_padding(left_padding)
 
     def snapshot_split(self, n_tokens: int) -> int | None:
         return None  # a batch's rows have no prompt cache to go back for
@@ -226,7 +209,7 @@ class BatchRecurrentCache(RecurrentCache):
 
     @classmethod
     def from_state(cls, state: list[mx.array], meta_state: dict[str, str]) -> BatchRecurrentCache:
-        cache = cls([int(p) for p in meta_state["left_padding"].split(",") if p])
+        cache = cls(_LeftPadded._padding_of(meta_state))
         cache._restore(state, meta_state)
         return cache
 

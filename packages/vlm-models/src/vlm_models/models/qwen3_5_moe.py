@@ -10,10 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import mlx.core as mx
-
 from ..config import ConfigError
-from ..nn.moe import MoEConfig, expert_weights, mlx_community_expert_names
+from ..nn.moe import ExpertLayouts, MoEConfig
 from . import qwen3_5
 
 TEXT_DEFAULTS: dict[str, Any] = {
@@ -43,19 +41,9 @@ def moe_config(text: Mapping[str, Any]) -> MoEConfig:
         raise ConfigError(f"qwen3_5_moe: {exc}") from None
 
 
-class Model(qwen3_5.Model):
+class Model(ExpertLayouts, qwen3_5.Model):
     text_defaults: ClassVar[Mapping[str, Any]] = TEXT_DEFAULTS
 
     @classmethod
     def moe_config(cls, text: Mapping[str, Any]) -> MoEConfig:
         return moe_config(text)
-
-    def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
-        text = self.config.text
-        assert text.moe is not None
-        return expert_weights(
-            super().sanitize(weights), hidden=text.hidden_size, intermediate=text.moe.moe_intermediate_size
-        )
-
-    def mlx_community_names(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
-        return {mlx_community_expert_names(k): v for k, v in super().mlx_community_names(weights).items()}

@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,6 +19,7 @@ import mlx.nn as nn
 from .layers import GatedMLP, gated_activation
 
 __all__ = [
+    "ExpertLayouts",
     "MoEConfig",
     "QuantizedSwitchLinear",
     "SparseMoE",
@@ -252,3 +254,19 @@ def expert_weights(weights: Mapping[str, mx.array], *, hidden: int, intermediate
 def mlx_community_expert_names(key: str) -> str:
     """The MLX-community name of one of our expert tensors (the inverse of ``expert_weights`` on that layout)."""
     return key.replace(".experts.", ".switch_mlp.") if any(f".experts.{p}." in key for p in _PROJECTIONS) else key
+
+
+class ExpertLayouts:
+    """Mixed into a family model whose text config has ``moe``: ``sanitize`` also maps every stacked-expert layout
+    onto ``SwitchGLU``'s names, ``mlx_community_names`` writes them as ``switch_mlp``."""
+
+    config: Any
+
+    def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+        text = self.config.text
+        assert text.moe is not None
+        sanitized = super().sanitize(weights)  # type: ignore[misc]
+        return expert_weights(sanitized, hidden=text.hidden_size, intermediate=text.moe.moe_intermediate_size)
+
+    def mlx_community_names(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+        return {mlx_community_expert_names(k): v for k, v in super().mlx_community_names(weights).items()}  # type: ignore[misc]
