@@ -194,7 +194,7 @@ def test_weights_swapped_after_a_lookup_miss_the_cache() -> None:
 
 
 def test_the_families_sharing_a_cache_do_not_collide() -> None:
-    cache = VisionFeatureCache()
+    cache = VisionFeatureCache(64)  # room for every family's entries: none is evicted
     for family in FAMILIES:
         model, processor = load(published(family))
         inputs = prepare(processor, [FIRST])
