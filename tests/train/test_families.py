@@ -36,6 +36,10 @@ CONVERSATIONS = [
 ]
 SINGLE_TURN = {"paligemma2"}
 """PaliGemma's prompt is the images, <bos>, the task and a newline: a second turn would rewrite the first."""
+REWRITES_HISTORY = {"qwen3_5", "qwen3_5_moe"}
+"""Qwen3.5's template writes the last answer with its (empty) thinking block and earlier ones without: the first turn
+of a two-turn sample is not where the second one's prompt begins, and the sample is refused with that reason. Its
+prompt opens the thinking block (thinking is on by default), so an answer starts by closing it."""
 
 
 def messages_of(turns, image_paths: bool = True) -> list[dict]:
@@ -84,7 +88,10 @@ def test_training_loss_is_the_inference_loss(tmp_path: Path, family: str) -> Non
     if family in SINGLE_TURN:
         assert len(bad) == 1 and bad[0].source.endswith(":4") and "not one sequence" in bad[0].reason
         conversations = CONVERSATIONS[:3]
-    assert not bad or family in SINGLE_TURN
+    if family in REWRITES_HISTORY:
+        assert len(bad) == 1 and bad[0].source.endswith(":4") and "does not render turn 2 as a prefix" in bad[0].reason
+        conversations = CONVERSATIONS[:3]
+    assert not bad or family in SINGLE_TURN | REWRITES_HISTORY
     batch = collate(samples, 0, processor.image_processor)
     losses, mask = (np.array(a) for a in token_losses(model, batch))
     assert len({len(s) for s in samples}) > 1  # padded rows
@@ -100,7 +107,11 @@ def test_training_loss_is_the_inference_loss(tmp_path: Path, family: str) -> Non
             assert not sample.loss_mask[done : len(prompt_ids)].any()
             stop = end_of_run(sample.loss_mask, len(prompt_ids))
             answer = sample.input_ids[len(prompt_ids) : stop].tolist()
-            assert tokenizer.decode(answer, skip_special_tokens=True).strip() == answer_text
+            decoded = tokenizer.decode(answer, skip_special_tokens=True)
+            if family in REWRITES_HISTORY:  # the prompt opens the thinking block; the answer closes it first
+                assert decoded.startswith("\n</think>\n\n")
+                decoded = decoded.split("</think>")[-1]
+            assert decoded.strip() == answer_text
             if i == len(turns) - 1:
                 assert stop == len(sample)
                 assert processor.eos_token_ids.intersection(answer), f"{family}: the answer never stops"

@@ -102,6 +102,21 @@ ARCHITECTURES: dict[str, Architecture] = {
         video_processor="qwen3_vl:Qwen3VLVideoProcessor",
         video_token="<|video_pad|>",
     ),
+    "qwen3_5": Architecture(
+        "qwen3_5",
+        "qwen2_vl:Qwen2VLImageProcessor",
+        video_processor="qwen3_vl:Qwen3VLVideoProcessor",
+        video_token="<|video_pad|>",
+    ),
+    "qwen3_5_moe": Architecture(
+        "qwen3_5_moe",
+        "qwen2_vl:Qwen2VLImageProcessor",
+        video_processor="qwen3_vl:Qwen3VLVideoProcessor",
+        video_token="<|video_pad|>",
+    ),
+    # Text-only checkpoints (Qwen3_5ForCausalLM): the decoder alone, dense or sparse.
+    "qwen3_5_text": Architecture("qwen3_5_text", "qwen2_vl:Qwen2VLImageProcessor"),
+    "qwen3_5_moe_text": Architecture("qwen3_5_text", "qwen2_vl:Qwen2VLImageProcessor"),
     "llava": Architecture("llava", "clip:CLIPImageProcessor", image_token="<image>"),
     "llava_next": Architecture("llava_next", "clip:LlavaNextImageProcessor", image_token="<image>"),
     "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),

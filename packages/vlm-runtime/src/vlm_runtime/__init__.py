@@ -9,6 +9,7 @@ from .engine import Engine, EngineBusy, RequestStream
 from .generate import generate, generate_step, stream_generate
 from .prompt_cache import PromptCache
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
+from .recurrent_cache import BatchRecurrentCache, RecurrentCache
 from .request import FinishReason, GenerationConfig, GenerationResult, Request
 from .sampling import SamplingParams, make_sampler
 from .settings import GenerationSettings
@@ -24,6 +25,7 @@ __all__ = [
     "BatchGenerator",
     "BatchKVCache",
     "BatchQuantizedKVCache",
+    "BatchRecurrentCache",
     "BatchRotatingKVCache",
     "Cache",
     "CacheSettings",
@@ -40,6 +42,7 @@ __all__ = [
     "PromptProcessor",
     "QuantizedKVCache",
     "Request",
+    "RecurrentCache",
     "RequestStream",
     "RotatingKVCache",
     "SamplingParams",

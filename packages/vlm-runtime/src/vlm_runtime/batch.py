@@ -16,7 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .batch_cache import BatchKVCache, batch_cache_like, can_batch
+from .batch_cache import batch_cache_like, can_batch, merge_caches
 from .cache import Cache
 from .cache_settings import CacheSettings, make_layer_caches
 from .generate import media_list, prefill
@@ -189,7 +189,7 @@ class BatchGenerator:
         layers = zip(*(cache for _, cache in joining))
         running = self._cache or [None] * len(joining[0][1])
         self._cache = [
-            BatchKVCache.merge(([old] if old is not None else []) + list(new)) for old, new in zip(running, layers)
+            merge_caches(([old] if old is not None else []) + list(new)) for old, new in zip(running, layers)
         ]
         mx.eval([layer.state for layer in self._cache])
         for rows, _ in joining:

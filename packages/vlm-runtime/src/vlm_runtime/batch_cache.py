@@ -22,6 +22,7 @@ __all__ = [
     "BATCHED_TWINS",
     "batch_cache_like",
     "can_batch",
+    "merge_caches",
     "register_batched_twin",
 ]
 
@@ -355,6 +356,13 @@ def batch_cache_like(layer: Any, left_padding: Sequence[int]) -> Any:
 
 def can_batch(layer: Any) -> bool:
     return isinstance(layer, _LeftPadded) or type(layer) in BATCHED_TWINS
+
+
+def merge_caches(caches: Sequence[Any]) -> Any:
+    """One batched cache holding every row of ``caches`` (layers of one kind, single or batched)."""
+    if not caches:
+        raise ValueError("merge needs at least one cache")
+    return type(batch_cache_like(caches[0], [])).merge(caches)
 
 
 class _Rows:

@@ -2,7 +2,8 @@
 is computed once.
 
 The cache remembers which tokens it holds. A new prompt reuses the longest common prefix: the cache is trimmed
-back to it where the cache type allows, and only the rest is computed. Image tokens are the same id whatever
+back to it where the cache type allows (a recurrent layer only to a state it saved, so the prefix may be shorter),
+and only the rest is computed. Image tokens are the same id whatever
 the image, so a prefix that came with media is reused only by a request with the same media.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import mlx.core as mx
 
@@ -20,7 +21,7 @@ from .cache_io import load_prompt_cache, save_prompt_cache
 from .cache_settings import CacheSettings, make_layer_caches
 from .vision_cache import content_key
 
-__all__ = ["PromptCache", "media_key"]
+__all__ = ["PromptCache", "Rewindable", "media_key"]
 
 _TEXT_INPUTS = frozenset({"input_ids", "attention_mask"})
 _METADATA_KEY = "vlm.prompt_cache"
@@ -32,6 +33,20 @@ def media_key(inputs: Mapping[str, mx.array]) -> str | None:
     if not media:
         return None
     return content_key(*[part for k in media for part in (k, inputs[k])])
+
+
+@runtime_checkable
+class Rewindable(Protocol):
+    """A cache that can go back only to states it saved (a recurrent layer's): ``rewind_point(n)`` is the longest
+    such prefix of at most ``n`` tokens, or None."""
+
+    def rewind_point(self, n_tokens: int) -> int | None: ...
+
+
+def _reachable(layer: Cache, n: int) -> int | None:
+    if isinstance(layer, Rewindable):
+        return layer.rewind_point(n)
+    return n if layer.is_trimmable() else None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -62,22 +77,26 @@ class PromptCache:
         reusable = self.layers is not None and self.settings == settings and (self.media is None or self.media == media)
         # At least one prompt token must be computed: its logits give the first generated token.
         common = min(_common_prefix(self.tokens, tokens), len(tokens) - 1) if reusable else 0
-        if common > 0 and self._trim_to(common):
-            return self.layers, common  # type: ignore[return-value]
+        held = self._trim_to(common) if common > 0 else 0
+        if held > 0:
+            return self.layers, held  # type: ignore[return-value]
         self.layers, self.tokens, self.media, self.settings = None, [], None, settings
         return make_layer_caches(model, settings), 0
 
-    def _trim_to(self, n: int) -> bool:
+    def _trim_to(self, n: int) -> int:
+        """Trim every layer back to the longest prefix of at most ``n`` tokens that all of them can return to;
+        how many tokens they then hold (0: none)."""
         assert self.layers is not None
-        excess = len(self.tokens) - n
-        if excess == 0:
-            return True
-        if not all(layer.is_trimmable() for layer in self.layers):
-            return False
+        if len(self.tokens) == n:
+            return n
+        points = [_reachable(layer, n) for layer in self.layers]
+        if any(p is None for p in points):
+            return 0
+        point = min(points)  # type: ignore[type-var]
         for layer in self.layers:
-            layer.trim(excess)
-        self.tokens = self.tokens[:n]
-        return True
+            layer.trim(len(self.tokens) - point)
+        self.tokens = self.tokens[:point]
+        return point
 
     def record(self, layers: list[Cache], tokens: list[int], media: str | None) -> None:
         """After a generation: ``layers`` hold the first ``offset`` of ``tokens`` (the last generated token may

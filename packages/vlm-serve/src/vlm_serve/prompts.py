@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vlm_models import apply_chat_template
@@ -18,7 +18,7 @@ from .errors import APIError
 from .host import LoadedModel
 from .media import fetch_image, fetch_video, pixel_budget
 from .settings import ServeSettings
-from .tools import CallParser, Tool, ToolFormat, render_tools, resolve_choice, tool_format_for
+from .tools import CLOSE, OPEN, CallParser, Tool, ToolFormat, render_tools, resolve_choice, tool_format_for
 
 __all__ = ["ChatRequest", "PreparedRequest", "prepare", "token_text"]
 
@@ -77,7 +77,10 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
     choice = resolve_choice(request.tool_choice, request.tools)
     tools = request.tools if choice != "none" else []
     grammar = request.grammar
-    tool_format = tool_format_for(loaded.processor.chat_template)
+    tags_are_tokens = len(loaded.processor.encode(OPEN)) == 1 and len(loaded.processor.encode(CLOSE)) == 1
+    tool_format = replace(
+        tool_format_for(loaded.processor.chat_template), tools=tuple(tools), tags_are_tokens=tags_are_tokens
+    )
     forced = tool_format.forced_grammar(tools, choice) if tools else None
     if forced is not None:
         if grammar is not None:
@@ -97,7 +100,9 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
         raise APIError(400, "this model does not take video input", param="messages", code="unsupported_media")
     abandoned = threading.Event()
     try:
-        prompt = await _in_thread(_render, loaded, messages, enable, template_tools, abandoned)
+        # A forced format must start the answer: templates that think by default (Qwen3.5) get an empty block.
+        thinking_switch = True if enable else (False if grammar is not None else None)
+        prompt = await _in_thread(_render, loaded, messages, thinking_switch, template_tools, abandoned)
         budget = pixel_budget(settings)
         images = await asyncio.gather(*(fetch_image(source, settings, budget) for source in request.images))
         videos = await asyncio.gather(*(fetch_video(source, settings) for source in request.videos))
@@ -144,12 +149,14 @@ async def _in_thread(function: Any, *args: Any) -> Any:
 
 
 def _render(
-    loaded: LoadedModel, messages: list[dict[str, Any]], enable: bool, tools: Any, abandoned: threading.Event
+    loaded: LoadedModel,
+    messages: list[dict[str, Any]],
+    enable_thinking: bool | None,
+    tools: Any,
+    abandoned: threading.Event,
 ) -> str:
     """The chat-formatted prompt, refused when it is certainly longer than the context."""
-    prompt = apply_chat_template(
-        loaded.processor, None, messages, enable_thinking=True if enable else None, tools=tools
-    )
+    prompt = apply_chat_template(loaded.processor, None, messages, enable_thinking=enable_thinking, tools=tools)
     _refuse_beyond_context(loaded.processor, prompt, loaded.context_length, abandoned)
     return prompt
 

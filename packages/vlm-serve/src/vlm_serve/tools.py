@@ -2,10 +2,11 @@
 that forces a call when the request says so.
 
 Five output formats, chosen from the checkpoint's chat template: Hermes / Qwen ``<tool_call>{json}</tool_call>``
-blocks (the default), Mistral's ``[TOOL_CALLS][{json}, ...]``, the pythonic ``[f(x=1), g()]`` of Llama 3.2+,
-Gemma's fenced ``tool_code`` block of Python calls (results in a ``tool_output`` block), as Google's Gemma
-function-calling guide prompts it, and Gemma 4's ``<|tool_call>call:name{key:value,...}<tool_call|>`` (strings
-between ``<|"|>`` marks).
+blocks (the default), the XML calls of Qwen3-Coder and Qwen3.5 (``<tool_call>`` around ``<function=name>`` and one
+``<parameter=name>`` block per argument, values as text), Mistral's ``[TOOL_CALLS][{json}, ...]``, the pythonic
+``[f(x=1), g()]`` of Llama 3.2+, Gemma's fenced ``tool_code`` block of Python calls (results in a ``tool_output``
+block), as Google's Gemma function-calling guide prompts it, and Gemma 4's
+``<|tool_call>call:name{key:value,...}<tool_call|>`` (strings between ``<|"|>`` marks).
 
 Templates that render tools themselves (Qwen2.5's, Hermes') get the definitions and the tool messages as they
 are; for templates that do not, the tools are described in a system message and calls/results are written in
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ __all__ = [
     "resolve_choice",
     "split_calls",
     "tool_format_for",
+    "xml_call_parser",
 ]
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -96,15 +99,59 @@ def _call_schema(tools: list[Tool], choice: str) -> dict[str, Any]:
     return variants[0] if len(variants) == 1 else {"anyOf": variants}
 
 
-def forced_call_grammar(tools: list[Tool], choice: str, style: str = "hermes") -> str | None:
+def _xml_value_rule(name: str, schema: dict[str, Any]) -> str:
+    """A lark rule for one XML parameter value: JSON text under the property's schema, or plain text for strings
+    (one line without ``<``, within maxLength; or one of its enum values)."""
+    if schema.get("type") == "string" or (schema.get("enum") and all(isinstance(v, str) for v in schema["enum"])):
+        if schema.get("enum"):
+            return f"{name}: " + " | ".join(json.dumps(v) for v in schema["enum"])
+        bound = f"{{{int(schema.get('minLength', 0))},{int(schema['maxLength'])}}}" if "maxLength" in schema else "*"
+        return f"{name}: /[^<\\n]{bound}/"
+    return f"{name}: %json {json.dumps({**schema, 'x-guidance': JSON_LAYOUT})}"
+
+
+def _tags(as_tokens: bool) -> tuple[str, str]:
+    """The lark for ``<tool_call>`` and ``</tool_call>``: the tokens themselves where the tokenizer has them (the
+    published Qwen tokenizers do; llguidance keeps such tokens apart from text), else the text."""
+    if as_tokens:
+        return OPEN, CLOSE
+    return json.dumps(OPEN), json.dumps(CLOSE)
+
+
+def _xml_call_grammar(tools: list[Tool], choice: str, tags_are_tokens: bool) -> str:
+    """One XML call of an allowed tool: its parameters in the schema's order, the required ones present."""
+    rules, calls = [], []
+    for t, tool in enumerate(t for t in tools if choice == "required" or t.name == choice):
+        properties = (tool.parameters or {}).get("properties") or {}
+        required = set((tool.parameters or {}).get("required") or ())
+        parts = []
+        for p, (name, schema) in enumerate(properties.items()):
+            value = f"v{t}_{p}"
+            rules.append(_xml_value_rule(value, schema if isinstance(schema, dict) else {}))
+            block = f"{json.dumps(f'{XML_PARAMETER}{name}>' + chr(10))} {value} {json.dumps(chr(10) + '</parameter>' + chr(10))}"
+            parts.append(block if name in required else f"({block})?")
+        opening, closing = _tags(tags_are_tokens)
+        head = f"{opening} {json.dumps(f'{chr(10)}{XML_FUNCTION}{tool.name}>{chr(10)}')}"
+        calls.append(f"{head} {' '.join(parts)} {json.dumps('</function>' + chr(10))} {closing}")
+    return "start: " + " | ".join(f"({c})" for c in calls) + "\n" + "\n".join(rules) + "\n"
+
+
+def forced_call_grammar(
+    tools: list[Tool], choice: str, style: str = "hermes", tags_are_tokens: bool = False
+) -> str | None:
     """For "required" or a named tool: a grammar that admits exactly one call of an allowed tool, with
-    arguments valid under that tool's schema, in the model's format. None for "auto"."""
+    arguments valid under that tool's schema, in the model's format. None for "auto". ``tags_are_tokens``: the
+    tokenizer has ``<tool_call>`` and ``</tool_call>`` as tokens of their own."""
     if choice in ("auto", "none"):
         return None
+    if style == "xml":
+        return llguidance.LLMatcher.grammar_from_lark(_xml_call_grammar(tools, choice, tags_are_tokens))
     schema = _call_schema(tools, choice)
     if style == "hermes":
         schema = {**schema, "x-guidance": JSON_LAYOUT}
-        lark = f"start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\ncall: %json {json.dumps(schema)}\n"
+        opening, closing = _tags(tags_are_tokens)
+        newline = json.dumps(chr(10))
+        lark = f"start: {opening} {newline} call {newline} {closing}\ncall: %json {json.dumps(schema)}\n"
         return llguidance.LLMatcher.grammar_from_lark(lark)
     if style == "mistral":  # the [TOOL_CALLS] marker is a control token: the list of calls follows it
         return llguidance.LLMatcher.grammar_from_json_schema(
@@ -201,13 +248,17 @@ def _text_of(content: Any) -> str:
 
 class ToolCallParser:
     """Splits streamed text into answer text and tool calls. ``feed`` returns (text, calls) that are final;
-    the start of a possible ``<tool_call>`` is held back until it is known. A block that is not valid JSON of
-    the form {"name": ..., "arguments": {...}} stays in the text, as the model wrote it."""
+    the start of a possible ``<tool_call>`` is held back until it is known. A block that does not parse (as JSON
+    of the form {"name": ..., "arguments": {...}}, or with ``parse_body`` where given) stays in the text, as the
+    model wrote it."""
 
-    def __init__(self, id_prefix: str = "call_") -> None:
+    def __init__(
+        self, id_prefix: str = "call_", parse_body: Callable[[str], tuple[str, dict[str, Any]] | None] | None = None
+    ) -> None:
         self._held = ""
         self._inside: str | None = None
         self._prefix = id_prefix
+        self._parse_body = parse_body or _json_call
         self.calls: list[ToolCall] = []
 
     def feed(self, piece: str) -> tuple[str, list[ToolCall]]:
@@ -253,11 +304,53 @@ class ToolCallParser:
         return held, [call]
 
     def _parse(self, body: str) -> ToolCall | None:
-        try:
-            call = _name_and_arguments(json.loads(body))
-        except json.JSONDecodeError:
-            return None
+        call = self._parse_body(body)
         return ToolCall(new_call_id(self._prefix), *call) if call is not None else None
+
+
+def _json_call(body: str) -> tuple[str, dict[str, Any]] | None:
+    try:
+        return _name_and_arguments(json.loads(body))
+    except json.JSONDecodeError:
+        return None
+
+
+XML_FUNCTION, XML_PARAMETER = "<function=", "<parameter="
+_XML_CALL = re.compile(r"\s*<function=([^>\n]+)>(.*?)(?:</function>\s*)?\Z", re.DOTALL)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
+
+
+def xml_call_parser(tools: tuple[Tool, ...] = ()) -> Callable[[str], tuple[str, dict[str, Any]] | None]:
+    """Reads the body of one XML call; values are text, turned into the type the tool's schema gives the argument
+    (untyped ones: JSON objects and arrays decoded, anything else kept as text)."""
+    schemas = {t.name: ((t.parameters or {}).get("properties") or {}) for t in tools}
+
+    def parse(body: str) -> tuple[str, dict[str, Any]] | None:
+        match = _XML_CALL.match(body)
+        if match is None:
+            return None
+        name, inner = match[1].strip(), match[2]
+        properties = schemas.get(name, {})
+        arguments = {}
+        for key, text in _XML_PARAMETER.findall(inner):
+            schema = properties.get(key.strip())
+            arguments[key.strip()] = _typed(text, schema if isinstance(schema, dict) else None)
+        return name, arguments
+
+    return parse
+
+
+def _typed(text: str, schema: dict[str, Any] | None) -> Any:
+    kind = schema.get("type") if schema else None
+    if kind == "string":
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    if kind is None and not isinstance(value, (dict, list)):
+        return text  # "007" stays the text it is unless the schema says it is a number
+    return value
 
 
 def split_calls(parser: CallParser | None, text: str, *, final: bool) -> tuple[str, list[ToolCall]]:
@@ -460,9 +553,15 @@ def _gemma4_value(text: str, i: int) -> tuple[Any, int]:
 @dataclass(frozen=True)
 class ToolFormat:
     style: str
-    """"hermes", "mistral", "pythonic", "gemma" or "gemma4"."""
+    """"hermes", "xml", "mistral", "pythonic", "gemma" or "gemma4"."""
+    tools: tuple[Tool, ...] = ()
+    """The request's tools: the XML format types the argument values by their schemas."""
+    tags_are_tokens: bool = False
+    """The tokenizer has ``<tool_call>`` / ``</tool_call>`` as tokens of their own (forced calls emit those)."""
 
     def parser(self, id_prefix: str = "call_") -> CallParser:
+        if self.style == "xml":
+            return ToolCallParser(id_prefix, xml_call_parser(self.tools))
         if self.style == "mistral":
             # The marker is a special token that decoding usually drops; the answer then starts with the list.
             return _MistralParser(id_prefix)
@@ -475,7 +574,7 @@ class ToolFormat:
         return ToolCallParser(id_prefix)
 
     def forced_grammar(self, tools: list[Tool], choice: str) -> str | None:
-        return forced_call_grammar(tools, choice, self.style)
+        return forced_call_grammar(tools, choice, self.style, self.tags_are_tokens)
 
 
 class _MistralParser(WholeAnswerCallParser):
@@ -498,6 +597,8 @@ def tool_format_for(chat_template: str | None) -> ToolFormat:
         return ToolFormat("pythonic")
     if "<start_of_turn>" in template:  # Gemma's templates render no tools; its guide prompts tool_code blocks
         return ToolFormat("gemma")
+    if XML_FUNCTION in template and XML_PARAMETER in template:  # Qwen3-Coder, Qwen3.5
+        return ToolFormat("xml")
     return ToolFormat("hermes")
 
 

@@ -63,7 +63,8 @@ class ModelConfig:
     mrope_interleaved: bool = False
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any], vision_cls: type = VisionConfig) -> ModelConfig:
+    def from_hf(cls, config: Mapping[str, Any], vision_cls: type = VisionConfig, decoder: Any = None) -> ModelConfig:
+        """``decoder``: the text decoder's own config where the family's is not a ``DecoderConfig``."""
         text = text_section(config)
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
         vision = dict(config.get("vision_config") or {})
@@ -73,7 +74,7 @@ class ModelConfig:
             return cls(
                 model_type=config["model_type"],
                 # Qwen2 puts biases on q/k/v only.
-                text=from_dict(DecoderConfig, text, attention_bias=True),
+                text=decoder if decoder is not None else from_dict(DecoderConfig, text, attention_bias=True),
                 vision=from_dict(vision_cls, vision),
                 rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))),
                 mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
@@ -228,13 +229,10 @@ def multimodal_position_ids(
 
 
 class Qwen2VLModel(nn.Module):
-    def __init__(self, config: ModelConfig, vision_tower: type[nn.Module]) -> None:
+    def __init__(self, config: ModelConfig, vision_tower: type[nn.Module], language_model: nn.Module) -> None:
         super().__init__()
         self.visual = vision_tower(config.vision)
-        rotary = MultimodalRotary(
-            config.text.attention_head_dim, config.rope_theta, config.mrope_section, config.mrope_interleaved
-        )
-        self.language_model = TextDecoder(config.text, rotary)
+        self.language_model = language_model
 
 
 class Model(TextGeneration, nn.Module):
@@ -247,13 +245,21 @@ class Model(TextGeneration, nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = Qwen2VLModel(config, self.vision_tower)
+        self.model = Qwen2VLModel(config, self.vision_tower, self.language_model_for(config))
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> Model:
         return cls(ModelConfig.from_hf(config, cls.vision_config_class))
+
+    @staticmethod
+    def language_model_for(config: ModelConfig) -> nn.Module:
+        """The text decoder, with M-RoPE over its whole head dim."""
+        rotary = MultimodalRotary(
+            config.text.attention_head_dim, config.rope_theta, config.mrope_section, config.mrope_interleaved
+        )
+        return TextDecoder(config.text, rotary)
 
     # -- runtime protocol (the decoder steps come from TextGeneration)
     def embed_prompt(

@@ -11,11 +11,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import mlx.core as mx
-
 from ..config import ConfigError, from_dict, text_section
 from ..nn.decoder import DecoderConfig
-from ..nn.moe import MoEConfig, expert_weights, mlx_community_expert_names
+from ..nn.moe import ExpertLayouts, MoEConfig
 from . import qwen3_vl
 
 
@@ -33,17 +31,7 @@ def moe_config(text: Mapping[str, Any]) -> MoEConfig:
         raise ConfigError(f"qwen3_vl_moe: {exc}") from None
 
 
-class Model(qwen3_vl.Model):
+class Model(ExpertLayouts, qwen3_vl.Model):
     @classmethod
     def text_config(cls, config: Mapping[str, Any]) -> DecoderConfig:
         return dataclasses.replace(super().text_config(config), moe=moe_config(text_section(config)))
-
-    def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
-        text = self.config.text
-        assert text.moe is not None
-        return expert_weights(
-            super().sanitize(weights), hidden=text.hidden_size, intermediate=text.moe.moe_intermediate_size
-        )
-
-    def mlx_community_names(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
-        return {mlx_community_expert_names(k): v for k, v in super().mlx_community_names(weights).items()}

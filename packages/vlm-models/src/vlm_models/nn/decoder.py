@@ -21,7 +21,7 @@ from ..family import FamilyDefaults
 from .layers import Attention, DecoderLayer, GatedMLP
 from .moe import MoEConfig, SparseMoE
 from .output import ModelOutput
-from .rope import MultimodalRotary
+from .rope import MultimodalRotary, Rotate
 
 __all__ = [
     "DecoderConfig",
@@ -29,6 +29,7 @@ __all__ = [
     "TextGeneration",
     "no_attention_groups",
     "padded_prompt_embedding",
+    "rotation",
 ]
 
 
@@ -106,14 +107,7 @@ class TextDecoder(nn.Module):
     ) -> mx.array:
         """``layer_additions[i]`` is added to the hidden states after layer i (Qwen3-VL's deepstack)."""
         length = inputs_embeds.shape[1]
-        offset = cache[0].offset if cache else 0
-        if position_ids is not None:
-            rotate = self._rotary.at_positions(position_ids)
-            if cache:
-                _record_position_delta(cache, position_ids, offset + length)
-        else:
-            delta = cache[0].position_delta if cache else 0
-            rotate = self._rotary.at_offset(offset + delta)
+        rotate = rotation(self._rotary, cache, position_ids, length)
         if cache:
             # Sliding windows, quantized storage and batch padding each shape the mask their own way.
             mask = cache[0].make_mask(length, inputs_embeds.dtype, key_padding=attention_mask)
@@ -175,6 +169,20 @@ class TextGeneration(FamilyDefaults):
             prompt.inputs_embeds, cache=cache, position_ids=position_ids, attention_mask=prompt.attention_mask
         )
         return ModelOutput(logits=self.compute_logits(hidden))
+
+
+def rotation(
+    rotary: MultimodalRotary, cache: list[Any] | None, position_ids: mx.array | None, length: int, reference: int = 0
+) -> Rotate:
+    """The rotation of the next ``length`` tokens: at explicit ``position_ids`` (every layer's cache then records
+    where later tokens continue), else continuing from ``cache[reference]``'s offset and position delta."""
+    offset = cache[reference].offset if cache else 0
+    if position_ids is not None:
+        if cache:
+            _record_position_delta(cache, position_ids, offset + length)
+        return rotary.at_positions(position_ids)
+    delta = cache[reference].position_delta if cache else 0
+    return rotary.at_offset(offset + delta)
 
 
 def _record_position_delta(cache: list[Any], position_ids: mx.array, n_tokens: int) -> None:

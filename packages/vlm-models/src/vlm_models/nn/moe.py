@@ -11,13 +11,15 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import gated_activation
+from .layers import GatedMLP, gated_activation
 
 __all__ = [
+    "ExpertLayouts",
     "MoEConfig",
     "QuantizedSwitchLinear",
     "SparseMoE",
@@ -41,6 +43,9 @@ class MoEConfig:
     """Renormalise the chosen experts' router probabilities to sum to one."""
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    shared_expert_intermediate_size: int = 0
+    """Width of an always-on gated MLP added to the experts' output, scaled by a sigmoid gate (Qwen2-MoE,
+    Qwen3-Next, Qwen3.5-MoE); 0 for none."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
@@ -167,7 +172,7 @@ class SwitchGLU(nn.Module):
 
 class SparseMoE(nn.Module):
     """A linear router (``gate``) over the experts; each token's output is its top-k experts' outputs weighted by
-    their (softmax) router probabilities."""
+    their (softmax) router probabilities, plus the shared expert's where the config has one."""
 
     def __init__(self, dims: int, config: MoEConfig, act: str = "silu") -> None:
         super().__init__()
@@ -175,6 +180,9 @@ class SparseMoE(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.gate = nn.Linear(dims, config.num_experts, bias=False)
         self.experts = SwitchGLU(dims, config.moe_intermediate_size, config.num_experts, act)
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = GatedMLP(dims, config.shared_expert_intermediate_size, act)
+            self.shared_expert_gate = nn.Linear(dims, 1, bias=False)
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Each token's chosen experts (..., k) and their weights (..., k)."""
@@ -188,7 +196,10 @@ class SparseMoE(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         chosen, weights = self.route(x)
         out = self.experts(x, chosen)
-        return (out * weights[..., None].astype(out.dtype)).sum(axis=-2)
+        out = (out * weights[..., None].astype(out.dtype)).sum(axis=-2)
+        if "shared_expert" in self:
+            out = out + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
 
 
 # -- checkpoint layouts
@@ -243,3 +254,19 @@ def expert_weights(weights: Mapping[str, mx.array], *, hidden: int, intermediate
 def mlx_community_expert_names(key: str) -> str:
     """The MLX-community name of one of our expert tensors (the inverse of ``expert_weights`` on that layout)."""
     return key.replace(".experts.", ".switch_mlp.") if any(f".experts.{p}." in key for p in _PROJECTIONS) else key
+
+
+class ExpertLayouts:
+    """Mixed into a family model whose text config has ``moe``: ``sanitize`` also maps every stacked-expert layout
+    onto ``SwitchGLU``'s names, ``mlx_community_names`` writes them as ``switch_mlp``."""
+
+    config: Any
+
+    def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+        text = self.config.text
+        assert text.moe is not None
+        sanitized = super().sanitize(weights)  # type: ignore[misc]
+        return expert_weights(sanitized, hidden=text.hidden_size, intermediate=text.moe.moe_intermediate_size)
+
+    def mlx_community_names(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+        return {mlx_community_expert_names(k): v for k, v in super().mlx_community_names(weights).items()}  # type: ignore[misc]

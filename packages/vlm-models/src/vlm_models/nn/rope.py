@@ -18,6 +18,7 @@ __all__ = [
     "inverse_frequencies",
     "proportional_frequencies",
     "rotate_half",
+    "rotate_leading",
 ]
 
 Rotate = Callable[[mx.array], mx.array]
@@ -107,6 +108,12 @@ class Rotary:
             return cache[length](x)
 
         return rotate
+
+
+def rotate_leading(rotate: Rotate, dims: int) -> Rotate:
+    """``rotate`` on the first ``dims`` features of each head only, the rest passed through (partial rotary, as
+    ``partial_rotary_factor`` configures it in transformers)."""
+    return lambda x: mx.concatenate([rotate(x[..., :dims]), x[..., dims:]], axis=-1)
 
 
 def axis_of_frequency(sections: Sequence[int], interleaved: bool = False) -> np.ndarray:
