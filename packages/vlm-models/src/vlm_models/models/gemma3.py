@@ -20,9 +20,8 @@ from vlm_runtime import KVCache, PromptEmbedding, RotatingKVCache
 from vlm_runtime.vision_cache import VisionFeatureCache
 
 from ..config import ConfigError, text_section
-from ..family import FamilyDefaults
 from ..nn.checkpoint import rename_prefix
-from ..nn.gemma import GEMMA_DEFAULTS, SLIDING, GemmaDecoder, GemmaDecoderConfig, GemmaRMSNorm
+from ..nn.gemma import GEMMA_DEFAULTS, SLIDING, GemmaDecoder, GemmaDecoderConfig, GemmaGeneration, GemmaRMSNorm
 from ..nn.output import ModelOutput
 from ..nn.siglip import SiglipVisionConfig, SiglipVisionModel
 from ..nn.vision import features_per_image, image_groups, merge_features, vision_identity
@@ -97,7 +96,7 @@ class Gemma3Model(nn.Module):
         self.language_model = GemmaDecoder(config.text)
 
 
-class Model(FamilyDefaults, nn.Module):
+class Model(GemmaGeneration, nn.Module):
     """Gemma 3 for generation. ``__call__`` takes the Hugging Face processor's tensors; the runtime uses the
     split steps (``embed_prompt``, ``hidden_states``, ``compute_logits``)."""
 
@@ -177,28 +176,6 @@ class Model(FamilyDefaults, nn.Module):
             [(pixel_values[i],) for i in range(n_images)],
             lambda: vision_identity(self, self.config.vision, tower.dtype, tower.embeddings.patch_embedding),
             encode,
-        )
-
-    def hidden_states(
-        self,
-        inputs_embeds: mx.array,
-        *,
-        cache: list[Any] | None = None,
-        position_ids: mx.array | None = None,
-        attention_mask: mx.array | None = None,
-        attention_groups: mx.array | None = None,
-    ) -> mx.array:
-        return self.model.language_model(
-            inputs_embeds,
-            cache=cache,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            attention_groups=attention_groups,
-        )
-
-    def compute_logits(self, hidden: mx.array) -> mx.array:
-        return self.model.language_model.compute_logits(
-            hidden, None if self.config.tie_word_embeddings else self.lm_head
         )
 
     # -- the Hugging Face contract

@@ -26,10 +26,9 @@ from vlm_runtime import KVCache, PromptEmbedding, RotatingKVCache
 from vlm_runtime.vision_cache import VisionFeatureCache
 
 from ..config import ConfigError, from_dict
-from ..family import FamilyDefaults
 from ..nn.checkpoint import rename_prefix
 from ..nn.conformer import AudioEncoder, AudioEncoderConfig
-from ..nn.gemma import SLIDING
+from ..nn.gemma import SLIDING, GemmaGeneration
 from ..nn.gemma4 import ClippableLinear, Gemma4Decoder, Gemma4DecoderConfig, Gemma4RMSNorm, rms_norm
 from ..nn.layers import gated_activation
 from ..nn.moe import expert_weights
@@ -273,7 +272,7 @@ def processor_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class Model(FamilyDefaults, nn.Module):
+class Model(GemmaGeneration, nn.Module):
     """Gemma 4 for generation. ``__call__`` takes the Hugging Face processor's tensors; the runtime uses the
     split steps. The decoder's input embeddings carry the per-layer inputs on their last axis (E2B / E4B), so
     ``embed_tokens`` and ``embed_prompt`` give everything ``hidden_states`` needs."""
@@ -391,27 +390,6 @@ class Model(FamilyDefaults, nn.Module):
             lambda: vision_identity(self, self.config.vision, tower.dtype, tower.patch_embedder.input_proj),
             encode,
         )
-
-    def hidden_states(
-        self,
-        inputs_embeds: mx.array,
-        *,
-        cache: list[Any] | None = None,
-        position_ids: mx.array | None = None,
-        attention_mask: mx.array | None = None,
-        attention_groups: mx.array | None = None,
-    ) -> mx.array:
-        return self.model.language_model(
-            inputs_embeds,
-            cache=cache,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            attention_groups=attention_groups,
-        )
-
-    def compute_logits(self, hidden: mx.array) -> mx.array:
-        head = None if self.config.tie_word_embeddings else self.lm_head
-        return self.model.language_model.compute_logits(hidden, head)
 
     # -- the Hugging Face contract
     def __call__(

@@ -17,6 +17,7 @@ import mlx.nn as nn
 from vlm_runtime.masks import attention_mask_for
 
 from ..config import ConfigError
+from ..family import FamilyDefaults
 from .layers import Attention, GatedMLP
 from .rope import Rotary, Rotate
 
@@ -25,6 +26,7 @@ __all__ = [
     "GEMMA_DEFAULTS",
     "GemmaDecoder",
     "GemmaDecoderConfig",
+    "GemmaGeneration",
     "GemmaRMSNorm",
     "SLIDING",
     "decoder_mask",
@@ -305,3 +307,33 @@ def decoder_mask(
     if cache is not None:
         return cache.make_mask(n_queries, dtype, **shape)
     return attention_mask_for(n_queries, dtype, **shape)
+
+
+class GemmaGeneration(FamilyDefaults):
+    """The runtime's decoder steps for a Gemma family model holding its decoder at ``self.model.language_model``
+    (which takes the prompt's bidirectional groups and soft-caps the logits) and, unless the embeddings are tied,
+    an ``lm_head``."""
+
+    model: Any
+    config: Any
+
+    def hidden_states(
+        self,
+        inputs_embeds: mx.array,
+        *,
+        cache: list[Any] | None = None,
+        position_ids: mx.array | None = None,
+        attention_mask: mx.array | None = None,
+        attention_groups: mx.array | None = None,
+    ) -> mx.array:
+        return self.model.language_model(
+            inputs_embeds,
+            cache=cache,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            attention_groups=attention_groups,
+        )
+
+    def compute_logits(self, hidden: mx.array) -> mx.array:
+        head = None if self.config.tie_word_embeddings else self.lm_head  # type: ignore[attr-defined]
+        return self.model.language_model.compute_logits(hidden, head)
