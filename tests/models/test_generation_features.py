@@ -61,7 +61,11 @@ def test_batch_with_images_equals_single_generate(loaded, monkeypatch) -> None:
         assert result.generation_tokens == single.generation_tokens == 8
 
 
-@pytest.mark.parametrize("options", [{"max_kv_size": 24}, {"kv_bits": 8, "kv_group_size": 32}], ids=["window", "q8"])
+@pytest.mark.parametrize(
+    "options",
+    [{"max_kv_size": 24}, {"kv_bits": 8, "kv_group_size": 32}, {"kv_bits": 3.5, "kv_quant_scheme": "turboquant"}],
+    ids=["window", "q8", "turboquant"],
+)
 def test_batch_with_cache_settings_equals_single_generate(loaded, options) -> None:
     """A sliding window shorter than the prompts, or quantized keys/values: each row as generated alone."""
     model, processor = loaded

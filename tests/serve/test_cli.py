@@ -14,12 +14,26 @@ def test_vlm_serve_subcommand_and_defaults() -> None:
     assert (args.host, args.port, args.model, args.max_concurrency) == ("127.0.0.1", 8080, None, 32)
 
 
+def test_turboquant_cache_flags_reach_the_settings() -> None:
+    from vlm_serve.cli import settings_from
+
+    args = build_parser().parse_args(["serve", "--kv-bits", "3.5", "--kv-quant-scheme", "turboquant"])
+    cache = settings_from(args).cache
+    assert (cache.kv_quant_scheme, cache.turboquant_bits) == ("turboquant", (3, 4))
+    args = build_parser().parse_args(
+        ["serve", "--kv-quant-scheme", "turboquant", "--kv-key-bits", "2.5"] + ["--kv-value-bits", "4"]
+    )
+    assert settings_from(args).cache.turboquant_bits == (2.5, 4)
+
+
 @pytest.mark.parametrize(
     "argv, says",
     [
         (["--model", "/no/such/model"], "no model folder"),
         (["--kv-bits", "4", "--max-kv-size", "64"], "cannot be combined"),
         (["--max-kv-size", "0"], "max_kv_size"),
+        (["--kv-bits", "3.5"], "turboquant"),
+        (["--kv-quant-scheme", "turboquant", "--kv-key-bits", "3"], "both"),
         (["--allow-local-media", "/no/such/dir"], "not a folder"),
         (["--max-concurrency", "0"], "max-concurrency"),
     ],

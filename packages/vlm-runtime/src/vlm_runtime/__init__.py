@@ -19,6 +19,7 @@ from .prompt_cache import PromptCache
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
 from .sampling import SamplingParams, make_sampler
 from .thinking import ThinkingConfig
+from .turboquant_cache import BatchTurboQuantKVCache, TurboQuantKVCache
 from .vision_cache import VisionFeatureCache
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "BatchKVCache",
     "BatchQuantizedKVCache",
     "BatchRotatingKVCache",
+    "BatchTurboQuantKVCache",
     "Cache",
     "CacheSettings",
     "Engine",
@@ -44,6 +46,7 @@ __all__ = [
     "RotatingKVCache",
     "SamplingParams",
     "ThinkingConfig",
+    "TurboQuantKVCache",
     "VisionFeatureCache",
     "__version__",
     "batch_generate",

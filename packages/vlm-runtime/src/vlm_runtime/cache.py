@@ -19,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import mlx.core as mx
 
+from vlm_kernels.decode_attention import AFFINE_DECODE, affine_decode_attention, fast_decode_applies
+
 __all__ = [
     "ArraysCache",
     "AttentionCache",
@@ -495,6 +497,11 @@ class QuantizedKVCache(_AppendOnly):
         stored_keys, stored_values = self.update_and_fetch(keys, values)
         if self.float_fallback is not None:
             return mx.fast.scaled_dot_product_attention(queries, stored_keys, stored_values, scale=scale, mask=mask)
+        if queries.shape[2] == 1 and fast_decode_applies(AFFINE_DECODE, mask):  # a GPU: the fused kernel
+            quantization = {"bits": self.bits, "group_size": self.group_size}
+            return affine_decode_attention(
+                queries, self.keys, self.values, scale=scale, mask=mask, length=self.offset, **quantization
+            )
         return quantized_attention(
             queries,
             self.keys,
@@ -900,10 +907,21 @@ class BatchQuantizedKVCache(_LeftPadded, QuantizedKVCache):
         )
 
 
+@runtime_checkable
+class Batchable(Protocol):
+    """A single cache kind defined outside this module that has a batched form."""
+
+    def batched(self, left_padding: Sequence[int]) -> Any:
+        """An empty batched cache of this one's kind and settings."""
+        ...
+
+
 def batch_cache_like(layer: Any, left_padding: Sequence[int]) -> _LeftPadded:
     """An empty batched cache of ``layer``'s kind and settings, for prefilling several prompts at once."""
     if isinstance(layer, _LeftPadded):
         return layer._empty(left_padding)
+    if isinstance(layer, Batchable):
+        return layer.batched(left_padding)
     if type(layer) is KVCache:
         return BatchKVCache(left_padding)
     if type(layer) is RotatingKVCache:
@@ -914,7 +932,8 @@ def batch_cache_like(layer: Any, left_padding: Sequence[int]) -> _LeftPadded:
 
 
 def can_batch(layer: Any) -> bool:
-    return isinstance(layer, _LeftPadded) or type(layer) in (KVCache, RotatingKVCache, QuantizedKVCache)
+    batchable = isinstance(layer, (_LeftPadded, Batchable))
+    return batchable or type(layer) in (KVCache, RotatingKVCache, QuantizedKVCache)
 
 
 class _Rows:

@@ -23,6 +23,7 @@ from .cache import (
     QuantizedKVCache,
     RotatingKVCache,
 )
+from .turboquant_cache import BatchTurboQuantKVCache, TurboQuantKVCache
 
 __all__ = ["CACHE_CLASSES", "load_prompt_cache", "register_cache_class", "save_prompt_cache"]
 
@@ -36,6 +37,8 @@ CACHE_CLASSES: dict[str, type] = {
         BatchKVCache,
         BatchRotatingKVCache,
         BatchQuantizedKVCache,
+        TurboQuantKVCache,
+        BatchTurboQuantKVCache,
     )
 }
 """The cache classes a file may name; a model package with its own cache class adds it explicitly."""

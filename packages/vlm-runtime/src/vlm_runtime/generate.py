@@ -280,8 +280,11 @@ def generation_settings(
     thinking_start_token: str = "<think>",
     thinking_end_token: str = "</think>",
     max_kv_size: int | None = None,
-    kv_bits: int | None = None,
+    kv_bits: float | None = None,
     kv_group_size: int = 64,
+    kv_quant_scheme: str = "affine",
+    kv_key_bits: float | None = None,
+    kv_value_bits: float | None = None,
     prefill_step_size: int = 2048,
     ignore_eos: bool = False,
 ) -> GenerationSettings:
@@ -308,7 +311,9 @@ def generation_settings(
             top_logprobs=top_logprobs,
         ),
         thinking=ThinkingConfig(thinking_budget, thinking_start_token, thinking_end_token),
-        cache=CacheSettings(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size),
+        cache=CacheSettings(
+            max_kv_size, kv_bits, kv_group_size, kv_quant_scheme, kv_key_bits=kv_key_bits, kv_value_bits=kv_value_bits
+        ),
     )
 
 
@@ -333,7 +338,7 @@ def stream_generate(
     this conversation afterwards; ``vision_cache`` (a ``VisionFeatureCache``) skips the vision tower for images
     seen before. ``options`` are those of ``generation_settings``: sampling (temperature, top_p, top_k, min_p,
     penalties, logit_bias, seed), length and stopping (max_tokens, stop, ignore_eos), logprobs, the thinking
-    budget, and the KV cache (max_kv_size, kv_bits, kv_group_size).
+    budget, and the KV cache (max_kv_size, kv_bits, kv_group_size, kv_quant_scheme, kv_key_bits, kv_value_bits).
     """
     settings = generation_settings(**options)
     media: dict[str, Any] = {"images": _as_list(image)}
