@@ -112,13 +112,33 @@ def _affine_case(shape: Shape, context: int, bits: int, group_size: int, backend
     return call, nbytes
 
 
+def _quantized_matmul_case(shape: Shape, context: int, bits: int, group_size: int):
+    """What MLX offers for the same cache: two ``mx.quantized_matmul`` around a softmax (the query heads of a
+    kv head stacked as rows), as ``vlm_runtime``'s ``quantized_attention`` does."""
+    size = (shape.batch, shape.kv_heads, context, shape.head_dim)
+    keys = mx.quantize(mx.random.normal(size).astype(mx.bfloat16), group_size=group_size, bits=bits)
+    values = mx.quantize(mx.random.normal(size).astype(mx.bfloat16), group_size=group_size, bits=bits)
+    q = mx.random.normal((shape.batch, shape.heads, 1, shape.head_dim)).astype(mx.bfloat16)
+    mx.eval(keys, values, q)
+    rows = (shape.batch, shape.kv_heads, shape.heads // shape.kv_heads, shape.head_dim)
+    scale = shape.head_dim**-0.5
+    nbytes = sum(a.nbytes for a in (*keys, *values)) + q.nbytes
+
+    def call() -> mx.array:
+        scores = mx.quantized_matmul((q * scale).reshape(rows), *keys, group_size=group_size, bits=bits)
+        probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(mx.bfloat16)
+        return mx.quantized_matmul(probs, *values, transpose=False, group_size=group_size, bits=bits)
+
+    return call, nbytes
+
+
 KERNELS = {
-    "turboquant-3.5": ("K 3-bit + V 4-bit", lambda s, c, b: _turboquant_case(s, c, 3, 4, b)),
-    "turboquant-2": ("", lambda s, c, b: _turboquant_case(s, c, 2, 2, b)),
-    "turboquant-3": ("", lambda s, c, b: _turboquant_case(s, c, 3, 3, b)),
-    "turboquant-4": ("", lambda s, c, b: _turboquant_case(s, c, 4, 4, b)),
-    "affine-8": ("g64", lambda s, c, b: _affine_case(s, c, 8, 64, b)),
-    "affine-4": ("g64", lambda s, c, b: _affine_case(s, c, 4, 64, b)),
+    "turboquant-3.5": lambda s, c, b: _turboquant_case(s, c, 3, 4, b),  # 3-bit keys, 4-bit values
+    "turboquant-2": lambda s, c, b: _turboquant_case(s, c, 2, 2, b),
+    "turboquant-3": lambda s, c, b: _turboquant_case(s, c, 3, 3, b),
+    "turboquant-4": lambda s, c, b: _turboquant_case(s, c, 4, 4, b),
+    "affine-8": lambda s, c, b: _affine_case(s, c, 8, 64, b),  # group size 64
+    "affine-4": lambda s, c, b: _affine_case(s, c, 4, 64, b),
 }
 
 
@@ -135,25 +155,30 @@ def run_bench(
     for context in contexts:
         sdpa = _sdpa_time(shape, context, repeats, batch_calls)
         for name in kernels:
-            call, nbytes = KERNELS[name][1](shape, context, backend)
             spec = TURBOQUANT_DECODE if name.startswith("turboquant") else AFFINE_DECODE
-            chosen = resolve(spec, backend)
-            seconds = _timed(call, repeats, batch_calls)
-            gbs = nbytes / seconds / 1e9
-            rows.append(
-                BenchRow(
-                    kernel=f"{spec.name} {name}",
-                    backend=chosen,
-                    shape=str(shape),
-                    context=context,
-                    time_us=seconds * 1e6,
-                    bytes_read=nbytes,
-                    gbs=gbs,
-                    peak_pct=None if peak_gbs is None else 100 * gbs / peak_gbs,
-                    sdpa_fp16_us=sdpa * 1e6,
-                    speedup_vs_sdpa=sdpa / seconds,
+            cases = [(f"{spec.name} {name}", resolve(spec, backend), KERNELS[name](shape, context, backend))]
+            if name.startswith("affine"):
+                bits = int(name.split("-")[1])
+                cases.append(
+                    (f"mx.quantized_matmul x2 {name}", "mlx", _quantized_matmul_case(shape, context, bits, 64))
                 )
-            )
+            for label, chosen, (call, nbytes) in cases:
+                seconds = _timed(call, repeats, batch_calls)
+                gbs = nbytes / seconds / 1e9
+                rows.append(
+                    BenchRow(
+                        kernel=label,
+                        backend=chosen,
+                        shape=str(shape),
+                        context=context,
+                        time_us=seconds * 1e6,
+                        bytes_read=nbytes,
+                        gbs=gbs,
+                        peak_pct=None if peak_gbs is None else 100 * gbs / peak_gbs,
+                        sdpa_fp16_us=sdpa * 1e6,
+                        speedup_vs_sdpa=sdpa / seconds,
+                    )
+                )
         rows.append(_encode_row(shape, min(context, 2048), backend, repeats, batch_calls, peak_gbs))
     return rows
 
