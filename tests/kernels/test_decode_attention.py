@@ -222,3 +222,19 @@ def test_rows_without_keys_give_zeros_and_bad_input_is_refused() -> None:
         turboquant_decode_attention(mx.zeros((2, 3, 1, 64)), keys, values, kc, vc, scale=1.0)
     with pytest.raises(ValueError, match="mask"):
         turboquant_decode_attention(queries, keys, values, kc, vc, scale=1.0, mask=mx.zeros((2, 2, 1, 10)))
+
+
+def test_quantized_caches_take_the_fused_affine_kernel_only_when_asked(monkeypatch) -> None:
+    from vlm_kernels import dispatch
+    from vlm_kernels.decode_attention import AFFINE_DECODE, fast_decode_applies
+
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    assert not fast_decode_applies(AFFINE_DECODE, None)  # auto keeps MLX's quantized_matmul
+    monkeypatch.setattr(dispatch, "available_backends", lambda: ("reference", "cuda"))
+    assert not fast_decode_applies(AFFINE_DECODE, None)
+    assert fast_decode_applies(AFFINE_DECODE, None, backend="cuda")
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "cuda")
+    assert fast_decode_applies(AFFINE_DECODE, mx.zeros((2, 1, 1, 9)))
+    assert not fast_decode_applies(AFFINE_DECODE, mx.zeros((2, 4, 1, 9)))  # a mask per head: the fallback
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "reference")
+    assert not fast_decode_applies(AFFINE_DECODE, None)

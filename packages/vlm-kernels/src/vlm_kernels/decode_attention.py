@@ -27,7 +27,7 @@ from typing import Any
 import mlx.core as mx
 
 from . import _sources
-from .dispatch import Kernel, cuda_kernel, metal_kernel, resolve
+from .dispatch import CUDA_VERIFIED, Kernel, cuda_kernel, metal_kernel, requested_backend, resolve
 from .turboquant import TurboQuantCodec, TurboQuantPacked
 
 __all__ = [
@@ -42,12 +42,12 @@ __all__ = [
 TURBOQUANT_DECODE = Kernel(
     name="turboquant_decode_attention",
     fast=("cuda", "metal"),
-    verified=(("reference", "CPU (this repo's CI)"),),
+    verified=(("reference", "CPU (this repo's CI)"), ("cuda", CUDA_VERIFIED)),
 )
 AFFINE_DECODE = Kernel(
     name="affine_decode_attention",
     fast=("cuda", "metal"),
-    verified=(("reference", "CPU (this repo's CI)"),),
+    verified=(("reference", "CPU (this repo's CI)"), ("cuda", CUDA_VERIFIED)),
 )
 
 Affine = tuple[mx.array, mx.array, mx.array]
@@ -321,9 +321,11 @@ def _launch(
 
 
 def fast_decode_applies(kernel: Kernel, mask: mx.array | str | None, backend: str | None = None) -> bool:
-    """Whether a decode step would run ``kernel``'s fast version (not the reference) with this mask: for
-    callers that have a better fallback than the reference (``QuantizedKVCache``'s quantized_matmul)."""
-    if resolve(kernel, backend) == "reference":
+    """Whether a caller with its own fallback (``QuantizedKVCache``'s two quantized_matmul) should run
+    ``kernel``'s fast version for a decode step with this mask: only when a fast backend is asked for by name
+    (argument or ``VLM_KERNELS_BACKEND``), since the fused affine kernel has not been shown faster than MLX's
+    quantized_matmul end to end (see the README), and the mask is one row of keys per batch row."""
+    if requested_backend(backend) == "auto" or resolve(kernel, backend) == "reference":
         return False
     return mask is None or (not isinstance(mask, str) and _is_row_mask(mask))
 

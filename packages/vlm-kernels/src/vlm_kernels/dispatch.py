@@ -26,16 +26,22 @@ import mlx.core as mx
 
 __all__ = [
     "BACKENDS",
+    "CUDA_VERIFIED",
     "BACKEND_ENV",
     "METAL_OPT_IN_ENV",
     "Kernel",
     "available_backends",
     "cuda_kernel",
     "metal_kernel",
+    "requested_backend",
     "resolve",
 ]
 
 BACKENDS = ("reference", "cuda", "metal")
+CUDA_VERIFIED = (
+    "NVIDIA H200, MLX 0.32.4: the previous revision of the sources passed tests/kernels there; this revision "
+    "was compiled with nvcc 13 (sm_90a) and run in the CPU emulation of tests/kernels, not yet on the GPU"
+)
 BACKEND_ENV = "VLM_KERNELS_BACKEND"
 METAL_OPT_IN_ENV = "VLM_KERNELS_METAL"
 
@@ -79,9 +85,14 @@ def available_backends() -> tuple[str, ...]:
     return tuple(found)
 
 
+def requested_backend(backend: str | None = None) -> str:
+    """What the caller asked for: the argument, else ``VLM_KERNELS_BACKEND``, else "auto"."""
+    return backend or os.environ.get(BACKEND_ENV) or "auto"
+
+
 def resolve(kernel: Kernel, backend: str | None = None) -> str:
     """The backend ``kernel`` runs on for this call (see the module docstring)."""
-    requested = backend or os.environ.get(BACKEND_ENV) or "auto"
+    requested = requested_backend(backend)
     if requested == "auto":
         return _auto(kernel)
     if requested not in BACKENDS:

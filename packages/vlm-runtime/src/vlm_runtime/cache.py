@@ -497,7 +497,7 @@ class QuantizedKVCache(_AppendOnly):
         stored_keys, stored_values = self.update_and_fetch(keys, values)
         if self.float_fallback is not None:
             return mx.fast.scaled_dot_product_attention(queries, stored_keys, stored_values, scale=scale, mask=mask)
-        if queries.shape[2] == 1 and fast_decode_applies(AFFINE_DECODE, mask):  # a GPU: the fused kernel
+        if queries.shape[2] == 1 and fast_decode_applies(AFFINE_DECODE, mask):  # VLM_KERNELS_BACKEND=cuda
             quantization = {"bits": self.bits, "group_size": self.group_size}
             return affine_decode_attention(
                 queries, self.keys, self.values, scale=scale, mask=mask, length=self.offset, **quantization
