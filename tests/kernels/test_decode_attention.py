@@ -229,12 +229,17 @@ def test_quantized_caches_take_the_fused_affine_kernel_only_when_asked(monkeypat
     from vlm_kernels.decode_attention import AFFINE_DECODE, fast_decode_applies
 
     monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    dispatch.reread_environment()
     assert not fast_decode_applies(AFFINE_DECODE, None)  # auto keeps MLX's quantized_matmul
     monkeypatch.setattr(dispatch, "available_backends", lambda: ("reference", "cuda"))
     assert not fast_decode_applies(AFFINE_DECODE, None)
     assert fast_decode_applies(AFFINE_DECODE, None, backend="cuda")
     monkeypatch.setenv(dispatch.BACKEND_ENV, "cuda")
+    dispatch.reread_environment()
     assert fast_decode_applies(AFFINE_DECODE, mx.zeros((2, 1, 1, 9)))
     assert not fast_decode_applies(AFFINE_DECODE, mx.zeros((2, 4, 1, 9)))  # a mask per head: the fallback
     monkeypatch.setenv(dispatch.BACKEND_ENV, "reference")
+    dispatch.reread_environment()
     assert not fast_decode_applies(AFFINE_DECODE, None)
+    monkeypatch.undo()
+    dispatch.reread_environment()

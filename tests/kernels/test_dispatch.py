@@ -6,16 +6,39 @@ from __future__ import annotations
 import pytest
 
 from vlm_kernels import dispatch
-from vlm_kernels.dispatch import BACKEND_ENV, METAL_OPT_IN_ENV, Kernel, available_backends, resolve
+from vlm_kernels.dispatch import (
+    BACKEND_ENV,
+    METAL_OPT_IN_ENV,
+    Kernel,
+    available_backends,
+    reread_environment,
+    resolve,
+)
 
 KERNEL = Kernel("example", fast=("cuda", "metal"), verified=(("cuda", "H200"),))
 
 
+@pytest.fixture(autouse=True)
+def fresh_environment():
+    """Each test sets the variables it needs; the dispatch reads them again, and again after the test."""
+    reread_environment()
+    yield
+    reread_environment()
+
+
+def setenv(monkeypatch, name: str, value: str | None) -> None:
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    reread_environment()
+
+
 def test_reference_always_runs_and_the_argument_beats_the_environment(monkeypatch) -> None:
     assert "reference" in available_backends()
-    monkeypatch.setenv(BACKEND_ENV, "reference")
+    setenv(monkeypatch, BACKEND_ENV, "reference")
     assert resolve(KERNEL) == "reference"
-    monkeypatch.setenv(BACKEND_ENV, "no-such-backend")
+    setenv(monkeypatch, BACKEND_ENV, "no-such-backend")
     with pytest.raises(ValueError, match=BACKEND_ENV):
         resolve(KERNEL)
     assert resolve(KERNEL, "reference") == "reference"
@@ -33,16 +56,16 @@ def test_a_backend_that_cannot_run_is_refused(monkeypatch) -> None:
 
 
 def test_auto_prefers_cuda_and_keeps_unverified_metal_opt_in(monkeypatch) -> None:
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    setenv(monkeypatch, BACKEND_ENV, None)
     monkeypatch.setattr(dispatch, "available_backends", lambda: ("reference", "cuda"))
     assert resolve(KERNEL) == "cuda"
     monkeypatch.setattr(dispatch, "available_backends", lambda: ("reference", "metal"))
-    monkeypatch.delenv(METAL_OPT_IN_ENV, raising=False)
+    setenv(monkeypatch, METAL_OPT_IN_ENV, None)
     assert resolve(KERNEL) == "reference"
     assert resolve(KERNEL, "metal") == "metal"  # forcing it is the opt-in for one call
-    monkeypatch.setenv(METAL_OPT_IN_ENV, "1")
+    setenv(monkeypatch, METAL_OPT_IN_ENV, "1")
     assert resolve(KERNEL) == "metal"
-    monkeypatch.delenv(METAL_OPT_IN_ENV)
+    setenv(monkeypatch, METAL_OPT_IN_ENV, None)
     assert resolve(Kernel("checked", fast=("metal",), metal_verified=True)) == "metal"
 
 

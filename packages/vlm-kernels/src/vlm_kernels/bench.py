@@ -52,6 +52,32 @@ class BenchRow:
     sdpa_fp16_us: float | None
     speedup_vs_sdpa: float | None
 
+    @classmethod
+    def timed(
+        cls,
+        kernel: str,
+        backend: str,
+        shape: Shape,
+        context: int,
+        seconds: float,
+        nbytes: int,
+        peak_gbs: float | None,
+        sdpa_seconds: float | None = None,
+    ) -> BenchRow:
+        gbs = nbytes / seconds / 1e9
+        return cls(
+            kernel=kernel,
+            backend=backend,
+            shape=str(shape),
+            context=context,
+            time_us=seconds * 1e6,
+            bytes_read=nbytes,
+            gbs=gbs,
+            peak_pct=None if peak_gbs is None else 100 * gbs / peak_gbs,
+            sdpa_fp16_us=None if sdpa_seconds is None else sdpa_seconds * 1e6,
+            speedup_vs_sdpa=None if sdpa_seconds is None else sdpa_seconds / seconds,
+        )
+
 
 def _timed(fn: Callable[[], mx.array], repeats: int, batch_calls: int) -> float:
     """Median seconds per call."""
@@ -97,14 +123,19 @@ def _turboquant_case(shape: Shape, context: int, key_bits: float, value_bits: fl
     return call, nbytes
 
 
-def _affine_case(shape: Shape, context: int, bits: int, group_size: int, backend: str | None):
+def _affine_cache(shape: Shape, context: int, bits: int, group_size: int):
+    """Random keys, values (``mx.quantize``d bfloat16) and bfloat16 queries, evaluated, and the bytes read."""
     size = (shape.batch, shape.kv_heads, context, shape.head_dim)
     keys = mx.quantize(mx.random.normal(size).astype(mx.bfloat16), group_size=group_size, bits=bits)
     values = mx.quantize(mx.random.normal(size).astype(mx.bfloat16), group_size=group_size, bits=bits)
     q = mx.random.normal((shape.batch, shape.heads, 1, shape.head_dim)).astype(mx.bfloat16)
     mx.eval(keys, values, q)
+    return keys, values, q, sum(a.nbytes for a in (*keys, *values)) + q.nbytes
+
+
+def _affine_case(shape: Shape, context: int, bits: int, group_size: int, backend: str | None):
+    keys, values, q, nbytes = _affine_cache(shape, context, bits, group_size)
     scale = shape.head_dim**-0.5
-    nbytes = sum(a.nbytes for a in (*keys, *values)) + q.nbytes
 
     def call() -> mx.array:
         return affine_decode_attention(q, keys, values, bits=bits, group_size=group_size, scale=scale, backend=backend)
@@ -115,14 +146,9 @@ def _affine_case(shape: Shape, context: int, bits: int, group_size: int, backend
 def _quantized_matmul_case(shape: Shape, context: int, bits: int, group_size: int):
     """What MLX offers for the same cache: two ``mx.quantized_matmul`` around a softmax (the query heads of a
     kv head stacked as rows), as ``vlm_runtime``'s ``quantized_attention`` does."""
-    size = (shape.batch, shape.kv_heads, context, shape.head_dim)
-    keys = mx.quantize(mx.random.normal(size).astype(mx.bfloat16), group_size=group_size, bits=bits)
-    values = mx.quantize(mx.random.normal(size).astype(mx.bfloat16), group_size=group_size, bits=bits)
-    q = mx.random.normal((shape.batch, shape.heads, 1, shape.head_dim)).astype(mx.bfloat16)
-    mx.eval(keys, values, q)
+    keys, values, q, nbytes = _affine_cache(shape, context, bits, group_size)
     rows = (shape.batch, shape.kv_heads, shape.heads // shape.kv_heads, shape.head_dim)
     scale = shape.head_dim**-0.5
-    nbytes = sum(a.nbytes for a in (*keys, *values)) + q.nbytes
 
     def call() -> mx.array:
         scores = mx.quantized_matmul((q * scale).reshape(rows), *keys, group_size=group_size, bits=bits)
@@ -164,21 +190,7 @@ def run_bench(
                 )
             for label, chosen, (call, nbytes) in cases:
                 seconds = _timed(call, repeats, batch_calls)
-                gbs = nbytes / seconds / 1e9
-                rows.append(
-                    BenchRow(
-                        kernel=label,
-                        backend=chosen,
-                        shape=str(shape),
-                        context=context,
-                        time_us=seconds * 1e6,
-                        bytes_read=nbytes,
-                        gbs=gbs,
-                        peak_pct=None if peak_gbs is None else 100 * gbs / peak_gbs,
-                        sdpa_fp16_us=sdpa * 1e6,
-                        speedup_vs_sdpa=sdpa / seconds,
-                    )
-                )
+                rows.append(BenchRow.timed(label, chosen, shape, context, seconds, nbytes, peak_gbs, sdpa))
         rows.append(_encode_row(shape, min(context, 2048), backend, repeats, batch_calls, peak_gbs))
     return rows
 
@@ -192,19 +204,7 @@ def _encode_row(
     mx.eval(x)
     seconds = _timed(lambda: codec.encode(x, backend=backend).words, repeats, batch_calls)
     nbytes = x.nbytes + x.size // shape.head_dim * codec.bytes_per_vector
-    gbs = nbytes / seconds / 1e9
-    return BenchRow(
-        kernel="turboquant_encode 3-bit",
-        backend=resolve(ENCODE, backend),
-        shape=str(shape),
-        context=tokens,
-        time_us=seconds * 1e6,
-        bytes_read=nbytes,
-        gbs=gbs,
-        peak_pct=None if peak_gbs is None else 100 * gbs / peak_gbs,
-        sdpa_fp16_us=None,
-        speedup_vs_sdpa=None,
-    )
+    return BenchRow.timed("turboquant_encode 3-bit", resolve(ENCODE, backend), shape, tokens, seconds, nbytes, peak_gbs)
 
 
 def format_table(rows: list[BenchRow]) -> str:

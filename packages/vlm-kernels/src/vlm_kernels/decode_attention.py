@@ -27,6 +27,7 @@ from typing import Any
 import mlx.core as mx
 
 from . import _sources
+from .bitpack import CodeLayout
 from .dispatch import CUDA_VERIFIED, Kernel, cuda_kernel, metal_kernel, requested_backend, resolve
 from .turboquant import TurboQuantCodec, TurboQuantPacked
 
@@ -36,6 +37,7 @@ __all__ = [
     "Affine",
     "affine_decode_attention",
     "fast_decode_applies",
+    "is_row_mask",
     "turboquant_decode_attention",
 ]
 
@@ -327,10 +329,20 @@ def fast_decode_applies(kernel: Kernel, mask: mx.array | str | None, backend: st
     quantized_matmul end to end (see the README), and the mask is one row of keys per batch row."""
     if requested_backend(backend) == "auto" or resolve(kernel, backend) == "reference":
         return False
-    return mask is None or (not isinstance(mask, str) and _is_row_mask(mask))
+    return mask is None or (not isinstance(mask, str) and is_row_mask(mask))
 
 
-def _is_row_mask(mask: mx.array) -> bool:
+def _code_layouts(keys: CodeLayout, values: CodeLayout) -> list[tuple[str, int | bool]]:
+    """The template constants that place each code of a token's key and value words."""
+    constants: list[tuple[str, int | bool]] = []
+    for prefix, layout in (("K", keys), ("V", values)):
+        constants += [(f"{prefix}D", layout.dim), (f"{prefix}HI", layout.high_bits), (f"{prefix}LO", layout.low_bits)]
+        constants += [(f"{prefix}NHI", layout.n_high), (f"{prefix}W", layout.words)]
+    return constants
+
+
+def is_row_mask(mask: mx.array) -> bool:
+    """Whether ``mask`` is one the decode kernels take: one row of keys per batch row, shared by the heads."""
     return mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
 
 
@@ -364,17 +376,8 @@ def turboquant_decode_attention(
         return _turboquant_reference(queries, keys, values, key_codec, value_codec, scale, rows, n_repeats)
     kl, vl = key_codec.layout, value_codec.layout
     plan = _plan(n_repeats, kl.dim, vl.dim, kl.words + vl.words, 3, batch * keys.words.shape[1], rows.length)
-    template: list[tuple[str, int | bool]] = [
-        ("KD", kl.dim),
-        ("VD", vl.dim),
-        ("KHI", kl.high_bits),
-        ("KLO", kl.low_bits),
-        ("KNHI", kl.n_high),
-        ("KW", kl.words),
-        ("VHI", vl.high_bits),
-        ("VLO", vl.low_bits),
-        ("VNHI", vl.n_high),
-        ("VW", vl.words),
+    template = [
+        *_code_layouts(kl, vl),
         ("KCB", key_codec.centroids.size),
         ("VCB", value_codec.centroids.size),
         ("ROT_Q", True),
@@ -439,17 +442,9 @@ def affine_decode_attention(
     words = packed_keys.shape[-1] + values[0].shape[-1]
     floats = 2 * key_groups + 2 * value_groups + 1
     plan = _plan(n_repeats, key_dim, value_dim, words, floats, batch * packed_keys.shape[1], rows.length)
-    template: list[tuple[str, int | bool]] = [
-        ("KD", key_dim),
-        ("VD", value_dim),
-        ("KHI", bits),
-        ("KLO", bits),
-        ("KNHI", key_dim),
-        ("KW", packed_keys.shape[-1]),
-        ("VHI", bits),
-        ("VLO", bits),
-        ("VNHI", value_dim),
-        ("VW", values[0].shape[-1]),
+    # mx.quantize packs like a TurboQuant layout of one width: least significant bits first, word after word.
+    template = [
+        *_code_layouts(CodeLayout.for_bits(key_dim, bits), CodeLayout.for_bits(value_dim, bits)),
         ("KCB", 1),
         ("VCB", 1),
         ("ROT_Q", False),

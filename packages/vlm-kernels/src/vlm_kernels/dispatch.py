@@ -4,7 +4,8 @@ Every kernel of this package is one public function with up to three implementat
 ops) runs on every device and is the oracle the tests hold the others to. ``resolve`` picks, per call:
 
 1. the ``backend`` argument, when given;
-2. else the ``VLM_KERNELS_BACKEND`` environment variable (``reference``, ``cuda``, ``metal`` or ``auto``);
+2. else the ``VLM_KERNELS_BACKEND`` environment variable (``reference``, ``cuda``, ``metal`` or ``auto``; read
+   once per process, see ``reread_environment``);
 3. else ``auto``: CUDA when MLX's default device is a CUDA GPU, Metal on an Apple GPU only for kernels whose
    Metal version ran on Apple hardware (``Kernel.metal_verified``) or when ``VLM_KERNELS_METAL=1`` opts in,
    and the reference otherwise.
@@ -34,6 +35,7 @@ __all__ = [
     "cuda_kernel",
     "metal_kernel",
     "requested_backend",
+    "reread_environment",
     "resolve",
 ]
 
@@ -85,9 +87,21 @@ def available_backends() -> tuple[str, ...]:
     return tuple(found)
 
 
+@functools.cache
+def _environment() -> tuple[str | None, bool]:
+    return os.environ.get(BACKEND_ENV), os.environ.get(METAL_OPT_IN_ENV) == "1"
+
+
+def reread_environment() -> None:
+    """Read ``VLM_KERNELS_BACKEND`` and ``VLM_KERNELS_METAL`` again: they are read once, at the first kernel
+    call (every layer of every decode step asks; an environment lookup each time would cost more than the
+    answer)."""
+    _environment.cache_clear()
+
+
 def requested_backend(backend: str | None = None) -> str:
     """What the caller asked for: the argument, else ``VLM_KERNELS_BACKEND``, else "auto"."""
-    return backend or os.environ.get(BACKEND_ENV) or "auto"
+    return backend or _environment()[0] or "auto"
 
 
 def resolve(kernel: Kernel, backend: str | None = None) -> str:
@@ -116,7 +130,7 @@ def _auto(kernel: Kernel) -> str:
     available = available_backends()
     if "cuda" in available and "cuda" in kernel.fast:
         return "cuda"
-    metal_allowed = kernel.metal_verified or os.environ.get(METAL_OPT_IN_ENV) == "1"
+    metal_allowed = kernel.metal_verified or _environment()[1]
     if "metal" in available and "metal" in kernel.fast and metal_allowed:
         return "metal"
     return "reference"

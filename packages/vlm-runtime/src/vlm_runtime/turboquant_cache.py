@@ -17,7 +17,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from vlm_kernels.decode_attention import turboquant_decode_attention
+from vlm_kernels.decode_attention import is_row_mask, turboquant_decode_attention
 from vlm_kernels.turboquant import TURBOQUANT_BITS, TurboQuantCodec, TurboQuantPacked, turboquant_codec
 
 from .cache import _AppendOnly, _LeftPadded, _meta_ints, _per_row, _round_up, _with_room
@@ -110,7 +110,7 @@ class TurboQuantKVCache(_AppendOnly):
         self, queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None
     ) -> mx.array:
         self._append(keys, values)
-        if queries.shape[2] == 1 and (mask is None or isinstance(mask, str) or _row_mask(mask)):
+        if queries.shape[2] == 1 and (mask is None or isinstance(mask, str) or is_row_mask(mask)):
             return turboquant_decode_attention(
                 queries,
                 self.keys,
@@ -194,11 +194,6 @@ def _dims_of(meta_state: dict[str, str]) -> tuple[int, int] | None:
 
 def _settings(meta_state: dict[str, str]) -> tuple[float, float, int]:
     return _parse_bits(meta_state["key_bits"]), _parse_bits(meta_state["value_bits"]), int(meta_state["seed"])
-
-
-def _row_mask(mask: mx.array) -> bool:
-    """A mask the fused kernel takes: one row of keys per batch row, shared by the heads."""
-    return mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
 
 
 class BatchTurboQuantKVCache(_LeftPadded, TurboQuantKVCache):
