@@ -108,6 +108,8 @@ def test_sampling_cache_and_stop_flags(capsys, tmp_path: Path) -> None:
     assert code == 0 and out.rstrip("\n") == plain[: plain.index(stop)] and "finish: stop" in err
     code, out, _ = run(capsys, *base, "--max-kv-size", "512")
     assert code == 0 and out.rstrip("\n") == plain
+    code, out, err = run(capsys, *base, "--kv-bits", "3.5", "--kv-quant-scheme", "turboquant")
+    assert code == 0 and len(out.strip()) > 4 and "Traceback" not in err
     cache_file = tmp_path / "prompt.safetensors"
     assert run(capsys, *base, "--prompt-cache-file", str(cache_file))[1].rstrip("\n") == plain
     assert cache_file.is_file()
@@ -121,6 +123,7 @@ def test_sampling_cache_and_stop_flags(capsys, tmp_path: Path) -> None:
         (["--repetition-penalty", "0"], "repetition_penalty"),
         (["--thinking-budget", "5"], "thinking"),
         (["--max-kv-size", "64", "--kv-bits", "8"], "kv"),
+        (["--kv-bits", "3"], "turboquant"),
     ],
 )
 def test_bad_generation_flags_fail_cleanly(capsys, flags: list[str], needle: str) -> None:

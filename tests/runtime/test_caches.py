@@ -32,6 +32,7 @@ from vlm_runtime.cache import (
 )
 from vlm_runtime.cache_io import load_prompt_cache, save_prompt_cache
 from vlm_runtime.cache_settings import CacheSettings, make_layer_caches
+from vlm_runtime.turboquant_cache import BatchTurboQuantKVCache, TurboQuantKVCache
 
 from .toy import BOS, ToyModel
 
@@ -437,6 +438,7 @@ BATCHABLE = {
     "plain": (KVCache, BatchKVCache),
     "rotating": (lambda: RotatingKVCache(5), BatchRotatingKVCache),
     "quantized": (lambda: QuantizedKVCache(8, 32), BatchQuantizedKVCache),
+    "turboquant": (lambda: TurboQuantKVCache(3, 4), BatchTurboQuantKVCache),
 }
 
 
@@ -548,6 +550,8 @@ def filled(kind: str) -> object:
         "batch_rotating": BatchRotatingKVCache([3, 0], 6),
         "batch_quantized": BatchQuantizedKVCache([3, 0], 8, 32),
         "batch_quantized_float": BatchQuantizedKVCache([3, 0], 8, 64),
+        "turboquant": TurboQuantKVCache(3, 4),
+        "batch_turboquant": BatchTurboQuantKVCache([3, 0], 2.5, 3.5, seed=7),
         "empty": KVCache(),
     }[kind]
     if kind == "empty":
@@ -571,6 +575,8 @@ SAVEABLE = [
     "batch_rotating",
     "batch_quantized",
     "batch_quantized_float",
+    "turboquant",
+    "batch_turboquant",
     "empty",
 ]
 
@@ -676,6 +682,14 @@ class MixedLayoutModel:
         ({"kv_bits": 3}, "kv_bits"),
         ({"kv_bits": 8, "kv_group_size": 48}, "kv_group_size"),
         ({"max_kv_size": 128, "kv_bits": 8}, "choose one"),
+        ({"kv_bits": 3.5}, "turboquant"),
+        ({"kv_bits": 8, "kv_quant_scheme": "turboquant"}, "kv_bits"),
+        ({"kv_bits": 4.5, "kv_quant_scheme": "turboquant"}, "kv_bits"),
+        ({"kv_key_bits": 3, "kv_quant_scheme": "turboquant"}, "both"),
+        ({"kv_key_bits": 3}, "need kv_quant_scheme"),
+        ({"kv_bits": 3, "kv_value_bits": 5, "kv_quant_scheme": "turboquant"}, "kv_value_bits"),
+        ({"kv_bits": 4, "kv_quant_scheme": "nf4"}, "kv_quant_scheme"),
+        ({"max_kv_size": 128, "kv_bits": 3, "kv_quant_scheme": "turboquant"}, "choose one"),
     ],
 )
 def test_cache_settings_validate(options: dict, match: str) -> None:

@@ -183,7 +183,9 @@ def test_a_failing_constraint_ends_only_its_request(model: ToyModel) -> None:
 
 
 @pytest.mark.parametrize(
-    "cache_options", [{"max_kv_size": 6}, {"kv_bits": 8, "kv_group_size": 32}], ids=["window", "q8"]
+    "cache_options",
+    [{"max_kv_size": 6}, {"kv_bits": 8, "kv_group_size": 32}, {"kv_bits": 3.5, "kv_quant_scheme": "turboquant"}],
+    ids=["window", "q8", "turboquant"],
 )
 def test_cache_settings_hold_for_every_request(model: ToyModel, cache_options: dict) -> None:
     """A sliding window shorter than the prompts, or quantized keys/values, for all rows: each request's text

@@ -14,6 +14,18 @@ def test_vlm_serve_subcommand_and_defaults() -> None:
     assert (args.host, args.port, args.model, args.max_concurrency) == ("127.0.0.1", 8080, None, 32)
 
 
+def test_turboquant_cache_flags_reach_the_settings() -> None:
+    from vlm_serve.cli import settings_from
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--kv-bits", "3.5", "--kv-quant-scheme", "turboquant"])
+    cache = settings_from(args).cache
+    assert (cache.kv_quant_scheme, cache.turboquant_bits) == ("turboquant", (3, 4))
+    args = build_parser().parse_args(
+        ["serve", "--model", "m", "--kv-quant-scheme", "turboquant", "--kv-key-bits", "2.5"] + ["--kv-value-bits", "4"]
+    )
+    assert settings_from(args).cache.turboquant_bits == (2.5, 4)
+
+
 @pytest.mark.parametrize(
     "argv, says",
     [
@@ -24,6 +36,8 @@ def test_vlm_serve_subcommand_and_defaults() -> None:
         (["--models-dir", "/no/such/dir"], "not a folder"),
         (["--kv-bits", "4", "--max-kv-size", "64"], "cannot be combined"),
         (["--max-kv-size", "0"], "max_kv_size"),
+        (["--model", "m", "--kv-bits", "3.5"], "turboquant"),
+        (["--model", "m", "--kv-quant-scheme", "turboquant", "--kv-key-bits", "3"], "both"),
         (["--model", "m", "--allow-local-media", "/no/such/dir"], "not a folder"),
         (["--model", "m", "--max-concurrency", "0"], "max-concurrency"),
     ],

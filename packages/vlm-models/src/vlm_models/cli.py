@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["add_kv_cache_args", "kv_cache_options", "main"]
 
 EXIT_USAGE = 2
 
@@ -53,9 +53,34 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--prefill-step-size", type=int, default=2048)
     parser.add_argument("--trust-remote-code", action="store_true")
+    add_kv_cache_args(parser)
+
+
+def _bits(text: str) -> float:
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def add_kv_cache_args(parser: argparse.ArgumentParser) -> None:
+    """The KV cache options of ``vlm generate``, ``vlm bench`` and ``vlm serve`` (see ``kv_cache_options``)."""
     parser.add_argument("--max-kv-size", type=int, default=None, help="sliding-window KV cache of this many tokens")
-    parser.add_argument("--kv-bits", type=int, default=None, choices=[4, 8], help="quantize the KV cache")
-    parser.add_argument("--kv-group-size", type=int, default=64, choices=[32, 64, 128])
+    parser.add_argument(
+        "--kv-bits",
+        type=_bits,
+        default=None,
+        help="quantize the KV cache: 4 or 8 (affine), or 2, 2.5, 3, 3.5, 4 with --kv-quant-scheme turboquant "
+        "(x.5: x-bit keys, x+1-bit values)",
+    )
+    parser.add_argument("--kv-group-size", type=int, default=64, choices=[32, 64, 128], help="affine scheme only")
+    parser.add_argument("--kv-quant-scheme", default="affine", choices=["affine", "turboquant"])
+    parser.add_argument("--kv-key-bits", type=_bits, default=None, help="turboquant: bits of the keys")
+    parser.add_argument("--kv-value-bits", type=_bits, default=None, help="turboquant: bits of the values")
+
+
+def kv_cache_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed KV cache options, as ``CacheSettings`` fields."""
+    names = ("max_kv_size", "kv_bits", "kv_group_size", "kv_quant_scheme", "kv_key_bits", "kv_value_bits")
+    return {name: getattr(args, name) for name in names}
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -126,7 +151,7 @@ def _media_inputs(args: argparse.Namespace) -> dict[str, Any]:
 def _cache_settings(args: argparse.Namespace) -> Any:
     from vlm_runtime import CacheSettings
 
-    return CacheSettings(max_kv_size=args.max_kv_size, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
+    return CacheSettings(**kv_cache_options(args))
 
 
 def _generation_settings(args: argparse.Namespace) -> Any:

@@ -14,6 +14,7 @@ from .request import FinishReason, GenerationConfig, GenerationResult, Request
 from .sampling import SamplingParams, make_sampler
 from .settings import GenerationSettings
 from .thinking import ThinkingConfig
+from .turboquant_cache import BatchTurboQuantKVCache, TurboQuantKVCache
 from .vision_cache import VisionFeatureCache
 
 make_prompt_cache = make_layer_caches
@@ -27,6 +28,7 @@ __all__ = [
     "BatchQuantizedKVCache",
     "BatchRecurrentCache",
     "BatchRotatingKVCache",
+    "BatchTurboQuantKVCache",
     "Cache",
     "CacheSettings",
     "Engine",
@@ -47,6 +49,7 @@ __all__ = [
     "RotatingKVCache",
     "SamplingParams",
     "ThinkingConfig",
+    "TurboQuantKVCache",
     "VisionFeatureCache",
     "__version__",
     "batch_generate",

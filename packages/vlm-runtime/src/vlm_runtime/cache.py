@@ -19,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import mlx.core as mx
 
+from vlm_kernels.decode_attention import AFFINE_DECODE, affine_decode_attention, fast_decode_applies
+
 from .masks import AttentionMask, attention_mask_for
 
 __all__ = [
@@ -544,6 +546,11 @@ class QuantizedKVCache(_AppendOnly):
         stored_keys, stored_values = self.update_and_fetch(keys, values)
         if self.float_fallback is not None:
             return mx.fast.scaled_dot_product_attention(queries, stored_keys, stored_values, scale=scale, mask=mask)
+        if queries.shape[2] == 1 and fast_decode_applies(AFFINE_DECODE, mask):  # VLM_KERNELS_BACKEND=cuda
+            quantization = {"bits": self.bits, "group_size": self.group_size}
+            return affine_decode_attention(
+                queries, self.keys, self.values, scale=scale, mask=mask, length=self.offset, **quantization
+            )
         return quantized_attention(
             queries,
             self.keys,

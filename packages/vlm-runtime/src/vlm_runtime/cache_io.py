@@ -16,6 +16,7 @@ import mlx.core as mx
 from .batch_cache import BatchKVCache, BatchQuantizedKVCache, BatchRotatingKVCache
 from .cache import ArraysCache, Cache, KVCache, QuantizedKVCache, RotatingKVCache
 from .recurrent_cache import BatchRecurrentCache, RecurrentCache
+from .turboquant_cache import BatchTurboQuantKVCache, TurboQuantKVCache
 
 __all__ = ["CACHE_CLASSES", "load_prompt_cache", "register_cache_class", "save_prompt_cache"]
 
@@ -31,6 +32,8 @@ CACHE_CLASSES: dict[str, type] = {
         BatchQuantizedKVCache,
         RecurrentCache,
         BatchRecurrentCache,
+        TurboQuantKVCache,
+        BatchTurboQuantKVCache,
     )
 }
 """The cache classes a file may name; a model package with its own cache class adds it explicitly."""

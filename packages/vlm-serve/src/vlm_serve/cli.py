@@ -58,9 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--context-length", type=int, default=None, help="prompt+generation limit (default: the model's)"
     )
-    parser.add_argument("--kv-bits", type=int, default=None, choices=[4, 8])
-    parser.add_argument("--kv-group-size", type=int, default=64, choices=[32, 64, 128])
-    parser.add_argument("--max-kv-size", type=int, default=None)
+    from vlm_models.cli import add_kv_cache_args  # shared with vlm generate
+
+    add_kv_cache_args(parser)
     parser.add_argument("--vision-cache-size", type=int, default=32, help="images whose vision features are kept")
     parser.add_argument(
         "--enable-thinking", action="store_true", help="open a thinking block unless a request says not to"
@@ -125,6 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> Any:
+    from vlm_models.cli import kv_cache_options
     from vlm_runtime import CacheSettings
 
     from .settings import ServeSettings
@@ -146,7 +147,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         max_tokens_limit=args.max_tokens_limit,
         context_length=args.context_length,
         vision_cache_size=args.vision_cache_size,
-        cache=CacheSettings(max_kv_size=args.max_kv_size, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size),
+        cache=CacheSettings(**kv_cache_options(args)),
         enable_thinking=args.enable_thinking,
         thinking_budget=args.thinking_budget,
         top_logprobs_k=args.top_logprobs_k,

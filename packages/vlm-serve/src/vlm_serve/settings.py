@@ -40,7 +40,8 @@ class ServeSettings:
     vision_cache_size: int = 32
     """Images whose vision features are kept (0 turns the cache off)."""
     cache: CacheSettings = field(default_factory=CacheSettings)
-    """Every request's KV cache: a sliding window (``max_kv_size``) or quantized keys/values (``kv_bits``)."""
+    """Every request's KV cache: a sliding window (``max_kv_size``) or quantized keys/values (``kv_bits``,
+    affine or turboquant)."""
     enable_thinking: bool = False
     """Default for requests that do not say: open a thinking block in the chat template."""
     thinking_budget: int | None = None
