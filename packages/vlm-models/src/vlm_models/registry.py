@@ -88,8 +88,18 @@ _SMOLVLM_VIDEO_TEMPLATE = (
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "qwen2_vl": Architecture("qwen2_vl", "qwen2_vl:Qwen2VLImageProcessor"),
-    "qwen2_5_vl": Architecture("qwen2_5_vl", "qwen2_vl:Qwen2VLImageProcessor"),
+    "qwen2_vl": Architecture(
+        "qwen2_vl",
+        "qwen2_vl:Qwen2VLImageProcessor",
+        video_processor="qwen2_vl:Qwen2VLVideoProcessor",
+        video_token="<|video_pad|>",
+    ),
+    "qwen2_5_vl": Architecture(
+        "qwen2_5_vl",
+        "qwen2_vl:Qwen2VLImageProcessor",
+        video_processor="qwen2_vl:Qwen2_5_VLVideoProcessor",
+        video_token="<|video_pad|>",
+    ),
     "qwen3_vl": Architecture(
         "qwen3_vl",
         "qwen2_vl:Qwen2VLImageProcessor",

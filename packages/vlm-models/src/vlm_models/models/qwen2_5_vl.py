@@ -1,6 +1,8 @@
-"""Qwen2.5-VL: Qwen2-VL with an RMSNorm / gated-MLP vision tower that attends within windows in most blocks.
+"""Qwen2.5-VL: Qwen2-VL with an RMSNorm / gated-MLP vision tower that attends within windows in most blocks,
+and video positions spaced by time.
 
-Only what differs from Qwen2-VL lives here: the vision config, the blocks, and the window ordering.
+Only what differs from Qwen2-VL lives here: the vision config, the blocks, the window ordering, and the temporal
+position step of videos.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class VisionConfig:
     window_size: int = 112
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
     hidden_act: str = "silu"
+    tokens_per_second: float = 4
+    """Temporal positions per second of video (transformers' default; the released checkpoints say 2)."""
 
     @property
     def width(self) -> int:
@@ -97,3 +101,15 @@ class VisionTransformer(qwen2_vl.VisionTransformer):
 class Model(qwen2_vl.Model):
     vision_config_class = VisionConfig
     vision_tower = VisionTransformer
+
+    def video_position_grids(
+        self, video_grid: np.ndarray, second_per_grid_ts: mx.array | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Temporal patches are ``second_per_grid_ts * tokens_per_second`` positions apart (one second per
+        patch without it, as in transformers), in float32 as the reference multiplies them."""
+        seconds = np.ones(len(video_grid), np.float32)
+        if second_per_grid_ts is not None:
+            seconds = np.asarray(second_per_grid_ts, dtype=np.float32).reshape(-1)
+            if len(seconds) != len(video_grid):
+                raise ValueError(f"second_per_grid_ts has {len(seconds)} values for {len(video_grid)} video(s)")
+        return video_grid, np.float32(self.config.vision.tokens_per_second) * seconds

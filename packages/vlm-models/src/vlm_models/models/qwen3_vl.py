@@ -152,7 +152,6 @@ class VisionTransformer(nn.Module):
 class Model(qwen2_vl.Model):
     vision_config_class = VisionConfig
     vision_tower = VisionTransformer
-    supports_video = True
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> Model:
@@ -165,12 +164,14 @@ class Model(qwen2_vl.Model):
         # Qwen3: queries and keys are RMS-normed per head, and q/k/v carry no bias unless the config says so.
         return from_dict(DecoderConfig, text_section(config), qk_norm=True)
 
-    def video_position_grids(self, video_grid: np.ndarray) -> np.ndarray:
+    def video_position_grids(
+        self, video_grid: np.ndarray, second_per_grid_ts: mx.array | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Each frame is a run of its own (the prompt puts a timestamp between frames): one (1, h, w) grid per
         temporal patch."""
         frames = np.repeat(video_grid, video_grid[:, 0], axis=0)
         frames[:, 0] = 1
-        return frames
+        return frames, None
 
     @property
     def deepstack_levels(self) -> int:
