@@ -16,7 +16,7 @@ from typing import Union
 
 import numpy as np
 
-__all__ = ["Audio", "AudioLoadError", "AudioSource", "load_audio", "to_mono", "resample"]
+__all__ = ["Audio", "AudioLoadError", "AudioSource", "audio_duration", "load_audio", "to_mono", "resample"]
 
 
 class AudioLoadError(ValueError):
@@ -57,7 +57,10 @@ def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
         return samples
     import soxr
 
-    return soxr.resample(samples, rate, target, quality="HQ").astype(np.float32, copy=False)
+    try:
+        return soxr.resample(samples, rate, target, quality="HQ").astype(np.float32, copy=False)
+    except (ValueError, RuntimeError, OverflowError) as exc:  # a rate libsoxr cannot convert from
+        raise AudioLoadError(f"cannot resample audio from {rate} Hz to {target} Hz: {exc}") from None
 
 
 def _read_with_soundfile(data: io.BytesIO | Path) -> tuple[np.ndarray, int]:
@@ -97,6 +100,29 @@ def _decode(data: io.BytesIO | Path, name: str) -> tuple[np.ndarray, int]:
         except Exception as exc:  # libsndfile and FFmpeg raise many kinds for undecodable input
             problems.append(f"{type(exc).__name__}: {exc}".strip())
     raise AudioLoadError(f"cannot decode audio {name}: {problems[-1]}")
+
+
+def audio_duration(data: bytes) -> float | None:
+    """Seconds of audio an encoded clip says it holds, from its header (nothing is decoded); None where the
+    container does not say. Lets a server refuse a clip that is too long before decoding it."""
+    import soundfile
+
+    try:
+        return float(soundfile.info(io.BytesIO(data)).duration)
+    except Exception:  # not a libsndfile format: ask FFmpeg's demuxer
+        pass
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            if stream.duration is not None and stream.time_base is not None:
+                return float(stream.duration * stream.time_base)
+            return None if container.duration is None else container.duration / 1_000_000
+    except Exception:  # undecodable: load_audio gives the one-line reason
+        return None
 
 
 def load_audio(source: AudioSource, sampling_rate: int) -> np.ndarray:
