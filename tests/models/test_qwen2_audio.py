@@ -158,7 +158,7 @@ def test_our_mlx_community_layout_loads_to_the_same_logits(tmp_path: Path, ref: 
 
 
 def test_bad_input_gets_one_clear_line(loaded, tmp_path: Path, capsys) -> None:
-    model, processor = loaded
+    _, processor = loaded
     prompt = apply_chat_template(processor, None, "What is it?", num_audios=1)
     with pytest.raises(ValueError, match=r"1 audio slot\(s\) .* but 2 audio clip\(s\)"):
         processor(prompt, audios=[AUDIO / "two_tones.wav"] * 2)
