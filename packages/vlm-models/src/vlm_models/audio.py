@@ -19,6 +19,11 @@ import numpy as np
 __all__ = ["Audio", "AudioLoadError", "AudioSource", "audio_duration", "load_audio", "to_mono", "resample"]
 
 
+MIN_RATE, MAX_RATE = 1_000, 768_000
+"""Sampling rates taken (telephone audio is 8 kHz, studio masters up to 768 kHz): a clip claiming 3 Hz would be
+stretched a thousandfold, one at a terahertz would vanish."""
+
+
 class AudioLoadError(ValueError):
     """An audio source could not be turned into samples; the message names the source."""
 
@@ -147,6 +152,10 @@ def load_audio(source: AudioSource, sampling_rate: int) -> np.ndarray:
         raise AudioLoadError(f"unsupported audio source type {type(source).__name__}")
     if rate <= 0:
         raise AudioLoadError(f"audio {name} has no valid sampling rate ({rate})")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioLoadError(
+            f"audio {name} is at {rate} Hz, outside the rates vlm resamples ({MIN_RATE}-{MAX_RATE} Hz)"
+        )
     mono = to_mono(samples)
     if mono.size == 0:
         raise AudioLoadError(f"audio {name} holds no samples")
