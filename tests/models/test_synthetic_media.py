@@ -6,7 +6,9 @@ each one clear line."""
 
 from __future__ import annotations
 
+import http.server
 import io
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -177,3 +179,29 @@ def test_bad_media_gets_one_clear_line(tmp_path: Path) -> None:
             run()
         message = str(caught.value)
         assert says in message and "\n" not in message, message
+
+
+def test_an_audio_url_reads_as_the_file(tmp_path: Path) -> None:
+    """``--audio URL`` / ``audio="https://..."``: fetched (bounded), then decoded as the file would be; a missing
+    one is one line."""
+    soundfile.write(tmp_path / "tone.flac", tone(), RATE)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(tmp_path), **kw)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        np.testing.assert_array_equal(
+            load_audio(f"{base}/tone.flac", 16_000), load_audio(tmp_path / "tone.flac", 16_000)
+        )
+        with pytest.raises(AudioLoadError, match=r"cannot fetch audio .*HTTP 404") as caught:
+            load_audio(f"{base}/missing.wav", 16_000)
+        assert "\n" not in str(caught.value)
+    finally:
+        server.shutdown()

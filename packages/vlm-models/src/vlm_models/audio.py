@@ -1,7 +1,7 @@
 """Reading audio for models that hear: a file (or its bytes) or samples in memory, as float32 mono at the rate
 the model's feature extractor wants.
 
-Files are decoded with soundfile (libsndfile: WAV, FLAC, OGG/Vorbis, Opus, MP3, ... in its wheel), and with PyAV
+A clip may also be an http(s) URL (fetched within ``MAX_AUDIO_BYTES``). Files are decoded with soundfile (libsndfile: WAV, FLAC, OGG/Vorbis, Opus, MP3, ... in its wheel), and with PyAV
 (FFmpeg's decoders, already the video reader) for anything else (m4a/AAC, webm, a video's sound track).
 Several channels are averaged into one; another sampling rate is converted with soxr (its "high quality"
 setting). Every failure is one :class:`AudioLoadError` line naming the source.
@@ -19,6 +19,8 @@ import numpy as np
 __all__ = ["Audio", "AudioLoadError", "AudioSource", "audio_duration", "load_audio", "to_mono", "resample"]
 
 
+MAX_AUDIO_BYTES = 64 * 1024 * 1024
+"""Largest clip fetched from a URL (an hour of 128 kbit/s MP3 is 58 MB)."""
 MIN_RATE, MAX_RATE = 1_000, 768_000
 """Sampling rates taken (telephone audio is 8 kHz, studio masters up to 768 kHz): a clip claiming 3 Hz would be
 stretched a thousandfold, one at a terahertz would vanish."""
@@ -37,7 +39,7 @@ class Audio:
 
 
 AudioSource = Union[str, Path, bytes, bytearray, memoryview, Audio, np.ndarray]  # noqa: UP007
-"""A path, a file's bytes, an :class:`Audio`, or a numpy array already at the model's rate."""
+"""A path or an http(s) URL, a file's bytes, an :class:`Audio`, or a numpy array already at the model's rate."""
 
 
 def _describe(source: object) -> str:
@@ -140,6 +142,12 @@ def load_audio(source: AudioSource, sampling_rate: int) -> np.ndarray:
     elif isinstance(source, (bytes, bytearray, memoryview)):
         name = _describe(source)
         samples, rate = _decode(io.BytesIO(bytes(source)), name)
+    elif isinstance(source, str) and source[:8].lower().startswith(("http://", "https://")):
+        from .processors.image import read_url
+
+        name = source if len(source) <= 200 else source[:180] + "..."
+        data, _ = read_url(source, "audio", MAX_AUDIO_BYTES, AudioLoadError)
+        samples, rate = _decode(io.BytesIO(data), name)
     elif isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         name = str(path)
