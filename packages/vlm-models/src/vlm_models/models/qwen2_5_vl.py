@@ -13,10 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from vlm_runtime.masks import block_diagonal_mask
-
 from ..nn.layers import GatedMLP
-from ..nn.vision import VisionBlock
+from ..nn.vision import VisionBlock, segment_mask
 from . import qwen2_vl
 
 
@@ -90,8 +88,8 @@ class VisionTransformer(qwen2_vl.VisionTransformer):
         x = self.patch_embed(pixel_values.astype(self.dtype))[mx.array(token_order)]
         positions = qwen2_vl.vision_position_ids(grid_thw, c.spatial_merge_size)[token_order]
         cos, sin = self.rotary(positions)
-        full = block_diagonal_mask(qwen2_vl.frame_boundaries(grid_thw))
-        windowed = block_diagonal_mask(window_bounds)
+        full = segment_mask(qwen2_vl.frame_boundaries(grid_thw))
+        windowed = segment_mask(window_bounds)
         full_blocks = set(c.fullatt_block_indexes)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, full if i in full_blocks else windowed)

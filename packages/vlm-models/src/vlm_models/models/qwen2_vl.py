@@ -15,7 +15,6 @@ import mlx.nn as nn
 import numpy as np
 
 from vlm_runtime import PromptEmbedding
-from vlm_runtime.masks import block_diagonal_mask
 from vlm_runtime.vision_cache import VisionFeatureCache
 
 from ..config import ConfigError, from_dict, text_section
@@ -24,7 +23,7 @@ from ..nn.decoder import DecoderConfig, TextDecoder, TextGeneration
 from ..nn.layers import MLP
 from ..nn.output import ModelOutput
 from ..nn.rope import MultimodalRotary, inverse_frequencies
-from ..nn.vision import VisionBlock, features_per_image, merge_features, vision_identity
+from ..nn.vision import VisionBlock, features_per_image, merge_features, segment_mask, vision_identity
 
 
 @dataclass(frozen=True)
@@ -170,7 +169,7 @@ class VisionTransformer(nn.Module):
     def __call__(self, pixel_values: mx.array, grid_thw: np.ndarray) -> mx.array:
         x = self.patch_embed(pixel_values.astype(self.dtype))
         cos, sin = self.rotary(vision_position_ids(grid_thw, self.config.spatial_merge_size))
-        mask = block_diagonal_mask(frame_boundaries(grid_thw))
+        mask = segment_mask(frame_boundaries(grid_thw))
         for block in self.blocks:
             x = block(x, cos, sin, mask)
         return self.merger(x)

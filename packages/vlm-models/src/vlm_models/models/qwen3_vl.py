@@ -19,13 +19,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from vlm_runtime.masks import block_diagonal_mask
-
 from ..config import from_dict, text_section
 from ..nn.decoder import DecoderConfig, no_attention_groups
 from ..nn.layers import activation
 from ..nn.rope import inverse_frequencies
-from ..nn.vision import VisionBlock
+from ..nn.vision import VisionBlock, segment_mask
 from . import qwen2_vl
 
 
@@ -140,7 +138,7 @@ class VisionTransformer(nn.Module):
         c = self.config
         x = self.patch_embed(pixel_values.astype(self.dtype)) + self.position_embeddings(grid_thw)
         cos, sin = qwen2_vl.vision_rotary(qwen2_vl.vision_position_ids(grid_thw, c.spatial_merge_size), self._inv_freq)
-        mask = block_diagonal_mask(qwen2_vl.frame_boundaries(grid_thw))
+        mask = segment_mask(qwen2_vl.frame_boundaries(grid_thw))
         deepstack = []
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask)
