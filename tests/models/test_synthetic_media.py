@@ -6,9 +6,7 @@ each one clear line."""
 
 from __future__ import annotations
 
-import http.server
 import io
-import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -21,6 +19,8 @@ from vlm_models.audio import Audio, AudioLoadError, audio_duration, load_audio
 from vlm_models.processors.mel import WhisperFeatureExtractor
 from vlm_models.processors.qwen2_vl import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Qwen2VLVideoProcessor
 from vlm_models.video import VideoLoadError, VideoSampling, read_video
+
+from .conftest import serving
 
 RATE, TONE_HZ, SECONDS, LEVEL = 22_050, 440.0, 1.5, 0.5
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 128, 128)]
@@ -185,23 +185,10 @@ def test_an_audio_url_reads_as_the_file(tmp_path: Path) -> None:
     """``--audio URL`` / ``audio="https://..."``: fetched (bounded), then decoded as the file would be; a missing
     one is one line."""
     soundfile.write(tmp_path / "tone.flac", tone(), RATE)
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(tmp_path), **kw)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+    with serving(tmp_path) as base:
         np.testing.assert_array_equal(
             load_audio(f"{base}/tone.flac", 16_000), load_audio(tmp_path / "tone.flac", 16_000)
         )
         with pytest.raises(AudioLoadError, match=r"cannot fetch audio .*HTTP 404") as caught:
             load_audio(f"{base}/missing.wav", 16_000)
         assert "\n" not in str(caught.value)
-    finally:
-        server.shutdown()
