@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+
+from vlm_models import apply_chat_template
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 FAMILIES = [
@@ -27,6 +32,7 @@ FAMILIES = [
     "gemma4_moe",
     "qwen3_5",
     "qwen3_5_moe",
+    "qwen2_audio",
 ]
 LAYOUTS = ["hf4", "hf5", "mlx_community"]
 FAMILY_LAYOUTS = {
@@ -55,8 +61,57 @@ FAMILY_LAYOUTS = {
     # conversion (make_mlx_community_fixtures.py); 4-bit ones in test_qwen3_5.py and test_peer_layouts.py.
     "qwen3_5": ["hf5", "mlx_community"],
     "qwen3_5_moe": ["hf5", "mlx_community"],
+    # mlx-vlm 0.7.10 has no qwen2_audio: its MLX-community layout is what our converter writes (test_convert.py).
+    "qwen2_audio": ["hf4", "hf5"],
 }
+IMAGE_FAMILIES = [f for f in FAMILIES if f != "qwen2_audio"]
+"""The families that take images (Qwen2-Audio only hears): what tests of image-only features run on."""
+AUDIO = FIXTURES / "audio"
+CLIPS = [AUDIO / "tone_chirp.wav", AUDIO / "two_tones.wav", AUDIO / "noise_burst.flac"]
 PREFIX_LM = {"paligemma2"}
+
+
+@contextlib.contextmanager
+def serving(folder: Path) -> Iterator[str]:
+    """A quiet HTTP server on 127.0.0.1 serving ``folder``'s files; yields its base URL."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, directory=str(folder), **kw)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def sees(processor: Any) -> bool:
+    """Whether the family takes images; the shared tests give those that only hear (Qwen2-Audio) clips instead."""
+    return processor.image_processor is not None
+
+
+def media_prompt(processor: Any, text: Any, n_media: int) -> str:
+    """A chat prompt with ``n_media`` image slots, or audio slots for a family that only hears."""
+    kind = "num_images" if sees(processor) else "num_audios"
+    return apply_chat_template(processor, None, text, **{kind: n_media})
+
+
+def media_options(processor: Any, images: list[Path] | None) -> dict[str, Any]:
+    """``image=images`` for generate, or for a family that only hears one distinct clip in place of each image."""
+    if sees(processor) or not images:
+        return {"image": images}
+    names = sorted({p.name for p in images})
+    return {"audio": [CLIPS[names.index(p.name) % len(CLIPS)] for p in images]}
+
+
+def media_case(ref: Reference) -> str:
+    """The reference case holding one image (one clip for a family that only hears)."""
+    return "one_image" if "one_image" in ref.cases else "one_audio"
 
 
 def published(family: str) -> Path:
@@ -119,6 +174,7 @@ class Reference:
             "image_position_ids",
             "input_features",
             "input_features_mask",
+            "feature_attention_mask",
         )
         return {n: self.get(case, n) for n in names if self.get(case, n) is not None}
 

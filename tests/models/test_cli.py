@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import http.server
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
 
 from vlm_models.cli import main
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, serving
 
 MODEL = FIXTURES / "qwen2_vl" / "hf4"
 IMAGE = FIXTURES / "images" / "rgb_112x168.png"
@@ -62,21 +60,8 @@ def test_image_that_is_not_an_image(capsys, tmp_path: Path) -> None:
 def test_url_that_is_not_an_image(capsys, tmp_path: Path) -> None:
     (tmp_path / "page.html").write_text("<html>not an image</html>")
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(tmp_path), **kw)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/page.html"
-        code, _, err = run(capsys, "--model", str(MODEL), "--image", url)
-    finally:
-        server.shutdown()
+    with serving(tmp_path) as base:
+        code, _, err = run(capsys, "--model", str(MODEL), "--image", f"{base}/page.html")
     assert_clean_failure(code, err, "page.html")
 
 

@@ -20,10 +20,16 @@ from vlm_models.cli import main
 from vlm_models.convert import ConvertOptions, _shard, convert, save_model
 from vlm_models.quantize import QuantizeError, QuantizeOptions, dequantize_model, float_reason, is_vision_tower
 
-from .conftest import FAMILIES, FAMILY_LAYOUTS, FIXTURES, Reference, published
+from .conftest import FAMILIES, FAMILY_LAYOUTS, FIXTURES, Reference, media_case, published
 
 TOL = 1e-4
-CASES = ("one_image", "text")
+
+
+def cases_of(ref: Reference) -> tuple[str, ...]:
+    """The case with one image (one clip for a family that only hears), and the text-only one."""
+    return (media_case(ref), "text")
+
+
 # The logits' relative error may be at most this many times the relative error quantization put into the weights.
 # To first order a network's output moves by the sum, over the weight matrices on its path, of each matrix's
 # relative change times that layer's gain; the fixtures put about four to six such layers in series (vision
@@ -45,7 +51,7 @@ def logits(model: nn.Module, ref: Reference, case: str) -> np.ndarray:
 
 
 def assert_same_logits(model: nn.Module, expected: nn.Module, ref: Reference) -> None:
-    for case in CASES:
+    for case in cases_of(ref):
         diff = np.abs(logits(model, ref, case) - logits(expected, ref, case)).max()
         assert diff <= TOL, f"{ref.family}/{case}: max |logits difference| = {diff:.2e}"
 
@@ -80,7 +86,8 @@ def test_float_round_trip_every_layout(tmp_path: Path, family: str, layout: str,
     original, original_processor = load(source)
     converted, processor = load(report.destination)
     assert_same_logits(converted, original, ref)
-    np.testing.assert_allclose(logits(converted, ref, "one_image"), ref.get("one_image", "logits"), atol=TOL)
+    case = media_case(ref)
+    np.testing.assert_allclose(logits(converted, ref, case), ref.get(case, "logits"), atol=TOL)
     assert not report.quantized and "quantization" not in json.loads((report.destination / "config.json").read_text())
     # The MLX-community names, and exactly the tensors the layout holds for this model.
     written = stored(report.destination)
@@ -93,11 +100,14 @@ def test_float_round_trip_every_layout(tmp_path: Path, family: str, layout: str,
         theirs = stored(peer)
         assert set(theirs) == set(written) and all(mx.array_equal(written[k], theirs[k]) for k in theirs)
     # Tokenizer, processor and chat template travel: the converted folder formats and tokenizes a prompt the same.
-    meta = ref.meta["cases"]["one_image"]
+    meta = ref.meta["cases"][case]
     images = [FIXTURES / "images" / name for name in meta.get("images", [])]
-    ours, theirs = processor(meta["prompt"], images), original_processor(meta["prompt"], images)
-    np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"])
-    np.testing.assert_array_equal(ours["pixel_values"], theirs["pixel_values"])
+    audios = [FIXTURES / "audio" / name for name in meta.get("audios", [])]
+    ours = processor(meta["prompt"], images, audios=audios)
+    theirs = original_processor(meta["prompt"], images, audios=audios)
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        np.testing.assert_array_equal(ours[key], value, err_msg=key)
     assert processor.chat_template == original_processor.chat_template
 
 
@@ -166,7 +176,7 @@ def check_quantized(
     # 3. The logits move no more than the weights' quantization error predicts (see ERROR_GAIN, ``gain``).
     weight_error = (num / den) ** 0.5
     worst = 0.0
-    for case in CASES:
+    for case in cases_of(ref):
         a, b = logits(original, ref, case), logits(quantized, ref, case)
         worst = max(worst, float(np.abs(a - b).mean() / np.abs(a).mean()))
     assert 0 < worst <= gain * weight_error, (
@@ -381,7 +391,7 @@ def test_dtype_casts_the_float_weights(tmp_path: Path, references) -> None:
     ref = references["gemma3"]
     model, _ = load(report.destination)
     original, _ = load(source)
-    for case in CASES:
+    for case in cases_of(ref):
         a, b = logits(original, ref, case), logits(model, ref, case)
         # bfloat16 keeps 8 significant bits: a relative error of a few 2^-8 through the network.
         assert np.abs(a - b).mean() / np.abs(a).mean() < 0.05

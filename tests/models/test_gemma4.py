@@ -275,6 +275,30 @@ def test_generate_hears_audio_files(loaded, ref: Reference) -> None:
     assert tokens == expected
 
 
+def test_clips_heard_before_come_from_the_feature_cache(loaded, ref: Reference) -> None:
+    """Two clips batched (padded to the longer), then one of them alone (padded to itself): its entry is found,
+    the embeddings equal an uncached run's, and the tower runs only over clips it has not heard."""
+    from vlm_runtime import VisionFeatureCache
+
+    model, processor = loaded
+    meta = ref.meta["cases"]["image_and_audio"]
+    images = [FIXTURES / "images" / n for n in meta["images"]]
+    audios = [AUDIO / n for n in meta["audios"]]
+    cache = VisionFeatureCache(8)
+    both = processor.prepare_inputs(meta["prompt"], images, audios=audios)
+    np.testing.assert_array_equal(
+        np.array(model.embed_prompt(**both, vision_cache=cache).inputs_embeds),
+        np.array(model.embed_prompt(**both).inputs_embeds),
+    )
+    assert (cache.hits, cache.misses, len(cache)) == (0, 3, 3)  # the image and two clips
+    prompt = apply_chat_template(processor, None, "Again?", num_audios=1)
+    alone = processor.prepare_inputs(prompt, audios=audios[:1])  # the shorter clip
+    assert alone["input_features"].shape[1] != both["input_features"].shape[1]  # padded differently
+    cached = np.array(model.embed_prompt(**alone, vision_cache=cache).inputs_embeds)
+    assert cache.hits == 1
+    np.testing.assert_allclose(cached, np.array(model.embed_prompt(**alone).inputs_embeds), atol=1e-5, rtol=0)
+
+
 def _stream(model, processor, prompt, images, audios):
     from vlm_runtime import stream_generate
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import soundfile
 from PIL import Image
 
-from vlm_models import apply_chat_template, load
+from vlm_models import load
+from vlm_models.audio import Audio
 from vlm_runtime import PromptCache, RotatingKVCache, batch_generate, generate
 
-from .conftest import FAMILIES, FIXTURES, published
+from .conftest import FAMILIES, FIXTURES, media_options, media_prompt, published, sees
 
 IMAGES = FIXTURES / "images"
 
@@ -26,8 +28,17 @@ def skip_sliding_window_models(model, feature: str) -> None:
         pytest.skip(f"{feature} needs plain KV caches; this model's sliding-window layers keep a rolling window")
 
 
-def chat(processor, text: str, n_images: int) -> str:
-    return apply_chat_template(processor, None, text, num_images=n_images)
+def chat(processor, text, n_images: int) -> str:
+    """A prompt with image slots (audio slots for a family that only hears: see conftest.media_options)."""
+    return media_prompt(processor, text, n_images)
+
+
+def batch_media(processor, images: list) -> dict:
+    """batch_generate's images= entries, or audios= for a family that only hears."""
+    entries = [media_options(processor, i) for i in images]
+    if sees(processor):
+        return {"images": [e["image"] for e in entries]}
+    return {"audios": [e.get("audio") for e in entries]}
 
 
 def test_batch_with_images_equals_single_generate(loaded, monkeypatch) -> None:
@@ -47,10 +58,17 @@ def test_batch_with_images_equals_single_generate(loaded, monkeypatch) -> None:
         (chat(processor, "Compare the two.", 2), [IMAGES / "rgb_56x56.png", IMAGES / "rgb_200x100.png"]),
     ]
     batched = batch_generate(
-        model, processor, [p for p, _ in prompts], images=[i for _, i in prompts], max_tokens=8, ignore_eos=True
+        model,
+        processor,
+        [p for p, _ in prompts],
+        **batch_media(processor, [i for _, i in prompts]),
+        max_tokens=8,
+        ignore_eos=True,
     )
     both_ways = any(
-        model.embed_prompt(**processor.prepare_inputs(p, i or [])).attention_groups is not None for p, i in prompts
+        model.embed_prompt(**processor.prepare_inputs(p, i or [])).attention_groups is not None
+        for p, i in prompts
+        if sees(processor)
     )
     if both_ways:
         # Image tokens (Gemma 3, Gemma 4's large models) or the whole prefix (PaliGemma) attend both ways: each
@@ -60,7 +78,7 @@ def test_batch_with_images_equals_single_generate(loaded, monkeypatch) -> None:
         assert prefill_batches == [3]  # the three prompts are prefilled together, left-padded
     monkeypatch.undo()
     for (prompt, images), result in zip(prompts, batched):
-        single = generate(model, processor, prompt, image=images, max_tokens=8, ignore_eos=True)
+        single = generate(model, processor, prompt, **media_options(processor, images), max_tokens=8, ignore_eos=True)
         assert result.text == single.text
         assert result.generation_tokens == single.generation_tokens == 8
 
@@ -89,38 +107,46 @@ def test_batch_with_cache_settings_equals_single_generate(loaded, options) -> No
             model,
             processor,
             [p for p, _ in prompts],
-            images=[i for _, i in prompts],
+            **batch_media(processor, [i for _, i in prompts]),
             max_tokens=6,
             ignore_eos=True,
             **options,
         )
         for (prompt, images), result in zip(prompts, batched):
-            single = generate(model, processor, prompt, image=images, max_tokens=6, ignore_eos=True, **options)
+            media = media_options(processor, images)
+            single = generate(model, processor, prompt, **media, max_tokens=6, ignore_eos=True, **options)
             assert result.text == single.text
 
 
 def test_second_turn_with_the_same_image_reuses_the_cache(loaded, tmp_path) -> None:
+    """(The same clip, for a family that only hears.)"""
     model, processor = loaded
     skip_sliding_window_models(model, "reusing a cached prompt prefix")
     image = [IMAGES / "rgb_112x168.png"]
+    media, part = media_options(processor, image), "image" if sees(processor) else "audio"
     cache = PromptCache()
-    turn1 = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
-    first = generate(model, processor, chat(processor, turn1, 1), image=image, max_tokens=5, prompt_cache=cache)
+    turn1 = [{"role": "user", "content": [{"type": part}, {"type": "text", "text": "What is this?"}]}]
+    first = generate(model, processor, chat(processor, turn1, 1), **media, max_tokens=5, prompt_cache=cache)
     turn2 = turn1 + [
         {"role": "assistant", "content": [{"type": "text", "text": first.text}]},
         {"role": "user", "content": [{"type": "text", "text": "And the colours?"}]},
     ]
     prompt2 = chat(processor, turn2, 1)
-    second = generate(model, processor, prompt2, image=image, max_tokens=6, prompt_cache=cache, ignore_eos=True)
-    fresh = generate(model, processor, prompt2, image=image, max_tokens=6, ignore_eos=True)
+    second = generate(model, processor, prompt2, **media, max_tokens=6, prompt_cache=cache, ignore_eos=True)
+    fresh = generate(model, processor, prompt2, **media, max_tokens=6, ignore_eos=True)
     assert second.cached_tokens > first.prompt_tokens // 2
     assert second.text == fresh.text
-    # A different image of the same size gives the same token ids: the cached prefix must not be reused.
-    flipped = tmp_path / "flipped.png"
-    Image.open(image[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
-    swapped = generate(model, processor, prompt2, image=[flipped], max_tokens=6, prompt_cache=cache, ignore_eos=True)
+    # Different media of the same size give the same token ids: the cached prefix must not be reused.
+    if sees(processor):
+        flipped = tmp_path / "flipped.png"
+        Image.open(image[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
+        other = {"image": [flipped]}
+    else:
+        clip, rate = soundfile.read(media["audio"][0], dtype="float32")
+        other = {"audio": [Audio(clip[::-1].copy(), rate)]}  # the clip backwards: same length, other sound
+    swapped = generate(model, processor, prompt2, **other, max_tokens=6, prompt_cache=cache, ignore_eos=True)
     assert swapped.prompt_tokens == second.prompt_tokens and swapped.cached_tokens == 0
-    assert swapped.text == generate(model, processor, prompt2, image=[flipped], max_tokens=6, ignore_eos=True).text
+    assert swapped.text == generate(model, processor, prompt2, **other, max_tokens=6, ignore_eos=True).text
 
 
 @pytest.mark.parametrize(
@@ -132,9 +158,9 @@ def test_cache_types_give_the_same_greedy_tokens(loaded, options: dict) -> None:
     """A window wider than the sequence changes nothing, however the prompt is chunked."""
     model, processor = loaded
     prompt = chat(processor, "Describe.", 1)
-    image = [IMAGES / "rgb_112x168.png"]
-    plain = generate(model, processor, prompt, image=image, max_tokens=10, ignore_eos=True)
-    other = generate(model, processor, prompt, image=image, max_tokens=10, ignore_eos=True, **options)
+    media = media_options(processor, [IMAGES / "rgb_112x168.png"])
+    plain = generate(model, processor, prompt, **media, max_tokens=10, ignore_eos=True)
+    other = generate(model, processor, prompt, **media, max_tokens=10, ignore_eos=True, **options)
     assert other.text == plain.text
 
 

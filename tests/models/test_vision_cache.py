@@ -15,7 +15,7 @@ from PIL import Image
 from vlm_models import apply_chat_template, load
 from vlm_runtime.vision_cache import VisionFeatureCache
 
-from .conftest import FAMILIES, FIXTURES, published
+from .conftest import FAMILIES, FIXTURES, media_options, media_prompt, published
 
 IMAGES = FIXTURES / "images"
 FIRST, SECOND = IMAGES / "rgb_112x168.png", IMAGES / "rgb_333x250.png"
@@ -57,8 +57,10 @@ def tower_calls(loaded: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> Ite
 
 
 def prepare(processor: Any, images: list[Path], text: str = "Describe.") -> dict[str, mx.array]:
-    prompt = apply_chat_template(processor, None, text, num_images=len(images))
-    return processor.prepare_inputs(prompt, images)
+    """(A family that only hears gets a clip per image: the cache keeps clips' features too.)"""
+    prompt = media_prompt(processor, text, len(images))
+    media = media_options(processor, images)
+    return processor.prepare_inputs(prompt, media.get("image") or [], audios=media.get("audio") or [])
 
 
 def embeddings(model: Any, inputs: dict[str, mx.array], cache: VisionFeatureCache | None = None) -> np.ndarray:

@@ -30,14 +30,26 @@ def video_server(qwen3_vl) -> Iterator[Server]:
     yield from make_server(qwen3_vl, allow_local_media=VIDEOS, max_media_bytes=100_000)
 
 
+@pytest.fixture(scope="module")
+def image_only_server() -> Iterator[Server]:
+    yield from make_server(load(ROOT / "tests" / "fixtures" / "llava" / "hf4"), allow_local_media=VIDEOS)
+
+
 def ask(server: Server, url: str, max_tokens: int = 6) -> httpx.Response:
     content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What happens?"}]
     body = {"model": server.model_id, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
     return httpx.post(f"{server.base}/chat/completions", json=body, timeout=60)
 
 
-def test_video_url_matches_generate(video_server, qwen3_vl) -> None:
-    model, processor = qwen3_vl
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen2_5_vl"])
+def family_server(request, qwen3_vl) -> Iterator[tuple[Server, tuple[Any, Any]]]:
+    loaded = qwen3_vl if request.param == "qwen3_vl" else load(ROOT / "tests" / "fixtures" / request.param / "hf4")
+    for server in make_server(loaded, allow_local_media=VIDEOS, max_media_bytes=100_000):
+        yield server, loaded
+
+
+def test_video_url_matches_generate(family_server) -> None:
+    video_server, (model, processor) = family_server
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
     prompt = apply_chat_template(processor, None, messages)
     expected = generate(model, processor, prompt, videos=[CLIP], max_tokens=6)
@@ -50,9 +62,9 @@ def test_video_url_matches_generate(video_server, qwen3_vl) -> None:
         assert body["usage"]["prompt_tokens"] == expected.prompt_tokens
 
 
-def test_bad_video_requests_get_4xx(video_server, server) -> None:
+def test_bad_video_requests_get_4xx(video_server, image_only_server) -> None:
     for target, url, status, says in [
-        (server, str(CLIP), 400, "does not take video input"),  # the Qwen2-VL fixture: images only
+        (image_only_server, str(CLIP), 400, "does not take video input"),  # LLaVA: images only
         (video_server, str(ROOT / "README.md"), 403, "inside the folder"),
         (video_server, "data:video/mp4;base64,bm90IGEgdmlkZW8=", 400, "cannot read video"),
         (video_server, "data:image/png;base64,AAAA", 400, "expected 'data:video/"),

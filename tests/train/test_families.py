@@ -22,7 +22,7 @@ from vlm_train.config import TrainingConfig
 from vlm_train.data import collate, load_samples
 from vlm_train.trainer import Trainer, token_losses
 
-from ..models.conftest import FAMILIES, published
+from ..models.conftest import IMAGE_FAMILIES, published
 from .conftest import FIXTURES, write_jsonl
 
 IMAGES = FIXTURES / "images"
@@ -77,7 +77,8 @@ def end_of_run(mask: np.ndarray, start: int) -> int:
     return start + int(falses[0]) if len(falses) else len(mask)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Training data holds image conversations: audio samples are not supported by vlm train yet.
+@pytest.mark.parametrize("family", IMAGE_FAMILIES)
 def test_training_loss_is_the_inference_loss(tmp_path: Path, family: str) -> None:
     model, processor = load(published(family))
     bad = []
@@ -130,7 +131,8 @@ def test_training_loss_is_the_inference_loss(tmp_path: Path, family: str) -> Non
     assert text_only in (encoded, encoded + [tokenizer.eos_token_id])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Training data holds image conversations: audio samples are not supported by vlm train yet.
+@pytest.mark.parametrize("family", IMAGE_FAMILIES)
 def test_a_few_lora_steps_on_image_samples_cut_the_loss(tmp_path: Path, family: str) -> None:
     """Adapters on the decoder, the vision tower and the projector (where it has linear layers): the loss falls,
     and the vision tower's adapters learn too, so the gradient reaches the pixels."""
@@ -170,11 +172,11 @@ def _picture(seed: int, height: int, width: int) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def image_processors() -> dict[str, object]:
-    return {family: load(published(family))[1].image_processor for family in FAMILIES}
+    return {family: load(published(family))[1].image_processor for family in IMAGE_FAMILIES}
 
 
 @given(
-    family=st.sampled_from(FAMILIES),
+    family=st.sampled_from(IMAGE_FAMILIES),
     sizes=st.lists(st.tuples(st.integers(8, 120), st.integers(8, 120)), min_size=2, max_size=4),
     cut=st.integers(1, 3),
 )

@@ -1,7 +1,7 @@
 """Reading audio for models that hear: a file (or its bytes) or samples in memory, as float32 mono at the rate
 the model's feature extractor wants.
 
-Files are decoded with soundfile (libsndfile: WAV, FLAC, OGG/Vorbis, Opus, MP3, ... in its wheel), and with PyAV
+A clip may also be an http(s) URL (fetched within ``MAX_AUDIO_BYTES``). Files are decoded with soundfile (libsndfile: WAV, FLAC, OGG/Vorbis, Opus, MP3, ... in its wheel), and with PyAV
 (FFmpeg's decoders, already the video reader) for anything else (m4a/AAC, webm, a video's sound track).
 Several channels are averaged into one; another sampling rate is converted with soxr (its "high quality"
 setting). Every failure is one :class:`AudioLoadError` line naming the source.
@@ -16,7 +16,14 @@ from typing import Union
 
 import numpy as np
 
-__all__ = ["Audio", "AudioLoadError", "AudioSource", "load_audio", "to_mono", "resample"]
+__all__ = ["Audio", "AudioLoadError", "AudioSource", "audio_duration", "load_audio", "to_mono", "resample"]
+
+
+MAX_AUDIO_BYTES = 64 * 1024 * 1024
+"""Largest clip fetched from a URL (an hour of 128 kbit/s MP3 is 58 MB)."""
+MIN_RATE, MAX_RATE = 1_000, 768_000
+"""Sampling rates taken (telephone audio is 8 kHz, studio masters up to 768 kHz): a clip claiming 3 Hz would be
+stretched a thousandfold, one at a terahertz would vanish."""
 
 
 class AudioLoadError(ValueError):
@@ -32,7 +39,7 @@ class Audio:
 
 
 AudioSource = Union[str, Path, bytes, bytearray, memoryview, Audio, np.ndarray]  # noqa: UP007
-"""A path, a file's bytes, an :class:`Audio`, or a numpy array already at the model's rate."""
+"""A path or an http(s) URL, a file's bytes, an :class:`Audio`, or a numpy array already at the model's rate."""
 
 
 def _describe(source: object) -> str:
@@ -57,7 +64,10 @@ def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
         return samples
     import soxr
 
-    return soxr.resample(samples, rate, target, quality="HQ").astype(np.float32, copy=False)
+    try:
+        return soxr.resample(samples, rate, target, quality="HQ").astype(np.float32, copy=False)
+    except (ValueError, RuntimeError, OverflowError) as exc:  # a rate libsoxr cannot convert from
+        raise AudioLoadError(f"cannot resample audio from {rate} Hz to {target} Hz: {exc}") from None
 
 
 def _read_with_soundfile(data: io.BytesIO | Path) -> tuple[np.ndarray, int]:
@@ -99,6 +109,29 @@ def _decode(data: io.BytesIO | Path, name: str) -> tuple[np.ndarray, int]:
     raise AudioLoadError(f"cannot decode audio {name}: {problems[-1]}")
 
 
+def audio_duration(data: bytes) -> float | None:
+    """Seconds of audio an encoded clip says it holds, from its header (nothing is decoded); None where the
+    container does not say. Lets a server refuse a clip that is too long before decoding it."""
+    import soundfile
+
+    try:
+        return float(soundfile.info(io.BytesIO(data)).duration)
+    except Exception:  # not a libsndfile format: ask FFmpeg's demuxer
+        pass
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            if stream.duration is not None and stream.time_base is not None:
+                return float(stream.duration * stream.time_base)
+            return None if container.duration is None else container.duration / 1_000_000
+    except Exception:  # undecodable: load_audio gives the one-line reason
+        return None
+
+
 def load_audio(source: AudioSource, sampling_rate: int) -> np.ndarray:
     """Float32 mono samples of ``source`` at ``sampling_rate`` Hz. A numpy array is taken as already at that
     rate; pass an :class:`Audio` to say another."""
@@ -109,6 +142,12 @@ def load_audio(source: AudioSource, sampling_rate: int) -> np.ndarray:
     elif isinstance(source, (bytes, bytearray, memoryview)):
         name = _describe(source)
         samples, rate = _decode(io.BytesIO(bytes(source)), name)
+    elif isinstance(source, str) and source[:8].lower().startswith(("http://", "https://")):
+        from .processors.image import read_url
+
+        name = source if len(source) <= 200 else source[:180] + "..."
+        data, _ = read_url(source, "audio", MAX_AUDIO_BYTES, AudioLoadError)
+        samples, rate = _decode(io.BytesIO(data), name)
     elif isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         name = str(path)
@@ -121,6 +160,10 @@ def load_audio(source: AudioSource, sampling_rate: int) -> np.ndarray:
         raise AudioLoadError(f"unsupported audio source type {type(source).__name__}")
     if rate <= 0:
         raise AudioLoadError(f"audio {name} has no valid sampling rate ({rate})")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioLoadError(
+            f"audio {name} is at {rate} Hz, outside the rates vlm resamples ({MIN_RATE}-{MAX_RATE} Hz)"
+        )
     mono = to_mono(samples)
     if mono.size == 0:
         raise AudioLoadError(f"audio {name} holds no samples")

@@ -41,7 +41,9 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-path", default=None, help="folder with adapters.safetensors from `vlm train`")
     parser.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
     parser.add_argument("--video", action="append", default=[], help="video file, folder of frame images (repeatable)")
-    parser.add_argument("--audio", action="append", default=[], help="audio file (wav, flac, mp3, ...; repeatable)")
+    parser.add_argument(
+        "--audio", action="append", default=[], help="audio file or http(s) URL (wav, flac, mp3, m4a, ...; repeatable)"
+    )
     parser.add_argument("--video-fps", type=float, default=None, help="frames taken per second of video")
     parser.add_argument("--video-num-frames", type=int, default=None, help="take exactly this many frames")
     parser.add_argument("--video-max-frames", type=int, default=None, help="take at most this many frames")

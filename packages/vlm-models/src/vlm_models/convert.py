@@ -170,7 +170,9 @@ class ConvertReport:
 
 
 def _vision_stays_float(path: str) -> str | None:
-    return "vision tower, --skip-vision" if is_vision_tower(path) else None
+    if not is_vision_tower(path):
+        return None
+    return f"{'audio' if 'audio_tower' in path.split('.') else 'vision'} tower, --skip-vision"
 
 
 def _check_destination(source: Path, destination: Path) -> None:

@@ -84,6 +84,8 @@ class Processor:
     ) -> tuple[str, dict[str, np.ndarray]]:
         """The prompt with its image (video, audio) slots expanded as the family lays them out, and the
         processors' outputs for them (none without media)."""
+        if images and self.image_processor is None:
+            raise ValueError("this model does not take image input (its family has no image processor)")
         n_slots = prompt.count(self.image_token)
         if n_slots != len(images):
             raise ValueError(

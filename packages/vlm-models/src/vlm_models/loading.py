@@ -186,7 +186,10 @@ def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, tr
         raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from None
     # A family may derive processor settings from the model config, for checkpoints whose processor files lack them.
     defaults = arch.load_module().Model.processor_defaults(config)
-    image_processor = arch.image_processor_class().from_config({**defaults, **_image_processor_config(path)})
+    image_class = arch.image_processor_class()
+    image_processor = None
+    if image_class is not None:
+        image_processor = image_class.from_config({**defaults, **_image_processor_config(path)})
     video_class = arch.video_processor_class()
     video_config = {**defaults, **_video_processor_config(path)}
     video_processor = None if video_class is None else video_class.from_config(video_config)

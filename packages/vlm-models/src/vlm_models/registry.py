@@ -26,8 +26,8 @@ class UnsupportedModelError(ValueError):
 class Architecture:
     module: str
     """Module under vlm_models.models holding ``Model``."""
-    image_processor: str
-    """``module:Class`` of the numpy image processor."""
+    image_processor: str | None
+    """``module:Class`` of the numpy image processor; None for a family that does not see (Qwen2-Audio)."""
     image_token: str = "<|image_pad|>"
     default_chat_template: str | None = None
     """For families published without a chat template: how a user message becomes a prompt."""
@@ -43,8 +43,8 @@ class Architecture:
     def load_module(self) -> ModuleType:
         return importlib.import_module(f"vlm_models.models.{self.module}")
 
-    def image_processor_class(self) -> type:
-        return _processor_class(self.image_processor)
+    def image_processor_class(self) -> type | None:
+        return None if self.image_processor is None else _processor_class(self.image_processor)
 
     def video_processor_class(self) -> type | None:
         return None if self.video_processor is None else _processor_class(self.video_processor)
@@ -88,8 +88,18 @@ _SMOLVLM_VIDEO_TEMPLATE = (
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "qwen2_vl": Architecture("qwen2_vl", "qwen2_vl:Qwen2VLImageProcessor"),
-    "qwen2_5_vl": Architecture("qwen2_5_vl", "qwen2_vl:Qwen2VLImageProcessor"),
+    "qwen2_vl": Architecture(
+        "qwen2_vl",
+        "qwen2_vl:Qwen2VLImageProcessor",
+        video_processor="qwen2_vl:Qwen2VLVideoProcessor",
+        video_token="<|video_pad|>",
+    ),
+    "qwen2_5_vl": Architecture(
+        "qwen2_5_vl",
+        "qwen2_vl:Qwen2VLImageProcessor",
+        video_processor="qwen2_vl:Qwen2_5_VLVideoProcessor",
+        video_token="<|video_pad|>",
+    ),
     "qwen3_vl": Architecture(
         "qwen3_vl",
         "qwen2_vl:Qwen2VLImageProcessor",
@@ -117,6 +127,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     # Text-only checkpoints (Qwen3_5ForCausalLM): the decoder alone, dense or sparse.
     "qwen3_5_text": Architecture("qwen3_5_text", "qwen2_vl:Qwen2VLImageProcessor"),
     "qwen3_5_moe_text": Architecture("qwen3_5_text", "qwen2_vl:Qwen2VLImageProcessor"),
+    "qwen2_audio": Architecture(
+        "qwen2_audio",
+        None,
+        audio_processor="qwen2_audio:Qwen2AudioFeatureExtractor",
+        audio_token="<|AUDIO|>",
+    ),
     "llava": Architecture("llava", "clip:CLIPImageProcessor", image_token="<image>"),
     "llava_next": Architecture("llava_next", "clip:LlavaNextImageProcessor", image_token="<image>"),
     "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),

@@ -282,20 +282,32 @@ def batch_generate(
     prompts: Sequence[str],
     *,
     images: Sequence[Any] | None = None,
+    audios: Sequence[Any] | None = None,
+    videos: Sequence[Any] | None = None,
+    video_sampling: Any = None,
     max_batch_size: int = 32,
     settings: GenerationSettings | None = None,
     **options: Any,
 ) -> list[GenerationResult]:
     """Generate for several chat-formatted prompts in one batch; ``images[i]`` is prompt i's image or list of
-    images (or None). Takes ``stream_generate``'s ``settings`` and keyword options; returns one result per
-    prompt, holding its whole text and reasoning."""
-    if images is not None and len(images) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but {len(images)} image entries")
+    images (or None), and ``audios[i]`` / ``videos[i]`` its clips and videos likewise. Takes ``stream_generate``'s
+    ``settings`` and keyword options; returns one result per prompt, holding its whole text and reasoning."""
+    per_prompt = {"images": images, "audios": audios, "videos": videos}
+    for name, entries in per_prompt.items():
+        if entries is not None and len(entries) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(entries)} {name[:-1]} entries")
+
+    def media(name: str, i: int) -> list[Any]:
+        entries = per_prompt[name]
+        return media_list(entries[i] if entries is not None else None)
+
     settings = generation_settings(settings, **options)
     engine = BatchGenerator(model, processor, max_batch_size=max_batch_size, cache_settings=settings.cache)
     order: dict[int, int] = {}
     for i, prompt in enumerate(prompts):
-        inputs = processor.prepare_inputs(prompt, media_list(images[i] if images is not None else None))
+        inputs = processor.prepare_inputs(
+            prompt, media("images", i), media("videos", i), video_sampling, media("audios", i)
+        )
         order[engine.submit(settings.request(inputs))] = i
     texts: list[list[str]] = [[] for _ in prompts]
     thoughts: list[list[str]] = [[] for _ in prompts]

@@ -96,6 +96,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pixels all the images of one request may decode to (default 100000000)",
     )
     parser.add_argument(
+        "--max-audio-seconds",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds one input_audio clip may hold, checked from its header before decoding (default 600)",
+    )
+    parser.add_argument(
+        "--max-request-audio-seconds",
+        type=float,
+        default=1800.0,
+        metavar="S",
+        help="seconds all the audio clips of one request may hold (default 1800)",
+    )
+    parser.add_argument(
         "--response-store-mb",
         type=int,
         default=256,
@@ -156,6 +170,8 @@ def settings_from(args: argparse.Namespace) -> Any:
         allowed_url_networks=tuple(args.allow_url_network),
         max_image_pixels=args.max_image_pixels,
         max_request_pixels=args.max_request_pixels,
+        max_audio_seconds=args.max_audio_seconds,
+        max_request_audio_seconds=args.max_request_audio_seconds,
         response_store_bytes=args.response_store_mb * 2**20,
         max_connections=args.max_connections,
         body_timeout_s=args.body_timeout,

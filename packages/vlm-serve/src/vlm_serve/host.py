@@ -266,7 +266,9 @@ def _start(
 
 
 def _vocabulary_size(model: Any) -> int:
-    """The logits' width, from shapes alone: MLX knows an expression's shape without evaluating it."""
+    """The logits' width, from shapes alone: MLX knows an expression's shape without evaluating it. Through the
+    decoder, since a token's embedding may be wider than the hidden states (Gemma 4 appends per-layer inputs)."""
     import mlx.core as mx
 
-    return int(model.compute_logits(model.embed_tokens(mx.zeros((1, 1), dtype=mx.int32))).shape[-1])
+    embeds = model.embed_tokens(mx.zeros((1, 1), dtype=mx.int32))
+    return int(model.compute_logits(model.hidden_states(embeds, cache=model.make_cache())).shape[-1])

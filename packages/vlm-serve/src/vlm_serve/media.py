@@ -1,6 +1,7 @@
-"""Images and videos named in requests, fetched under the server's policy: http(s) from public addresses (see
+"""Images, videos and audio clips named in requests, fetched under the server's policy: http(s) from public addresses (see
 ``fetching``) with a size cap and a total timeout, ``data:`` URLs, and local files only under
-``--allow-local-media``."""
+``--allow-local-media``. Audio arrives inline (OpenAI's ``input_audio``: base64 and a format), carried here as a
+``data:audio/<format>;base64,`` URL, and is bounded in bytes and, from its header, in seconds."""
 
 from __future__ import annotations
 
@@ -8,18 +9,23 @@ import asyncio
 import base64
 import binascii
 import ipaddress
+import re
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from vlm_models.audio import audio_duration
 from vlm_models.processors.image import ImageLoadError, ImageTooLarge, PixelBudget, load_image
 
 from .errors import APIError
 from .fetching import AddressPolicy, FetchError, fetch
 from .settings import ServeSettings
 
-__all__ = ["fetch_image", "fetch_video", "pixel_budget"]
+__all__ = ["AudioBudget", "audio_data_url", "fetch_audio", "fetch_image", "fetch_video", "is_audio", "pixel_budget"]
+
+AUDIO_FORMAT = re.compile(r"[a-z0-9]{1,16}")
 
 
 def pixel_budget(settings: ServeSettings) -> PixelBudget:
@@ -80,6 +86,61 @@ async def _decode_remote(data: bytes, url: str, budget: PixelBudget) -> Image.Im
         raise APIError(400, message, code="image_too_large") from e
     except ImageLoadError as e:
         raise APIError(400, f"the data at {url[:200]} is not an image", code="invalid_image") from e
+
+
+def audio_data_url(data: object, audio_format: object) -> str:
+    """An ``input_audio`` part (base64 ``data`` and a ``format`` such as "wav" or "mp3") as the data URL the
+    request carries it in; a 400 for a part that is not one."""
+    if not isinstance(data, str) or not data:
+        raise APIError(400, "input_audio needs its base64 data as a non-empty string", param="messages")
+    if not isinstance(audio_format, str) or not AUDIO_FORMAT.fullmatch(audio_format.lower()):
+        raise APIError(400, "input_audio needs a format such as 'wav' or 'mp3'", param="messages")
+    return f"data:audio/{audio_format.lower()};base64,{data}"
+
+
+def is_audio(source: str) -> bool:
+    """Whether a media source of a stored conversation is an audio clip (else an image)."""
+    return source[:11].lower() == "data:audio/"
+
+
+@dataclass
+class AudioBudget:
+    """Seconds of audio one request may hold: per clip and in all, checked from each clip's header."""
+
+    per_clip: float
+    per_request: float
+    used: float = 0.0
+
+    def admit(self, seconds: float | None) -> None:
+        if seconds is None:
+            return  # the container does not say: the byte cap bounds it
+        if seconds > self.per_clip:
+            raise APIError(
+                400,
+                f"an audio clip is {seconds:.1f} s; this server takes at most {self.per_clip:g} s per clip",
+                code="audio_too_long",
+            )
+        self.used += seconds
+        if self.used > self.per_request:
+            raise APIError(400, f"the request's audio is over {self.per_request:g} s in all", code="audio_too_long")
+
+
+def fetch_audio(source: str, settings: ServeSettings, budget: AudioBudget) -> bytes:
+    """The encoded bytes of an ``input_audio`` clip (a ``data:audio/`` URL), within the byte and duration caps;
+    the processor decodes them."""
+    header, _, payload = source.partition(",")
+    if not is_audio(source) or "base64" not in header.lower():
+        raise APIError(400, "unsupported audio source: expected base64 input_audio data", param="messages")
+    if len(payload) * 3 // 4 > settings.max_media_bytes:
+        raise APIError(413, f"an audio clip is larger than {settings.max_media_bytes} bytes")
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise APIError(400, f"invalid base64 in input_audio data: {e}", param="messages") from e
+    if not data:
+        raise APIError(400, "an input_audio clip is empty", param="messages", code="invalid_audio")
+    budget.admit(audio_duration(data))
+    return data
 
 
 def _video_data_url(url: str, settings: ServeSettings) -> bytes:

@@ -14,6 +14,7 @@ from pydantic import Field
 from .errors import APIError
 from .grammar import json_schema_grammar, response_format_schema
 from .host import LoadedModel
+from .media import audio_data_url
 from .prompts import ChatRequest, prepare, token_text
 from .running import collect, failure, sse, streaming_response, submit, while_connected
 from .tools import CallParser, Tool, ToolCall, split_calls
@@ -105,7 +106,7 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
     if (body.n or 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n")
     messages: list[dict[str, Any]] = []
-    media: dict[str, list[str]] = {"image": [], "video": []}
+    media: dict[str, list[str]] = {"image": [], "video": [], "audio": []}
     for message in body.messages:
         role = "system" if message.role == "developer" else message.role
         if isinstance(message.content, list):
@@ -122,7 +123,9 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
                     media[kind].append(url)
                     parts.append({"type": kind})
                 elif part.type == "input_audio":
-                    raise APIError(400, "audio inputs are not supported by this model", param="messages")
+                    clip = part.input_audio or {}
+                    media["audio"].append(audio_data_url(clip.get("data"), clip.get("format")))
+                    parts.append({"type": "audio"})
                 else:
                     raise APIError(400, f"unsupported content part type {part.type!r}", param="messages")
             entry: dict[str, Any] = {"role": role, "content": parts}
@@ -169,6 +172,7 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
         messages=messages,
         images=media["image"],
         videos=media["video"],
+        audios=media["audio"],
         max_tokens=max_tokens,
         sampling=sampling,
         stop=stop,

@@ -1,4 +1,4 @@
-"""From an API-neutral chat request to engine inputs: images fetched, the checkpoint's chat template applied
+"""From an API-neutral chat request to engine inputs: images, videos and audio clips fetched, the checkpoint's chat template applied
 (``vlm_models.apply_chat_template``), the prompt tokenized and checked against the context."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vlm_models import apply_chat_template
+from vlm_models.audio import AudioLoadError
 from vlm_models.video import VideoLoadError
 from vlm_runtime import GenerationConfig, Request, SamplingParams, ThinkingConfig
 from vlm_runtime.stopping import StopStrings
@@ -16,7 +17,7 @@ from vlm_runtime.thinking import resolve_thinking_tokens
 
 from .errors import APIError
 from .host import LoadedModel
-from .media import fetch_image, fetch_video, pixel_budget
+from .media import AudioBudget, fetch_audio, fetch_image, fetch_video, pixel_budget
 from .settings import ServeSettings
 from .tools import CLOSE, OPEN, CallParser, Tool, ToolFormat, render_tools, resolve_choice, tool_format_for
 
@@ -33,6 +34,8 @@ class ChatRequest:
     """Image sources in the order of the messages' image parts."""
     videos: list[str] = field(default_factory=list)
     """Video sources in the order of the messages' video parts."""
+    audios: list[str] = field(default_factory=list)
+    """Audio clips (``data:audio/<format>;base64,`` URLs) in the order of the messages' audio parts."""
     max_tokens: int | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     """SamplingParams fields the request set."""
@@ -96,8 +99,12 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
         constraints = (await asyncio.to_thread(loaded.grammars.constraint, grammar),)
     messages, template_tools = render_tools(request.messages, tools, loaded.processor.chat_template)
     processor = loaded.processor
-    if request.videos and not getattr(processor, "supports_video", False):
+    if request.videos and not processor.supports_video:
         raise APIError(400, "this model does not take video input", param="messages", code="unsupported_media")
+    if request.audios and not processor.supports_audio:
+        raise APIError(400, "this model does not take audio input", param="messages", code="unsupported_media")
+    if request.images and processor.image_processor is None:
+        raise APIError(400, "this model does not take image input", param="messages", code="unsupported_media")
     abandoned = threading.Event()
     try:
         # A forced format must start the answer: templates that think by default (Qwen3.5) get an empty block.
@@ -106,7 +113,9 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
         budget = pixel_budget(settings)
         images = await asyncio.gather(*(fetch_image(source, settings, budget) for source in request.images))
         videos = await asyncio.gather(*(fetch_video(source, settings) for source in request.videos))
-        inputs = await _in_thread(_tokenize, processor, prompt, list(images), list(videos))
+        seconds = AudioBudget(settings.max_audio_seconds, settings.max_request_audio_seconds)
+        audios = [await _in_thread(fetch_audio, source, settings, seconds) for source in request.audios]
+        inputs = await _in_thread(_tokenize, processor, prompt, list(images), list(videos), audios)
     except asyncio.CancelledError:
         abandoned.set()  # the client has gone: the thread stops at its next chunk
         raise
@@ -144,6 +153,8 @@ async def _in_thread(function: Any, *args: Any) -> Any:
         raise
     except VideoLoadError as e:
         raise APIError(400, str(e), code="invalid_video") from e
+    except AudioLoadError as e:
+        raise APIError(400, str(e), code="invalid_audio") from e
     except Exception as e:  # template errors (jinja raises its own types), slot/image count mismatches
         raise APIError(400, f"cannot format the conversation: {e}") from e
 
@@ -176,8 +187,8 @@ def _refuse_beyond_context(processor: Any, prompt: str, context: int, abandoned:
             raise _too_long(f"the prompt is more than {context} tokens", context)
 
 
-def _tokenize(processor: Any, prompt: str, images: list[Any], videos: list[Any]) -> dict[str, Any]:
-    return processor(prompt, images, videos) if videos else processor(prompt, images)
+def _tokenize(processor: Any, prompt: str, images: list[Any], videos: list[Any], audios: list[bytes]) -> dict[str, Any]:
+    return processor(prompt, images, videos, audios=audios)
 
 
 def _too_long(what: str, context: int) -> APIError:

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from .errors import APIError
 from .grammar import json_schema_grammar, response_format_schema
+from .media import audio_data_url, is_audio
 from .prompts import ChatRequest, prepare
 from .running import collect, failure, sse, streaming_response, submit, while_connected
 from .tools import CallParser, Tool, ToolCall, split_calls
@@ -28,7 +29,7 @@ __all__ = ["ResponseStore", "ResponsesRequest", "router"]
 class _Stored:
     messages: list[dict[str, Any]]
     media: list[str]
-    """Digests of the conversation's images, in order."""
+    """Digests of the conversation's images and audio clips, in order."""
     size: int
     """Bytes charged for the messages (the media are charged once each, in the store's media table)."""
     expires: float
@@ -96,6 +97,7 @@ class InputPart(WireModel):
     type: str
     text: str | None = None
     image_url: str | None = None
+    input_audio: dict[str, Any] | None = None
 
 
 class InputItem(WireModel):
@@ -136,7 +138,8 @@ class ResponsesRequest(WireModel):
 
 
 def _conversation(body: ResponsesRequest, store: ResponseStore) -> tuple[list[dict[str, Any]], list[str]]:
-    """The earlier turns (from the store) and this request's input, as template messages and image sources."""
+    """The earlier turns (from the store) and this request's input, as template messages and media sources
+    (images, and audio clips as ``data:audio/`` URLs), in the order of their parts."""
     messages: list[dict[str, Any]] = []
     images: list[str] = []
     if body.previous_response_id:
@@ -169,6 +172,10 @@ def _conversation(body: ResponsesRequest, store: ResponseStore) -> tuple[list[di
                         )
                     images.append(part.image_url)
                     parts.append({"type": "image"})
+                elif part.type == "input_audio":
+                    clip = part.input_audio or {}
+                    images.append(audio_data_url(clip.get("data"), clip.get("format")))
+                    parts.append({"type": "audio"})
                 else:
                     raise APIError(400, f"unsupported input content type {part.type!r}", param="input")
             messages.append({"role": role, "content": parts})
@@ -215,7 +222,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     sampling = {k: v for k in ("temperature", "top_p") if (v := getattr(body, k)) is not None}
     chat = ChatRequest(
         messages=messages,
-        images=images,
+        images=[source for source in images if not is_audio(source)],
+        audios=[source for source in images if is_audio(source)],
         max_tokens=body.max_output_tokens,
         sampling=sampling,
         grammar=json_schema_grammar(schema) if schema is not None else None,

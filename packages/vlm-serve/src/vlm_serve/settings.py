@@ -65,6 +65,11 @@ class ServeSettings:
     decoded at 1/2, 1/4 or 1/8 scale when that fits (a 48 MP photo at 1/2), anything else is refused."""
     max_request_pixels: int = 100_000_000
     """Pixels all the images of one request may decode to together."""
+    max_audio_seconds: float = 600.0
+    """Seconds one audio clip may hold, read from its header before it is decoded (the byte cap is
+    ``max_media_bytes``)."""
+    max_request_audio_seconds: float = 1800.0
+    """Seconds all the audio clips of one request may hold together."""
     media_timeout_s: float = 10.0
     """Total time allowed for fetching one remote image."""
     allow_private_urls: bool = False
@@ -104,6 +109,8 @@ class ServeSettings:
             raise ValueError(f"context-length must be >= 2, got {self.context_length}")
         if self.thinking_budget is not None and self.thinking_budget < 0:
             raise ValueError(f"thinking-budget must be >= 0, got {self.thinking_budget}")
+        if not min(self.max_audio_seconds, self.max_request_audio_seconds) > 0:
+            raise ValueError("max-audio-seconds and max-request-audio-seconds must be positive")
         if min(self.media_timeout_s, self.body_timeout_s, self.header_timeout_s) <= 0:
             raise ValueError("timeouts must be positive")
         for network in self.allowed_url_networks:

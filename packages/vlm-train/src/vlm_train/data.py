@@ -397,6 +397,8 @@ def collate(samples: Iterable[EncodedSample], pad_id: int, image_processor: Any)
         ids[row, : len(sample)] = sample.input_ids
         attention[row, : len(sample)] = 1
         loss[row, : len(sample)] = sample.loss_mask
-    inputs = image_processor.collate([s.image_inputs for s in samples if s.image_inputs])
-    inputs.update(image_processor.answer_inputs(np.maximum.accumulate(loss, axis=1)))
+    inputs: dict[str, Any] = {}
+    if image_processor is not None:  # None: a family that takes no images (Qwen2-Audio), text samples only
+        inputs = image_processor.collate([s.image_inputs for s in samples if s.image_inputs])
+        inputs.update(image_processor.answer_inputs(np.maximum.accumulate(loss, axis=1)))
     return Batch(mx.array(ids), mx.array(attention), mx.array(loss), {k: mx.array(v) for k, v in inputs.items()})

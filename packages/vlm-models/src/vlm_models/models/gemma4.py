@@ -318,14 +318,30 @@ class Model(GemmaGeneration, nn.Module):
         """Each image's soft tokens in the decoder's width."""
         return [self.model.embed_vision(t) for t in self.model.vision_tower(pixel_values, image_position_ids)]
 
-    def audio_features(self, input_features: mx.array, input_features_mask: mx.array) -> mx.array:
-        """(valid frames of all clips, text hidden): the audio tower's output for every clip's real frames."""
+    def audio_features(
+        self, input_features: mx.array, input_features_mask: mx.array, cache: VisionFeatureCache | None = None
+    ) -> mx.array:
+        """(valid frames of all clips, text hidden): the audio tower's output for every clip's real frames. With a
+        ``cache`` (the vision feature cache, which keeps clips too), clips heard before skip the tower: a clip is
+        keyed by its real frames alone (the padding after them is zeros, whatever the batch's longest clip)."""
         if "audio_tower" not in self.model:
             raise ValueError("this checkpoint has no audio tower (no audio_config): it cannot take audio")
-        frames, valid = self.model.audio_tower(input_features, input_features_mask)
-        keep = np.asarray(valid).reshape(-1)
-        flat = frames.reshape(-1, frames.shape[-1])[mx.array(np.flatnonzero(keep))]
-        return self.model.embed_audio(flat)
+        masks = np.asarray(input_features_mask).astype(bool)
+        tower = self.model.audio_tower
+
+        def encode(order: list[int]) -> list[mx.array]:
+            index = mx.array(order)
+            frames, valid = tower(input_features[index], input_features_mask[index])
+            keep = np.asarray(valid).astype(bool)
+            return [self.model.embed_audio(frames[j][mx.array(np.flatnonzero(keep[j]))]) for j in range(len(order))]
+
+        per_clip = features_per_image(
+            cache,
+            [("audio", input_features[i][mx.array(np.flatnonzero(m))], np.flatnonzero(m)) for i, m in enumerate(masks)],
+            lambda: vision_identity(self, self.config.audio, tower.dtype, tower.subsample_conv_projection),
+            encode,
+        )
+        return per_clip[0] if len(per_clip) == 1 else mx.concatenate(per_clip)
 
     def embed_prompt(
         self,
@@ -354,7 +370,7 @@ class Model(GemmaGeneration, nn.Module):
             if input_features is not None:
                 if input_features_mask is None:
                     raise ValueError("gemma4 audio needs input_features_mask (the feature extractor gives it)")
-                audio = self.audio_features(input_features, input_features_mask)
+                audio = self.audio_features(input_features, input_features_mask, vision_cache)
                 embeds = merge_features(embeds, input_ids, c.audio_token_id, audio, kind="audio")
             return embeds
 

@@ -1,6 +1,8 @@
-"""Qwen2.5-VL: Qwen2-VL with an RMSNorm / gated-MLP vision tower that attends within windows in most blocks.
+"""Qwen2.5-VL: Qwen2-VL with an RMSNorm / gated-MLP vision tower that attends within windows in most blocks,
+and video positions spaced by time.
 
-Only what differs from Qwen2-VL lives here: the vision config, the blocks, and the window ordering.
+Only what differs from Qwen2-VL lives here: the vision config, the blocks, the window ordering, and the temporal
+position step of videos.
 """
 
 from __future__ import annotations
@@ -11,10 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from vlm_runtime.masks import block_diagonal_mask
-
 from ..nn.layers import GatedMLP
-from ..nn.vision import VisionBlock
+from ..nn.vision import VisionBlock, segment_mask
 from . import qwen2_vl
 
 
@@ -32,6 +32,8 @@ class VisionConfig:
     window_size: int = 112
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
     hidden_act: str = "silu"
+    tokens_per_second: float = 4
+    """Temporal positions per second of video (transformers' default; the released checkpoints say 2)."""
 
     @property
     def width(self) -> int:
@@ -86,8 +88,8 @@ class VisionTransformer(qwen2_vl.VisionTransformer):
         x = self.patch_embed(pixel_values.astype(self.dtype))[mx.array(token_order)]
         positions = qwen2_vl.vision_position_ids(grid_thw, c.spatial_merge_size)[token_order]
         cos, sin = self.rotary(positions)
-        full = block_diagonal_mask(qwen2_vl.frame_boundaries(grid_thw))
-        windowed = block_diagonal_mask(window_bounds)
+        full = segment_mask(qwen2_vl.frame_boundaries(grid_thw))
+        windowed = segment_mask(window_bounds)
         full_blocks = set(c.fullatt_block_indexes)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, full if i in full_blocks else windowed)
@@ -97,3 +99,15 @@ class VisionTransformer(qwen2_vl.VisionTransformer):
 class Model(qwen2_vl.Model):
     vision_config_class = VisionConfig
     vision_tower = VisionTransformer
+
+    def video_position_grids(
+        self, video_grid: np.ndarray, second_per_grid_ts: mx.array | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Temporal patches are ``second_per_grid_ts * tokens_per_second`` positions apart (one second per
+        patch without it, as in transformers), in float32 as the reference multiplies them."""
+        seconds = np.ones(len(video_grid), np.float32)
+        if second_per_grid_ts is not None:
+            seconds = np.asarray(second_per_grid_ts, dtype=np.float32).reshape(-1)
+            if len(seconds) != len(video_grid):
+                raise ValueError(f"second_per_grid_ts has {len(seconds)} values for {len(video_grid)} video(s)")
+        return video_grid, np.float32(self.config.vision.tokens_per_second) * seconds

@@ -15,7 +15,6 @@ import mlx.nn as nn
 import numpy as np
 
 from vlm_runtime import PromptEmbedding
-from vlm_runtime.masks import block_diagonal_mask
 from vlm_runtime.vision_cache import VisionFeatureCache
 
 from ..config import ConfigError, from_dict, text_section
@@ -24,7 +23,7 @@ from ..nn.decoder import DecoderConfig, TextDecoder, TextGeneration
 from ..nn.layers import MLP
 from ..nn.output import ModelOutput
 from ..nn.rope import MultimodalRotary, inverse_frequencies
-from ..nn.vision import VisionBlock, features_per_image, merge_features, vision_identity
+from ..nn.vision import VisionBlock, features_per_image, merge_features, segment_mask, vision_identity
 
 
 @dataclass(frozen=True)
@@ -171,7 +170,7 @@ class VisionTransformer(nn.Module):
     def __call__(self, pixel_values: mx.array, grid_thw: np.ndarray) -> mx.array:
         x = self.patch_embed(pixel_values.astype(self.dtype))
         cos, sin = self.rotary(vision_position_ids(grid_thw, self.config.spatial_merge_size))
-        mask = block_diagonal_mask(frame_boundaries(grid_thw))
+        mask = segment_mask(frame_boundaries(grid_thw))
         for block in self.blocks:
             x = block(x, cos, sin, mask)
         return self.merger(x)
@@ -190,11 +189,14 @@ def multimodal_position_ids(
     merge: int,
     video_grid_thw: np.ndarray | None = None,
     video_token_id: int | None = None,
+    video_time_steps: np.ndarray | None = None,
 ) -> np.ndarray:
     """(3, batch, length) positions: text advances all three axes together; an image's tokens take
     (time, row, column) offsets from the position after the preceding text, and the following text continues
-    after the image's largest position. Padding gets position 1, as in the reference. Runs of
-    ``video_token_id`` take their grids from ``video_grid_thw`` in the same way."""
+    ``max(rows, columns)`` after that start (transformers 5's rule; for an image, its largest position + 1).
+    Padding gets position 1, as in the reference. Runs of ``video_token_id`` take their grids from
+    ``video_grid_thw`` in the same way, temporal patch i at offset ``floor(i * video_time_steps[run])``
+    (float32, as the reference computes it; a step of 1 without ``video_time_steps``)."""
     batch, length = input_ids.shape
     mask = np.ones_like(input_ids) if attention_mask is None else attention_mask
     positions = np.ones((3, batch, length), dtype=np.int64)
@@ -207,17 +209,23 @@ def multimodal_position_ids(
         starts = np.nonzero(np.isin(tokens[1:], media) & (tokens[:-1] == vision_start_token_id))[0] + 1
         parts, cursor, next_pos = [], 0, 0
         for start in starts:
-            kind, given = grids[int(tokens[start])]
-            if given is None or used[int(tokens[start])] >= len(given):
+            token = int(tokens[start])
+            kind, given = grids[token]
+            if given is None or used[token] >= len(given):
                 raise ValueError(f"the prompt has more {kind} slots than {kind}s were given")
-            t, h, w = (int(v) for v in given[used[int(tokens[start])]])
-            used[int(tokens[start])] += 1
+            t, h, w = (int(v) for v in given[used[token]])
+            step = np.float32(1)
+            if token == video_token_id and video_time_steps is not None:
+                step = np.float32(video_time_steps[used[token]])
+            used[token] += 1
             gh, gw = h // merge, w // merge
             n_text = start - cursor
             parts.append(np.broadcast_to(np.arange(n_text) + next_pos, (3, n_text)))
-            grid = np.stack(np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")).reshape(3, -1)
-            parts.append(grid + next_pos + n_text)
-            next_pos = int(parts[-1].max()) + 1
+            times = (np.arange(t, dtype=np.float32) * step).astype(np.int64)
+            grid = np.stack(np.meshgrid(times, np.arange(gh), np.arange(gw), indexing="ij")).reshape(3, -1)
+            start_pos = next_pos + n_text
+            parts.append(grid + start_pos)
+            next_pos = start_pos + max(gh, gw)
             cursor = start + t * gh * gw
         n_text = len(tokens) - cursor
         parts.append(np.broadcast_to(np.arange(n_text) + next_pos, (3, n_text)))
@@ -270,14 +278,14 @@ class Model(TextGeneration, nn.Module):
         attention_mask: mx.array | None = None,
         pixel_values_videos: mx.array | None = None,
         video_grid_thw: mx.array | None = None,
+        second_per_grid_ts: mx.array | None = None,
         *,
         vision_cache: VisionFeatureCache | None = None,
     ) -> PromptEmbedding:
-        """Token embeddings with the image (and, where supported, video) features merged in, and their M-RoPE
-        positions. With a ``vision_cache``, images seen before (same pixels, grid and model) reuse their features
-        instead of running the vision tower."""
-        if (pixel_values_videos is not None or video_grid_thw is not None) and not self.supports_video:
-            raise ValueError(f"{self.config.model_type}: video inputs are not supported yet")
+        """Token embeddings with the image and video features merged in, and their M-RoPE positions
+        (``second_per_grid_ts``: Qwen2.5-VL's seconds per temporal patch of each video). With a
+        ``vision_cache``, images seen before (same pixels, grid and model) reuse their features instead of
+        running the vision tower."""
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pixel_values and image_grid_thw must be given together")
         if (pixel_values_videos is None) != (video_grid_thw is None):
@@ -288,14 +296,14 @@ class Model(TextGeneration, nn.Module):
             grid = np.asarray(image_grid_thw).astype(np.int64).reshape(-1, 3)
             features = self._image_features(pixel_values, grid, vision_cache)
             embeds = merge_features(embeds, input_ids, self.config.image_token_id, features)
-        frames = None
+        frames = steps = None
         if pixel_values_videos is not None:
             video_grid = np.asarray(video_grid_thw).astype(np.int64).reshape(-1, 3)
             # Videos bypass the vision feature cache: a clip is rarely sent twice, and its frames would crowd out
             # the images the cache is sized for.
             features = self.model.visual(pixel_values_videos, video_grid)
             embeds = merge_features(embeds, input_ids, self.config.video_token_id, features, kind="video")
-            frames = self.video_position_grids(video_grid)
+            frames, steps = self.video_position_grids(video_grid, second_per_grid_ts)
         mask = None if attention_mask is None else np.asarray(attention_mask)
         positions = multimodal_position_ids(
             np.asarray(input_ids),
@@ -306,15 +314,17 @@ class Model(TextGeneration, nn.Module):
             merge=self.config.vision.spatial_merge_size,
             video_grid_thw=frames,
             video_token_id=None if frames is None else self.config.video_token_id,
+            video_time_steps=steps,
         )
         padded = mask is not None and not bool(mask.all())
         return PromptEmbedding(embeds, mx.array(positions), attention_mask if padded else None)
 
-    supports_video = False
-
-    def video_position_grids(self, video_grid: np.ndarray) -> np.ndarray:
-        """The grid each run of video tokens in the prompt takes its positions from."""
-        return video_grid
+    def video_position_grids(
+        self, video_grid: np.ndarray, second_per_grid_ts: mx.array | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The grid each run of video tokens in the prompt takes its positions from, and the temporal position
+        step of each run (None: one per temporal patch, as in Qwen2-VL)."""
+        return video_grid, None
 
     def prompt_token_embeddings(self, input_ids: mx.array) -> mx.array:
         """The embeddings the image features replace at the image tokens (wider than the decoder in Qwen3-VL)."""
@@ -361,9 +371,16 @@ class Model(TextGeneration, nn.Module):
         position_ids: mx.array | None = None,
         pixel_values_videos: mx.array | None = None,
         video_grid_thw: mx.array | None = None,
+        second_per_grid_ts: mx.array | None = None,
     ) -> ModelOutput:
         prompt = self.embed_prompt(
-            input_ids, pixel_values, image_grid_thw, attention_mask, pixel_values_videos, video_grid_thw
+            input_ids,
+            pixel_values,
+            image_grid_thw,
+            attention_mask,
+            pixel_values_videos,
+            video_grid_thw,
+            second_per_grid_ts,
         )
         return self.prompt_logits(prompt, cache, position_ids)
 

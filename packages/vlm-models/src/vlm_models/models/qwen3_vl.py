@@ -19,13 +19,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from vlm_runtime.masks import block_diagonal_mask
-
 from ..config import from_dict, text_section
 from ..nn.decoder import DecoderConfig, no_attention_groups
 from ..nn.layers import activation
 from ..nn.rope import inverse_frequencies
-from ..nn.vision import VisionBlock
+from ..nn.vision import VisionBlock, segment_mask
 from . import qwen2_vl
 
 
@@ -140,7 +138,7 @@ class VisionTransformer(nn.Module):
         c = self.config
         x = self.patch_embed(pixel_values.astype(self.dtype)) + self.position_embeddings(grid_thw)
         cos, sin = qwen2_vl.vision_rotary(qwen2_vl.vision_position_ids(grid_thw, c.spatial_merge_size), self._inv_freq)
-        mask = block_diagonal_mask(qwen2_vl.frame_boundaries(grid_thw))
+        mask = segment_mask(qwen2_vl.frame_boundaries(grid_thw))
         deepstack = []
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask)
@@ -152,7 +150,6 @@ class VisionTransformer(nn.Module):
 class Model(qwen2_vl.Model):
     vision_config_class = VisionConfig
     vision_tower = VisionTransformer
-    supports_video = True
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> Model:
@@ -165,12 +162,14 @@ class Model(qwen2_vl.Model):
         # Qwen3: queries and keys are RMS-normed per head, and q/k/v carry no bias unless the config says so.
         return from_dict(DecoderConfig, text_section(config), qk_norm=True)
 
-    def video_position_grids(self, video_grid: np.ndarray) -> np.ndarray:
+    def video_position_grids(
+        self, video_grid: np.ndarray, second_per_grid_ts: mx.array | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Each frame is a run of its own (the prompt puts a timestamp between frames): one (1, h, w) grid per
         temporal patch."""
         frames = np.repeat(video_grid, video_grid[:, 0], axis=0)
         frames[:, 0] = 1
-        return frames
+        return frames, None
 
     @property
     def deepstack_levels(self) -> int:

@@ -3,25 +3,50 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from vlm_runtime.masks import block_diagonal_mask
 from vlm_runtime.vision_cache import VisionFeatureCache, content_key, model_identity
 
 from .rope import apply_rotary
 
 __all__ = [
+    "EqualSegments",
     "VisionAttention",
     "VisionBlock",
     "features_per_image",
     "image_groups",
     "merge_features",
+    "segment_mask",
     "vision_identity",
 ]
+
+
+@dataclass(frozen=True)
+class EqualSegments:
+    """Attention within consecutive runs of ``size`` tokens (a video's frames, all of one size): each run attends
+    as a batch row of its own, so the cost grows with the tokens rather than with their square."""
+
+    size: int
+
+
+SegmentMask = Union[mx.array, EqualSegments, None]  # noqa: UP007
+"""How a flat sequence's attention is restricted: an (n, n) boolean mask, equal segments, or not at all."""
+
+
+def segment_mask(boundaries: Sequence[int]) -> SegmentMask:
+    """Attention within the segments ``[b[i], b[i+1])``: equal segments where they all have one length (no n x n
+    mask is built), else the block-diagonal mask (None for one segment)."""
+    lengths = np.diff(np.asarray(boundaries))
+    if len(lengths) > 1 and lengths[0] > 0 and (lengths == lengths[0]).all():
+        return EqualSegments(int(lengths[0]))
+    return block_diagonal_mask(list(boundaries))
 
 
 class VisionAttention(nn.Module):
@@ -34,16 +59,23 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: mx.array | None) -> mx.array:
-        """``cos``/``sin``: (n, head_dim); ``mask``: (n, n) boolean, or None for attention over everything."""
+    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: SegmentMask) -> mx.array:
+        """``cos``/``sin``: (n, head_dim); ``mask``: (n, n) boolean, equal segments, or None for attention over
+        everything."""
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
-        # Rotate in the projection's own (n, heads, head_dim) layout, then move heads first for attention.
-        q = apply_rotary(qkv[:, 0], cos[:, None], sin[:, None]).transpose(1, 0, 2)[None]
-        k = apply_rotary(qkv[:, 1], cos[:, None], sin[:, None]).transpose(1, 0, 2)[None]
-        v = qkv[:, 2].transpose(1, 0, 2)[None]
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
-        return self.proj(out[0].transpose(1, 0, 2).reshape(n, -1))
+        # Rotate in the projection's own (n, heads, head_dim) layout, then move heads first for attention (each
+        # equal segment a batch row of its own).
+        rows, size = (n // mask.size, mask.size) if isinstance(mask, EqualSegments) else (1, n)
+
+        def heads_first(t: mx.array) -> mx.array:
+            return t.reshape(rows, size, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+        q = heads_first(apply_rotary(qkv[:, 0], cos[:, None], sin[:, None]))
+        k = heads_first(apply_rotary(qkv[:, 1], cos[:, None], sin[:, None]))
+        dense = None if isinstance(mask, EqualSegments) else mask
+        out = mx.fast.scaled_dot_product_attention(q, k, heads_first(qkv[:, 2]), scale=self.head_dim**-0.5, mask=dense)
+        return self.proj(out.transpose(0, 2, 1, 3).reshape(n, -1))
 
 
 class VisionBlock(nn.Module):
@@ -56,7 +88,7 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, num_heads)
         self.mlp = mlp
 
-    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: mx.array | None) -> mx.array:
+    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, mask: SegmentMask) -> mx.array:
         x = x + self.attn(self.norm1(x), cos, sin, mask)
         return x + self.mlp(self.norm2(x))
 

@@ -33,6 +33,7 @@ __all__ = [
     "concatenate_padded",
     "image_settings",
     "URL_TIMEOUT_S",
+    "read_url",
     "RepeatsImageTokens",
     "load_image",
     "rescale_and_normalize",
@@ -140,30 +141,34 @@ def _decode(data: bytes, name: str, budget: PixelBudget | None = None) -> Image.
     return image
 
 
-def _read_url(url: str) -> tuple[bytes, str]:
-    """The body (at most MAX_IMAGE_BYTES) and Content-Type of an http(s) URL."""
+def read_url(
+    url: str, kind: str = "image", max_bytes: int | None = None, error: type[Exception] = ImageLoadError
+) -> tuple[bytes, str]:
+    """The body (at most ``max_bytes``, MAX_IMAGE_BYTES by default) and Content-Type of an http(s) URL; failures
+    are ``error``, one line naming the URL (``kind``: what is fetched, for the messages)."""
     name = _describe(url)
-    request = urllib.request.Request(url, headers={"User-Agent": "vlm/0.1", "Accept": "image/*"})
+    max_bytes = MAX_IMAGE_BYTES if max_bytes is None else max_bytes
+    request = urllib.request.Request(url, headers={"User-Agent": "vlm/0.1", "Accept": f"{kind}/*"})
     try:
         with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as response:
             final = urllib.parse.urlsplit(response.geturl()).scheme.lower()
             if final not in ("http", "https"):  # urllib would follow a redirect to ftp://
-                raise ImageLoadError(f"image URL {name} redirected to an unsupported scheme {final!r}")
+                raise error(f"{kind} URL {name} redirected to an unsupported scheme {final!r}")
             length = response.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > MAX_IMAGE_BYTES:
-                raise ImageLoadError(f"image at {name} is too large ({length} bytes > {MAX_IMAGE_BYTES})")
-            data = response.read(MAX_IMAGE_BYTES + 1)  # bounded even when Content-Length lies or is absent
+            if length.isdigit() and int(length) > max_bytes:
+                raise error(f"{kind} at {name} is too large ({length} bytes > {max_bytes})")
+            data = response.read(max_bytes + 1)  # bounded even when Content-Length lies or is absent
             content_type = response.headers.get_content_type()
-    except ImageLoadError:
+    except error:
         raise
     except urllib.error.HTTPError as e:
-        raise ImageLoadError(f"cannot fetch image {name}: HTTP {e.code} {e.reason}") from e
+        raise error(f"cannot fetch {kind} {name}: HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
-        raise ImageLoadError(f"cannot fetch image {name}: {e.reason}") from e
+        raise error(f"cannot fetch {kind} {name}: {e.reason}") from e
     except (OSError, http.client.HTTPException, ValueError) as e:  # timeouts, resets, malformed URLs
-        raise ImageLoadError(f"cannot fetch image {name}: {type(e).__name__}: {e}") from e
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ImageLoadError(f"image at {name} is too large (> {MAX_IMAGE_BYTES} bytes)")
+        raise error(f"cannot fetch {kind} {name}: {type(e).__name__}: {e}") from e
+    if len(data) > max_bytes:
+        raise error(f"{kind} at {name} is too large (> {max_bytes} bytes)")
     return data, content_type
 
 
@@ -218,7 +223,7 @@ def load_image(source: ImageSource, budget: PixelBudget | None = None) -> Image.
         elif scheme is not None:
             if scheme.group(1).lower() not in ("http", "https"):
                 raise ImageLoadError(f"unsupported URL scheme {scheme.group(1)!r} in {_describe(source)}")
-            data, content_type = _read_url(source)
+            data, content_type = read_url(source)
             try:
                 image = _decode(data, _describe(source), budget)
             except ImageLoadError as e:

@@ -6,17 +6,13 @@ Images go through Qwen2VLImageProcessor (processors/qwen2_vl.py) with Qwen3-VL's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
-from ..video import Video, VideoSampling
-from .frames import FrameSettings, ProcessedVideos, resize_frames
-from .image import image_settings
-from .qwen2_vl import MAX_ASPECT_RATIO, fit_pixel_budget, patchify
+from ..video import VideoSampling
+from .frames import ProcessedVideos
+from .qwen2_vl import MAX_ASPECT_RATIO, Qwen2VLVideoProcessor, fit_pixel_budget
 
 __all__ = ["Qwen3VLVideoProcessor", "video_smart_resize"]
 
@@ -44,67 +40,20 @@ def video_smart_resize(
 
 
 @dataclass
-class Qwen3VLVideoProcessor(FrameSettings):
-    """Videos -> ``pixel_values_videos`` (patches, C*T*P*P) float32 and ``video_grid_thw`` (videos, 3) int64."""
+class Qwen3VLVideoProcessor(Qwen2VLVideoProcessor):
+    """Videos -> ``pixel_values_videos`` (patches, C*T*P*P) float32 and ``video_grid_thw`` (videos, 3) int64.
+    Qwen2-VL's settings and switches, with Qwen3-VL's defaults, frame sampling, clip-wide pixel budget and
+    timestamped prompt."""
 
     patch_size: int = 16
-    temporal_patch_size: int = 2
-    merge_size: int = 2
     min_pixels: int = 128 * 32 * 32
     max_pixels: int = 32 * 32 * 768
-    resample: int = int(Image.Resampling.BICUBIC)
+    """For the whole clip (frames x area), unlike Qwen2-VL's per-frame budget."""
+    image_mean: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
+    image_std: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
     do_sample_frames: bool = True
     sampling: VideoSampling = field(default=VideoSampling(fps=2.0))
-    min_frames: int = 4
-    max_frames: int = 768
-    cap_pixels_per_frame: bool = False
-    """qwen-vl-utils' per-frame budget (transformers' ``cap_pixels_per_frame``; off there by default)."""
     max_video_tokens: int = 768
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> Qwen3VLVideoProcessor:
-        """From a video_preprocessor_config.json dict (or, as transformers falls back to it, the image one).
-        ``size`` gives the clip's pixel budget; top-level ``min_pixels`` / ``max_pixels``, which transformers'
-        Qwen3-VL video processor does not read but mlx-vlm's conversions write for it, take its place."""
-        kwargs: dict[str, Any] = image_settings(
-            cfg,
-            int_keys=(
-                "patch_size",
-                "temporal_patch_size",
-                "merge_size",
-                "min_frames",
-                "max_frames",
-                "max_video_tokens",
-            ),
-            bool_keys=("do_sample_frames", "cap_pixels_per_frame"),
-        )
-        size = cfg.get("size")
-        if isinstance(size, dict):
-            if not size.get("shortest_edge") or not size.get("longest_edge"):
-                raise ValueError(f"video processor config size={size!r} needs shortest_edge and longest_edge")
-            kwargs.update(min_pixels=int(size["shortest_edge"]), max_pixels=int(size["longest_edge"]))
-        for key in ("min_pixels", "max_pixels"):  # as mlx-vlm's conversions write the budget (Qwen2-VL's names)
-            if cfg.get(key) is not None:
-                kwargs[key] = int(cfg[key])
-        fps, num_frames = cfg.get("fps", 2.0), cfg.get("num_frames")
-        kwargs["sampling"] = VideoSampling(
-            fps=None if fps is None else float(fps), num_frames=None if num_frames is None else int(num_frames)
-        )
-        return cls(**kwargs)
-
-    def with_sampling(self, sampling: VideoSampling | None) -> Qwen3VLVideoProcessor:
-        """This processor with the settings of ``sampling`` that are set taking the place of its own."""
-        if sampling is None:
-            return self
-        num_frames = sampling.num_frames
-        fps = None if num_frames is not None else (sampling.fps if sampling.fps is not None else self.sampling.fps)
-        if num_frames is None and fps is None:
-            num_frames = self.sampling.num_frames
-        return replace(
-            self,
-            sampling=VideoSampling(fps=fps, num_frames=num_frames),
-            max_frames=self.max_frames if sampling.max_frames is None else sampling.max_frames,
-        )
 
     def frame_indices(self, total_frames: int, video_fps: float) -> np.ndarray:
         """The source frames taken: evenly spread, ``fps`` per second (at least ``min_frames``, at most
@@ -119,10 +68,6 @@ class Qwen3VLVideoProcessor(FrameSettings):
             count = min(max(total_frames, self.min_frames), self.max_frames)
         return np.linspace(0, total_frames - 1, count).round().astype(int)
 
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
-
     def frame_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
         max_pixels = self.max_pixels
         if self.cap_pixels_per_frame:
@@ -134,19 +79,6 @@ class Qwen3VLVideoProcessor(FrameSettings):
             num_frames, height, width, self.temporal_patch_size, self.factor, self.min_pixels, max_pixels
         )
 
-    def __call__(self, videos: Sequence[Video]) -> ProcessedVideos:
-        if not videos:
-            raise ValueError("no videos given")
-        patches, grids, timestamps = [], [], []
-        for video in videos:
-            indices = self.frame_indices(video.total_frames, video.fps)
-            flat, grid = self._process_one(video.take(indices))
-            patches.append(flat)
-            grids.append(grid)
-            timestamps.append(self.timestamps(indices, video.fps))
-        arrays = {"pixel_values_videos": np.concatenate(patches), "video_grid_thw": np.asarray(grids, dtype=np.int64)}
-        return ProcessedVideos(arrays, timestamps, [v.total_frames / v.fps for v in videos])
-
     def timestamps(self, indices: np.ndarray, video_fps: float) -> list[float]:
         """Seconds at each temporal patch: the mean time of its first and last frame (the last frame repeats to
         fill the final patch)."""
@@ -154,12 +86,6 @@ class Qwen3VLVideoProcessor(FrameSettings):
         padded = [*indices.tolist(), *[int(indices[-1])] * (-len(indices) % t)]
         times = [i / video_fps for i in padded]
         return [(times[i] + times[i + t - 1]) / 2 for i in range(0, len(times), t)]
-
-    def _process_one(self, frames: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
-        if self.do_resize:
-            frames = resize_frames(frames, self.frame_size(*frames.shape[:3]), self.resample)
-        pixels = self.normalize(frames)
-        return patchify(pixels.transpose(0, 3, 1, 2), self.patch_size, self.merge_size, self.temporal_patch_size)
 
     vision_start: str = "<|vision_start|>"
     vision_end: str = "<|vision_end|>"
