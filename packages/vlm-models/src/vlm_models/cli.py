@@ -101,6 +101,13 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thinking-start-token", default="<think>")
     parser.add_argument("--thinking-end-token", default="</think>")
     parser.add_argument(
+        "--draft-model",
+        default=None,
+        help="speculative decoding: a smaller model sharing the target's tokenizer (folder or repo id)",
+    )
+    parser.add_argument("--draft-kind", default=None, choices=["draft", "eagle3", "dflash", "mtp"])
+    parser.add_argument("--num-draft-tokens", type=int, default=4, help="most tokens drafted per round")
+    parser.add_argument(
         "--prompt-cache-file",
         default=None,
         help="reuse the prompt cache saved in this file where it holds a prefix of the prompt; save it afterwards",
@@ -172,7 +179,12 @@ def _generation_settings(args: argparse.Namespace) -> Any:
             presence_penalty=args.presence_penalty,
             frequency_penalty=args.frequency_penalty,
         ),
-        config=GenerationConfig(max_tokens=args.max_tokens, prefill_step_size=args.prefill_step_size, stop=args.stop),
+        config=GenerationConfig(
+            max_tokens=args.max_tokens,
+            prefill_step_size=args.prefill_step_size,
+            stop=args.stop,
+            num_draft_tokens=args.num_draft_tokens,
+        ),
         thinking=ThinkingConfig(args.thinking_budget, args.thinking_start_token, args.thinking_end_token),
         cache=_cache_settings(args),
     )
@@ -184,6 +196,11 @@ def _generate(args: argparse.Namespace) -> None:
     from vlm_runtime import PromptCache, stream_generate
 
     model, processor, prompt = _load_and_format(args)
+    drafter = None
+    if args.draft_model is not None:
+        from .drafting import load_drafter
+
+        drafter, _ = load_drafter(args.draft_model, target_processor=processor, kind=args.draft_kind)
     if args.verbose:
         print(f"prompt:\n{prompt}", file=sys.stderr)
     cache_file = Path(args.prompt_cache_file) if args.prompt_cache_file else None
@@ -199,6 +216,7 @@ def _generate(args: argparse.Namespace) -> None:
         image=args.image,
         **_media_inputs(args),
         prompt_cache=prompt_cache,
+        draft_model=drafter,
         settings=_generation_settings(args),
     ):
         if last.reasoning:
@@ -216,10 +234,14 @@ def _generate(args: argparse.Namespace) -> None:
     if cache_file is not None:
         prompt_cache.save(cache_file)
     cached = f" ({last.cached_tokens} from the prompt cache)" if last.cached_tokens else ""
+    drafted = ""
+    if drafter is not None:
+        rate = last.accepted_draft_tokens / last.draft_tokens if last.draft_tokens else 0.0
+        drafted = f" | drafted: {last.draft_tokens}, accepted: {last.accepted_draft_tokens} ({rate:.0%})"
     print(
         f"prompt: {last.prompt_tokens} tokens{cached}, {last.prompt_tps:.1f} tok/s | "
         f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
-        f"peak memory: {last.peak_memory:.3f} GB | finish: {last.finish_reason}",
+        f"peak memory: {last.peak_memory:.3f} GB | finish: {last.finish_reason}{drafted}",
         file=sys.stderr,
     )
 

@@ -19,7 +19,8 @@ import mlx.core as mx
 from .batch_cache import batch_cache_like, can_batch, merge_caches
 from .cache import Cache
 from .cache_settings import CacheSettings, make_layer_caches
-from .generate import media_list, prefill
+from .generate import media_list
+from .prefill import prefill
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
 from .request import GenerationResult, Request, RequestState
 from .settings import GenerationSettings, generation_settings

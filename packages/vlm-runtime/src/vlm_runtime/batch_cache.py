@@ -260,6 +260,9 @@ class BatchRotatingKVCache(BatchKVCache):
     def is_trimmable(self) -> bool:
         return False
 
+    def can_trim_after(self, n_new: int) -> bool:
+        return False
+
     def trim(self, n: int) -> int:
         return 0
 

@@ -75,6 +75,11 @@ class Cache(Protocol):
         """Drop the last ``n`` tokens where possible; returns how many were dropped."""
         ...
 
+    def can_trim_after(self, n_new: int) -> bool:
+        """Whether, after ``n_new`` more tokens, those could still be dropped again (speculative decoding feeds
+        proposals it may have to take back)."""
+        ...
+
     @property
     def nbytes(self) -> int: ...
 
@@ -149,6 +154,9 @@ class _AppendOnly:
         dropped = min(max(n, 0), self.offset)
         self.offset -= dropped
         return dropped
+
+    def can_trim_after(self, n_new: int) -> bool:
+        return True
 
     @property
     def nbytes(self) -> int:
@@ -374,6 +382,9 @@ class RotatingKVCache(_StoresFloat):
             cache._keep_linear(*state)
         cache.offset = offset
         return cache
+
+    def can_trim_after(self, n_new: int) -> bool:
+        return self.offset + n_new <= self.max_size  # nothing has left the window yet
 
     def is_trimmable(self) -> bool:
         return self.offset <= self.max_size
@@ -663,6 +674,9 @@ class ArraysCache:
         return cache
 
     def is_trimmable(self) -> bool:
+        return False
+
+    def can_trim_after(self, n_new: int) -> bool:
         return False
 
     def trim(self, n: int) -> int:

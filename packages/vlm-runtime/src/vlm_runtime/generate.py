@@ -13,16 +13,17 @@ from dataclasses import replace
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
 from .cache import Cache
 from .cache_settings import CacheSettings, make_layer_caches
 from .compiled_decode import CompiledDecode, compiled_decode
+from .prefill import drop_prefix, prefill
 from .prompt_cache import PromptCache, media_key
-from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
+from .protocols import GenerativeModel, PromptProcessor
 from .request import GenerationConfig, GenerationResult, Request, RequestState
 from .sampling import LogitsProcessor, Sampler, process_and_sample
 from .settings import GenerationSettings, generation_settings
+from .speculative import Drafter, DraftSchedule, ModelDrafter, SpeculativeStats, refuse_untrimmable, speculative_step
 
 __all__ = [
     "GenerationConfig",
@@ -36,67 +37,6 @@ __all__ = [
     "run_generation",
     "stream_generate",
 ]
-
-
-def _slice_positions(position_ids: mx.array | None, start: int, stop: int) -> mx.array | None:
-    return None if position_ids is None else position_ids[..., start:stop]
-
-
-def prefill(model: GenerativeModel, prompt: PromptEmbedding, cache: list[Cache], step_size: int) -> mx.array:
-    """Run the prompt through the decoder in chunks of ``step_size`` tokens; return the last position's logits.
-
-    Chunking bounds the attention scores' memory on long prompts; evaluating each chunk before building the
-    next keeps the graph small.
-    """
-    embeds, positions, groups = prompt.inputs_embeds, prompt.position_ids, prompt.attention_groups
-    length = embeds.shape[1]
-    start = 0
-    while length - start > step_size:
-        stop = _chunk_end(groups, start + step_size)
-        if stop >= length:
-            break
-        model.hidden_states(
-            embeds[:, start:stop],
-            cache=cache,
-            position_ids=_slice_positions(positions, start, stop),
-            attention_mask=None if prompt.attention_mask is None else prompt.attention_mask[:, :stop],
-            attention_groups=_slice_positions(groups, start, stop),
-        )
-        mx.eval([c.state for c in cache])
-        start = stop
-    hidden = model.hidden_states(
-        embeds[:, start:],
-        cache=cache,
-        position_ids=_slice_positions(positions, start, length),
-        attention_mask=prompt.attention_mask,
-        attention_groups=_slice_positions(groups, start, length),
-    )
-    return model.compute_logits(hidden[:, -1, :])
-
-
-def _chunk_end(groups: mx.array | None, stop: int) -> int:
-    """Move a chunk boundary past any bidirectional group it would split: the group's early tokens must see
-    its later ones, so a group is prefilled in one piece."""
-    if groups is None:
-        return stop
-    row = np.asarray(groups)
-    while stop < row.shape[1] and ((row[:, stop] >= 0) & (row[:, stop] == row[:, stop - 1])).any():
-        stop += 1
-    return stop
-
-
-def drop_prefix(prompt: PromptEmbedding, n: int) -> PromptEmbedding:
-    """The prompt without its first ``n`` tokens (those a prompt cache already holds)."""
-    if n == 0:
-        return prompt
-    mask = prompt.attention_mask
-    length = prompt.inputs_embeds.shape[1]
-    return PromptEmbedding(
-        prompt.inputs_embeds[:, n:],
-        _slice_positions(prompt.position_ids, n, length),
-        mask,
-        None if prompt.attention_groups is None else prompt.attention_groups[:, n:length],
-    )
 
 
 def _decode_logits(model: GenerativeModel, tokens: mx.array, cache: list[Cache]) -> mx.array:
@@ -218,6 +158,7 @@ def stream_generate(
     audios: Any = None,
     prompt_cache: PromptCache | None = None,
     vision_cache: Any = None,
+    draft_model: Any = None,
     settings: GenerationSettings | None = None,
     **options: Any,
 ) -> Iterator[GenerationResult]:
@@ -230,7 +171,10 @@ def stream_generate(
     this prompt and is left holding this conversation afterwards; ``vision_cache`` (a ``VisionFeatureCache``)
     skips the vision tower for images seen before. How to generate is ``settings`` (a ``GenerationSettings``),
     with any keyword ``options`` applied on top (``vlm_runtime.settings.generation_settings`` lists them:
-    sampling, length and stopping, logprobs, the thinking budget, the KV cache).
+    sampling, length and stopping, logprobs, the thinking budget, the KV cache). ``draft_model`` (a
+    ``speculative.Drafter``, or a smaller model sharing the target's tokenizer) turns on speculative decoding:
+    the same tokens (greedy) or the same distribution (sampling), faster where the drafter agrees with the
+    target; ``num_draft_tokens`` bounds each draft.
     """
     settings = generation_settings(settings, **options)
     inputs = processor.prepare_inputs(
@@ -243,7 +187,15 @@ def stream_generate(
         settings.cache,
         prompt_cache=prompt_cache,
         vision_cache=vision_cache,
+        drafter=as_drafter(draft_model),
     )
+
+
+def as_drafter(draft: Any) -> Drafter | None:
+    """A ``Drafter`` as is; a model (anything with ``make_cache``) as the ``draft`` kind; None as None."""
+    if draft is None or callable(getattr(draft, "propose", None)):
+        return draft
+    return ModelDrafter(draft)
 
 
 def run_generation(
@@ -254,8 +206,10 @@ def run_generation(
     *,
     prompt_cache: PromptCache | None = None,
     vision_cache: Any = None,
+    drafter: Drafter | None = None,
 ) -> Iterator[GenerationResult]:
-    """``stream_generate`` for a prepared ``Request``, its KV cache stored as ``cache_settings`` say."""
+    """``stream_generate`` for a prepared ``Request``, its KV cache stored as ``cache_settings`` say; with a
+    ``drafter``, decoded speculatively."""
     inputs, config = request.inputs, request.config
     prompt_list = request.prompt_ids
     if prompt_cache is None:
@@ -266,17 +220,21 @@ def run_generation(
     mx.reset_peak_memory()
     state = RequestState.start(request, processor, cached_tokens=reused)
     fed: list[int] = []
-    steps = generate_step(
-        model,
-        inputs,
-        sampler=state.sampler,
-        config=config,
-        cache=cache,
-        logits_processors=state.processors,
-        override=state.budget,
-        vision_cache=vision_cache,
-        cached_prefix=reused,
-    )
+    if drafter is None:
+        steps = generate_step(
+            model,
+            inputs,
+            sampler=state.sampler,
+            config=config,
+            cache=cache,
+            logits_processors=state.processors,
+            override=state.budget,
+            vision_cache=vision_cache,
+            cached_prefix=reused,
+        )
+    else:
+        state.draft_stats = SpeculativeStats()
+        steps = _speculative(model, drafter, request, state, cache, vision_cache, reused)
     try:
         for token, logprobs in steps:
             fed.append(token)
@@ -289,6 +247,40 @@ def run_generation(
         steps.close()
         if prompt_cache is not None:
             prompt_cache.record(cache, prompt_list + fed, media)
+
+
+def _speculative(
+    model: GenerativeModel,
+    drafter: Drafter,
+    request: Request,
+    state: RequestState,
+    cache: list[Cache],
+    vision_cache: Any,
+    cached_prefix: int,
+) -> Iterator[tuple[int, mx.array]]:
+    """Prefill, choose the first token as plain decoding does, then decode speculatively."""
+    inputs, config = request.inputs, request.config
+    if config.max_tokens == 0:
+        return
+    refuse_untrimmable(cache)
+    prompt = drop_prefix(model.embed_prompt(vision_cache=vision_cache, **inputs), cached_prefix)
+    logits = prefill(model, prompt, cache, config.prefill_step_size)
+    history = inputs["input_ids"].astype(mx.int32)
+    first = process_and_sample(logits, state.processors, history, 0, state.sampler)
+    yield from speculative_step(
+        model,
+        drafter,
+        inputs,
+        first,
+        cache=cache,
+        config=config,
+        sampling=request.sampling,
+        sampler=state.sampler,
+        logits_processors=state.processors,
+        override=state.budget,
+        schedule=DraftSchedule(most=config.num_draft_tokens),
+        stats=state.draft_stats,
+    )
 
 
 def generate(

@@ -48,6 +48,8 @@ class GenerationConfig:
     """Report each token's log-probability (under the distribution after penalties, before temperature)."""
     top_logprobs: int = 0
     """Also report this many most likely alternatives per token (0 to 20; implies logprobs)."""
+    num_draft_tokens: int = 4
+    """With a drafter: the most tokens it proposes per round (``DraftSchedule`` adapts below that)."""
     compile_decode: bool | None = None
     """Decode through a compiled step over fixed-size caches where every layer's cache allows it (the same
     tokens, less host work per token); False builds each step's graph anew. None: where it was measured to be
@@ -60,6 +62,8 @@ class GenerationConfig:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.prefill_step_size < 1:
             raise ValueError(f"prefill_step_size must be >= 1, got {self.prefill_step_size}")
+        if self.num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
         if isinstance(self.stop, str):
@@ -127,6 +131,10 @@ class GenerationResult:
     """The stop string that ended the request, when one did."""
     error: str | None = None
     """Why the request failed, on its last event when finish_reason is "error"."""
+    draft_tokens: int = 0
+    """With speculative decoding: tokens the drafter proposed so far."""
+    accepted_draft_tokens: int = 0
+    """Of those, the ones the target kept (their share is the acceptance rate)."""
 
     @classmethod
     def ended(
@@ -167,6 +175,8 @@ class RequestState:
     last_token: int | None = None
     """The last emitted token: what the model is fed at the next step."""
     finish: FinishReason | None = None
+    draft_stats: Any = None
+    """A ``speculative.SpeculativeStats`` while a drafter proposes tokens for this request."""
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     prompt_tps: float = 0.0
@@ -262,6 +272,8 @@ class RequestState:
             cached_tokens=self.cached_tokens,
             uid=self.uid,
             stop_string=self.text.matched_stop if finish == "stop" else None,
+            draft_tokens=self.draft_stats.drafted if self.draft_stats is not None else 0,
+            accepted_draft_tokens=self.draft_stats.accepted if self.draft_stats is not None else 0,
         )
 
     def _read_logprobs(self, logprobs: mx.array, token: int) -> tuple[float, tuple[tuple[int, float], ...]]:

@@ -29,6 +29,7 @@ __all__ = [
     "apply_top_k",
     "apply_top_p",
     "greedy",
+    "make_distribution",
     "make_logits_processors",
     "make_sampler",
     "process_and_sample",
@@ -254,6 +255,17 @@ def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
     return processors
 
 
+def _filters(params: SamplingParams) -> list[Callable[[mx.array], mx.array]]:
+    filters: list[Callable[[mx.array], mx.array]] = []
+    if params.top_k > 0:
+        filters.append(lambda lp: apply_top_k(lp, params.top_k))
+    if params.top_p < 1.0:
+        filters.append(lambda lp: apply_top_p(lp, params.top_p))
+    if params.min_p > 0.0:
+        filters.append(lambda lp: apply_min_p(lp, params.min_p))
+    return filters
+
+
 def make_sampler(params: SamplingParams) -> Sampler:
     """A function (batch, vocab) logprobs -> (batch,) token ids.
 
@@ -263,14 +275,7 @@ def make_sampler(params: SamplingParams) -> Sampler:
     if params.temperature == 0.0:
         return greedy
 
-    filters: list[Callable[[mx.array], mx.array]] = []
-    if params.top_k > 0:
-        filters.append(lambda lp: apply_top_k(lp, params.top_k))
-    if params.top_p < 1.0:
-        filters.append(lambda lp: apply_top_p(lp, params.top_p))
-    if params.min_p > 0.0:
-        filters.append(lambda lp: apply_min_p(lp, params.min_p))
-
+    filters = _filters(params)
     key = [mx.random.key(params.seed)] if params.seed is not None else None
     inv_temp = 1.0 / params.temperature
 
@@ -283,6 +288,25 @@ def make_sampler(params: SamplingParams) -> Sampler:
         return mx.random.categorical(logprobs * inv_temp, axis=-1, key=draw_key)
 
     return sample
+
+
+def make_distribution(params: SamplingParams) -> Callable[[mx.array], mx.array]:
+    """A function (batch, vocab) logprobs -> (batch, vocab) float32 probabilities: exactly the distribution
+    ``make_sampler(params)`` draws from (one-hot on the argmax at temperature 0). Speculative decoding's
+    rejection step needs it explicitly."""
+    if params.temperature == 0.0:
+        return lambda logprobs: (
+            mx.arange(logprobs.shape[-1])[None] == mx.argmax(logprobs, axis=-1, keepdims=True)
+        ).astype(mx.float32)
+    filters = _filters(params)
+    inv_temp = 1.0 / params.temperature
+
+    def distribution(logprobs: mx.array) -> mx.array:
+        for f in filters:
+            logprobs = f(logprobs)
+        return mx.softmax(logprobs.astype(mx.float32) * inv_temp, axis=-1)
+
+    return distribution
 
 
 def process_and_sample(

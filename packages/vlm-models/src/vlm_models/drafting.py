@@ -1,0 +1,64 @@
+"""Loading speculative-decoding drafters: the model behind ``--draft-model``, and which kind it is.
+
+Kinds, told apart by the checkpoint's config.json:
+  * ``draft``: any model vlm loads that shares the target's tokenizer (a smaller sibling). Supported.
+  * ``eagle3`` (the speculators layout: ``speculators_model_type`` "eagle3"), ``dflash`` (z-lab's block
+    drafters), ``mtp`` (multi-token-prediction heads such as Gemma 4's assistant): recognised, and refused with
+    one line until they are built.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from vlm_runtime.speculative import Drafter, ModelDrafter
+
+from .loading import ModelLoadError, load, load_config, resolve_model_path
+
+__all__ = ["DRAFT_KINDS", "DrafterError", "drafter_kind", "load_drafter"]
+
+DRAFT_KINDS = ("draft", "eagle3", "dflash", "mtp")
+SUPPORTED_KINDS = ("draft",)
+
+
+class DrafterError(ValueError):
+    """A drafter that cannot serve this target; the message says why, in one line."""
+
+
+def drafter_kind(config: dict[str, Any]) -> str:
+    """The drafter kind a checkpoint's config.json describes."""
+    declared = str(config.get("speculators_model_type") or "").lower()
+    names = " ".join([str(config.get("model_type") or ""), *map(str, config.get("architectures") or [])]).lower()
+    for kind in ("eagle3", "dflash"):
+        if kind in declared or kind in names:
+            return kind
+    if "assistant" in names or "mtp" in declared:
+        return "mtp"
+    return "draft"
+
+
+def load_drafter(
+    path_or_repo: str | os.PathLike[str], *, target_processor: Any = None, kind: str | None = None
+) -> tuple[Drafter, str]:
+    """The drafter at ``path_or_repo`` and its kind. With ``target_processor``, a ``draft`` model must share
+    the target's vocabulary (its proposals are token ids the target reads)."""
+    if kind is not None and kind not in DRAFT_KINDS:
+        raise DrafterError(f"unknown draft kind {kind!r} (choose from {', '.join(DRAFT_KINDS)})")
+    path = resolve_model_path(path_or_repo)
+    found = drafter_kind(load_config(path))
+    if kind is not None and kind != found:
+        raise DrafterError(f"{path_or_repo} is a {found!r} drafter, not {kind!r}")
+    if found not in SUPPORTED_KINDS:
+        raise DrafterError(f"{found} drafters are not supported yet; a smaller model of the target's tokenizer is")
+    try:
+        model, processor = load(path)
+    except ModelLoadError as exc:
+        raise DrafterError(f"cannot load the draft model: {exc}") from None
+    if target_processor is not None and _vocabulary(processor) != _vocabulary(target_processor):
+        raise DrafterError(f"the draft model {path_or_repo} has another tokenizer than the target's")
+    return ModelDrafter(model), found
+
+
+def _vocabulary(processor: Any) -> dict[str, int]:
+    return dict(processor.tokenizer.get_vocab())

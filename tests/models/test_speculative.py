@@ -1,0 +1,94 @@
+"""Speculative decoding on real architectures: image prompts, a drafter of another family that shares the
+target's tokenizer, the shipped demo model as its own drafter, 256 greedy tokens equal to plain decoding in
+float32; loading drafters by kind, and the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlm_models import apply_chat_template, load
+from vlm_models.cli import main
+from vlm_models.demo import demo_model_path
+from vlm_models.drafting import DrafterError, drafter_kind, load_drafter
+from vlm_runtime import stream_generate
+
+from .conftest import FIXTURES
+
+TARGET = FIXTURES / "qwen2_vl" / "hf4"
+SIBLING = FIXTURES / "qwen2_5_vl" / "hf4"  # another family, the same tokenizer
+IMAGE = FIXTURES / "images" / "rgb_112x168.png"
+
+
+def greedy(model, processor, prompt: str, images, draft=None, n: int = 256) -> list:
+    return list(
+        stream_generate(
+            model, processor, prompt, image=images, max_tokens=n, ignore_eos=True, draft_model=draft, num_draft_tokens=5
+        )
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter_path", [TARGET, SIBLING], ids=["itself", "qwen2.5-vl"])
+def test_256_greedy_tokens_with_an_image_equal_plain_decoding(drafter_path: Path) -> None:
+    model, processor = load(TARGET)
+    drafter, kind = load_drafter(drafter_path, target_processor=processor)
+    assert kind == "draft"
+    prompt = apply_chat_template(processor, None, "Describe this image.", num_images=1)
+    plain = greedy(model, processor, prompt, [IMAGE])
+    fast = greedy(model, processor, prompt, [IMAGE], drafter)
+    assert [r.token for r in fast] == [r.token for r in plain]
+    assert fast[-1].draft_tokens > 0
+    if drafter_path == TARGET:
+        assert fast[-1].accepted_draft_tokens == fast[-1].draft_tokens
+
+
+@pytest.mark.slow
+def test_the_demo_model_verified_in_blocks_decodes_as_it_does_token_by_token() -> None:
+    model, processor = load(demo_model_path())
+    drafter, _ = load_drafter(demo_model_path(), target_processor=processor)
+    image = Path(__file__).resolve().parents[2] / "examples" / "shapes.png"
+    prompt = apply_chat_template(processor, None, "What shapes are in this image?", num_images=1)
+    plain = greedy(model, processor, prompt, [image])
+    fast = greedy(model, processor, prompt, [image], drafter)
+    assert [r.token for r in fast] == [r.token for r in plain]
+    assert fast[-1].accepted_draft_tokens == fast[-1].draft_tokens > 100
+
+
+@pytest.mark.parametrize(
+    "config, kind",
+    [
+        ({"model_type": "qwen2_vl"}, "draft"),
+        ({"speculators_model_type": "eagle3", "architectures": ["Eagle3Speculator"]}, "eagle3"),
+        ({"model_type": "dflash", "architectures": ["DFlashDraftModel"]}, "dflash"),
+        ({"model_type": "gemma4_assistant"}, "mtp"),
+    ],
+)
+def test_the_kind_is_read_from_the_config(config: dict, kind: str) -> None:
+    assert drafter_kind(config) == kind
+
+
+def test_unbuilt_kinds_and_other_tokenizers_are_refused_with_one_line(tmp_path: Path) -> None:
+    eagle = tmp_path / "eagle"
+    eagle.mkdir()
+    (eagle / "config.json").write_text(json.dumps({"model_type": "llama", "speculators_model_type": "eagle3"}))
+    with pytest.raises(DrafterError, match="eagle3 drafters are not supported yet"):
+        load_drafter(eagle)
+    with pytest.raises(DrafterError, match="not 'eagle3'"):
+        load_drafter(TARGET, kind="eagle3")
+    _, processor = load(TARGET)
+    with pytest.raises(DrafterError, match="another tokenizer"):
+        load_drafter(FIXTURES / "llava" / "hf4", target_processor=processor)
+
+
+def test_the_command_line_drafts_and_reports_acceptance(capsys) -> None:
+    args = ["generate", "--model", str(TARGET), "--image", str(IMAGE), "--max-tokens", "24"]
+    assert main([*args, "--draft-model", str(TARGET), "--num-draft-tokens", "3"]) == 0
+    drafted = capsys.readouterr()
+    assert "drafted:" in drafted.err and "accepted:" in drafted.err
+    assert main(args) == 0
+    assert capsys.readouterr().out == drafted.out  # the same answer as without the drafter
+    assert main([*args, "--draft-model", str(FIXTURES / "llava" / "hf4")]) == 2
+    assert "another tokenizer" in capsys.readouterr().err
