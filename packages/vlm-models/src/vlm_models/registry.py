@@ -87,6 +87,17 @@ _SMOLVLM_VIDEO_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
 )
 
+# Qwen2.5-Omni as published (the thinker beside the talker), or its thinker saved alone.
+_QWEN2_5_OMNI = Architecture(
+    "qwen2_5_omni",
+    "qwen2_vl:Qwen2VLImageProcessor",
+    image_token="<|IMAGE|>",
+    video_processor="qwen2_5_omni:Qwen2_5OmniVideoProcessor",
+    video_token="<|VIDEO|>",
+    audio_processor="qwen2_audio:Qwen2AudioFeatureExtractor",
+    audio_token="<|AUDIO|>",
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_vl": Architecture(
         "qwen2_vl",
@@ -133,6 +144,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         audio_processor="qwen2_audio:Qwen2AudioFeatureExtractor",
         audio_token="<|AUDIO|>",
     ),
+    "qwen2_5_omni": _QWEN2_5_OMNI,
+    "qwen2_5_omni_thinker": _QWEN2_5_OMNI,
     "llava": Architecture("llava", "clip:CLIPImageProcessor", image_token="<image>"),
     "llava_next": Architecture("llava_next", "clip:LlavaNextImageProcessor", image_token="<image>"),
     "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),

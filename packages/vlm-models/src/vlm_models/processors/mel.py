@@ -110,8 +110,8 @@ class WhisperFeatureExtractor:
         kwargs = {k: v for k, v in cfg.items() if k in names and v is not None}
         if cfg.get("dither"):
             raise ValueError("dither > 0 adds random noise to the audio; vlm's feature extractor does not (set 0)")
-        if cfg.get("do_normalize"):
-            raise ValueError("do_normalize (per-clip zero mean, unit variance) is not supported")
+        # No do_normalize check: transformers' extractor reads it only as a call argument, never from the config
+        # (Qwen2.5-Omni's one preprocessor_config.json holds the image processor's do_normalize beside it).
         return cls(**kwargs)
 
     def log_mel(self, waveform: np.ndarray) -> np.ndarray:
