@@ -33,6 +33,7 @@ FAMILIES = [
     "qwen3_5",
     "qwen3_5_moe",
     "qwen2_audio",
+    "qwen2_5_omni",
 ]
 LAYOUTS = ["hf4", "hf5", "mlx_community"]
 FAMILY_LAYOUTS = {
@@ -63,6 +64,8 @@ FAMILY_LAYOUTS = {
     "qwen3_5_moe": ["hf5", "mlx_community"],
     # mlx-vlm 0.7.10 has no qwen2_audio: its MLX-community layout is what our converter writes (test_convert.py).
     "qwen2_audio": ["hf4", "hf5"],
+    # The published layout: the thinker's weights under thinker.*, beside talker.* / token2wav.* (dropped).
+    "qwen2_5_omni": ["hub"],
 }
 IMAGE_FAMILIES = [f for f in FAMILIES if f != "qwen2_audio"]
 """The families that take images (Qwen2-Audio only hears): what tests of image-only features run on."""
@@ -175,6 +178,9 @@ class Reference:
             "input_features",
             "input_features_mask",
             "feature_attention_mask",
+            "pixel_values_videos",
+            "video_grid_thw",
+            "video_second_per_grid",
         )
         return {n: self.get(case, n) for n in names if self.get(case, n) is not None}
 

@@ -44,6 +44,7 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--audio", action="append", default=[], help="audio file or http(s) URL (wav, flac, mp3, m4a, ...; repeatable)"
     )
+    parser.add_argument("--video-audio", action="store_true", help="hear each video's sound track too (Qwen2.5-Omni)")
     parser.add_argument("--video-fps", type=float, default=None, help="frames taken per second of video")
     parser.add_argument("--video-num-frames", type=int, default=None, help="take exactly this many frames")
     parser.add_argument("--video-max-frames", type=int, default=None, help="take at most this many frames")
@@ -122,6 +123,8 @@ def _load_and_format(args: argparse.Namespace) -> tuple[Any, Any, str]:
         from .demo import demo_model_path
 
         args.model = str(demo_model_path())
+    if args.video_audio and not args.video:
+        raise CommandError("--video-audio hears the sound track of a --video; no --video was given")
     model, processor = load(args.model, adapter_path=args.adapter_path, trust_remote_code=args.trust_remote_code)
     if args.video and not processor.supports_video:
         raise CommandError(f"{args.model}: this model does not take video input (--video)")
@@ -153,6 +156,7 @@ def _media_inputs(args: argparse.Namespace) -> dict[str, Any]:
         num_frames=args.video_num_frames,
         max_frames=args.video_max_frames,
         source_fps=args.video_source_fps,
+        with_audio=args.video_audio,
     )
     return {"videos": args.video, "video_sampling": sampling, **audio}
 

@@ -16,8 +16,9 @@ import mlx.core as mx
 import numpy as np
 
 from .audio import AudioSource, load_audio
+from .processors.frames import ProcessedVideos
 from .processors.image import load_image
-from .video import VideoSampling, VideoSource, read_video
+from .video import Video, VideoLoadError, VideoSampling, VideoSource, read_video
 
 __all__ = ["Processor", "load_chat_template"]
 
@@ -96,6 +97,8 @@ class Processor:
             pictures = [load_image(i) for i in images]
             outputs.update(self.image_processor(pictures))
             prompt = self.image_processor.expand_prompt(prompt, self.image_token, outputs)
+        if videos and video_sampling is not None and video_sampling.with_audio:
+            return self._add_heard_videos(prompt, videos, video_sampling, audios, outputs), outputs
         if videos:
             prompt = self._add_videos(prompt, videos, video_sampling, outputs)
         if audios or (self.audio_token and self.audio_token in prompt):
@@ -116,6 +119,13 @@ class Processor:
     def _add_videos(
         self, prompt: str, videos: Sequence[VideoSource], sampling: VideoSampling | None, outputs: dict[str, np.ndarray]
     ) -> str:
+        video_processor, processed = self._process_videos(prompt, videos, sampling, outputs)
+        return video_processor.expand_prompt(prompt, self.video_token, processed)
+
+    def _process_videos(
+        self, prompt: str, videos: Sequence[VideoSource], sampling: VideoSampling | None, outputs: dict[str, np.ndarray]
+    ) -> tuple[Any, ProcessedVideos]:
+        """The videos' frames through the family's video processor (its outputs added to ``outputs``)."""
         if self.video_processor is None or self.video_token is None:
             raise ValueError("this model does not take video input (its family has no video processor)")
         n_slots = prompt.count(self.video_token)
@@ -130,7 +140,45 @@ class Processor:
         if set(processed.arrays) & set(outputs):
             raise ValueError("this model cannot take images and videos in one prompt (both fill the same input)")
         outputs.update(processed.arrays)
-        return video_processor.expand_prompt(prompt, self.video_token, processed)
+        return video_processor, processed
+
+    def _add_heard_videos(
+        self,
+        prompt: str,
+        videos: Sequence[VideoSource],
+        sampling: VideoSampling,
+        audios: Sequence[AudioSource],
+        outputs: dict[str, np.ndarray],
+    ) -> str:
+        """Videos with their sound tracks: every clip (the prompt's own audio and the tracks) through the feature
+        extractor in prompt order, the audio slots expanded, then each video slot written as its frames' and
+        track's tokens interleaved by time (the family's video processor knows how)."""
+        if not (self.supports_video and self.video_processor.interleaves_audio and self.audio_processor):
+            raise ValueError("this model cannot hear a video's sound track (its family does not interleave audio)")
+        n_audio_slots = prompt.count(self.audio_token)
+        if n_audio_slots != len(audios):
+            raise ValueError(
+                f"the prompt has {n_audio_slots} audio slot(s) ({self.audio_token}) but {len(audios)} audio clip(s) "
+                "were given"
+            )
+        rate = self.audio_processor.sampling_rate
+        # Before the frames are read: a file with no sound track fails fast.
+        tracks = [load_audio(video_sound(v), rate) for v in videos]
+        video_processor, processed = self._process_videos(prompt, videos, sampling, outputs)
+        clips = iter([load_audio(a, rate) for a in audios])
+        heard = iter(tracks)
+        kinds = slot_order(prompt, self.audio_token, self.video_token)
+        features = self.audio_processor([next(clips) if kind == "audio" else next(heard) for kind in kinds])
+        outputs.update(features)
+        frames = features["feature_attention_mask"].sum(axis=-1)
+        standalone = [i for i, kind in enumerate(kinds) if kind == "audio"]
+        if standalone:
+            masks = {"feature_attention_mask": features["feature_attention_mask"][standalone]}
+            prompt = self.audio_processor.expand_prompt(prompt, self.audio_token, masks)
+        in_videos = [int(frames[i]) for i, kind in enumerate(kinds) if kind == "video"]
+        return video_processor.expand_prompt_with_audio(
+            prompt, self.video_token, self.audio_token, processed, in_videos
+        )
 
     @property
     def supports_audio(self) -> bool:
@@ -169,6 +217,32 @@ class Processor:
         if self._fast_decode is not None:
             return self._fast_decode(list(tokens), skip_special_tokens=True)
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+
+def slot_order(prompt: str, audio_token: str, video_token: str) -> list[str]:
+    """ "audio" / "video" for each of the prompt's audio and video slots, in the order they appear."""
+    kinds, at = [], 0
+    while True:
+        found = [(prompt.find(token, at), kind) for token, kind in ((audio_token, "audio"), (video_token, "video"))]
+        found = [(i, kind) for i, kind in found if i >= 0]
+        if not found:
+            return kinds
+        index, kind = min(found)
+        kinds.append(kind)
+        at = index + len(audio_token if kind == "audio" else video_token)
+
+
+def video_sound(source: VideoSource) -> AudioSource:
+    """Where a video's sound track comes from: a :class:`Video`'s ``audio``, or the file (or bytes) itself."""
+    if isinstance(source, Video):
+        if source.audio is None:
+            raise VideoLoadError("this video was given as frames without its sound track (set Video.audio)")
+        return source.audio
+    if isinstance(source, (bytes, bytearray, memoryview)) or (
+        isinstance(source, (str, Path)) and not Path(source).expanduser().is_dir()
+    ):
+        return source
+    raise VideoLoadError("a video given as frame images has no sound track to hear")
 
 
 def load_chat_template(path: Path) -> str | None:

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -43,6 +43,9 @@ class VideoSampling:
     """At most this many frames when sampling by ``fps``."""
     source_fps: float | None = None
     """The rate at which a video given as frame images was captured (a file carries its own)."""
+    with_audio: bool = False
+    """Hear each video's sound track too, interleaved with its frames by time (families that do: Qwen2.5-Omni).
+    A file's track is read with PyAV; a :class:`Video` brings its own ``audio``."""
 
     def __post_init__(self) -> None:
         for name in ("fps", "source_fps"):
@@ -71,6 +74,8 @@ class Video:
     """Frames in the source."""
     frame_indices: np.ndarray
     """Source index of each held frame, increasing."""
+    audio: Any = None
+    """The sound track (an ``audio.AudioSource``: samples, an ``Audio``, a file), where the caller has it."""
 
     @classmethod
     def from_frames(cls, frames: np.ndarray, fps: float) -> Video:

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -277,13 +276,8 @@ class Model(qwen2_5_vl.Model):
     (``input_features`` / ``feature_attention_mask`` for clips, ``video_second_per_grid`` for videos); the
     runtime uses the split steps."""
 
-    adapter_groups: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType(
-        {
-            "language": ("model.language_model.",),
-            "vision": ("model.visual.", "model.audio_tower."),
-            "projector": ("model.visual.merger.", "model.audio_tower.proj."),
-        }
-    )
+    # LoRA's groups are Qwen's usual ones (the "vision" group is the visual tower); the audio tower's layers
+    # are reached by module patterns (``model.audio_tower.*``).
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -34,6 +35,9 @@ class ProcessedVideos:
 @dataclass
 class FrameSettings:
     """The pixel settings transformers' video processors share (IMAGENET_STANDARD mean and std by default)."""
+
+    interleaves_audio: ClassVar[bool] = False
+    """Whether the family hears a video's sound track, interleaved with the frames (``expand_prompt_with_audio``)."""
 
     image_mean: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
     image_std: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))

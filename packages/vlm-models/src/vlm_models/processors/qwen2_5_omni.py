@@ -8,6 +8,7 @@ The audio features are Qwen2-Audio's (processors/qwen2_audio.py): Whisper's log-
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
@@ -49,12 +50,14 @@ class Qwen2_5OmniVideoProcessor(Qwen2VLVideoProcessor):
     asked_fps: float | None = None
     position_id_per_seconds: float = 25
     seconds_per_chunk: float = 2
+    audio_bos_token: str = "<|audio_bos|>"
+    audio_eos_token: str = "<|audio_eos|>"
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Qwen2_5OmniVideoProcessor:
         """From the video processor config; the pixel bounds stay the processor's, as in transformers."""
         base = super().from_config(cfg)
-        fields = {f: getattr(base, f) for f in Qwen2VLVideoProcessor.__dataclass_fields__}
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Qwen2VLVideoProcessor)}
         fields.update(min_pixels=cls.min_pixels, max_pixels=cls.max_pixels)
         return cls(**fields)
 
@@ -69,7 +72,7 @@ class Qwen2_5OmniVideoProcessor(Qwen2VLVideoProcessor):
         processed.arrays["video_second_per_grid"] = np.full(len(videos), self.temporal_patch_size / fps, np.float32)
         return processed
 
-    def interleaved_tokens(self, grid: Sequence[int], seconds: float, n_audio: int, tokens: dict[str, str]) -> str:
+    def interleaved_tokens(self, grid: Sequence[int], seconds: float, n_audio: int, video: str, audio: str) -> str:
         """The placeholder of a video heard with ``n_audio`` audio tokens of its sound track: each 2 s chunk of
         video tokens, then that chunk's audio tokens, between ``<|audio_bos|>`` and ``<|audio_eos|>``."""
         t, h, w = (int(v) for v in grid)
@@ -77,22 +80,22 @@ class Qwen2_5OmniVideoProcessor(Qwen2VLVideoProcessor):
         times = np.repeat(np.arange(t), per_patch) * float(seconds) * self.position_id_per_seconds
         per_chunk = int(self.position_id_per_seconds * self.seconds_per_chunk)
         video_runs, audio_runs = time_chunks(times, per_chunk), time_chunks(np.arange(n_audio), per_chunk)
-        out = [tokens["audio_bos"]]
+        out = [self.audio_bos_token]
         for j in range(max(len(video_runs), len(audio_runs))):
             if j < len(video_runs):
-                out.append(tokens["video"] * (video_runs[j][1] - video_runs[j][0]))
+                out.append(video * (video_runs[j][1] - video_runs[j][0]))
             if j < len(audio_runs):
-                out.append(tokens["audio"] * (audio_runs[j][1] - audio_runs[j][0]))
-        out.append(tokens["audio_eos"])
+                out.append(audio * (audio_runs[j][1] - audio_runs[j][0]))
+        out.append(self.audio_eos_token)
         return "".join(out)
 
     def expand_prompt_with_audio(
         self,
         prompt: str,
         video_token: str,
+        audio_token: str,
         processed: ProcessedVideos,
         audio_frames: Sequence[int],
-        tokens: dict[str, str],
     ) -> str:
         """Each video slot becomes its interleaved video and audio tokens (``audio_frames``: the real mel
         frames of each video's sound track)."""
@@ -104,5 +107,6 @@ class Qwen2_5OmniVideoProcessor(Qwen2VLVideoProcessor):
         seconds = self.temporal_patch_size / (DEFAULT_FPS if self.asked_fps is None else self.asked_fps)
         out = [pieces[0]]
         for grid, frames, piece in zip(grids, audio_frames, pieces[1:]):
-            out += [self.interleaved_tokens(grid, seconds, audio_token_count(int(frames)), tokens), piece]
+            n_audio = audio_token_count(int(frames))
+            out += [self.interleaved_tokens(grid, seconds, n_audio, video_token, audio_token), piece]
         return "".join(out)
