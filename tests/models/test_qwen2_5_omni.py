@@ -6,6 +6,7 @@ own sound track, the published layout's speech parts and q/k/v, the time chunks,
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -235,7 +236,7 @@ def test_time_chunks_partition_the_tokens(values: list[float], per_chunk: int) -
     times = np.sort(np.asarray(values))
     runs = time_chunks(times, per_chunk)
     assert runs[0][0] == 0 and runs[-1][1] == len(times)
-    assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
     assert all(start < end for start, end in runs[1:-1])  # only the first can be empty (a first time past 1 chunk)
     for j, (start, end) in enumerate(runs):
         # A run holds the values below its bound after its opening one, and closes at the first reaching it.
