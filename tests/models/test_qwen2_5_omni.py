@@ -150,6 +150,25 @@ def test_generate_stream_and_batch(loaded, ref: Reference) -> None:
         assert result.text == alone.text and result.generation_tokens == 8
 
 
+def test_batch_generate_gives_the_padded_reference_batch(loaded, ref: Reference) -> None:
+    """The reference's left-padded batch (a video + clip prompt, a longer image prompt): batch_generate's
+    texts are those of transformers' greedy tokens for each row."""
+    model, processor = loaded
+    prompts = ref.meta["cases"]["batch_pad"]["prompts"]
+    results = batch_generate(
+        model,
+        processor,
+        prompts,
+        images=[None, [FIXTURES / "images" / "rgb_56x56.png"]],
+        videos=[[Video.from_frames(clip_frames(2, 56, 56, 3), 2.0)], None],
+        audios=[[AUDIO / "tone_chirp.wav"], None],
+        max_tokens=16,
+        ignore_eos=True,
+    )
+    greedy = ref.get("batch_pad", "greedy")
+    assert [r.text for r in results] == [processor.decode(row.tolist()) for row in greedy]
+
+
 def write_video_with_sound(path: Path, frames: np.ndarray, samples: np.ndarray) -> None:
     """A Matroska file: lossless FFV1 frames at 2 fps and a 16 kHz PCM track."""
     import av
