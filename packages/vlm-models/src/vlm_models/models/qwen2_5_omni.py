@@ -198,8 +198,9 @@ class OmniPositions:
                 state["next"] += n
 
         def block(positions: np.ndarray) -> None:
-            parts.append(positions)
-            state["next"] = int(positions.max()) + 1
+            if positions.shape[1]:  # (a chunk can be empty where a track is far shorter than its video)
+                parts.append(positions)
+                state["next"] = int(positions.max()) + 1
 
         visual = np.isin(tokens, [self.image_token_id, self.video_token_id])
         cursor = 0
@@ -283,7 +284,7 @@ class Model(qwen2_5_vl.Model):
         super().__init__(config)
         self.model.audio_tower = AudioEncoder(config.audio)
         c = config
-        self._positions = OmniPositions(
+        self._position_rule = OmniPositions(
             c.image_token_id,
             c.video_token_id,
             c.audio_token_id,
@@ -352,7 +353,7 @@ class Model(qwen2_5_vl.Model):
             embeds = merge_features(embeds, input_ids, self.config.video_token_id, features, kind="video")
             steps = self.video_time_steps(video_grid, video_second_per_grid)
         mask = None if attention_mask is None else np.asarray(attention_mask)
-        positions = self._positions(np.asarray(input_ids), mask, image_grid, video_grid, steps)
+        positions = self._position_rule(np.asarray(input_ids), mask, image_grid, video_grid, steps)
         padded = mask is not None and not bool(mask.all())
         return PromptEmbedding(embeds, mx.array(positions), attention_mask if padded else None)
 
