@@ -120,6 +120,25 @@ def test_audio_in_video_interleaves_two_second_chunks(ref: Reference) -> None:
     np.testing.assert_array_equal(positions[:, first_audio], [positions[0, start] + 1] * 3)
 
 
+@pytest.mark.parametrize("case", ["short_video_long_track", "long_video_short_track", "two_heard_videos"])
+def test_held_out_audio_in_video_layouts_match_transformers(loaded, ref: Reference, case: str) -> None:
+    """Other lengths than the logits cases (a track longer than its video, one shorter, two heard videos around
+    a clip, after an image): prompts, grids, masks and the 3D positions equal transformers'."""
+    model, processor = loaded
+    expected = np.load(ROOT / "held_out_positions.npz")
+    meta = ref.meta["held_out"][case]
+    tracks = iter(meta["track_seconds"])
+    videos = [Video.from_frames(clip_frames(*v), 2.0) for kind, v in meta["parts"] if kind == "video"]
+    videos = [dataclasses.replace(v, audio=sweep(int(next(tracks) * 16000))) for v in videos]
+    images = [FIXTURES / "images" / v for kind, v in meta["parts"] if kind == "image"]
+    audios = [AUDIO / v for kind, v in meta["parts"] if kind == "audio"]
+    ours = processor(meta["prompt"], images, videos, VideoSampling(with_audio=True), audios)
+    for name in ("input_ids", "video_grid_thw", "video_second_per_grid", "feature_attention_mask"):
+        np.testing.assert_array_equal(ours[name], expected[f"{case}/{name}"], err_msg=f"{case}/{name}")
+    prompt = model.embed_prompt(**{k: mx.array(v) for k, v in ours.items()})
+    np.testing.assert_array_equal(np.array(prompt.position_ids), expected[f"{case}/position_ids"])
+
+
 def test_generate_stream_and_batch(loaded, ref: Reference) -> None:
     model, processor = loaded
     for case in ("video_with_audio", "mixed"):
