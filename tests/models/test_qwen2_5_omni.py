@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from vlm_models import apply_chat_template, load
 from vlm_models.audio import load_audio
 from vlm_models.cli import main
+from vlm_models.config import ConfigError
 from vlm_models.convert import ConvertOptions, convert
 from vlm_models.models.qwen2_5_omni import ModelConfig
 from vlm_models.processors.qwen2_5_omni import time_chunks
@@ -266,6 +267,10 @@ def test_the_config_defaults_fill_in() -> None:
     assert (parsed.text.hidden_size, parsed.audio.encoder.d_model, parsed.audio.n_window) == (3584, 1280, 100)
     assert (parsed.audio_token_id, parsed.image_token_id, parsed.video_token_id) == (151646, 151655, 151656)
     assert parsed.position_id_per_seconds == 25 and parsed.seconds_per_chunk == 2
+    with pytest.raises(ConfigError, match="sliding-window"):
+        ModelConfig.from_omni({"thinker_config": {"text_config": {"use_sliding_window": True}}})
+    with pytest.raises(ConfigError, match="rope type 'yarn'"):
+        ModelConfig.from_omni({"thinker_config": {"text_config": {"rope_scaling": {"rope_type": "yarn"}}}})
 
 
 @settings(max_examples=60, deadline=None)

@@ -28,7 +28,7 @@ import numpy as np
 from vlm_runtime import PromptEmbedding
 from vlm_runtime.vision_cache import VisionFeatureCache
 
-from ..config import from_dict
+from ..config import ConfigError, from_dict
 from ..nn.checkpoint import rename_prefix
 from ..nn.decoder import DecoderConfig
 from ..nn.output import ModelOutput
@@ -77,6 +77,12 @@ class ModelConfig(qwen2_vl.ModelConfig):
         """From the published config (the thinker's section of ``qwen2_5_omni``) or a thinker's own."""
         thinker = dict(config.get("thinker_config") or config)
         text = {**TEXT_DEFAULTS, **(thinker.get("text_config") or {})}
+        rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"text_config rope type {rope_type!r} is not supported (only M-RoPE's default rotary)")
+        if text.get("use_sliding_window"):
+            raise ConfigError("text_config.use_sliding_window is set: sliding-window attention is not supported yet")
         base = qwen2_vl.ModelConfig.from_hf(
             {"model_type": "qwen2_5_omni", "text_config": text, "vision_config": thinker.get("vision_config") or {}},
             qwen2_5_vl.VisionConfig,
