@@ -136,3 +136,30 @@ def test_bad_input_is_one_line_and_the_chat_stays(chat) -> None:
     assert "unknown command /imgae" in say(chat, "/imgae x")
     assert "does not take audio" in say(chat, "/audio x.wav")
     assert "Traceback" not in chat.before
+
+
+def test_reasoning_is_shown_dimmed_apart_from_the_answer(tmp_path) -> None:
+    """A checkpoint whose template opens a thinking block (the server tests' thinking fixture): the reasoning and
+    the answer are what ``vlm generate`` prints for the same message, the reasoning in dim italics on its own."""
+    import subprocess
+
+    from tests.serve.test_thinking import thinking_checkpoint
+
+    model = str(thinking_checkpoint(tmp_path / "thinker"))
+    flags = ["--model", model, "--enable-thinking", "--thinking-budget", "5", "--max-tokens", "12"]
+    printed = subprocess.run(
+        vlm_command("generate", *flags, "--prompt", "hi"), capture_output=True, text=True, env=quiet_env(), check=True
+    ).stdout
+    reasoning, _, answer = printed.removeprefix("<think>").partition("</think>\n")
+    assert reasoning.strip() and answer.strip()
+    child = pexpect.spawn(vlm_command()[0], vlm_command("chat", *flags)[1:], env=quiet_env(), encoding="utf-8")
+    child.expect_exact(PROMPT_SHOWN)
+    child.sendline("hi")
+    child.expect_exact(LINE_ACCEPTED)
+    child.expect_exact(PROMPT_SHOWN)
+    raw = child.before
+    child.terminate(force=True)
+    dimmed = "".join(re.findall(r"\x1b\[2;3m(.*?)\x1b\[0m", raw, re.S))  # rich's dim italic spans
+    assert dimmed.strip() == reasoning.strip()
+    shown = _plain(raw)
+    assert shown.index(reasoning.strip()) < shown.index(answer.strip())

@@ -98,12 +98,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(*extra: str) -> Iterator[str]:
-    """``vlm serve`` with the demo model in a child process; yields its URL."""
+def live_server(*extra: str, model: Path | None = None) -> Iterator[str]:
+    """``vlm serve`` with ``model`` (the demo model by default) in a child process; yields its URL."""
     from vlm_models.demo import demo_model_path
 
     port = _free_port()
-    command = vlm_command("serve", "--model", str(demo_model_path()), "--port", str(port), "--log-level", "warning")
+    model = model or demo_model_path()
+    command = vlm_command("serve", "--model", str(model), "--port", str(port), "--log-level", "warning")
     process = subprocess.Popen([*command, *extra], env=quiet_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -250,3 +251,62 @@ def test_with_an_api_key_the_page_asks_for_it(browser, artifacts) -> None:
         by_id(browser, "key-form").submit()
         wait_for(lambda: by_id(browser, "model").get_attribute("value") == "demo_model", what="the model list")
         assert not by_id(browser, "key-form").is_displayed()
+
+
+@pytest.mark.slow
+def test_reasoning_is_shown_apart_from_the_answer(browser, artifacts, tmp_path) -> None:
+    """The server tests' thinking fixture (its template opens a thinking block) under a thinking budget: the page
+    shows the streamed reasoning_content apart from the content, each as the API gives it unstreamed."""
+    from selenium.webdriver.common.keys import Keys
+
+    from tests.serve.test_thinking import thinking_checkpoint
+
+    model = thinking_checkpoint(tmp_path / "thinker")
+    with live_server("--enable-thinking", "--thinking-budget", "5", model=model) as url:
+        browser.get(f"{url}/")
+        browser.execute_script("localStorage.clear()")
+        browser.refresh()
+        wait_for(lambda: by_id(browser, "model").get_attribute("value") == "thinker", what="the model list")
+        by_id(browser, "toggle-params").click()
+        tokens = by_id(browser, "p-max_tokens")
+        tokens.clear()
+        tokens.send_keys("12")
+        by_id(browser, "input").send_keys("hi", Keys.ENTER)
+        wait_for(lambda: last_answer(browser) and not by_id(browser, "send").get_attribute("hidden"), what="the answer")
+        shown = browser.execute_script(
+            "const m = [...document.querySelectorAll('.message.assistant')].pop();"
+            "return {reasoning: m.querySelector('.reasoning').textContent, content: m.querySelector('.content').textContent};"
+        )
+        body = {
+            "model": "thinker",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            "temperature": 0,
+            "top_p": 1,
+            "top_k": 0,
+            "max_tokens": 12,
+        }
+        message = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]
+        assert message["reasoning_content"].strip() and message["content"].strip()
+        assert shown["reasoning"].strip() == message["reasoning_content"].strip()
+        assert shown["content"].strip() == message["content"].strip()
+        browser.save_screenshot(str(artifacts / "chat_page_reasoning.png"))
+
+
+@pytest.mark.slow
+def test_pasted_and_dropped_images_are_attached_as_data_urls(browser) -> None:
+    import base64
+
+    png = base64.b64encode(SHAPES.read_bytes()).decode()
+    with live_server() as url:
+        browser.get(f"{url}/")
+        browser.execute_script(
+            "const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));"
+            "const files = () => { const d = new DataTransfer(); d.items.add(new File([bytes], 's.png', {type: 'image/png'}));"
+            "  d.items.add(new File(['not an image'], 'n.txt', {type: 'text/plain'})); return d; };"
+            "document.getElementById('input').dispatchEvent(new ClipboardEvent('paste', {clipboardData: files(), bubbles: true}));"
+            "document.getElementById('messages').dispatchEvent(new DragEvent('drop', {dataTransfer: files(), bubbles: true}));",
+            png,
+        )
+        wait_for(lambda: browser.execute_script("return document.querySelectorAll('#attachments img').length") == 2)
+        sources = browser.execute_script("return [...document.querySelectorAll('#attachments img')].map((i) => i.src)")
+        assert sources == [f"data:image/png;base64,{png}"] * 2  # the text file is left out
