@@ -163,3 +163,16 @@ def test_reasoning_is_shown_dimmed_apart_from_the_answer(tmp_path) -> None:
     assert dimmed.strip() == reasoning.strip()
     shown = _plain(raw)
     assert shown.index(reasoning.strip()) < shown.index(answer.strip())
+
+
+def test_load_refuses_a_conversation_whose_image_is_gone(chat, tmp_path) -> None:
+    saved = tmp_path / "gone.json"
+    turns = [
+        {"role": "user", "text": "hi", "images": [str(tmp_path / "deleted.png")]},
+        {"role": "assistant", "text": "x"},
+    ]
+    saved.write_text(json.dumps({"format": "vlm.conversation/1", "system": None, "turns": turns}))
+    assert f"error: {saved}, turn 1: {tmp_path / 'deleted.png'}: no such file" in say(chat, f"/load {saved}")
+    assert f"error: {SHAPES}: not JSON" in say(chat, f"/load {SHAPES}")
+    assert "error: give a file" in say(chat, "/load")
+    assert "0 reused" in say(chat, "Hello")  # the chat goes on, with nothing loaded

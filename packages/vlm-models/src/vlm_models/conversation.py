@@ -142,13 +142,16 @@ class ChatSession:
     def attach(self, kind: str, source: str) -> str:
         """Add an image, video or audio clip (``kind`` "images", "videos", "audios") to the next message once it
         is known to be readable and the model takes it; returns how it was described."""
+        source = self._checked(kind, source)
+        getattr(self.pending, kind).append(source)
+        return source
+
+    def _checked(self, kind: str, source: str) -> str:
         if kind == "videos" and not self.processor.supports_video:
             raise ValueError("this model does not take video input")
         if kind == "audios" and not self.processor.supports_audio:
             raise ValueError("this model does not take audio input")
-        source = _checked_source(kind, source)
-        getattr(self.pending, kind).append(source)
-        return source
+        return _checked_source(kind, source)
 
     def set_params(self, text: str) -> dict[str, Any]:
         options = parse_params(text)
@@ -166,10 +169,18 @@ class ChatSession:
 
     def load(self, path: Path) -> None:
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not JSON (not UTF-8 text)") from None
         conversation = Conversation.from_json(data, str(path))
+        for number, turn in enumerate(conversation.turns, 1):  # a missing file now, not on every later message
+            for kind in MEDIA_KINDS:
+                try:
+                    setattr(turn, kind, [self._checked(kind, source) for source in getattr(turn, kind)])
+                except ValueError as e:
+                    raise ValueError(f"{path}, turn {number}: {e}") from None
         self.clear()
         self.conversation = conversation
 
