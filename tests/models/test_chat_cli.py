@@ -10,6 +10,7 @@ import pytest
 from tests.interactive import DEMO_QUESTION, SHAPES, generate_answer, quiet_env, vlm_command
 
 pexpect = pytest.importorskip("pexpect")
+pytestmark = pytest.mark.slow  # each test starts the command and loads the demo model
 
 PROMPT = "you>"
 TIMEOUT = 60

@@ -194,6 +194,7 @@ def test_the_page_answers_about_an_uploaded_image_stops_and_remembers(browser, a
         assert last_answer(browser)["text"] == expected
         assert browser.execute_script("return window.updates") > 3
         assert browser.execute_script("return document.querySelectorAll('.message.user img').length") == 1
+        assert browser.execute_script("return document.querySelectorAll('#attachments img').length") == 0  # sent
         browser.save_screenshot(str(artifacts / "chat_page_answer.png"))
 
         by_id(browser, "toggle-params").click()

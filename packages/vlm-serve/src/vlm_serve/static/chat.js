@@ -146,6 +146,7 @@ async function send() {
   if (!conv.messages.length) conv.title = (text || "image").slice(0, 40);
   conv.messages.push({ role: "user", content: text, images: state.pending });
   state.pending = [];
+  renderAttachments();
   $("input").value = "";
   const answer = { role: "assistant", content: "", reasoning: "" };
   conv.messages.push(answer);
@@ -173,7 +174,10 @@ async function send() {
       answer.content += choice.delta.content || "";
       answer.reasoning += choice.delta.reasoning_content || "";
       if (choice.finish_reason) answer.finish = choice.finish_reason;
+      const box = $("messages");
+      const following = box.scrollHeight - box.scrollTop - box.clientHeight < 40; // the reader is at the end
       renderMessage(element, answer);
+      if (following) box.scrollTop = box.scrollHeight;
     }
   } catch (e) {
     if (e.name === "AbortError") answer.stopped = true;
