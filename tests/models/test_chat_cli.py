@@ -179,3 +179,15 @@ def test_load_refuses_a_conversation_whose_image_is_gone(chat, tmp_path) -> None
     assert f"error: {SHAPES}: not JSON" in say(chat, f"/load {SHAPES}")
     assert "error: give a file" in say(chat, "/load")
     assert "0 reused" in say(chat, "Hello")  # the chat goes on, with nothing loaded
+
+
+def test_image_from_a_url_is_fetched_once(chat) -> None:
+    from tests.models.conftest import serving
+
+    with serving(SHAPES.parent) as base:
+        url = f"{base}/{SHAPES.name}"
+        assert f"attached {url}" in say(chat, f"/image {url}")
+    # the server is gone: the answers below come from the image fetched when it was attached
+    assert generate_answer() in say(chat, DEMO_QUESTION)
+    assert "1 image(s) from the feature cache" in say(chat, "How many shapes are there?")
+    assert "error" in say(chat, f"/image {base}/missing.png")

@@ -138,6 +138,7 @@ class ChatSession:
         self.pending = Turn("user", "")
         self.vision_cache = VisionFeatureCache(vision_cache_size) if vision_cache_size > 0 else None
         self.prompt_cache = PromptCache()
+        self._images: dict[str, Any] = {}
 
     def attach(self, kind: str, source: str) -> str:
         """Add an image, video or audio clip (``kind`` "images", "videos", "audios") to the next message once it
@@ -151,7 +152,15 @@ class ChatSession:
             raise ValueError("this model does not take video input")
         if kind == "audios" and not self.processor.supports_audio:
             raise ValueError("this model does not take audio input")
-        return _checked_source(kind, source)
+        source = _checked_source(kind, source)
+        if kind == "images" and source not in self._images:
+            from .processors.image import load_image
+
+            self._images[source] = load_image(source)  # read (or fetched) once, not again every turn
+        return source
+
+    def _image(self, source: str) -> Any:
+        return self._images[source] if source in self._images else source
 
     def set_params(self, text: str) -> dict[str, Any]:
         options = parse_params(text)
@@ -163,6 +172,7 @@ class ChatSession:
         self.conversation = Conversation(self.conversation.system)
         self.pending = Turn("user", "")
         self.prompt_cache = PromptCache()
+        self._images = {}
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.conversation.to_json(), indent=2, ensure_ascii=False) + "\n")
@@ -181,8 +191,9 @@ class ChatSession:
                     setattr(turn, kind, [self._checked(kind, source) for source in getattr(turn, kind)])
                 except ValueError as e:
                     raise ValueError(f"{path}, turn {number}: {e}") from None
+        images = {source: self._images[source] for source in conversation.media("images")}
         self.clear()
-        self.conversation = conversation
+        self._images, self.conversation = images, conversation
 
     def prompt(self) -> str:
         from .chat import apply_chat_template
@@ -208,7 +219,7 @@ class ChatSession:
                 self.model,
                 self.processor,
                 self.prompt(),
-                image=self.conversation.media("images"),
+                image=[self._image(source) for source in self.conversation.media("images")],
                 videos=self.conversation.media("videos"),
                 video_sampling=self.video_sampling,
                 audios=self.conversation.media("audios"),
@@ -233,15 +244,11 @@ class ChatSession:
 
 
 def _checked_source(kind: str, source: str) -> str:
-    """``source`` as it will be read: a URL as given, a local path expanded and checked to exist (and, for an
-    image, to decode), so that a typo is reported now rather than on the next message."""
+    """``source`` as it will be read: a URL as given, a local path expanded, made absolute and checked to exist,
+    so that a typo is reported now rather than on the next message."""
     if source.startswith(("http://", "https://", "data:")):
         return source
     path = Path(source).expanduser()
     if not path.exists():
         raise ValueError(f"{source}: no such file")
-    if kind == "images":
-        from .processors.image import load_image
-
-        load_image(str(path))
     return str(path.resolve())
