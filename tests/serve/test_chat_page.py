@@ -311,3 +311,33 @@ def test_pasted_and_dropped_images_are_attached_as_data_urls(browser) -> None:
         wait_for(lambda: browser.execute_script("return document.querySelectorAll('#attachments img').length") == 2)
         sources = browser.execute_script("return [...document.querySelectorAll('#attachments img')].map((i) => i.src)")
         assert sources == [f"data:image/png;base64,{png}"] * 2  # the text file is left out
+
+
+@pytest.mark.slow
+def test_when_local_storage_is_full_the_oldest_conversations_go(browser) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    with live_server() as url:
+        browser.get(f"{url}/")
+        old = [
+            {
+                "id": f"old{i}",
+                "title": f"old {i}",
+                "updated": i,
+                "messages": [{"role": "user", "content": "x" * 1_500_000}],
+            }
+            for i in range(3)
+        ]
+        browser.execute_script("localStorage.setItem('vlm-chat.conversations', arguments[0])", json.dumps(old))
+        browser.refresh()
+        wait_for(lambda: by_id(browser, "model").get_attribute("value") == "demo_model", what="the model list")
+        by_id(browser, "file").send_keys(str(SHAPES))
+        wait_for(lambda: browser.execute_script("return document.querySelectorAll('#attachments img').length") == 1)
+        filler = "y" * 1_000_000  # with the old ones, over the browser's quota of about 5 M characters
+        browser.execute_script("document.getElementById('input').value = arguments[0]", filler)
+        by_id(browser, "input").send_keys(Keys.ENTER)
+        wait_for(lambda: not by_id(browser, "send").get_attribute("hidden") and last_answer(browser), what="the answer")
+        saved = json.loads(browser.execute_script("return localStorage.getItem('vlm-chat.conversations')"))
+        ids = [c["id"] for c in saved]
+        assert "old0" not in ids and len(ids) < 4  # the oldest went first
+        assert saved[-1]["messages"][0]["content"] == filler  # the new conversation is kept
