@@ -14,7 +14,16 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-__all__ = ["add_kv_cache_args", "kv_cache_options", "main"]
+__all__ = [
+    "add_kv_cache_args",
+    "add_model_args",
+    "add_media_args",
+    "add_sampling_args",
+    "generation_settings",
+    "kv_cache_options",
+    "load_model",
+    "main",
+]
 
 EXIT_USAGE = 2
 
@@ -32,13 +41,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (CommandError, ConfigError, ModelLoadError, ImageLoadError, UnsupportedModelError, ValueError, OSError)
 
 
-def _add_generation_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model, its length limits and its KV cache: shared by generate, bench and chat."""
     parser.add_argument(
         "--model",
         default=None,
         help="local folder or Hugging Face repo id (default: the shipped shapes demo model, offline)",
     )
     parser.add_argument("--adapter-path", default=None, help="folder with adapters.safetensors from `vlm train`")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--prefill-step-size", type=int, default=2048)
+    parser.add_argument("--trust-remote-code", action="store_true")
+    add_kv_cache_args(parser)
+
+
+def add_media_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
     parser.add_argument("--video", action="append", default=[], help="video file, folder of frame images (repeatable)")
     parser.add_argument(
@@ -51,12 +68,13 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--video-source-fps", type=float, default=None, help="the rate a folder of frames was captured at"
     )
+
+
+def _add_generation_args(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
+    add_media_args(parser)
     parser.add_argument("--prompt", default="Describe this image.", help="the user message")
     parser.add_argument("--system", default=None, help="system message")
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--prefill-step-size", type=int, default=2048)
-    parser.add_argument("--trust-remote-code", action="store_true")
-    add_kv_cache_args(parser)
 
 
 def _bits(text: str) -> float:
@@ -86,7 +104,7 @@ def kv_cache_options(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
-def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
@@ -115,17 +133,23 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_and_format(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    from .chat import apply_chat_template
+def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model and processor ``--model`` names (the shipped demo model without it), with ``--adapter-path``."""
     from .loading import load
 
     if args.model is None:
         from .demo import demo_model_path
 
         args.model = str(demo_model_path())
+    return load(args.model, adapter_path=args.adapter_path, trust_remote_code=args.trust_remote_code)
+
+
+def _load_and_format(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    from .chat import apply_chat_template
+
     if args.video_audio and not args.video:
         raise CommandError("--video-audio hears the sound track of a --video; no --video was given")
-    model, processor = load(args.model, adapter_path=args.adapter_path, trust_remote_code=args.trust_remote_code)
+    model, processor = load_model(args)
     if args.video and not processor.supports_video:
         raise CommandError(f"{args.model}: this model does not take video input (--video)")
     if args.audio and not processor.supports_audio:
@@ -146,19 +170,23 @@ def _load_and_format(args: argparse.Namespace) -> tuple[Any, Any, str]:
 def _media_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """The videos and audio clips of the command line (and the videos' sampling), as keywords of stream_generate
     (none without them)."""
-    from .video import VideoSampling
-
     audio = {"audios": args.audio} if args.audio else {}
     if not args.video:
         return audio
-    sampling = VideoSampling(
+    return {"videos": args.video, "video_sampling": video_sampling(args), **audio}
+
+
+def video_sampling(args: argparse.Namespace) -> Any:
+    """How ``--video-fps``, ``--video-num-frames``, ... say to sample a video."""
+    from .video import VideoSampling
+
+    return VideoSampling(
         fps=args.video_fps,
         num_frames=args.video_num_frames,
         max_frames=args.video_max_frames,
         source_fps=args.video_source_fps,
         with_audio=args.video_audio,
     )
-    return {"videos": args.video, "video_sampling": sampling, **audio}
 
 
 def _cache_settings(args: argparse.Namespace) -> Any:
@@ -167,7 +195,7 @@ def _cache_settings(args: argparse.Namespace) -> Any:
     return CacheSettings(**kv_cache_options(args))
 
 
-def _generation_settings(args: argparse.Namespace) -> Any:
+def generation_settings(args: argparse.Namespace) -> Any:
     """The typed settings of ``vlm generate``'s flags (each checked by its settings class)."""
     from vlm_runtime import GenerationConfig, GenerationSettings, SamplingParams, ThinkingConfig
 
@@ -221,7 +249,7 @@ def _generate(args: argparse.Namespace) -> None:
         **_media_inputs(args),
         prompt_cache=prompt_cache,
         draft_model=drafter,
-        settings=_generation_settings(args),
+        settings=generation_settings(args),
     ):
         if last.reasoning:
             if not thinking:
@@ -402,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text from a prompt, images and videos")
     _add_generation_args(gen)
-    _add_sampling_args(gen)
+    add_sampling_args(gen)
     gen.add_argument("--verbose", action="store_true", help="print the formatted prompt and tracebacks")
     gen.set_defaults(handler=_generate)
 
@@ -412,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1)
     bench.add_argument("--verbose", action="store_true")
     bench.set_defaults(handler=_bench)
+
+    from .chat_cli import add_chat_parser
+
+    add_chat_parser(sub)
 
     conv = sub.add_parser("convert", help="write a checkpoint in the MLX-community layout, cast or (de)quantized")
     _add_convert_args(conv)

@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import anthropic_api, openai_api, openapi, responses_api
+from . import anthropic_api, chat_page, openai_api, openapi, responses_api
 from .errors import APIError, error_body, error_headers, http_status
 from .guard import Guard, ServerCounters
 from .host import ModelHost
@@ -71,6 +71,8 @@ def create_app(engine: ModelHost | None = None, settings: ServeSettings | None =
     app.include_router(anthropic_api.router())
     app.include_router(responses_api.router())
     _add_admin_routes(app)
+    if settings.chat_page:
+        chat_page.install(app, key_required=settings.api_key is not None)
     openapi.install(app)
     app.add_middleware(Guard, settings=settings, counters=app.state.counters)
     if settings.cors_origins:  # outside the guard: a browser's preflight carries no key

@@ -133,6 +133,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-header-bytes", type=int, default=64 * 1024, metavar="N", help="request line and headers (default 64 KiB)"
     )
     parser.add_argument(
+        "--no-chat-page",
+        dest="chat_page",
+        action="store_false",
+        help="do not serve the chat page at / (the API alone)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
     )
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -177,6 +183,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         body_timeout_s=args.body_timeout,
         header_timeout_s=args.header_timeout,
         max_header_bytes=args.max_header_bytes,
+        chat_page=args.chat_page,
         log_level=args.log_level,
         trust_remote_code=args.trust_remote_code,
     )

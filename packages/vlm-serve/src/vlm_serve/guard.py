@@ -16,6 +16,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .chat_page import PAGE_PATHS
 from .errors import error_body, error_headers
 from .settings import ServeSettings
 
@@ -96,7 +97,8 @@ class Guard:
         if host is not None and not self._host_allowed(host):
             return 400, f"the Host header names {host[:100]!r}, which this server does not serve (see --allowed-hosts)"
         key = self.settings.api_key
-        if key is not None and scope["path"] not in OPEN_PATHS and not _authorized(headers, key):
+        open_path = scope["path"] in OPEN_PATHS or (self.settings.chat_page and scope["path"] in PAGE_PATHS)
+        if key is not None and not open_path and not _authorized(headers, key):
             return 401, "invalid or missing API key (Authorization: Bearer <key> or x-api-key)"
         posting = scope["method"] == "POST" and scope["path"] in JSON_POST_PATHS
         if posting and key is None and not _is_json(headers.get(b"content-type", b"")):
@@ -152,6 +154,7 @@ KNOWN_PATHS = frozenset(
         "/health",
         "/metrics",
         "/unload",
+        *PAGE_PATHS,
     }
 )
 

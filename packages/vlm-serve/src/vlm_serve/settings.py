@@ -79,6 +79,8 @@ class ServeSettings:
     response_store_bytes: int = 256 * 2**20
     """Memory the Responses API may keep for ``previous_response_id`` (images once per content digest); 0 keeps
     nothing."""
+    chat_page: bool = True
+    """Serve the chat page at ``/`` (static files; it talks to this server's own API)."""
     log_level: str = "info"
     trust_remote_code: bool = False
 
