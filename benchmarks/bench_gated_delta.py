@@ -45,33 +45,40 @@ def main(argv: list[str] | None = None) -> int:
         a_log, dt_bias = mx.zeros((hv,)), mx.ones((hv,))
         state0 = mx.random.normal((batch, hv, d, d), key=keys[5]) * 0.1
         nbytes = 2 * state0.nbytes
+        operands = (q, k, v, a, b, a_log, dt_bias)
         variants = {
-            "mlx ops": lambda s: gated_delta_decode_reference(q, k, v, a, b, a_log, dt_bias, s),
-            "mlx ops, compiled": lambda s: compiled_reference(q, k, v, a, b, a_log, dt_bias, s),
-            f"fused ({fast})": lambda s: gated_delta_decode(q, k, v, a, b, a_log, dt_bias, s),
+            "mlx ops": gated_delta_decode_reference,
+            "mlx ops, compiled": compiled_reference,
+            f"fused ({fast})": gated_delta_decode,
         }
-        timings = {}
-        for name, step in variants.items():
-
-            def run(step=step):
-                s, outs = state0, []
-                for _ in range(args.calls):
-                    y, s = step(s)
-                    outs.append(y)
-                mx.eval(s, *outs)
-
-            for _ in range(3):
-                run()
-            samples = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                run()
-                samples.append((time.perf_counter() - start) / args.calls)
-            timings[name] = statistics.median(samples)
+        timings = {
+            name: seconds_per_step(mx, step, operands, state0, args.calls, args.repeats)
+            for name, step in variants.items()
+        }
         base = timings["mlx ops"]
         for name, seconds in timings.items():
             print(f"{batch:>5} {name:>18} {seconds * 1e6:>9.1f} {nbytes / seconds / 1e9:>8.1f} {base / seconds:>6.2f}")
     return 0
+
+
+def seconds_per_step(mx, step, operands, state0, calls: int, repeats: int) -> float:
+    """Median seconds per step over ``repeats`` timings of ``calls`` chained steps, after a warm-up."""
+
+    def run() -> None:
+        state, outs = state0, []
+        for _ in range(calls):
+            y, state = step(*operands, state)
+            outs.append(y)
+        mx.eval(state, *outs)
+
+    for _ in range(3):
+        run()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples)
 
 
 if __name__ == "__main__":
