@@ -11,7 +11,7 @@ from PIL import Image
 
 from vlm_models import load
 from vlm_models.audio import Audio
-from vlm_runtime import PromptCache, RotatingKVCache, batch_generate, generate
+from vlm_runtime import PromptCache, RotatingKVCache, batch_generate, generate, stream_generate
 
 from .conftest import FAMILIES, FIXTURES, media_options, media_prompt, published, sees
 
@@ -174,3 +174,22 @@ def test_kv_bits_on_a_head_dim_too_small_warns_and_keeps_float(loaded) -> None:
     if not any("not a multiple of group size" in str(w.message) for w in caught):
         pytest.skip("this model's head dims split into groups of 32 (Gemma 4's global layers): its own test")
     assert quantized.text == generate(model, processor, prompt, max_tokens=5, ignore_eos=True).text
+
+
+def test_the_compiled_decode_step_gives_the_plain_tokens(loaded) -> None:
+    """Every family's cache layout (sliding windows, shared KV, recurrent state) through the compiled step: the
+    same greedy tokens, and logits within float rounding, as the step built anew each token."""
+    model, processor = loaded
+    prompt = chat(processor, "Describe.", 1)
+    media = media_options(processor, [IMAGES / "rgb_112x168.png"])
+    runs = {}
+    for compiled in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a layout the step cannot trace would warn and fall back
+            results = list(
+                stream_generate(
+                    model, processor, prompt, **media, max_tokens=24, ignore_eos=True, compile_decode=compiled
+                )
+            )
+        runs[compiled] = [r.token for r in results]
+    assert runs[True] == runs[False]

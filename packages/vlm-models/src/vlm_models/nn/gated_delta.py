@@ -7,7 +7,8 @@ key_dim^-1/2; a short causal depthwise convolution mixes neighbouring tokens fir
 
 Two ways to compute the same rule:
 
-* ``gated_delta_step``: one token (decode). Plain mlx ops, the function a fused kernel replaces.
+* ``gated_delta_step``: one token, in plain mlx ops (the oracle the chunked form is tested against; decoding
+  runs ``vlm_kernels.gated_delta.gated_delta_decode``, the same step fused with the gates and normalisation).
 * ``gated_delta_chunked``: a prompt, in chunks of 64 tokens (the "WY"/UT form transformers' reference uses): within
   a chunk the updates are one triangular solve and a few matmuls, and only the state passes from chunk to chunk,
   so a prompt costs T/64 sequential steps instead of T.
@@ -22,6 +23,8 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from vlm_kernels.gated_delta import gated_delta_decode
 
 __all__ = [
     "CausalConv1d",
@@ -221,6 +224,24 @@ class GatedDeltaNet(nn.Module):
             x = x * valid[..., None].astype(x.dtype)
         mixed, window = self.conv1d(self.in_proj_qkv(x), None if cache is None else cache.conv_state)
         q, k, v = mx.split(mixed, [c.key_dim, 2 * c.key_dim], axis=-1)
+        state = None if cache is None else cache.recurrent_state
+        if state is None:
+            state = mx.zeros((batch, c.num_value_heads, c.key_head_dim, c.value_head_dim), mx.float32)
+        if length == 1 and cache is not None:
+            # Decoding: one fused step (vlm_kernels) from the raw projections.
+            out, state = gated_delta_decode(
+                q.reshape(batch, c.num_key_heads, c.key_head_dim),
+                k.reshape(batch, c.num_key_heads, c.key_head_dim),
+                v.reshape(batch, c.num_value_heads, c.value_head_dim),
+                self.in_proj_a(x)[:, 0],
+                self.in_proj_b(x)[:, 0],
+                self.A_log,
+                self.dt_bias,
+                state,
+                None if valid is None else valid[:, 0],
+            )
+            cache.update(self.conv1d.state_after(window, length), state, length, None)
+            return self._project_out(x, out[:, None])
         repeats = c.num_value_heads // c.num_key_heads
 
         def heads(t: mx.array, n: int, dim: int, repeat: int = 1) -> mx.array:
@@ -238,15 +259,9 @@ class GatedDeltaNet(nn.Module):
             keep = valid.astype(mx.float32)[..., None]
             g, beta = g * keep, beta * keep
         g, beta = g.transpose(0, 2, 1), beta.transpose(0, 2, 1)
-        state = None if cache is None else cache.recurrent_state
-        if state is None:
-            state = mx.zeros((batch, c.num_value_heads, c.key_head_dim, c.value_head_dim), mx.float32)
-        split = None if cache is None or length == 1 else cache.snapshot_split(length)
+        split = None if cache is None else cache.snapshot_split(length)
         snapshot = None
-        if length == 1 and cache is not None:
-            out, state = gated_delta_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[..., 0], beta[..., 0], state)
-            out = out[:, :, None]
-        elif split:
+        if split:
             # The same rule in two pieces, so that the state after the first one can be kept.
             head, middle = gated_delta_chunked(
                 q[:, :, :split], k[:, :, :split], v[:, :, :split], g[..., :split], beta[..., :split], state
@@ -260,6 +275,11 @@ class GatedDeltaNet(nn.Module):
             out, state = gated_delta_chunked(q, k, v, g, beta, state)
         if cache is not None:
             cache.update(self.conv1d.state_after(window, length), state, length, snapshot)
-        out = out.transpose(0, 2, 1, 3).astype(x.dtype)
+        return self._project_out(x, out.transpose(0, 2, 1, 3))
+
+    def _project_out(self, x: mx.array, out: mx.array) -> mx.array:
+        """The gated norm of each head's output (batch, T, heads, value_dim), then the output projection."""
+        c = self.config
+        batch, length = out.shape[:2]
         z = self.in_proj_z(x).reshape(batch, length, c.num_value_heads, c.value_head_dim)
-        return self.out_proj(self.norm(out, z).reshape(batch, length, -1))
+        return self.out_proj(self.norm(out.astype(x.dtype), z).reshape(batch, length, -1))
