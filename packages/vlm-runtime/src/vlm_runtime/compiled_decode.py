@@ -32,8 +32,8 @@ from mlx.utils import tree_flatten
 
 from .cache import KVCache, RotatingKVCache, _round_up
 from .masks import AttentionMask
-from .recurrent_cache import RecurrentCache
 from .protocols import GenerativeModel
+from .recurrent_cache import RecurrentCache
 
 __all__ = [
     "CAPACITY_STEP",
