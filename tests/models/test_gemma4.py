@@ -19,7 +19,7 @@ from PIL import Image
 from vlm_models import apply_chat_template, load
 from vlm_models.audio import Audio, AudioLoadError, load_audio
 from vlm_models.processors.gemma4 import Gemma4AudioFeatureExtractor, Gemma4ImageProcessor
-from vlm_runtime import CacheSettings, generate
+from vlm_runtime import CacheSettings, generate, stream_generate
 from vlm_runtime.cache_settings import make_layer_caches
 from vlm_runtime.generate import prefill
 
@@ -333,3 +333,18 @@ def test_a_config_problem_is_named(tmp_path: Path) -> None:
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="unsupported rope_type 'yarn'"):
         load(path)
+
+
+def test_thinking_uses_gemma4s_channel_markers(loaded) -> None:
+    """Gemma 4 writes its reasoning as ``<|channel>thought ... <channel|>``: a prompt left inside such a block
+    counts as thinking, and a budget closes it with Gemma 4's end marker, not ``</think>``."""
+    model, processor = loaded
+    assert processor.thinking_markers == ("<|channel>", "<channel|>")
+    (end,) = processor.encode("<channel|>")
+    prompt = apply_chat_template(processor, None, "Why?") + "<|channel>thought\n"
+    tokens = [
+        r.token for r in stream_generate(model, processor, prompt, max_tokens=8, ignore_eos=True, thinking_budget=3)
+    ]
+    assert tokens.index(end) == 4  # three tokens of reasoning, then "\n" and the end marker
+    result = generate(model, processor, prompt, max_tokens=8, ignore_eos=True, thinking_budget=3)
+    assert result.reasoning and "<channel|>" not in result.text

@@ -68,6 +68,7 @@ class ByteProcessor:
     """Bytes in, bytes out: a token is a byte, so decoding single tokens splits UTF-8 characters."""
 
     eos_token_ids = frozenset({EOS})
+    thinking_markers = ("<think>", "</think>")
     supports_video = False
 
     def prepare_inputs(

@@ -117,8 +117,12 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--enable-thinking", action="store_true", help="ask the chat template to open a thinking block")
     parser.add_argument("--thinking-budget", type=int, default=None, help="tokens allowed inside the thinking block")
-    parser.add_argument("--thinking-start-token", default="<think>")
-    parser.add_argument("--thinking-end-token", default="</think>")
+    parser.add_argument(
+        "--thinking-start-token", default=None, help="default: the model's (<think>; Gemma 4: <|channel>)"
+    )
+    parser.add_argument(
+        "--thinking-end-token", default=None, help="default: the model's (</think>; Gemma 4: <channel|>)"
+    )
     parser.add_argument(
         "--draft-model",
         default=None,
@@ -241,6 +245,8 @@ def _generate(args: argparse.Namespace) -> None:
         prompt_cache, _ = PromptCache.load(cache_file)
     last = None
     thinking = False
+    settings = generation_settings(args)
+    start_marker, end_marker = settings.thinking.markers(processor.thinking_markers)
     for last in stream_generate(
         model,
         processor,
@@ -249,16 +255,16 @@ def _generate(args: argparse.Namespace) -> None:
         **_media_inputs(args),
         prompt_cache=prompt_cache,
         draft_model=drafter,
-        settings=generation_settings(args),
+        settings=settings,
     ):
         if last.reasoning:
             if not thinking:
-                print(args.thinking_start_token, end="")
+                print(start_marker, end="")
                 thinking = True
             print(last.reasoning, end="", flush=True)
         if last.text:
             if thinking:
-                print(f"{args.thinking_end_token}\n", end="")
+                print(f"{end_marker}\n", end="")
                 thinking = False
             print(last.text, end="", flush=True)
     print()

@@ -37,8 +37,10 @@ class Processor:
         video_chat_template: str | None = None,
         audio_processor: Any = None,
         audio_token: str | None = None,
+        thinking_markers: tuple[str, str] = ("<think>", "</think>"),
     ) -> None:
         self.tokenizer = tokenizer
+        self.thinking_markers = thinking_markers
         self.image_processor = image_processor
         self.image_token = image_token
         self.video_processor = video_processor

@@ -219,6 +219,7 @@ def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, tr
         video_chat_template=arch.video_chat_template,
         audio_processor=audio_processor,
         audio_token=arch.audio_token,
+        thinking_markers=arch.thinking_markers,
     )
 
 

@@ -39,6 +39,8 @@ class Architecture:
     audio_processor: str | None = None
     """``module:Class`` of the numpy audio feature extractor, for families that hear."""
     audio_token: str | None = None
+    thinking_markers: tuple[str, str] = ("<think>", "</think>")
+    """(start, end) of the thinking block the family's models write."""
 
     def load_module(self) -> ModuleType:
         return importlib.import_module(f"vlm_models.models.{self.module}")
@@ -155,6 +157,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         image_token="<|image|>",
         audio_processor="gemma4:Gemma4AudioFeatureExtractor",
         audio_token="<|audio|>",
+        # Thinking (``<|think|>`` in the system turn) comes back as ``<|channel>thought\n...<channel|>``.
+        thinking_markers=("<|channel>", "<channel|>"),
     ),
     "idefics3": Architecture("idefics3", "idefics3:Idefics3ImageProcessor", image_token="<image>"),
     "smolvlm": Architecture(

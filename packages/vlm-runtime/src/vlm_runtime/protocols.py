@@ -56,6 +56,8 @@ class GenerativeModel(Protocol):
 
 class PromptProcessor(Protocol):
     eos_token_ids: frozenset[int]
+    thinking_markers: tuple[str, str]
+    """(start, end) of the model's thinking block, e.g. ``("<think>", "</think>")``."""
 
     @property
     def supports_video(self) -> bool:

@@ -188,7 +188,7 @@ class RequestState:
         """The state of ``request`` before its first token; the clock starts now. Raises ValueError for a
         request that cannot run (a batch of prompts, thinking tokens the tokenizer does not know)."""
         prompt = request.prompt_ids
-        marks = resolve_thinking_tokens(request.thinking, processor.encode)
+        marks = resolve_thinking_tokens(request.thinking, processor.encode, processor.thinking_markers)
         inside = marks is not None and prompt_opens_thinking(prompt, marks)
         budget = None
         if marks is not None and request.thinking.budget is not None:

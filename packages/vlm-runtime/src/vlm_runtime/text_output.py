@@ -38,6 +38,8 @@ class TextOutput:
         self._detokenizer = StreamingDetokenizer(decode)
         self._stop = StopStrings(list(stop)) if stop else None
         self._answer_started = False
+        self._after_thinking = self.inside_thinking
+        """Whether the answer follows a thinking block (then its leading blank lines are the template's)."""
         self.stopped = False
 
     @property
@@ -54,6 +56,7 @@ class TextOutput:
             if opening != self.inside_thinking:
                 delta = self._switch()
                 self.inside_thinking = opening
+                self._after_thinking = self._after_thinking or opening
                 return delta
             return TextDelta()
         piece = self._detokenizer.add_token(token)
@@ -80,7 +83,7 @@ class TextOutput:
             return TextDelta(reasoning=piece)
         if not self._answer_started:
             # Templates put blank lines between the thinking block and the answer; the answer starts at its text.
-            piece = piece.lstrip() if self._thinking is not None else piece
+            piece = piece.lstrip() if self._after_thinking else piece
             if not piece:
                 return TextDelta()
             self._answer_started = True

@@ -1,7 +1,8 @@
 """Thinking blocks: where reasoning starts and ends, and a budget on its length.
 
-Reasoning models write ``<think> ... </think>`` before the answer. A budget caps the tokens inside the block:
-once spent, the runtime writes ``\\n`` and the end token itself, and the model continues with its answer.
+Reasoning models write ``<think> ... </think>`` before the answer (Gemma 4: ``<|channel> ... <channel|>``; a
+processor's ``thinking_markers`` say which). A budget caps the tokens inside the block: once spent, the runtime
+writes ``\\n`` and the end token itself, and the model continues with its answer.
 """
 
 from __future__ import annotations
@@ -9,21 +10,36 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["ThinkingConfig", "ThinkingTokens", "ThinkingBudget", "resolve_thinking_tokens", "prompt_opens_thinking"]
+__all__ = [
+    "DEFAULT_MARKERS",
+    "ThinkingConfig",
+    "ThinkingTokens",
+    "ThinkingBudget",
+    "resolve_thinking_tokens",
+    "prompt_opens_thinking",
+]
+
+DEFAULT_MARKERS = ("<think>", "</think>")
+"""The thinking block's markers for models that do not name their own."""
 
 
 @dataclass(frozen=True)
 class ThinkingConfig:
     budget: int | None = None
     """Tokens allowed inside the thinking block; None for no limit."""
-    start_token: str = "<think>"
-    end_token: str = "</think>"
+    start_token: str | None = None
+    """None: the model's own marker (its processor's ``thinking_markers``)."""
+    end_token: str | None = None
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.budget < 0:
             raise ValueError(f"thinking_budget must be >= 0, got {self.budget}")
-        if not self.start_token or not self.end_token:
+        if self.start_token == "" or self.end_token == "":
             raise ValueError("thinking start and end tokens must be non-empty")
+
+    def markers(self, model_markers: tuple[str, str] = DEFAULT_MARKERS) -> tuple[str, str]:
+        """(start, end): those given here, else the model's."""
+        return (self.start_token or model_markers[0], self.end_token or model_markers[1])
 
 
 @dataclass(frozen=True)
@@ -34,13 +50,17 @@ class ThinkingTokens:
     """What the runtime writes when the budget is spent: ``\\n`` then the end token."""
 
 
-def resolve_thinking_tokens(config: ThinkingConfig, encode: Callable[[str], list[int]]) -> ThinkingTokens | None:
-    """The token ids of the markers, or None where the tokenizer has no single token for them (no thinking)."""
-    start, end = encode(config.start_token), encode(config.end_token)
+def resolve_thinking_tokens(
+    config: ThinkingConfig, encode: Callable[[str], list[int]], model_markers: tuple[str, str] = DEFAULT_MARKERS
+) -> ThinkingTokens | None:
+    """The token ids of the markers (``config``'s, else ``model_markers``), or None where the tokenizer has no
+    single token for them (no thinking)."""
+    start_text, end_text = config.markers(model_markers)
+    start, end = encode(start_text), encode(end_text)
     if len(start) != 1 or len(end) != 1:
         if config.budget is not None:
             raise ValueError(
-                f"a thinking budget needs {config.start_token!r} and {config.end_token!r} to be single tokens of "
+                f"a thinking budget needs {start_text!r} and {end_text!r} to be single tokens of "
                 "this tokenizer; this model has no thinking block"
             )
         return None

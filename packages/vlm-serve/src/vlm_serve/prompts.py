@@ -72,7 +72,7 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
     enable = settings.enable_thinking if request.enable_thinking is None else request.enable_thinking
     if thinking.budget is not None:
         try:
-            resolve_thinking_tokens(thinking, loaded.processor.encode)
+            resolve_thinking_tokens(thinking, loaded.processor.encode, loaded.processor.thinking_markers)
         except ValueError as e:
             if request.thinking_budget is not None:
                 raise APIError(400, str(e), param="thinking_budget") from e
