@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .family import FamilyModel
+from .nn.kernel_linear import use_matvec_kernels
 from .nn.moe import QuantizedSwitchLinear, SwitchLinear
 
 __all__ = [
@@ -131,6 +132,7 @@ def quantize_layers(
     dtype = _model_float_dtype(model)
     nn.quantize(model, group_size=options.group_size, bits=options.bits, mode=options.mode, class_predicate=predicate)
     keep_embedding_dtype(model, dtype)
+    use_matvec_kernels(model)
     return quantized, kept
 
 
@@ -233,3 +235,4 @@ def apply_quantization(model: nn.Module, quantization: Mapping[str, Any], weight
         class_predicate=predicate,
     )
     keep_embedding_dtype(model, float_dtype(weights.values()))
+    use_matvec_kernels(model)
