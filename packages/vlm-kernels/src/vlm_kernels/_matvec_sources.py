@@ -23,7 +23,7 @@ _CUDA = """
 #define U4 uint4
 #define LOAD_U4(ptr, i) __ldg(reinterpret_cast<const uint4*>(ptr) + (i))
 #define AS_FLOAT(u) __uint_as_float(u)
-#define X_ALIGNED(p) ((reinterpret_cast<size_t>(p) & 15) == 0)
+#define X_ALIGNED(p) ((reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull)
 template <typename T>
 __device__ __forceinline__ void vlm_load_x8(const T* p, bool vec, float* v) {
   if (vec && sizeof(T) == 2) {
