@@ -1,13 +1,18 @@
-"""Batch-1 decode with and without ``vlm_kernels.quantized_matvec`` in the quantized linear layers, alternating in
-one process (a paired before/after): "kernel" is the default path on a CUDA GPU, "mlx" forces MLX's
-``quantized_matmul`` (``VLM_KERNELS_BACKEND=reference``). Same prompt, same greedy loop as profile_decode.py's
-pipelined one (each step queued before the previous token is read).
+"""Batch-1 decode before and after this branch's decode work, alternating in one process (paired runs):
+
+* ``mlx``: MLX's ``quantized_matmul`` (``VLM_KERNELS_BACKEND=reference``), every projection on its own (the before);
+* ``kernel``: ``vlm_kernels.quantized_matvec`` in the quantized layers, projections still separate;
+* ``kernel+fused``: the kernel, and q/k/v and gate/up fused into one product each (the default after loading).
+
+With ``--float`` the checkpoint stays float and the sides are ``separate`` / ``fused`` (MLX's matmul both).
+Same prompt, same greedy loop as profile_decode.py's pipelined one (each step queued before the previous token is
+read).
 
     python3 benchmarks/bench_matvec_decode.py --model /tmp/qwen2vl-2b-bf16 --bits 4 --group-size 64
 
-A float checkpoint is quantized in memory first. Reports tok/s per side (median over pairs), the ratio, the bytes
-of weights a token reads and the share of the device's bandwidth that makes, and how far the two sides' first
-logits and greedy tokens agree.
+A float checkpoint is quantized in memory first (unless --float). Reports tok/s per side (median over pairs), each
+side's ratio to the first (median of per-pair ratios), the bytes of weights a token reads and the share of the
+device's bandwidth that makes, and how far each side's first logits and greedy tokens agree with the first side's.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--peak-gbs", type=float, default=None)
+    parser.add_argument("--float", action="store_true", help="keep the checkpoint float: fused vs separate only")
     args = parser.parse_args(argv)
 
     import mlx.core as mx
@@ -35,16 +41,25 @@ def main(argv: list[str] | None = None) -> int:
     from vlm_kernels import dispatch
     from vlm_kernels.bench import device_peak_gbs
     from vlm_models import load
+    from vlm_models.nn.fused import fuse_projections
     from vlm_models.quantize import is_quantized, quantize_model
     from vlm_runtime import make_layer_caches
     from vlm_runtime.generate import prefill
     from vlm_runtime.protocols import PromptEmbedding
 
     model, _ = load(args.model)
-    if not is_quantized(model):
+    if not args.float and not is_quantized(model):
         quantize_model(model, bits=args.bits, group_size=args.group_size)
+    fuse_projections(model)
+    groups = [
+        (module, name, getattr(module, name))
+        for _, module in model.named_modules()
+        for name in ("_qkv", "_gate_up")
+        if getattr(module, name, None) is not None
+    ]
     mx.eval(model.parameters())
     ids = mx.array([[(i * 7919) % 1000 + 10 for i in range(args.context)]])
+    sides = ("separate", "fused") if args.float else ("mlx", "kernel", "kernel+fused")
 
     def use(side: str) -> None:
         if side == "mlx":
@@ -52,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             os.environ.pop(dispatch.BACKEND_ENV, None)
         dispatch.reread_environment()
+        fused = side in ("fused", "kernel+fused")
+        for module, name, group in groups:
+            setattr(module, name, group if fused else None)
 
     def step_fn(cache):
         return lambda token: model.compute_logits(
@@ -78,37 +96,38 @@ def main(argv: list[str] | None = None) -> int:
         tokens.append(nxt.item())
         return args.steps / (time.perf_counter() - tic), tokens, first
 
-    for side in ("kernel", "mlx"):  # warm up: kernels compile, graphs settle
+    for side in sides:  # warm up: kernels compile, graphs settle
         run(side)
-    speeds: dict[str, list[float]] = {"kernel": [], "mlx": []}
-    ratios = []
+    speeds: dict[str, list[float]] = {side: [] for side in sides}
     outputs = {}
     for _ in range(args.pairs):
-        for side in ("kernel", "mlx"):
+        for side in sides:
             speed, tokens, first = run(side)
             speeds[side].append(speed)
             outputs[side] = (tokens, first)
-        ratios.append(speeds["kernel"][-1] / speeds["mlx"][-1])
-    use("kernel")
+    use(sides[-1])
 
     lm_bytes = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if "visual" not in k and "vision" not in k)
     peak = args.peak_gbs or device_peak_gbs()
     name = mx.device_info().get("device_name", "?")
+    kind = "float" if args.float else f"{args.bits}-bit g{args.group_size}"
     print(
-        f"{args.model} | {args.bits}-bit g{args.group_size} | mlx {mx.__version__} on {name} | context {args.context}"
+        f"{args.model} | {kind} | mlx {mx.__version__} on {name} | context {args.context} | {len(groups)} fused groups"
     )
-    for side in ("kernel", "mlx"):
+    base = sides[0]
+    tokens_base, first_base = outputs[base]
+    for side in sides:
         tps = statistics.median(speeds[side])
+        ratio = statistics.median(a / b for a, b in zip(speeds[side], speeds[base]))
         share = f", {100 * lm_bytes * tps / 1e9 / peak:.1f}% of {peak:.0f} GB/s" if peak else ""
-        print(f"{side:7s} {tps:8.1f} tok/s  (pairs: {', '.join(f'{s:.1f}' for s in speeds[side])}{share})")
-    print(f"kernel / mlx: {statistics.median(ratios):.3f}x (median of per-pair ratios)")
+        tokens, first = outputs[side]
+        diff = float(mx.abs(first - first_base).max()) / max(float(mx.abs(first_base).max()), 1e-30)
+        same = next((i for i, (a, b) in enumerate(zip(tokens, tokens_base)) if a != b), len(tokens))
+        print(
+            f"{side:13s} {tps:8.1f} tok/s {ratio:6.3f}x {base} (pairs {', '.join(f'{s:.1f}' for s in speeds[side])}"
+            f"{share}); first logits off by {diff:.1e} of the largest; greedy tokens equal for {same}/{len(tokens)}"
+        )
     print(f"weights read per token (decoder, embeddings, head): {lm_bytes / 1e9:.3f} GB")
-    (tok_k, first_k), (tok_m, first_m) = outputs["kernel"], outputs["mlx"]
-    diff = float(mx.abs(first_k - first_m).max()) / max(float(mx.abs(first_m).max()), 1e-30)
-    same = next((i for i, (a, b) in enumerate(zip(tok_k, tok_m)) if a != b), len(tok_k))
-    print(
-        f"first-step logits: max difference {diff:.2e} of the largest; greedy tokens identical for {same} of {len(tok_k)}"
-    )
     return 0
 
 

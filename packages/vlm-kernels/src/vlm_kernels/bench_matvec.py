@@ -20,7 +20,14 @@ import mlx.core as mx
 from .dispatch import resolve
 from .quantized_matvec import DENSE_MATVEC, QUANTIZED_MATVEC, dense_matvec, quantized_matvec
 
-__all__ = ["DECODE_SHAPES", "MatvecRow", "format_matvec_table", "run_matvec_bench"]
+__all__ = [
+    "DECODE_SHAPES",
+    "MATVEC_HEADER",
+    "MatvecRow",
+    "format_matvec_row",
+    "format_matvec_table",
+    "run_matvec_bench",
+]
 
 DECODE_SHAPES = ((1536, 8960), (8960, 1536), (1536, 1536), (1536, 256), (1536, 151936))
 """(in, out) widths of a Qwen2-VL-2B decoder: gate/up, down, q/o, k/v, the vocabulary head."""
@@ -90,7 +97,9 @@ def run_matvec_bench(
     repeats: int,
     batch_calls: int,
     peak_gbs: float | None,
+    progress: Callable[[MatvecRow], None] | None = None,
 ) -> list[MatvecRow]:
+    """Every (kernel, shape, rows) case; ``progress`` sees each row as soon as it is timed."""
     results = []
     for kind in kernels:
         chosen = resolve(DENSE_MATVEC if kind == "matvec-bf16" else QUANTIZED_MATVEC, backend)
@@ -117,21 +126,28 @@ def run_matvec_bench(
                         speedup=mlx_seconds / seconds,
                     )
                 )
+                if progress is not None:
+                    progress(results[-1])
                 del ours, theirs
     return results
 
 
-def format_matvec_table(rows: list[MatvecRow], peak_gbs: float | None) -> str:
-    header = (
-        f"{'kernel':<16}{'backend':<11}{'rows':>5}{'K':>7}{'N':>8}{'MB':>8}{'ours µs':>10}{'GB/s':>8}{'% peak':>8}"
-        f"{'MLX µs':>9}{'MLX GB/s':>10}{'MLX %':>7}{'speedup':>9}"
+MATVEC_HEADER = (
+    f"{'kernel':<16}{'backend':<11}{'rows':>5}{'K':>7}{'N':>8}{'MB':>8}{'ours µs':>10}{'GB/s':>8}{'% peak':>8}"
+    f"{'MLX µs':>9}{'MLX GB/s':>10}{'MLX %':>7}{'speedup':>9}"
+)
+
+
+def format_matvec_row(r: MatvecRow, peak_gbs: float | None) -> str:
+    peak = "" if r.peak_pct is None else f"{r.peak_pct:.1f}"
+    mlx_peak = "" if peak_gbs is None else f"{100 * r.mlx_gbs / peak_gbs:.1f}"
+    return (
+        f"{r.kernel:<16}{r.backend:<11}{r.rows:>5}{r.in_features:>7}{r.out_features:>8}{r.bytes_moved / 1e6:>8.2f}"
+        f"{r.time_us:>10.1f}{r.gbs:>8.0f}{peak:>8}{r.mlx_us:>9.1f}{r.mlx_gbs:>10.0f}{mlx_peak:>7}{r.speedup:>8.2f}x"
     )
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        peak = "" if r.peak_pct is None else f"{r.peak_pct:.1f}"
-        mlx_peak = "" if peak_gbs is None else f"{100 * r.mlx_gbs / peak_gbs:.1f}"
-        lines.append(
-            f"{r.kernel:<16}{r.backend:<11}{r.rows:>5}{r.in_features:>7}{r.out_features:>8}{r.bytes_moved / 1e6:>8.2f}"
-            f"{r.time_us:>10.1f}{r.gbs:>8.0f}{peak:>8}{r.mlx_us:>9.1f}{r.mlx_gbs:>10.0f}{mlx_peak:>7}{r.speedup:>8.2f}x"
-        )
+
+
+def format_matvec_table(rows: list[MatvecRow], peak_gbs: float | None) -> str:
+    lines = [MATVEC_HEADER, "-" * len(MATVEC_HEADER)]
+    lines += [format_matvec_row(r, peak_gbs) for r in rows]
     return "\n".join(lines)

@@ -62,7 +62,7 @@ def _bench_matvec(args: argparse.Namespace, kernels: list[str]) -> int:
     import mlx.core as mx
 
     from .bench import device_peak_gbs
-    from .bench_matvec import DECODE_SHAPES, format_matvec_table, run_matvec_bench
+    from .bench_matvec import DECODE_SHAPES, MATVEC_HEADER, format_matvec_row, run_matvec_bench
 
     if any(k not in MATVEC_KERNELS for k in args.kernels):
         print("vlm-kernels bench: time matvec kernels and attention kernels in separate runs", file=sys.stderr)
@@ -71,14 +71,22 @@ def _bench_matvec(args: argparse.Namespace, kernels: list[str]) -> int:
     name = mx.device_info().get("device_name", "?")
     print(f"device: {mx.default_device()} ({name}), mlx {mx.__version__}, peak {peak or '?'} GB/s")
     shapes = args.shapes or list(DECODE_SHAPES)
+    print(MATVEC_HEADER, flush=True)
     try:
         rows = run_matvec_bench(
-            kernels, shapes, args.rows, args.group_size, args.backend, args.repeats, args.batch_calls, peak
+            kernels,
+            shapes,
+            args.rows,
+            args.group_size,
+            args.backend,
+            args.repeats,
+            args.batch_calls,
+            peak,
+            progress=lambda row: print(format_matvec_row(row, peak), flush=True),
         )
     except ValueError as error:
         print(f"vlm-kernels bench: {error}", file=sys.stderr)
         return 2
-    print(format_matvec_table(rows, peak))
     if args.json:
         device = {"device": str(mx.default_device()), "mlx": mx.__version__, **mx.device_info(), "peak_gbs": peak}
         Path(args.json).write_text(

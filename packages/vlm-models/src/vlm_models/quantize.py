@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .family import FamilyModel
+from .nn.fused import fuse_projections
 from .nn.kernel_linear import use_matvec_kernels
 from .nn.moe import QuantizedSwitchLinear, SwitchLinear
 
@@ -133,6 +134,7 @@ def quantize_layers(
     nn.quantize(model, group_size=options.group_size, bits=options.bits, mode=options.mode, class_predicate=predicate)
     keep_embedding_dtype(model, dtype)
     use_matvec_kernels(model)
+    fuse_projections(model)  # the quantized layers are new: fuse them again
     return quantized, kept
 
 
