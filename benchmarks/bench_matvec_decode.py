@@ -1,8 +1,10 @@
 """Batch-1 decode before and after this branch's decode work, alternating in one process (paired runs):
 
 * ``mlx``: MLX's ``quantized_matmul`` (``VLM_KERNELS_BACKEND=reference``), every projection on its own (the before);
-* ``kernel``: ``vlm_kernels.quantized_matvec`` in the quantized layers, projections still separate;
-* ``kernel+fused``: the kernel, and q/k/v and gate/up fused into one product each (the default after loading).
+* ``kernel``: ``vlm_kernels.quantized_matvec`` in the quantized layers (``VLM_KERNELS_BACKEND=cuda``), projections
+  still separate;
+* ``kernel+fused``: the kernel, and q/k/v and gate/up fused into one product each (fusing is the default after
+  loading).
 
 With ``--float`` the checkpoint stays float and the sides are ``separate`` / ``fused`` (MLX's matmul both).
 Same prompt, same greedy loop as profile_decode.py's pipelined one (each step queued before the previous token is
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     def use(side: str) -> None:
         if side == "mlx":
             os.environ[dispatch.BACKEND_ENV] = "reference"
+        elif side.startswith("kernel"):
+            os.environ[dispatch.BACKEND_ENV] = "cuda"  # whatever FAST_ROWS says: this measures the kernel
         else:
             os.environ.pop(dispatch.BACKEND_ENV, None)
         dispatch.reread_environment()

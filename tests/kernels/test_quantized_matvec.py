@@ -167,3 +167,15 @@ def test_cuda_source_in_the_cpu_emulation(monkeypatch, name: str) -> None:
     with cpu_emulator.installed(monkeypatch):
         out = run(case, data, "cuda")
     close(out, oracle(case, *data), case.dtype)
+
+
+def test_auto_keeps_mlx_until_the_kernel_is_measured_faster(monkeypatch) -> None:
+    from vlm_kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "available_backends", lambda: ("reference", "cuda"))
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    dispatch.reread_environment()
+    assert matvec_applies(qmv.QUANTIZED_MATVEC, 1) == (qmv.FAST_ROWS >= 1)
+    assert matvec_applies(qmv.QUANTIZED_MATVEC, MAX_ROWS, backend="cuda")
+    assert not matvec_applies(qmv.QUANTIZED_MATVEC, MAX_ROWS + 1, backend="cuda")
+    assert not matvec_applies(qmv.QUANTIZED_MATVEC, 1, backend="reference")

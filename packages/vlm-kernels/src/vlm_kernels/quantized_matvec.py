@@ -53,9 +53,12 @@ DENSE_MATVEC = Kernel(
 
 MAX_ROWS = 32
 """Rows of ``x`` the kernel takes; more rows (prefill) go to MLX's matrix product whatever the backend."""
-FAST_ROWS = 8
-"""Up to how many rows ``matvec_applies`` lets the kernel replace MLX's product (set from the H200 measurements
-of ``vlm-kernels bench --kernels matvec``: the kernel's CUDA-core arithmetic grows with the rows)."""
+FAST_ROWS = 0
+"""Up to how many rows ``matvec_applies`` lets the kernel replace MLX's product when nothing is forced. 0: the
+kernel passed its tests on an H200 but its speed there is not measured yet (the session's device time ran out), so
+auto keeps MLX's product; ``benchmarks/device_matvec.sh`` measures it, and this becomes the largest row count at
+which the kernel wins (its CUDA-core arithmetic grows with the rows). ``VLM_KERNELS_BACKEND=cuda`` uses the kernel
+for up to ``MAX_ROWS`` rows now."""
 _THREADS = 256
 _ROW_TILE = 8  # rows accumulated in registers per block; more rows take more blocks along grid y
 _WANTED_THREADS = 32768  # enough threads in flight to cover an H200's memory latency
@@ -225,8 +228,9 @@ def dense_matvec(x: mx.array, weight: mx.array, *, bias: mx.array | None = None,
 
 def matvec_applies(kernel: Kernel, rows: int, backend: str | None = None) -> bool:
     """Whether a caller with MLX's product as its own path (a model's linear layer) should call ``kernel`` for
-    ``rows`` rows: where auto (or the forced backend) picks a fast version and the rows are few enough for the
-    kernel to be the faster (``FAST_ROWS``). A forced ``reference`` says no."""
+    ``rows`` rows: a fast backend forced by name (argument or ``VLM_KERNELS_BACKEND``) for up to ``MAX_ROWS``
+    rows; under auto, a fast version for up to ``FAST_ROWS`` rows (the rows at which it was measured faster). A
+    forced ``reference`` says no."""
     if resolve(kernel, backend) == "reference":
         return False
     limit = MAX_ROWS if requested_backend(backend) != "auto" else FAST_ROWS

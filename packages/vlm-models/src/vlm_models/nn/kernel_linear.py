@@ -1,6 +1,7 @@
 """Quantized linear and embedding layers whose decode-time products go through ``vlm_kernels.quantized_matvec``
-where that kernel is the faster (a CUDA GPU, a few rows: ``matvec_applies``), and through MLX's own
-``quantized_matmul`` everywhere else (prefill, the CPU, Apple GPUs, formats other than affine 4/8-bit).
+where ``matvec_applies`` says so (a CUDA GPU, a few rows, and either measured faster or ``VLM_KERNELS_BACKEND=cuda``)
+and through MLX's own ``quantized_matmul`` everywhere else (prefill, the CPU, Apple GPUs, formats other than affine
+4/8-bit).
 
 Same parameters as MLX's layers, so checkpoints load and save unchanged; ``use_matvec_kernels`` re-types the
 loaded layers in place (no re-quantizing). The kernel computes in float32 what MLX computes in the activations'
