@@ -6,7 +6,8 @@
 * ``kernel+fused``: the kernel, and q/k/v and gate/up fused into one product each (fusing is the default after
   loading).
 
-With ``--float`` the checkpoint stays float and the sides are ``separate`` / ``fused`` (MLX's matmul both).
+With ``--fusion-only`` (or ``--float``, which keeps the checkpoint float) the sides are ``separate`` / ``fused``, MLX's
+products both: this one runs on any device.
 Same prompt, same greedy loop as profile_decode.py's pipelined one (each step queued before the previous token is
 read).
 
@@ -34,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--peak-gbs", type=float, default=None)
-    parser.add_argument("--float", action="store_true", help="keep the checkpoint float: fused vs separate only")
+    parser.add_argument("--float", action="store_true", help="keep the checkpoint float (implies --fusion-only)")
+    parser.add_argument(
+        "--fusion-only",
+        action="store_true",
+        help="sides: separate vs fused projections, MLX's products both (any device)",
+    )
     args = parser.parse_args(argv)
 
     import mlx.core as mx
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     mx.eval(model.parameters())
     ids = mx.array([[(i * 7919) % 1000 + 10 for i in range(args.context)]])
-    sides = ("separate", "fused") if args.float else ("mlx", "kernel", "kernel+fused")
+    sides = ("separate", "fused") if args.float or args.fusion_only else ("mlx", "kernel", "kernel+fused")
 
     def use(side: str) -> None:
         if side == "mlx":
