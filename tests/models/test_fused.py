@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from vlm_models import load
@@ -56,3 +57,18 @@ def test_saved_checkpoint_is_unchanged(tmp_path: Path) -> None:
     assert set(saved) == set(original)
     for key, value in original.items():
         assert saved[key].dtype == value.dtype and mx.array_equal(saved[key], value), key
+
+
+def test_replacing_layers_fuses_the_new_ones() -> None:
+    """Dequantizing (like quantizing, or merging adapters) swaps the layers: the fusion follows the new ones."""
+    from vlm_models.quantize import dequantize_model
+
+    model, _ = load(FIXTURES / "qwen2_vl" / "mlx_community_4bit")
+    attention = next(m for _, m in model.named_modules() if isinstance(m, Attention) and m._qkv is not None)
+    assert isinstance(attention._qkv.fused, nn.QuantizedLinear)
+    dequantize_model(model)
+    layers = (attention.q_proj, attention.k_proj, attention.v_proj)
+    assert type(attention._qkv.fused) is nn.Linear
+    x = mx.random.normal((1, 3, attention.q_proj.weight.shape[1]))
+    for ours, separate in zip(attention._qkv(x, layers), (layer(x) for layer in layers)):
+        np.testing.assert_allclose(np.array(ours), np.array(separate), atol=1e-5)

@@ -214,6 +214,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             replacements.append((path, module.to_float(dtype)))
     if replacements:
         model.update_modules(tree_unflatten(replacements))
+        fuse_projections(model)  # the float layers are new: fuse them again (and let the quantized fusion go)
     return model
 
 
