@@ -32,6 +32,7 @@ __all__ = [
 DECODE_SHAPES = ((1536, 8960), (8960, 1536), (1536, 1536), (1536, 256), (1536, 151936))
 """(in, out) widths of a Qwen2-VL-2B decoder: gate/up, down, q/o, k/v, the vocabulary head."""
 _FLUSH_BYTES = 256e6  # weight copies per timing: past L2
+_MAX_COPIES = 256  # 256 copies of the smallest decode weight (k/v, 0.2 MB at 4 bits) still overflow 50 MB
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,17 @@ def _timed(calls: list[Callable[[], mx.array]], repeats: int, batch_calls: int) 
     return statistics.median(samples)
 
 
+def _copies(nbytes: int) -> int:
+    return max(1, min(_MAX_COPIES, math.ceil(_FLUSH_BYTES / nbytes)))
+
+
 def _case(kind: str, rows: int, in_features: int, out_features: int, group_size: int, backend: str | None):
     """(ours, MLX's) call lists over fresh weight copies, and the bytes one call moves."""
     x = mx.random.normal((rows, in_features)).astype(mx.bfloat16)
     weight = (mx.random.normal((out_features, in_features)) * 0.02).astype(mx.bfloat16)
     if kind == "matvec-bf16":
         one = weight.nbytes
-        copies = [weight] + [weight + 0 for _ in range(max(0, math.ceil(_FLUSH_BYTES / one) - 1))]
+        copies = [weight] + [weight + 0 for _ in range(_copies(one) - 1)]
         mx.eval(x, copies)
         nbytes = one + x.nbytes + rows * out_features * 2
         ours = [lambda w=w: dense_matvec(x, w, backend=backend) for w in copies]
@@ -80,7 +85,7 @@ def _case(kind: str, rows: int, in_features: int, out_features: int, group_size:
     bits = int(kind.split("-")[1])
     parts = mx.quantize(weight, group_size=group_size, bits=bits)
     one = sum(p.nbytes for p in parts)
-    copies = [parts] + [tuple(p + 0 for p in parts) for _ in range(max(0, math.ceil(_FLUSH_BYTES / one) - 1))]
+    copies = [parts] + [tuple(p + 0 for p in parts) for _ in range(_copies(one) - 1)]
     mx.eval(x, copies)
     nbytes = one + x.nbytes + rows * out_features * 2
     ours = [lambda p=p: quantized_matvec(x, *p, bits=bits, group_size=group_size, backend=backend) for p in copies]
