@@ -56,6 +56,13 @@ static inline float shfl_xor(float v, int o) {
 typedef uint32_t U32;
 typedef unsigned long long U64;
 typedef long long I64;
+#include <bit>
+struct uint4 { uint32_t x, y, z, w; };
+#define U4 uint4
+#define LOAD_U4(ptr, i) (uint4{(ptr)[4 * (i)], (ptr)[4 * (i) + 1], (ptr)[4 * (i) + 2], (ptr)[4 * (i) + 3]})
+#define AS_FLOAT(u) std::bit_cast<float>((uint32_t)(u))
+#define X_ALIGNED(p) false
+#define LOAD_X8(p, vec, v) for (int _i = 0; _i < 8; ++_i) (v)[_i] = static_cast<float>((p)[_i])
 """
 
 _CUDA_IDS = "const int tid = threadIdx.x; const int bx = blockIdx.x; const int by = blockIdx.y;"
@@ -129,12 +136,17 @@ extern "C" void launch(void** a, int gx, int gy, int nt) {{
 @contextlib.contextmanager
 def installed(monkeypatch) -> Iterator[None]:
     """Within the block, the "cuda" backend runs the emulated kernels."""
-    from vlm_kernels import decode_attention, dispatch
+    from vlm_kernels import decode_attention, dispatch, quantized_matvec
 
     with tempfile.TemporaryDirectory() as build:
         monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: _Kernel(Path(build), **kw))
         monkeypatch.setattr(dispatch, "available_backends", lambda: ("reference", "cuda"))
-        caches = (dispatch.cuda_kernel, decode_attention._decode_kernel, decode_attention._combine_kernel)
+        caches = (
+            dispatch.cuda_kernel,
+            decode_attention._decode_kernel,
+            decode_attention._combine_kernel,
+            quantized_matvec._kernel,
+        )
         for cache in caches:
             cache.cache_clear()
         try:

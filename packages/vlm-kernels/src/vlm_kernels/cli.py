@@ -15,10 +15,14 @@ def _bench(args: argparse.Namespace) -> int:
 
     from .bench import KERNELS, Shape, device_peak_gbs, format_table, rows_json, run_bench
 
-    unknown = sorted(set(args.kernels) - set(KERNELS))
+    known = (*KERNELS, *MATVEC_KERNELS)
+    unknown = sorted(set(args.kernels) - set(known))
     if unknown:
-        print(f"vlm-kernels bench: unknown kernel {unknown[0]!r}; choose from {', '.join(KERNELS)}", file=sys.stderr)
+        print(f"vlm-kernels bench: unknown kernel {unknown[0]!r}; choose from {', '.join(known)}", file=sys.stderr)
         return 2
+    matvec = [k for k in args.kernels if k in MATVEC_KERNELS]
+    if matvec:
+        return _bench_matvec(args, matvec)
     if args.heads % args.kv_heads:
         print(
             f"vlm-kernels bench: --heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}", file=sys.stderr
@@ -40,16 +44,69 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+MATVEC_KERNELS = ("matvec-4", "matvec-8", "matvec-bf16")
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KxN (input x output widths), e.g. 1536x8960") from None
+    return k, n
+
+
+def _bench_matvec(args: argparse.Namespace, kernels: list[str]) -> int:
+    import json
+    from dataclasses import asdict
+
+    import mlx.core as mx
+
+    from .bench import device_peak_gbs
+    from .bench_matvec import DECODE_SHAPES, MATVEC_HEADER, format_matvec_row, run_matvec_bench
+
+    if any(k not in MATVEC_KERNELS for k in args.kernels):
+        print("vlm-kernels bench: time matvec kernels and attention kernels in separate runs", file=sys.stderr)
+        return 2
+    peak = args.peak_gbs if args.peak_gbs is not None else device_peak_gbs()
+    name = mx.device_info().get("device_name", "?")
+    print(f"device: {mx.default_device()} ({name}), mlx {mx.__version__}, peak {peak or '?'} GB/s")
+    shapes = args.shapes or list(DECODE_SHAPES)
+    print(MATVEC_HEADER, flush=True)
+    try:
+        rows = run_matvec_bench(
+            kernels,
+            shapes,
+            args.rows,
+            args.group_size,
+            args.backend,
+            args.repeats,
+            args.batch_calls,
+            peak,
+            progress=lambda row: print(format_matvec_row(row, peak), flush=True),
+        )
+    except ValueError as error:
+        print(f"vlm-kernels bench: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        device = {"device": str(mx.default_device()), "mlx": mx.__version__, **mx.device_info(), "peak_gbs": peak}
+        Path(args.json).write_text(
+            json.dumps({"device": device, "rows": [asdict(r) for r in rows]}, indent=2, default=str)
+        )
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from .decode_attention import AFFINE_DECODE, TURBOQUANT_DECODE
     from .dispatch import BACKEND_ENV, METAL_OPT_IN_ENV, available_backends, resolve
+    from .quantized_matvec import DENSE_MATVEC, QUANTIZED_MATVEC
     from .turboquant import ENCODE
 
     print(
         f"available backends: {', '.join(available_backends())} ({BACKEND_ENV} forces one; {METAL_OPT_IN_ENV}=1 "
         "opts in to Metal kernels that never ran on Apple hardware)"
     )
-    for kernel in (ENCODE, TURBOQUANT_DECODE, AFFINE_DECODE):
+    for kernel in (ENCODE, TURBOQUANT_DECODE, AFFINE_DECODE, QUANTIZED_MATVEC, DENSE_MATVEC):
         verified = "; ".join(f"{b}: {kernel.verified_on(b)}" for b in ("reference", *kernel.fast))
         print(f"{kernel.name:<30} runs on {resolve(kernel):<10} | verified: {verified}")
     return 0
@@ -59,12 +116,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlm-kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="time the kernels against float16 SDPA on this device")
-    bench.add_argument("--kernels", nargs="+", default=["turboquant-3.5", "affine-8", "affine-4"])
+    bench.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["turboquant-3.5", "affine-8", "affine-4"],
+        help="decode attention: turboquant-*, affine-*; skinny products: matvec-4, matvec-8, matvec-bf16",
+    )
     bench.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--heads", type=int, default=12)
     bench.add_argument("--kv-heads", type=int, default=2)
     bench.add_argument("--head-dim", type=int, default=128)
+    bench.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32], help="matvec: rows of x")
+    bench.add_argument("--shapes", type=_shape, nargs="+", default=None, help="matvec: KxN widths (default: 2B decode)")
+    bench.add_argument("--group-size", type=int, default=64, help="matvec: quantization group size")
     bench.add_argument("--backend", default=None, help="reference, cuda, metal or auto (default: auto)")
     bench.add_argument("--repeats", type=int, default=20)
     bench.add_argument("--batch-calls", type=int, default=10, help="independent calls evaluated per timing")

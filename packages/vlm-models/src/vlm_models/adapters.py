@@ -23,6 +23,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .family import FamilyModel
+from .nn.fused import fuse_projections
+from .nn.kernel_linear import use_matvec_kernels
 
 __all__ = [
     "ADAPTER_CONFIG_FILE",
@@ -196,6 +198,8 @@ def fuse_lora(model: nn.Module, *, dequantize: bool = False) -> int:
     fused = [(path, m.fuse(dequantize=dequantize)) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
     if fused:
         model.update_modules(tree_unflatten(fused))
+        use_matvec_kernels(model)  # the merged layers are new: kernel-backed and fused again, as after loading
+        fuse_projections(model)
     return len(fused)
 
 

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError
 from .inputs import Processor, load_chat_template
+from .nn.fused import fuse_projections
 from .quantize import apply_quantization
 from .registry import Architecture, architecture_of
 
@@ -126,6 +127,9 @@ def load_model(path: Path, config: Mapping[str, Any], arch: Architecture) -> nn.
             f"checkpoint {tuple(weights[k].shape)}, config implies {tuple(expected[k].shape)}"
         )
     model.load_weights(list(weights.items()))
+    weights.clear()  # the fused projections replace these arrays by views: let the originals go
+    stored.clear()
+    fuse_projections(model)
     mx.eval(model.parameters())
     model.eval()
     return model

@@ -13,6 +13,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .family import FamilyModel
+from .nn.fused import fuse_projections
+from .nn.kernel_linear import use_matvec_kernels
 from .nn.moe import QuantizedSwitchLinear, SwitchLinear
 
 __all__ = [
@@ -131,6 +133,8 @@ def quantize_layers(
     dtype = _model_float_dtype(model)
     nn.quantize(model, group_size=options.group_size, bits=options.bits, mode=options.mode, class_predicate=predicate)
     keep_embedding_dtype(model, dtype)
+    use_matvec_kernels(model)
+    fuse_projections(model)  # the quantized layers are new: fuse them again
     return quantized, kept
 
 
@@ -210,6 +214,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             replacements.append((path, module.to_float(dtype)))
     if replacements:
         model.update_modules(tree_unflatten(replacements))
+        fuse_projections(model)  # the float layers are new: fuse them again (and let the quantized fusion go)
     return model
 
 
@@ -233,3 +238,4 @@ def apply_quantization(model: nn.Module, quantization: Mapping[str, Any], weight
         class_predicate=predicate,
     )
     keep_embedding_dtype(model, float_dtype(weights.values()))
+    use_matvec_kernels(model)

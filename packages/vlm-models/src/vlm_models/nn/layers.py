@@ -8,6 +8,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from .fused import FusedLinears
 from .rope import Rotate
 
 __all__ = ["Attention", "GatedMLP", "MLP", "DecoderLayer", "ACTIVATIONS", "gated_activation"]
@@ -54,13 +55,17 @@ class Attention(nn.Module):
         if qk_norm is not None:
             self.q_norm = qk_norm(head_dim)
             self.k_norm = qk_norm(head_dim)
+        self._qkv: FusedLinears | None = None  # set at load by fuse_projections
 
     def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Queries, keys and values as (batch, heads, length, head_dim), before rotation."""
         batch, length, _ = x.shape
-        q = self.q_proj(x).reshape(batch, length, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        fused = self._qkv(x, layers) if self._qkv is not None else None
+        q, k, v = fused if fused is not None else (layer(x) for layer in layers)
+        q = q.reshape(batch, length, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
@@ -100,9 +105,12 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self._gated = gated_activation(act)
+        self._gate_up: FusedLinears | None = None  # set at load by fuse_projections
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self._gated(self.gate_proj(x), self.up_proj(x)))
+        fused = self._gate_up(x, (self.gate_proj, self.up_proj)) if self._gate_up is not None else None
+        gate, up = fused if fused is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self._gated(gate, up))
 
 
 class MLP(nn.Module):
