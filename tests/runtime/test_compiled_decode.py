@@ -106,3 +106,29 @@ def test_a_model_the_static_caches_cannot_serve_falls_back_with_a_warning() -> N
         warnings.simplefilter("error")  # remembered: no second attempt, no second warning
         again = [r.token for r in stream_generate(model, PROCESSOR, "xy", max_tokens=6, ignore_eos=True)]
     assert first == plain == again
+
+
+def test_buffers_grow_a_bucket_at_a_time(monkeypatch) -> None:
+    """A long allowance does not size the buffers up front: they hold at most one bucket more than the tokens
+    so far, are replaced by larger ones as decoding goes on, and the tokens stay those of the plain step."""
+    import importlib
+
+    module = importlib.import_module("vlm_runtime.compiled_decode")
+    generation = importlib.import_module("vlm_runtime.generate")  # the module, not the function of that name
+
+    monkeypatch.setattr(module, "CAPACITY_STEP", 8)
+    monkeypatch.setattr(generation, "CAPACITY_STEP", 8)
+    sizes = []
+
+    def recording(model, caches, capacity):
+        decoder = module.compiled_decode(model, caches, capacity)
+        sizes.append((caches[0].offset, decoder.room))
+        return decoder
+
+    monkeypatch.setattr(generation, "compiled_decode", recording)
+    compiled = tokens("abcdef", max_tokens=30, compile_decode=True)
+    assert compiled == tokens("abcdef", max_tokens=30, compile_decode=False)
+    assert len(sizes) >= 3  # 6 prompt tokens + 29 decode steps through buckets of 8
+    # Never more slots than the next bucket boundary past the tokens held plus one bucket.
+    assert all(0 < room and offset + room <= -(-(offset + 8) // 8) * 8 for offset, room in sizes)
+    assert [offset for offset, _ in sizes] == sorted(offset for offset, _ in sizes)

@@ -248,16 +248,23 @@ STATIC_TWINS: dict[type, Callable[[Any, int], _Static]] = {
 class CompiledDecode:
     """One compiled decode step over static twins of a model's prefilled caches."""
 
-    def __init__(self, step: Callable[..., mx.array], layers: list[_Static], forget: Callable[[], None]) -> None:
+    def __init__(
+        self, step: Callable[..., mx.array], layers: list[_Static], forget: Callable[[], None], room: int
+    ) -> None:
         self._step = step
         self.layers = layers
         self._forget = forget
         self.steps_taken = 0
+        self.room = room
+        """Tokens the static buffers can still take (a sliding-window ring never fills)."""
 
     def __call__(self, tokens: mx.array) -> mx.array:
         """Logits (batch, vocab) for one new token per row; the caches advance by one."""
+        if self.room <= 0:
+            raise ValueError("the static caches are full: write them back and make a larger step")
         logits = self._step(tokens)
         self.steps_taken += 1
+        self.room -= 1
         return logits
 
     def give_up(self, reason: Exception) -> None:
@@ -319,7 +326,7 @@ def compiled_decode(model: GenerativeModel, caches: Sequence[Any], capacity: int
     compiled, holders, _ = steps[key]
     for holder, static in zip(holders, layers):
         holder.arrays.update(static.arrays)  # this generation's caches in the compiled step's slots
-    return CompiledDecode(compiled, holders, lambda: steps.__setitem__(key, None))
+    return CompiledDecode(compiled, holders, lambda: steps.__setitem__(key, None), capacity - caches[0].offset)
 
 
 def _weights_of(model: Any) -> list[mx.array]:

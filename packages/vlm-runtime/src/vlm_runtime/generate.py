@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from .cache import Cache
 from .cache_settings import CacheSettings, make_layer_caches
-from .compiled_decode import CompiledDecode, compiled_decode
+from .compiled_decode import CAPACITY_STEP, CompiledDecode, compiled_decode
 from .prefill import drop_prefix, prefill
 from .prompt_cache import PromptCache, media_key
 from .protocols import GenerativeModel, PromptProcessor
@@ -109,10 +109,19 @@ class _Decoder:
     """The decode step of one generation: compiled over static caches where every layer has a static twin,
     else the plain graph over the caches themselves."""
 
-    def __init__(self, model: GenerativeModel, cache: list[Cache], compiled: CompiledDecode | None) -> None:
+    def __init__(
+        self, model: GenerativeModel, cache: list[Cache], compiled: CompiledDecode | None, remaining: int
+    ) -> None:
         self.model, self.cache, self.compiled = model, cache, compiled
+        self.remaining = remaining
+        """Decode steps the generation may still ask for (its max_tokens)."""
 
     def __call__(self, token: mx.array) -> mx.array:
+        self.remaining -= 1
+        if self.compiled is not None and self.compiled.room == 0:
+            # The buffers are sized a bucket at a time (attention reads all of them every step): grow by one.
+            self.compiled.write_back(self.cache)
+            self.compiled = compiled_decode(self.model, self.cache, _capacity(self.cache, self.remaining + 1))
         if self.compiled is not None:
             try:
                 return self.compiled(token)
@@ -133,8 +142,14 @@ def _decoder(model: GenerativeModel, cache: list[Cache], config: GenerationConfi
     compiled = None
     wanted = config.compile_decode if config.compile_decode is not None else mx.default_device() == mx.cpu
     if wanted and config.max_tokens > 1 and cache:
-        compiled = compiled_decode(model, cache, capacity=cache[0].offset + config.max_tokens)
-    return _Decoder(model, cache, compiled)
+        compiled = compiled_decode(model, cache, _capacity(cache, config.max_tokens))
+    return _Decoder(model, cache, compiled, config.max_tokens)
+
+
+def _capacity(cache: list[Cache], tokens: int) -> int:
+    """Static buffers for the next ``tokens`` decode steps, at most one bucket beyond what the caches hold: a
+    generation allowed 100k tokens that stops after 50 must not attend over 100k empty slots each step."""
+    return cache[0].offset + min(tokens, CAPACITY_STEP)
 
 
 def media_list(media: Any) -> list[Any]:
