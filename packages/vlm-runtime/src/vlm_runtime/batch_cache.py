@@ -45,6 +45,8 @@ class _LeftPadded:
     running batch with ``merge`` / ``extend`` between decode steps, and drops finished rows with ``filter``.
     """
 
+    splits_into_blocks = False  # rows padded differently share each column
+
     offset: int
     position_delta: mx.array | int
     step: int  # the stored kind's growth step (KVCache's, QuantizedKVCache's)
