@@ -52,7 +52,7 @@ def last_logits(loaded, images: list[Path], cache: PrefixCache | None) -> tuple[
 
 
 def first_image_position(loaded, images: list[Path]) -> int:
-    model, processor = loaded
+    processor = loaded[1]
     inputs = processor.prepare_inputs(media_prompt(processor, "Describe.", len(images)), images)
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     return inputs["input_ids"][0].tolist().index(image_id)
