@@ -4,6 +4,7 @@ equal to cold ones, tenants apart, eviction, skipped cache kinds, and the disk t
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -305,3 +306,37 @@ def test_leftover_temporary_files_are_removed_on_start(tmp_path):
     (tmp_path / ".tmp-abc-1-2").write_bytes(b"partial")
     disk_cache(tmp_path).close()
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+# -- the batching engine
+
+
+def test_32_threads_with_shared_and_private_prefixes_get_their_outputs_alone(toy):
+    """Clients submitting at once, some sharing a system prompt (in two tenants), some with one of their own;
+    twice over, so the second round hits blocks the first stored while other rows decode."""
+    from vlm_runtime import Engine, GenerationConfig, Request, generate
+
+    model, processor = toy
+    prompts = [(SYSTEM if i % 3 else f"private {i} " * 9) + f"question {i}?" for i in range(32)]
+    tenants = ["a" if i % 2 else "b" for i in range(32)]
+    expected = [generate(model, processor, p, max_tokens=6, ignore_eos=True).text for p in prompts]
+    config = GenerationConfig(max_tokens=6, ignore_eos=True)
+    cache = PrefixCache(PrefixCacheSettings(block_size=8, max_blocks=200))
+    with Engine(model, processor, max_batch_size=8, prefix_cache=cache) as engine:
+        for _ in range(2):
+            results: dict[int, tuple[str, int]] = {}
+
+            def client(i: int) -> None:
+                request = Request(processor.prepare_inputs(prompts[i]), config=config, prefix_cache_tenant=tenants[i])
+                events = list(engine.submit(request))
+                results[i] = ("".join(e.text for e in events), events[-1].cached_tokens)
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert [results[i][0] for i in range(32)] == expected
+    stats = cache.stats()
+    assert stats.hits >= 32 and stats.misses + stats.hits == 64
+    assert all(results[i][1] > 0 for i in range(32))  # the second round: every prompt was seen before
