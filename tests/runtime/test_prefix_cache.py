@@ -326,7 +326,7 @@ def test_32_threads_with_shared_and_private_prefixes_get_their_outputs_alone(toy
         for _ in range(2):
             results: dict[int, tuple[str, int]] = {}
 
-            def client(i: int) -> None:
+            def client(i: int, results: dict[int, tuple[str, int]] = results) -> None:
                 request = Request(processor.prepare_inputs(prompts[i]), config=config, prefix_cache_tenant=tenants[i])
                 events = list(engine.submit(request))
                 results[i] = ("".join(e.text for e in events), events[-1].cached_tokens)
