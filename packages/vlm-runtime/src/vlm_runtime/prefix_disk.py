@@ -2,8 +2,8 @@
 
 A restarted server finds what the previous process wrote, so a shard must never be half there or silently
 wrong: it is written to a temporary file, fsynced and renamed into place (a reader sees the old state or the
-new, never a part), on a thread of its own (the generation thread only copies the arrays to host memory), and
-it carries a SHA-256 of its index and data. A shard that fails to parse or to match its checksum is removed
+new, never a part), on a thread of its own (the generation thread only hands over evaluated arrays), and
+it carries a SHA-256 of its index and data (computed on the writer thread too). A shard that fails to parse or to match its checksum is removed
 and counted, never loaded. Over the cap, the least recently used shards go first (reads touch a shard's
 modification time, so the order survives restarts).
 
@@ -21,6 +21,7 @@ import queue
 import struct
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -56,27 +57,39 @@ class CorruptShard(ValueError):
     """A shard that does not parse or does not match its checksum."""
 
 
-def _encode(key: str, block: Block) -> tuple[bytes, bytes]:
-    """A block as (safetensors header, data); the arrays are copied to host memory here."""
+@dataclass
+class _Pending:
+    """A block on its way to disk: each array's dtype and shape, and its bytes as an evaluated uint8 view
+    (the writer thread reads those through the buffer protocol: no MLX work off the generation thread)."""
+
+    key: str
+    kinds: tuple[tuple[str, str], ...]
+    arrays: list[list[tuple[str, list[int], mx.array]]]
+
+    @classmethod
+    def of(cls, key: str, block: Block) -> _Pending:
+        arrays = [[(_DTYPES[a.dtype], list(a.shape), a.view(mx.uint8)) for a in layer] for layer in block.layers]
+        mx.eval([raw for layer in arrays for _, _, raw in layer])
+        return cls(key, block.kinds, arrays)
+
+
+def _encode(pending: _Pending) -> tuple[bytes, bytes]:
+    """A block as (safetensors header, data)."""
     index: dict[str, dict[str, object]] = {}
     chunks: list[bytes] = []
     offset = 0
-    for i, layer in enumerate(block.layers):
-        for j, array in enumerate(layer):
-            data = np.array(array.view(mx.uint8)).tobytes()
-            index[f"layer.{i}.{j}"] = {
-                "dtype": _DTYPES[array.dtype],
-                "shape": list(array.shape),
-                "data_offsets": [offset, offset + len(data)],
-            }
+    for i, layer in enumerate(pending.arrays):
+        for j, (dtype, shape, raw) in enumerate(layer):
+            data = memoryview(raw).tobytes()
+            index[f"layer.{i}.{j}"] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
             chunks.append(data)
             offset += len(data)
     data = b"".join(chunks)
     own = {
         "format": _FORMAT,
-        "key": key,
-        "kinds": json.dumps(block.kinds),
-        "n_arrays": json.dumps([len(layer) for layer in block.layers]),
+        "key": pending.key,
+        "kinds": json.dumps(pending.kinds),
+        "n_arrays": json.dumps([len(layer) for layer in pending.arrays]),
     }
     own["sha256"] = _checksum(own, index, data)
     header = json.dumps({**index, "__metadata__": own}, sort_keys=True).encode()
@@ -129,7 +142,7 @@ class DiskTier:
         self._sizes: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self.writes = self.reads = self.corrupt = self.evictions = 0
         self._scan()
-        self._queue: queue.Queue[tuple[str, bytes, bytes] | None] = queue.Queue()
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name="vlm-prefix-disk", daemon=True)
         self._writer.start()
 
@@ -161,11 +174,10 @@ class DiskTier:
             return len(self._sizes)
 
     def write(self, key: str, block: Block) -> None:
-        """Queue ``block`` for writing (its arrays are copied to host memory now, on this thread)."""
+        """Queue ``block`` for writing; the writer thread hashes and writes it."""
         if key in self:
             return
-        header, data = _encode(key, block)
-        self._queue.put((key, header, data))
+        self._queue.put(_Pending.of(key, block))
 
     def read(self, key: str) -> Block | None:
         """The block stored under ``key``; None when there is none, or it was corrupt (then it is removed)."""
@@ -219,7 +231,7 @@ class DiskTier:
             try:
                 if item is None:
                     return
-                self._write(*item)
+                self._write(item.key, *_encode(item))
             except OSError as error:  # a full or read-only disk costs the tier, never the generation
                 _log.warning("prefix cache: cannot write a shard to %s: %s", self.folder, error)
             finally:
