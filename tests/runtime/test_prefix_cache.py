@@ -302,10 +302,16 @@ def test_a_disk_tier_needs_a_model_id(tmp_path):
         PrefixCache(PrefixCacheSettings(disk_dir=tmp_path))
 
 
-def test_leftover_temporary_files_are_removed_on_start(tmp_path):
-    (tmp_path / ".tmp-abc-1-2").write_bytes(b"partial")
+def test_stale_temporary_files_are_removed_on_start_and_fresh_ones_kept(tmp_path):
+    import os
+    import time
+
+    stale, fresh = tmp_path / ".tmp-abc-1-2", tmp_path / ".tmp-def-3-4"
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"another process writing")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
     disk_cache(tmp_path).close()
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert not stale.exists() and fresh.exists()
 
 
 # -- the batching engine

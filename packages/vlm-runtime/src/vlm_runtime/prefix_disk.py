@@ -20,6 +20,7 @@ import os
 import queue
 import struct
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ __all__ = ["DiskTier"]
 _log = logging.getLogger("vlm_runtime.prefix_cache")
 
 SUFFIX = ".safetensors"
+STALE_TEMPORARY_S = 600.0
+"""A temporary file older than this is a write that died with its process; a younger one may be another
+process's write under way."""
 _FORMAT = "vlm_runtime.prefix_block/1"
 _DTYPES = {
     mx.bool_: "BOOL",
@@ -148,9 +152,11 @@ class DiskTier:
 
     def _scan(self) -> None:
         found = []
+        stale = time.time() - STALE_TEMPORARY_S
         for path in self.folder.glob("*"):
             if path.name.startswith(".tmp-"):
-                path.unlink(missing_ok=True)  # a write a previous process never finished
+                if path.stat().st_mtime < stale:  # a write a previous process never finished (not one under way)
+                    path.unlink(missing_ok=True)
             elif path.suffix == SUFFIX:
                 stat = path.stat()
                 found.append((stat.st_mtime, path.stem, stat.st_size))
@@ -240,13 +246,17 @@ class DiskTier:
     def _write(self, key: str, header: bytes, data: bytes) -> None:
         final = self._path(key)
         temporary = self.folder / f".tmp-{key}-{os.getpid()}-{threading.get_ident()}"
-        with open(temporary, "wb") as file:
-            file.write(struct.pack("<Q", len(header)))
-            file.write(header)
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, final)
+        try:
+            with open(temporary, "wb") as file:
+                file.write(struct.pack("<Q", len(header)))
+                file.write(header)
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, final)
+        except OSError:
+            temporary.unlink(missing_ok=True)
+            raise
         _fsync_folder(self.folder)
         with self._lock:
             self._sizes[key] = 8 + len(header) + len(data)
