@@ -346,3 +346,28 @@ def test_32_threads_with_shared_and_private_prefixes_get_their_outputs_alone(toy
     stats = cache.stats()
     assert stats.hits >= 32 and stats.misses + stats.hits == 64
     assert all(results[i][1] > 0 for i in range(32))  # the second round: every prompt was seen before
+
+
+@pytest.mark.parametrize("kv", [{}, {"kv_bits": 8, "kv_group_size": 32}], ids=["float", "quantized"])
+def test_misses_prefilled_together_keep_their_blocks_row_by_row(toy, kv):
+    """Short prompts submitted at once are prefilled as one padded batch; each row's blocks are cut from it, so
+    the next round hits every prompt, with the tokens each gets alone."""
+    from vlm_runtime import BatchGenerator, GenerationConfig, Request
+
+    model, processor = toy
+    prompts = [f"shared start, then {i} " * (i + 2) for i in range(6)]
+    config = GenerationConfig(max_tokens=5, ignore_eos=True)
+    settings = CacheSettings(**kv)
+    expected = [run(toy, p, None, **kv)[0][:5] for p in prompts]
+    cache = PrefixCache(PrefixCacheSettings(block_size=8))
+    engine = BatchGenerator(model, processor, max_batch_size=8, cache_settings=settings, prefix_cache=cache)
+    for round_ in range(2):
+        uids = {engine.submit(Request(processor.prepare_inputs(p), config=config)): i for i, p in enumerate(prompts)}
+        tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+        reused: dict[int, int] = {}
+        while engine.has_work():
+            for event in engine.step():
+                tokens[uids[event.uid]].append(event.token)
+                reused[uids[event.uid]] = event.cached_tokens
+        assert [tokens[i] for i in range(len(prompts))] == expected
+        assert all((reused[i] > 0) == (round_ == 1) for i in range(len(prompts)))

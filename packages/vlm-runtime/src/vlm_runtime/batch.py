@@ -57,7 +57,8 @@ class BatchGenerator:
     ) -> None:
         """``cache_settings`` (a sliding window, or quantized keys/values) hold for every row: the rows share
         their caches' buffers. With a ``prefix_cache``, each prompt starts from the blocks it holds of it and
-        is prefilled alone (its blocks are cut from its own cache), unless the model's caches cannot be cut."""
+        is prefilled alone over the blocks it found; prompts it has no block of are prefilled together as
+        usual, and their blocks cut from their rows."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model, self.processor = model, processor
@@ -66,6 +67,8 @@ class BatchGenerator:
         self.prefill_step_size = prefill_step_size
         self.vision_cache = vision_cache
         self.prefix_cache = prefix_cache
+        self._misses: dict[int, PrefixMatch] = {}
+        """Prefix-cache misses of the requests being admitted (uid -> match), until their blocks are kept."""
         self._uids = itertools.count()
         self._pending: list[_Pending] = []
         self._rows: list[RequestState] = []
@@ -116,15 +119,18 @@ class BatchGenerator:
                     GenerationResult.ended(pending.uid, "error", prompt_tokens=pending.prompt_tokens, error=exc)
                 )
                 continue
-            if match is not None:
+            if match is not None and match.cached_tokens > 0:
                 joining.extend(self._prefill_matched(state, prompt, match, events))
                 continue
+            if match is not None:
+                self._misses[state.uid] = match  # prefilled with the others; its blocks kept afterwards
             if group and not self._fits(group, prompt):
                 joining.extend(self._prefill_apart_on_error(group, events))
                 group = []
             group.append((state, prompt))
         if group:
             joining.extend(self._prefill_apart_on_error(group, events))
+        self._release_misses()
         self._join(joining)
         self._drop_finished()
         return events
@@ -152,6 +158,27 @@ class BatchGenerator:
             return []
         finally:
             self.prefix_cache.release(match)
+
+    def _keep_blocks(
+        self, group: list[tuple[RequestState, PromptEmbedding]], cache: list[Any], match: PrefixMatch | None
+    ) -> None:
+        """Hand the prefix cache the blocks of the prompts just prefilled (a batch's rows one by one)."""
+        if self.prefix_cache is None:
+            return
+        for row, (state, _) in enumerate(group):
+            found = match if match is not None else self._misses.pop(state.uid, None)
+            if found is None:
+                continue
+            layers = cache if len(group) == 1 else [layer.extract(row) for layer in cache]
+            self.prefix_cache.store(found, layers)
+            self.prefix_cache.release(found)
+
+    def _release_misses(self) -> None:
+        """Release the misses whose prefill failed (their blocks were never kept)."""
+        if self.prefix_cache is not None:
+            for found in self._misses.values():
+                self.prefix_cache.release(found)
+        self._misses.clear()
 
     # -- joining
     def _fits(self, group: list[tuple[RequestState, PromptEmbedding]], prompt: PromptEmbedding) -> bool:
@@ -197,9 +224,7 @@ class BatchGenerator:
             prompt, padding = _left_padded_batch([p for _, p in group])
             cache = [batch_cache_like(layer, padding) for layer in layers]
         logits = prefill(self.model, prompt, cache, self.prefill_step_size)
-        if match is not None:
-            assert self.prefix_cache is not None
-            self.prefix_cache.store(match, cache)
+        self._keep_blocks(group, cache, match)
         chosen = {
             i: pair
             for i, (state, _) in enumerate(group)
