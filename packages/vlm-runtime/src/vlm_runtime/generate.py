@@ -228,6 +228,8 @@ def run_generation(
     prompt_list = request.prompt_ids
     if prompt_cache is not None and prefix_cache is not None:
         raise ValueError("pass prompt_cache (one conversation) or prefix_cache (shared blocks), not both")
+    mx.reset_peak_memory()
+    state = RequestState.start(request, processor)  # the clock starts here, before any embedding or lookup
     embedded, match = None, None
     if prefix_cache is not None:
         embedded = model.embed_prompt(vision_cache=vision_cache, **inputs)
@@ -238,9 +240,8 @@ def run_generation(
     else:
         media = media_key(inputs)
         cache, reused = prompt_cache.reuse(model, cache_settings, prompt_list, media)
+    state.cached_tokens = reused
     on_prefilled = None if match is None else lambda: _keep_prefix(prefix_cache, match, cache)
-    mx.reset_peak_memory()
-    state = RequestState.start(request, processor, cached_tokens=reused)
     fed: list[int] = []
     if drafter is None:
         steps = generate_step(
