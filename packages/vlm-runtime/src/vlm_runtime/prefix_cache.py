@@ -205,9 +205,16 @@ class PrefixCache:
 
     # -- storing
     def store(self, match: PrefixMatch, layers: list[Cache]) -> None:
-        """Keep the blocks of the prompt ``layers`` now hold (call right after prefilling it)."""
+        """Keep the blocks of the prompt ``layers`` now hold (call right after prefilling it). A failure here
+        (out of memory, say) is logged and costs the cache, never the request."""
         if not match.enabled:
             return
+        try:
+            self._store(match, layers)
+        except Exception as error:
+            _log.warning("prefix cache: could not keep a prompt's blocks: %s: %s", type(error).__name__, error)
+
+    def _store(self, match: PrefixMatch, layers: list[Cache]) -> None:
         size = self.settings.block_size
         states = [layer.state for layer in layers]
         if not all(states):
