@@ -154,11 +154,14 @@ class DiskTier:
         found = []
         stale = time.time() - STALE_TEMPORARY_S
         for path in self.folder.glob("*"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # renamed or removed meanwhile by another writer sharing the folder
+                continue
             if path.name.startswith(".tmp-"):
-                if path.stat().st_mtime < stale:  # a write a previous process never finished (not one under way)
+                if stat.st_mtime < stale:  # a write a previous process never finished (not one under way)
                     path.unlink(missing_ok=True)
             elif path.suffix == SUFFIX:
-                stat = path.stat()
                 found.append((stat.st_mtime, path.stem, stat.st_size))
         for _, key, size in sorted(found):
             self._sizes[key] = size
