@@ -205,7 +205,10 @@ class DiskTier:
             with self._lock:
                 self.corrupt += 1
             return None
-        os.utime(path)
+        try:
+            os.utime(path)  # most recently used, for the next process's eviction order too
+        except OSError:
+            pass  # evicted meanwhile: the block read is whole all the same
         with self._lock:
             if key in self._sizes:
                 self._sizes.move_to_end(key)
