@@ -7,6 +7,7 @@ from .cache_io import load_prompt_cache, save_prompt_cache
 from .cache_settings import CacheSettings, make_layer_caches
 from .engine import Engine, EngineBusy, RequestStream
 from .generate import generate, generate_step, stream_generate
+from .prefix_cache import PrefixCache, PrefixCacheSettings
 from .prompt_cache import PromptCache
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
 from .recurrent_cache import BatchRecurrentCache, RecurrentCache
@@ -39,6 +40,8 @@ __all__ = [
     "GenerationSettings",
     "GenerativeModel",
     "KVCache",
+    "PrefixCache",
+    "PrefixCacheSettings",
     "PromptCache",
     "PromptEmbedding",
     "PromptProcessor",

@@ -20,7 +20,8 @@ from .batch_cache import batch_cache_like, can_batch, merge_caches
 from .cache import Cache
 from .cache_settings import CacheSettings, make_layer_caches
 from .generate import media_list
-from .prefill import prefill
+from .prefill import drop_prefix, prefill
+from .prefix_cache import PrefixCache, PrefixMatch
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
 from .request import GenerationResult, Request, RequestState
 from .settings import GenerationSettings, generation_settings
@@ -52,9 +53,12 @@ class BatchGenerator:
         prefill_step_size: int = 2048,
         vision_cache: Any = None,
         cache_settings: CacheSettings = CacheSettings(),
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         """``cache_settings`` (a sliding window, or quantized keys/values) hold for every row: the rows share
-        their caches' buffers."""
+        their caches' buffers. With a ``prefix_cache``, each prompt starts from the blocks it holds of it and
+        is prefilled alone over the blocks it found; prompts it has no block of are prefilled together as
+        usual, and their blocks cut from their rows."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model, self.processor = model, processor
@@ -62,6 +66,9 @@ class BatchGenerator:
         self.max_batch_size = max_batch_size
         self.prefill_step_size = prefill_step_size
         self.vision_cache = vision_cache
+        self.prefix_cache = prefix_cache
+        self._misses: dict[int, PrefixMatch] = {}
+        """Prefix-cache misses of the requests being admitted (uid -> match), until their blocks are kept."""
         self._uids = itertools.count()
         self._pending: list[_Pending] = []
         self._rows: list[RequestState] = []
@@ -106,20 +113,72 @@ class BatchGenerator:
                     events.append(state.end("length"))
                     continue
                 prompt = self.model.embed_prompt(vision_cache=self.vision_cache, **pending.request.inputs)
+                match = self._look_up(pending.request, prompt)
             except Exception as exc:  # one bad prompt fails alone; the batch keeps running
                 events.append(
                     GenerationResult.ended(pending.uid, "error", prompt_tokens=pending.prompt_tokens, error=exc)
                 )
                 continue
+            if match is not None and match.cached_tokens > 0:
+                joining.extend(self._prefill_matched(state, prompt, match, events))
+                continue
+            if match is not None:
+                self._misses[state.uid] = match  # prefilled with the others; its blocks kept afterwards
             if group and not self._fits(group, prompt):
                 joining.extend(self._prefill_apart_on_error(group, events))
                 group = []
             group.append((state, prompt))
         if group:
             joining.extend(self._prefill_apart_on_error(group, events))
+        self._release_misses()
         self._join(joining)
         self._drop_finished()
         return events
+
+    # -- the prefix cache
+    def _look_up(self, request: Request, prompt: PromptEmbedding) -> PrefixMatch | None:
+        """The prefix cache's match for ``request``, or None without a cache (or for a model it skips)."""
+        if self.prefix_cache is None:
+            return None
+        match = self.prefix_cache.lookup(
+            self.model, self.cache_settings, request.prompt_ids, request.inputs, prompt, request.prefix_cache_tenant
+        )
+        return match if match.enabled else None
+
+    def _prefill_matched(
+        self, state: RequestState, prompt: PromptEmbedding, match: PrefixMatch, events: list[GenerationResult]
+    ) -> list[tuple[list[RequestState], list[Cache]]]:
+        """Prefill one prompt over the blocks ``match`` restored, then keep its blocks."""
+        assert self.prefix_cache is not None
+        state.cached_tokens = match.cached_tokens
+        try:
+            return self._prefill_group([(state, prompt)], events, match)
+        except Exception as exc:
+            events.append(state.end("error", exc))
+            return []
+        finally:
+            self.prefix_cache.release(match)
+
+    def _keep_blocks(
+        self, group: list[tuple[RequestState, PromptEmbedding]], cache: list[Any], match: PrefixMatch | None
+    ) -> None:
+        """Hand the prefix cache the blocks of the prompts just prefilled (a batch's rows one by one)."""
+        if self.prefix_cache is None:
+            return
+        for row, (state, _) in enumerate(group):
+            found = match if match is not None else self._misses.pop(state.uid, None)
+            if found is None:
+                continue
+            layers = cache if len(group) == 1 else [layer.extract(row) for layer in cache]
+            self.prefix_cache.store(found, layers)
+            self.prefix_cache.release(found)
+
+    def _release_misses(self) -> None:
+        """Release the misses whose prefill failed (their blocks were never kept)."""
+        if self.prefix_cache is not None:
+            for found in self._misses.values():
+                self.prefix_cache.release(found)
+        self._misses.clear()
 
     # -- joining
     def _fits(self, group: list[tuple[RequestState, PromptEmbedding]], prompt: PromptEmbedding) -> bool:
@@ -146,21 +205,26 @@ class BatchGenerator:
         return [joined for member in group for joined in self._prefill_apart_on_error([member], events)]
 
     def _prefill_group(
-        self, group: list[tuple[RequestState, PromptEmbedding]], events: list[GenerationResult]
+        self,
+        group: list[tuple[RequestState, PromptEmbedding]],
+        events: list[GenerationResult],
+        match: PrefixMatch | None = None,
     ) -> list[tuple[list[RequestState], list[Cache]]]:
         """Prefill the group's prompts as one left-padded batch and emit each row's first token; return the
-        rows still running with their cache, to join (one request alone keeps a plain cache)."""
-        layers = make_layer_caches(self.model, self.cache_settings)
+        rows still running with their cache, to join (one request alone keeps a plain cache). ``match``: a lone
+        request's prefix-cache match, whose layers already hold the start of its prompt."""
+        layers = make_layer_caches(self.model, self.cache_settings) if match is None else match.layers
         unbatchable = sorted({type(c).__name__ for c in layers if not can_batch(c)})
         if unbatchable:
             raise ValueError(f"batched generation cannot hold {', '.join(unbatchable)} layers")
         if len(group) == 1:
             cache: list[Any] = layers
-            prompt = group[0][1]
+            prompt = group[0][1] if match is None else drop_prefix(group[0][1], match.cached_tokens)
         else:
             prompt, padding = _left_padded_batch([p for _, p in group])
             cache = [batch_cache_like(layer, padding) for layer in layers]
         logits = prefill(self.model, prompt, cache, self.prefill_step_size)
+        self._keep_blocks(group, cache, match)
         chosen = {
             i: pair
             for i, (state, _) in enumerate(group)

@@ -45,6 +45,8 @@ class _LeftPadded:
     running batch with ``merge`` / ``extend`` between decode steps, and drops finished rows with ``filter``.
     """
 
+    splits_into_blocks = False  # rows padded differently share each column
+
     offset: int
     position_delta: mx.array | int
     step: int  # the stored kind's growth step (KVCache's, QuantizedKVCache's)
@@ -309,6 +311,22 @@ class BatchQuantizedKVCache(_LeftPadded, QuantizedKVCache):
 
     def batch_like(self, left_padding: Sequence[int]) -> BatchQuantizedKVCache:
         return BatchQuantizedKVCache(left_padding, self.bits, self.group_size)
+
+    def extract(self, row: int) -> QuantizedKVCache:
+        """Row ``row`` as a standalone cache: its tokens without padding, its own int position delta."""
+        padding = self.padding[row]
+        cache = QuantizedKVCache(self.bits, self.group_size)
+        if self.float_fallback is not None:
+            cache.float_fallback = self.float_fallback.extract(row)
+            cache.offset = cache.float_fallback.offset
+        elif self.keys is not None:
+            length = self.offset - padding
+            capacity = _round_up(length, self.step)
+            parts = [_with_room(a[row : row + 1, :, padding : self.offset, :], capacity) for a in self.state]
+            cache.keys, cache.values = parts[:3], parts[3:]
+            cache.offset = length
+        cache.position_delta = int(_per_row(self.position_delta, self.batch_size)[row].item()) + padding
+        return cache
 
     def make_mask(self, n_queries: int, dtype: mx.Dtype, *, window: int | None = None, **own: Any) -> AttentionMask:
         return self._batch_mask(n_queries, dtype, window, **own)

@@ -49,6 +49,11 @@ class Cache(Protocol):
     offset: int
     """Number of tokens seen (for a sliding window, more than it stores)."""
 
+    splits_into_blocks: bool
+    """Whether every ``state`` array holds the tokens along axis 2, one slot per token, so that a prefix cache
+    may cut it into blocks and rebuild the cache from blocks with ``from_state`` (append-only caches); a window,
+    a recurrent state or a padded batch cannot be cut so."""
+
     position_delta: mx.array | int
     """Rotary position of the next token minus ``offset``.
 
@@ -145,6 +150,7 @@ class _AppendOnly:
     sees every earlier key."""
 
     offset: int
+    splits_into_blocks = True
 
     def is_trimmable(self) -> bool:
         return True
@@ -273,6 +279,7 @@ class RotatingKVCache(_StoresFloat):
     """
 
     step = 256
+    splits_into_blocks = False  # its slots are a ring, not one per token
 
     def __init__(self, max_size: int) -> None:
         if max_size < 1:
@@ -634,6 +641,8 @@ class ArraysCache:
     Such a layer keeps a constant-size summary of everything it has seen, so the state cannot be rolled back:
     ``trim`` drops nothing. The layer calls ``advance(n)`` after consuming ``n`` tokens to keep ``offset``.
     """
+
+    splits_into_blocks = False  # a summary of all tokens, no slot per token
 
     def __init__(self, size: int) -> None:
         self.slots: list[mx.array | None] = [None] * size

@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from .batch import BatchGenerator
 from .cache_settings import CacheSettings
+from .prefix_cache import PrefixCache
 from .protocols import GenerativeModel, PromptProcessor
 from .request import GenerationResult, Request
 
@@ -123,7 +124,10 @@ class Engine:
         prefill_step_size: int = 2048,
         vision_cache: Any = None,
         cache_settings: CacheSettings = CacheSettings(),
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
+        """``prefix_cache``: shared prompt prefixes reuse its blocks (the engine's thread is its only writer;
+        ``prefix_cache.stats()`` and ``reset()`` may be called from any thread)."""
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
         self.model, self.processor = model, processor
@@ -132,6 +136,7 @@ class Engine:
         mx.eval(list(_arrays_in(model)))
         self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
         self.vision_cache = vision_cache
+        self.prefix_cache = prefix_cache
         self._make_generator = lambda: BatchGenerator(
             model,
             processor,
@@ -139,6 +144,7 @@ class Engine:
             prefill_step_size=prefill_step_size,
             vision_cache=vision_cache,
             cache_settings=cache_settings,
+            prefix_cache=prefix_cache,
         )
         self._generator = self._make_generator()
         self._ids = itertools.count()

@@ -18,8 +18,9 @@ from .cache import Cache
 from .cache_settings import CacheSettings, make_layer_caches
 from .compiled_decode import CAPACITY_STEP, CompiledDecode, compiled_decode
 from .prefill import drop_prefix, prefill
+from .prefix_cache import PrefixCache, PrefixMatch
 from .prompt_cache import PromptCache, media_key
-from .protocols import GenerativeModel, PromptProcessor
+from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
 from .request import GenerationConfig, GenerationResult, Request, RequestState
 from .sampling import LogitsProcessor, Sampler, process_and_sample
 from .settings import GenerationSettings, generation_settings
@@ -60,11 +61,15 @@ def generate_step(
     override: TokenOverride | None = None,
     vision_cache: Any = None,
     cached_prefix: int = 0,
+    embedded: PromptEmbedding | None = None,
+    on_prefilled: Callable[[], None] | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) for up to ``config.max_tokens`` tokens. Stops only on the count; callers stop
     on EOS by closing the generator.
 
     ``cached_prefix``: how many leading prompt tokens ``cache`` already holds; only the rest is computed.
+    ``embedded``: the prompt already embedded (else it is embedded here); ``on_prefilled`` runs once the
+    prompt is in ``cache``, before decoding (the prefix cache keeps its blocks then).
     """
     if config.max_tokens == 0:
         return
@@ -81,8 +86,11 @@ def generate_step(
             mx.async_eval(token)
         return token, logprobs
 
-    prompt = drop_prefix(model.embed_prompt(vision_cache=vision_cache, **inputs), cached_prefix)
-    token, logprobs = next_token(prefill(model, prompt, cache, config.prefill_step_size))
+    if embedded is None:
+        embedded = model.embed_prompt(vision_cache=vision_cache, **inputs)
+    token, logprobs = next_token(prefill(model, drop_prefix(embedded, cached_prefix), cache, config.prefill_step_size))
+    if on_prefilled is not None:
+        on_prefilled()
     decode = _decoder(model, cache, config)
     forced = override(None) if override is not None else None
     try:
@@ -172,6 +180,8 @@ def stream_generate(
     audio: Any = None,
     audios: Any = None,
     prompt_cache: PromptCache | None = None,
+    prefix_cache: PrefixCache | None = None,
+    prefix_cache_tenant: str = "",
     vision_cache: Any = None,
     draft_model: Any = None,
     settings: GenerationSettings | None = None,
@@ -183,7 +193,9 @@ def stream_generate(
     ``videos`` likewise fill its video slots, sampled as ``video_sampling`` says (the processor's family must
     take video); ``audio`` (one clip or a list) or ``audios`` fill its audio slots (files, their bytes or
     samples; the family must hear). ``prompt_cache`` (a ``PromptCache``) is reused where it holds a prefix of
-    this prompt and is left holding this conversation afterwards; ``vision_cache`` (a ``VisionFeatureCache``)
+    this prompt and is left holding this conversation afterwards; ``prefix_cache`` (a ``PrefixCache``, shared
+    by any number of conversations) reuses the longest run of whole blocks computed before for the same
+    content (images included) under the same ``prefix_cache_tenant``, and keeps this prompt's; ``vision_cache`` (a ``VisionFeatureCache``)
     skips the vision tower for images seen before. How to generate is ``settings`` (a ``GenerationSettings``),
     with any keyword ``options`` applied on top (``vlm_runtime.settings.generation_settings`` lists them:
     sampling, length and stopping, logprobs, the thinking budget, the KV cache). ``draft_model`` (a
@@ -198,9 +210,10 @@ def stream_generate(
     yield from run_generation(
         model,
         processor,
-        settings.request(inputs),
+        replace(settings.request(inputs), prefix_cache_tenant=prefix_cache_tenant),
         settings.cache,
         prompt_cache=prompt_cache,
+        prefix_cache=prefix_cache,
         vision_cache=vision_cache,
         drafter=as_drafter(draft_model),
     )
@@ -220,6 +233,7 @@ def run_generation(
     cache_settings: CacheSettings = CacheSettings(),
     *,
     prompt_cache: PromptCache | None = None,
+    prefix_cache: PrefixCache | None = None,
     vision_cache: Any = None,
     drafter: Drafter | None = None,
 ) -> Iterator[GenerationResult]:
@@ -227,13 +241,22 @@ def run_generation(
     ``drafter``, decoded speculatively."""
     inputs, config = request.inputs, request.config
     prompt_list = request.prompt_ids
-    if prompt_cache is None:
+    if prompt_cache is not None and prefix_cache is not None:
+        raise ValueError("pass prompt_cache (one conversation) or prefix_cache (shared blocks), not both")
+    mx.reset_peak_memory()
+    state = RequestState.start(request, processor)  # the clock starts here, before any embedding or lookup
+    embedded, match = None, None
+    if prefix_cache is not None:
+        embedded = model.embed_prompt(vision_cache=vision_cache, **inputs)
+        match = prefix_cache.lookup(model, cache_settings, prompt_list, inputs, embedded, request.prefix_cache_tenant)
+        cache, reused = match.layers, match.cached_tokens
+    elif prompt_cache is None:
         cache, reused = make_layer_caches(model, cache_settings), 0
     else:
         media = media_key(inputs)
         cache, reused = prompt_cache.reuse(model, cache_settings, prompt_list, media)
-    mx.reset_peak_memory()
-    state = RequestState.start(request, processor, cached_tokens=reused)
+    state.cached_tokens = reused
+    on_prefilled = None if match is None else lambda: _keep_prefix(prefix_cache, match, cache)
     fed: list[int] = []
     if drafter is None:
         steps = generate_step(
@@ -246,10 +269,12 @@ def run_generation(
             override=state.budget,
             vision_cache=vision_cache,
             cached_prefix=reused,
+            embedded=embedded,
+            on_prefilled=on_prefilled,
         )
     else:
         state.draft_stats = SpeculativeStats()
-        steps = _speculative(model, drafter, request, state, cache, vision_cache, reused)
+        steps = _speculative(model, drafter, request, state, cache, vision_cache, reused, embedded, on_prefilled)
     try:
         for token, logprobs in steps:
             fed.append(token)
@@ -262,6 +287,13 @@ def run_generation(
         steps.close()
         if prompt_cache is not None:
             prompt_cache.record(cache, prompt_list + fed, media)
+        if match is not None:
+            prefix_cache.release(match)  # type: ignore[union-attr]
+
+
+def _keep_prefix(prefix_cache: PrefixCache, match: PrefixMatch, cache: list[Cache]) -> None:
+    prefix_cache.store(match, cache)
+    prefix_cache.release(match)
 
 
 def _speculative(
@@ -272,14 +304,19 @@ def _speculative(
     cache: list[Cache],
     vision_cache: Any,
     cached_prefix: int,
+    embedded: PromptEmbedding | None = None,
+    on_prefilled: Callable[[], None] | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Prefill, choose the first token as plain decoding does, then decode speculatively."""
     inputs, config = request.inputs, request.config
     if config.max_tokens == 0:
         return
     refuse_untrimmable(cache)
-    prompt = drop_prefix(model.embed_prompt(vision_cache=vision_cache, **inputs), cached_prefix)
-    logits = prefill(model, prompt, cache, config.prefill_step_size)
+    if embedded is None:
+        embedded = model.embed_prompt(vision_cache=vision_cache, **inputs)
+    logits = prefill(model, drop_prefix(embedded, cached_prefix), cache, config.prefill_step_size)
+    if on_prefilled is not None:
+        on_prefilled()
     history = inputs["input_ids"].astype(mx.int32)
     first = process_and_sample(logits, state.processors, history, 0, state.sampler)
     yield from speculative_step(

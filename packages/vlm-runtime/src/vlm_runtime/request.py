@@ -87,6 +87,8 @@ class Request:
     config: GenerationConfig = GenerationConfig()
     thinking: ThinkingConfig = ThinkingConfig()
     constraints: tuple[LogitsProcessor, ...] = ()
+    prefix_cache_tenant: str = ""
+    """The prefix cache's namespace for this request: blocks are shared only between requests of one tenant."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "constraints", tuple(self.constraints))

@@ -12,7 +12,7 @@ from pydantic import Field
 from .errors import APIError
 from .host import LoadedModel
 from .prompts import ChatRequest, prepare
-from .running import collect, failure, sse, streaming_response, submit, while_connected
+from .running import collect, failure, sse, streaming_response, submit, tenant_of, while_connected
 from .tools import CallParser, Tool, ToolCall, split_calls
 from .wire import WireModel
 
@@ -197,7 +197,7 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
     async with request.app.state.engine.use(body.model) as loaded:
         chat = to_chat_request(body)
         prepared = await while_connected(request, prepare(loaded, chat, request.app.state.settings))
-        stream = submit(loaded, prepared)
+        stream = submit(loaded, prepared, tenant_of(request))
     message_id = f"msg_{uuid.uuid4().hex}"
     parser = prepared.tool_parser("toolu_")
     if body.stream:

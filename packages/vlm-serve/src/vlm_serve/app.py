@@ -30,6 +30,11 @@ class UnloadRequest(WireModel):
     force: bool = False
 
 
+class CacheResetRequest(WireModel):
+    disk: bool = True
+    """Remove the disk tier's shards too."""
+
+
 def create_app(engine: ModelHost | None = None, settings: ServeSettings | None = None) -> FastAPI:
     """The server for ``engine`` (a ``ModelHost``; by default one that loads ``settings.model`` on demand)."""
     settings = settings or (engine.settings if engine is not None else ServeSettings())
@@ -145,4 +150,31 @@ def _add_admin_routes(app: FastAPI) -> None:
                 "latency_s": stats.latency_s,
             }
             out["vision_cache"] = counters.vision_cache(loaded.vision_cache)
+            out["prefix_cache"] = counters.prefix_cache(loaded.prefix_cache)
         return out
+
+    @app.get("/v1/cache/stats")
+    def cache_stats(request: Request) -> dict[str, Any]:
+        """The loaded model's prefix cache: cumulative hits, misses, reused tokens, evictions; blocks and bytes
+        per tier."""
+        loaded = request.app.state.engine.loaded
+        cache = loaded.prefix_cache if loaded is not None else None
+        if cache is None:
+            return {"enabled": False, "model": loaded.model_id if loaded is not None else None}
+        return {
+            "enabled": True,
+            "model": loaded.model_id,
+            "block_size": cache.settings.block_size,
+            "max_blocks": cache.settings.max_blocks,
+            "disk_max_bytes": cache.settings.disk_max_bytes if cache.settings.disk_dir is not None else 0,
+            **cache.stats().as_dict(),
+        }
+
+    @app.post("/v1/cache/reset")
+    def cache_reset(request: Request, body: CacheResetRequest | None = None) -> dict[str, Any]:
+        """Drop every prefix-cache block no running request holds (and the disk tier's, unless disk is false)."""
+        loaded = request.app.state.engine.loaded
+        cache = loaded.prefix_cache if loaded is not None else None
+        if cache is None:
+            return {"enabled": False}
+        return {"enabled": True, "dropped_blocks": cache.reset(disk=body is None or body.disk)}

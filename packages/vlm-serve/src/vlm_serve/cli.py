@@ -63,6 +63,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_kv_cache_args(parser)
     parser.add_argument("--vision-cache-size", type=int, default=32, help="images whose vision features are kept")
     parser.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="compute every prompt in full (by default, prompts reuse the blocks of earlier ones that start the same)",
+    )
+    parser.add_argument(
+        "--prefix-cache-blocks", type=int, default=4096, metavar="N", help="prefix-cache blocks kept in memory"
+    )
+    parser.add_argument(
+        "--prefix-cache-block-size", type=int, default=16, metavar="T", help="tokens per prefix-cache block"
+    )
+    parser.add_argument(
+        "--prefix-cache-disk",
+        default=None,
+        metavar="DIR",
+        help="also keep prefix-cache blocks under DIR (a restarted server reuses them)",
+    )
+    parser.add_argument(
+        "--prefix-cache-disk-max-gb",
+        type=float,
+        default=16.0,
+        metavar="G",
+        help="size cap of --prefix-cache-disk; the least recently used blocks go first (default 16)",
+    )
+    parser.add_argument(
         "--enable-thinking", action="store_true", help="open a thinking block unless a request says not to"
     )
     parser.add_argument("--thinking-budget", type=int, default=None)
@@ -168,6 +192,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         context_length=args.context_length,
         vision_cache_size=args.vision_cache_size,
         cache=CacheSettings(**kv_cache_options(args)),
+        prefix_cache=prefix_cache_settings(args),
         enable_thinking=args.enable_thinking,
         thinking_budget=args.thinking_budget,
         top_logprobs_k=args.top_logprobs_k,
@@ -190,6 +215,21 @@ def settings_from(args: argparse.Namespace) -> Any:
     if not (settings.model or settings.allowed_models or settings.models_dir):
         raise ValueError("nothing to serve: give --model M, --allow-model M or --models-dir DIR")
     return settings
+
+
+def prefix_cache_settings(args: argparse.Namespace) -> Any:
+    from vlm_runtime.prefix_cache import PrefixCacheSettings
+
+    if args.no_prefix_cache:
+        return None
+    if args.prefix_cache_disk_max_gb <= 0:
+        raise ValueError(f"--prefix-cache-disk-max-gb must be positive, got {args.prefix_cache_disk_max_gb}")
+    return PrefixCacheSettings(
+        block_size=args.prefix_cache_block_size,
+        max_blocks=args.prefix_cache_blocks,
+        disk_dir=Path(args.prefix_cache_disk).expanduser() if args.prefix_cache_disk else None,
+        disk_max_bytes=int(args.prefix_cache_disk_max_gb * 2**30),
+    )
 
 
 def serve(args: argparse.Namespace) -> None:

@@ -25,7 +25,7 @@ __all__ = ["JSON_POST_PATHS", "KNOWN_PATHS", "OPEN_PATHS", "Guard", "ServerCount
 OPEN_PATHS = frozenset({"/health"})
 """Reachable without the API key (load balancers' liveness probes)."""
 JSON_POST_PATHS = frozenset(
-    {"/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/unload"}
+    {"/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/unload", "/v1/cache/reset"}
 )
 """The routes that take a POST (others answer 404 / 405 as routing decides)."""
 LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain"})
@@ -43,6 +43,7 @@ class ServerCounters:
         self.statuses: Counter[int] = Counter()
         self.started = time.time()
         self._vision: tuple[float, dict[str, Any]] | None = None
+        self._prefix: tuple[float, dict[str, Any]] | None = None
 
     def vision_cache(self, cache: Any) -> dict[str, Any] | None:
         """The vision cache's hits, misses and entries as of the start of the current window: live figures
@@ -54,6 +55,18 @@ class ServerCounters:
             figures = {"hits": cache.hits, "misses": cache.misses, "entries": len(cache)}
             self._vision = (now, {**figures, "window_s": VISION_METRICS_WINDOW_S})
         return self._vision[1]
+
+    def prefix_cache(self, cache: Any) -> dict[str, Any] | None:
+        """The prefix cache's counters as of the start of the current window, for the vision cache's reason
+        (per tenant, timing tells the rest; GET /v1/cache/stats gives live figures to whoever holds the key)."""
+        if cache is None:
+            return None
+        now = time.monotonic()
+        if self._prefix is None or now - self._prefix[0] >= VISION_METRICS_WINDOW_S:
+            stats = cache.stats()
+            figures = {k: getattr(stats, k) for k in ("hits", "misses", "matched_tokens", "evictions", "disk_hits")}
+            self._prefix = (now, {**figures, "window_s": VISION_METRICS_WINDOW_S})
+        return self._prefix[1]
 
 
 class Guard:
@@ -155,6 +168,8 @@ KNOWN_PATHS = frozenset(
         "/metrics",
         "/unload",
         *PAGE_PATHS,
+        "/v1/cache/stats",
+        "/v1/cache/reset",
     }
 )
 

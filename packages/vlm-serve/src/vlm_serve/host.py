@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_runtime import Engine, VisionFeatureCache
+from vlm_runtime.prefix_cache import PrefixCache
 
 from .errors import APIError
 from .grammar import GrammarFactory
@@ -47,6 +48,7 @@ class LoadedModel:
     """Where it was loaded from (a path or a repo id); requests may name it by that too."""
     holds: int = 0
     """Requests between choosing this model and handing their prompt to its engine."""
+    prefix_cache: PrefixCache | None = None
 
     def __post_init__(self) -> None:
         if self.grammars is None:
@@ -58,6 +60,12 @@ class LoadedModel:
     def busy(self) -> bool:
         stats = self.engine.stats()
         return self.holds > 0 or stats.active + stats.waiting > 0
+
+    def close(self) -> None:
+        """Stop the engine, then the prefix cache (its disk writer finishes the shards queued)."""
+        self.engine.close()
+        if self.prefix_cache is not None:
+            self.prefix_cache.close()
 
 
 def context_length_of(config: dict[str, Any]) -> int:
@@ -194,7 +202,7 @@ class ModelHost:
                         param="model",
                     )
                 self._loaded = None  # at once: no request picks the old model up from here on
-                await asyncio.to_thread(current.engine.close)  # joining its thread must not stall the loop
+                await asyncio.to_thread(current.close)  # joining its thread must not stall the loop
             self._loaded = await asyncio.to_thread(self._load, choice)
             return self._loaded
 
@@ -229,13 +237,13 @@ class ModelHost:
                     '(send {"force": true} to do that)',
                 )
             self._loaded = None
-            await asyncio.to_thread(current.engine.close)
+            await asyncio.to_thread(current.close)
             return current.model_id
 
     def close(self) -> None:
         current, self._loaded = self._loaded, None
         if current is not None:
-            current.engine.close()
+            current.close()
 
 
 def _start(
@@ -244,6 +252,9 @@ def _start(
     import time
 
     cache = VisionFeatureCache(settings.vision_cache_size) if settings.vision_cache_size else None
+    prefix_cache = None
+    if settings.prefix_cache is not None:
+        prefix_cache = PrefixCache(settings.prefix_cache, model_id=model_identity(source, settings.adapter_path))
     engine = Engine(
         model,
         processor,
@@ -251,6 +262,7 @@ def _start(
         max_waiting=settings.max_waiting,
         vision_cache=cache,
         cache_settings=settings.cache,
+        prefix_cache=prefix_cache,
     )
     return LoadedModel(
         name or public_name(source),
@@ -262,7 +274,25 @@ def _start(
         int(time.time()),
         vocabulary_size=_vocabulary_size(model),
         source=source,
+        prefix_cache=prefix_cache,
     )
+
+
+def model_identity(source: str, adapter_path: str | None) -> str:
+    """What names a model's prefix-cache blocks, on disk across restarts too: its folder and adapter with each
+    weight file's size and modification time (converted weights at the same path are another model)."""
+    parts = []
+    for where in (source, adapter_path):
+        if where is None:
+            continue
+        path = Path(where).expanduser()
+        if not path.is_dir():
+            parts.append(where)
+            continue
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
+        stamps = ",".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+        parts.append(f"{path.resolve()}[{stamps}]")
+    return "|".join(parts)
 
 
 def _vocabulary_size(model: Any) -> int:

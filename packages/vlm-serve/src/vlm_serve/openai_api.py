@@ -16,7 +16,7 @@ from .grammar import json_schema_grammar, response_format_schema
 from .host import LoadedModel
 from .media import audio_data_url
 from .prompts import ChatRequest, prepare, token_text
-from .running import collect, failure, sse, streaming_response, submit, while_connected
+from .running import collect, failure, sse, streaming_response, submit, tenant_of, while_connected
 from .tools import CallParser, Tool, ToolCall, split_calls
 from .wire import WireModel
 
@@ -232,11 +232,12 @@ def _has_logprob(loaded: LoadedModel, event: Any) -> bool:
     return event.logprob is not None and event.token is not None and event.token not in loaded.processor.eos_token_ids
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -244,7 +245,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     settings = request.app.state.settings
     async with request.app.state.engine.use(body.model) as loaded:
         prepared = await while_connected(request, prepare(loaded, to_chat_request(body), settings))
-        stream = submit(loaded, prepared)
+        stream = submit(loaded, prepared, tenant_of(request))
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
@@ -272,7 +273,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         "created": created,
         "model": loaded.model_id,
         "choices": [choice],
-        "usage": _usage(last.prompt_tokens, last.generation_tokens),
+        "usage": _usage(last.prompt_tokens, last.generation_tokens, last.cached_tokens),
     }
 
 
@@ -330,7 +331,7 @@ async def _stream(
                     "created": created,
                     "model": loaded.model_id,
                     "choices": [],
-                    "usage": _usage(last.prompt_tokens, last.generation_tokens),
+                    "usage": _usage(last.prompt_tokens, last.generation_tokens, last.cached_tokens),
                 }
             )
         yield "data: [DONE]\n\n"

@@ -97,9 +97,23 @@ SUCCESS: dict[str, dict[str, Any]] = {
     "/health": _object({"status": {"const": "ok"}, "model": _nullable(_STRING), "loaded": _BOOLEAN}),
     "/metrics": _object(
         {"uptime_s": _NUMBER, "http_requests": {"type": "object"}, "http_statuses": {"type": "object"}},
-        {"model": _nullable(_STRING), "engine": {"type": "object"}, "vision_cache": _nullable({"type": "object"})},
+        {
+            "model": _nullable(_STRING),
+            "engine": {"type": "object"},
+            "vision_cache": _nullable({"type": "object"}),
+            "prefix_cache": _nullable({"type": "object"}),
+        },
     ),
     "/unload": _object({"unloaded": _nullable(_STRING)}),
+    "/v1/cache/stats": _object(
+        {"enabled": _BOOLEAN},
+        {
+            **{k: _INTEGER for k in ("hits", "misses", "matched_tokens", "evictions", "memory_bytes", "disk_bytes")},
+            "model": _nullable(_STRING),
+            "block_size": _INTEGER,
+        },
+    ),
+    "/v1/cache/reset": _object({"enabled": _BOOLEAN}, {"dropped_blocks": _INTEGER}),
 }
 
 

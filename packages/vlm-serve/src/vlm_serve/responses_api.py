@@ -18,7 +18,7 @@ from .errors import APIError
 from .grammar import json_schema_grammar, response_format_schema
 from .media import audio_data_url, is_audio
 from .prompts import ChatRequest, prepare
-from .running import collect, failure, sse, streaming_response, submit, while_connected
+from .running import collect, failure, sse, streaming_response, submit, tenant_of, while_connected
 from .tools import CallParser, Tool, ToolCall, split_calls
 from .wire import WireModel
 
@@ -232,7 +232,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     )
     async with request.app.state.engine.use(body.model) as loaded:
         prepared = await while_connected(request, prepare(loaded, chat, request.app.state.settings))
-        stream = submit(loaded, prepared)
+        stream = submit(loaded, prepared, tenant_of(request))
     builder = _Builder(body, loaded.model_id, prepared.tool_parser())
 
     def remember(text: str, calls: list[ToolCall]) -> None:
@@ -323,7 +323,7 @@ class _Builder:
             if last is None
             else {
                 "input_tokens": last.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": last.cached_tokens},
                 "output_tokens": last.generation_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": last.prompt_tokens + last.generation_tokens,

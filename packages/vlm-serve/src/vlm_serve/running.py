@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -41,9 +41,24 @@ async def while_connected(request: Request, work: Awaitable[T]) -> T:
         task.cancel()
 
 
-def submit(loaded: LoadedModel, prepared: PreparedRequest) -> RequestStream:
+TENANT_HEADER = "x-prefix-cache-tenant"
+MAX_TENANT_CHARS = 256
+
+
+def tenant_of(request: Any) -> str:
+    """The request's prefix-cache tenant (``X-Prefix-Cache-Tenant``; none: the shared namespace). Blocks are
+    shared only within a tenant, so a client cannot learn from timing what another tenant sent."""
+    tenant = request.headers.get(TENANT_HEADER, "")
+    if len(tenant) > MAX_TENANT_CHARS:
+        raise APIError(400, f"the {TENANT_HEADER} header is longer than {MAX_TENANT_CHARS} characters")
+    return tenant
+
+
+def submit(loaded: LoadedModel, prepared: PreparedRequest, tenant: str = "") -> RequestStream:
+    """Hand ``prepared`` to the model's engine, in prefix-cache namespace ``tenant``."""
+    request = prepared.request if not tenant else replace(prepared.request, prefix_cache_tenant=tenant)
     try:
-        return loaded.engine.submit(prepared.request)
+        return loaded.engine.submit(request)
     except EngineBusy as e:
         raise APIError(503, str(e)) from e
 

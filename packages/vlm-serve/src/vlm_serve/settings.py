@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlm_runtime import CacheSettings
+from vlm_runtime.prefix_cache import PrefixCacheSettings
 
 __all__ = ["ServeSettings"]
 
@@ -42,6 +43,8 @@ class ServeSettings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     """Every request's KV cache: a sliding window (``max_kv_size``) or quantized keys/values (``kv_bits``,
     affine or turboquant)."""
+    prefix_cache: PrefixCacheSettings | None = field(default_factory=PrefixCacheSettings)
+    """Automatic prefix caching (blocks in memory, and on disk with ``disk_dir``); None turns it off."""
     enable_thinking: bool = False
     """Default for requests that do not say: open a thinking block in the chat template."""
     thinking_budget: int | None = None

@@ -1,0 +1,142 @@
+"""The prefix cache's keys and its memory tier.
+
+A prompt is cut into blocks of ``block_size`` tokens. Block i's key hashes block i-1's key with block i's
+token ids, so a key names the whole prefix up to the end of its block: two prompts share block i's entry only
+when everything before it is the same too. The first block's parent is a namespace key (the model, the
+settings that change what a cache holds, the tenant), so no entry is ever shared across those. Media
+placeholder tokens carry the same id whatever the image, so from the first block that holds a media position
+on, the key also hashes the request's media digest (and, through the chain, so do all later blocks).
+
+``BlockPool`` keeps blocks by key up to a count, evicting the least recently used block that no running request
+holds (a request holds the blocks it restored until it has prefilled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+__all__ = ["Block", "BlockPool", "block_keys", "namespace_key"]
+
+KEY_CHARS = 32
+"""Hex digits kept of each SHA-256 key: 128 bits, collision-free at any pool size."""
+
+
+def namespace_key(model_identity: str, cache_settings: Any, tenant: str) -> str:
+    """The root of every block key: what a cache's content depends on besides the prompt."""
+    settings = vars(cache_settings) if hasattr(cache_settings, "__dataclass_fields__") else cache_settings
+    text = json.dumps({"model": model_identity, "cache": settings, "tenant": tenant}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_CHARS]
+
+
+def _chain(parent: str, tokens: Sequence[int], media: str | None) -> str:
+    digest = hashlib.sha256(parent.encode())
+    digest.update(b"t" + ",".join(map(str, tokens)).encode())
+    if media is not None:
+        digest.update(b"m" + media.encode())
+    return digest.hexdigest()[:KEY_CHARS]
+
+
+def block_keys(
+    namespace: str, tokens: Sequence[int], block_size: int, media: str | None = None, first_media: int = 0
+) -> list[str]:
+    """One key per full block of ``tokens``. ``media``: the request's media digest (None for text alone);
+    ``first_media``: the first position media fills (blocks ending at or before it are plain text)."""
+    keys: list[str] = []
+    parent = namespace
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        stop = start + block_size
+        parent = _chain(parent, tokens[start:stop], media if media is not None and first_media < stop else None)
+        keys.append(parent)
+    return keys
+
+
+@dataclass
+class Block:
+    """One block of every layer: ``layers[i]`` are layer i's state arrays cut to the block's tokens."""
+
+    layers: list[list[mx.array]]
+    kinds: tuple[tuple[str, str], ...]
+    """Per layer: its cache class name and its ``meta_state`` without the offset (JSON)."""
+    refs: int = 0
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = sum(a.nbytes for layer in self.layers for a in layer)
+
+
+class BlockPool:
+    """Blocks by key, at most ``max_blocks`` of them; LRU eviction skips blocks a request holds. Not
+    thread-safe: ``PrefixCache`` locks around it."""
+
+    def __init__(self, max_blocks: int) -> None:
+        if max_blocks < 0:
+            raise ValueError(f"the prefix cache's block count must be >= 0, got {max_blocks}")
+        self.max_blocks = max_blocks
+        self._blocks: OrderedDict[str, Block] = OrderedDict()
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._blocks
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._blocks.values())
+
+    def matched(self, keys: Sequence[str]) -> int:
+        """How many leading ``keys`` the pool holds."""
+        n = 0
+        while n < len(keys) and keys[n] in self._blocks:
+            n += 1
+        return n
+
+    def acquire(self, keys: Sequence[str]) -> list[Block]:
+        """The blocks of ``keys`` (all held), each referenced once more and made most recent: the deepest
+        first, so that a prefix's tail is evicted before its head (a head without its tail still hits)."""
+        blocks = [self._blocks[k] for k in keys]
+        for key, block in zip(reversed(keys), reversed(blocks)):
+            block.refs += 1
+            self._blocks.move_to_end(key)
+        return blocks
+
+    def release(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            block = self._blocks.get(key)
+            if block is not None and block.refs > 0:
+                block.refs -= 1
+        self._evict()
+
+    def put(self, key: str, block: Block) -> bool:
+        """Keep ``block`` under ``key`` (an existing entry is only touched); False when the pool is full of
+        held blocks and cannot take it."""
+        if key in self._blocks:
+            self._blocks.move_to_end(key)
+            return True
+        self._blocks[key] = block
+        self._evict()
+        return key in self._blocks
+
+    def _evict(self) -> None:
+        if len(self._blocks) <= self.max_blocks:
+            return
+        for key in [k for k, b in self._blocks.items() if b.refs == 0]:
+            if len(self._blocks) <= self.max_blocks:
+                break
+            del self._blocks[key]
+            self.evictions += 1
+
+    def clear(self) -> int:
+        """Drop every block no request holds; how many were dropped."""
+        idle = [k for k, b in self._blocks.items() if b.refs == 0]
+        for key in idle:
+            del self._blocks[key]
+        return len(idle)
