@@ -15,6 +15,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 __all__ = [
+    "add_activation_quantization_arg",
     "add_kv_cache_args",
     "add_model_args",
     "add_media_args",
@@ -52,7 +53,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--prefill-step-size", type=int, default=2048)
     parser.add_argument("--trust-remote-code", action="store_true")
+    add_activation_quantization_arg(parser)
     add_kv_cache_args(parser)
+
+
+def add_activation_quantization_arg(parser: argparse.ArgumentParser) -> None:
+    """``-qa``: shared by generate, bench, chat and serve."""
+    parser.add_argument(
+        "-qa",
+        "--quantize-activations",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run an mxfp8/nvfp4 checkpoint's linear layers activation-quantized (nn.QQLinear); default: on CUDA",
+    )
 
 
 def add_media_args(parser: argparse.ArgumentParser) -> None:
@@ -145,7 +158,12 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         from .demo import demo_model_path
 
         args.model = str(demo_model_path())
-    return load(args.model, adapter_path=args.adapter_path, trust_remote_code=args.trust_remote_code)
+    return load(
+        args.model,
+        adapter_path=args.adapter_path,
+        trust_remote_code=args.trust_remote_code,
+        quantize_activations=getattr(args, "quantize_activations", None),
+    )
 
 
 def _load_and_format(args: argparse.Namespace) -> tuple[Any, Any, str]:
