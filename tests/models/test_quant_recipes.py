@@ -106,6 +106,7 @@ def test_routers_recipe_with_a_microscaling_base_raises_them_to_mxfp8(tmp_path: 
 def test_predicate_file_chooses_per_pattern_and_keeps_float(tmp_path: Path, references) -> None:
     family = "qwen3_vl_moe"
     rules = {
+        "*.switch_mlp.gate_proj": {"bits": 8},  # the MLX-community name only (ours: mlp.experts.gate_proj)
         "*.self_attn.*": {"bits": 8},
         "*lm_head": False,
         "*.mlp.experts.*": {"mode": "mxfp4"},
@@ -119,7 +120,7 @@ def test_predicate_file_chooses_per_pattern_and_keeps_float(tmp_path: Path, refe
     assert "lm_head" not in settings and not isinstance(model.lm_head, nn.QuantizedLinear)
     assert [v for k, v in entry.items() if k.endswith("lm_head")] == [False]
     for path, setting in settings.items():
-        if ".self_attn." in path:
+        if ".self_attn." in path or path.endswith(".mlp.experts.gate_proj"):
             assert setting == ("affine", 8, 32), path
         elif ".mlp.experts." in path:
             assert setting == ("mxfp4", 4, 32), path

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from .chat import apply_chat_template
 from .convert import ConvertOptions, convert
-from .loading import load
+from .loading import load, resolve_model_path
 from .quantize import QuantizeError, QuantizeOptions, is_quantized
 from .recipes import RECIPES, recipe_by_name
 
@@ -173,14 +173,9 @@ def evaluate_quantization(
     cases = [_prepare(float_model, processor, p, tokens) for p in prompts]
     reference = [_next_token_logprobs(float_model, c) for c in cases]
     mx.eval(reference)
-    source = Path(model_path) if Path(model_path).is_dir() else None
+    size = _folder_bytes(resolve_model_path(model_path))
     float_row = QuantResult(
-        "float",
-        _folder_bytes(source) if source else 0,
-        0.0,
-        0.0,
-        1.0,
-        _decode_tps(float_model, processor, prompts[0], decode_tokens),
+        "float", size, 0.0, 0.0, 1.0, _decode_tps(float_model, processor, prompts[0], decode_tokens)
     )
     rows = [float_row]
     del float_model
@@ -210,7 +205,7 @@ def evaluate_quantization(
 
 
 def format_table(rows: Sequence[QuantResult]) -> str:
-    base = rows[0].size_bytes or 1
+    base = rows[0].size_bytes
     lines = [
         f"{'mode':<20} {'size MB':>8} {'vs float':>8} {'mean KL':>9} {'max KL':>9} {'top-1':>7} {'decode tok/s':>12}"
     ]
@@ -234,7 +229,3 @@ def report_json(model: str, prompts: Sequence[EvalPrompt], tokens: int, rows: Se
 
 def progress_to_stderr(line: str) -> None:
     print(f"eval-quant: {line}", file=sys.stderr, flush=True)
-
-
-def rows_by_mode(rows: Sequence[QuantResult]) -> Mapping[str, QuantResult]:
-    return {r.mode: r for r in rows}
