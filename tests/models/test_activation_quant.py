@@ -132,3 +132,27 @@ def test_serve_passes_the_flag_to_load(tmp_path: Path) -> None:
     asyncio.run(host.preload())
     assert host.loaded is not None
     host.loaded.engine.close()
+
+
+def test_the_cuda_default_swaps_with_a_notice_or_stays_weight_only(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The default's decision, with the backend questions answered as on CUDA (no GPU here): the swap happens with
+    one notice line; where MLX refuses, the model stays weight-only with one line saying why; affine: no word."""
+    from vlm_models import activation_quant
+
+    folder = converted(tmp_path, "qwen2_vl", "nvfp4")
+    monkeypatch.setattr(activation_quant, "on_cuda", lambda: True)
+    refusal = backend_refusal("nvfp4")
+    if refusal is not None:  # the CPU: MLX's own refusal is what the default reports
+        model, _ = load(folder)
+        assert not any(isinstance(m, nn.QQLinear) for _, m in model.named_modules())
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "the layers stay weight-only" in lines[0] and "cannot quantize" in lines[0]
+    monkeypatch.setattr(activation_quant, "backend_refusal", lambda mode: None)
+    model, _ = load(folder)
+    assert any(isinstance(m, nn.QQLinear) for _, m in model.named_modules())
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "on by default on CUDA" in lines[0] and "weight-only (bias" in lines[0]
+    load(converted(tmp_path, "qwen2_vl", "affine"))
+    assert capsys.readouterr().err == ""
+    load(folder, quantize_activations=False)
+    assert capsys.readouterr().err == ""
