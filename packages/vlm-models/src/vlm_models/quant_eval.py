@@ -217,10 +217,16 @@ def format_table(rows: Sequence[QuantResult]) -> str:
     return "\n".join(lines)
 
 
+def _shown(path: str | Path) -> str:
+    """A path relative to the working folder where it lies inside it (a report written in a repo stays portable)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(path)
+
+
 def report_json(model: str, prompts: Sequence[EvalPrompt], tokens: int, rows: Sequence[QuantResult]) -> dict[str, Any]:
     return {
-        "model": model,
-        "prompts": [{"prompt": p.prompt, "images": [str(i) for i in p.images]} for p in prompts],
+        "model": _shown(model) if Path(model).exists() else model,
+        "prompts": [{"prompt": p.prompt, "images": [_shown(i) for i in p.images]} for p in prompts],
         "teacher_forced_tokens_per_prompt": tokens,
         "device": str(mx.default_device()),
         "results": [asdict(r) for r in rows],
