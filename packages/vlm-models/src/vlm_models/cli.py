@@ -15,6 +15,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 __all__ = [
+    "add_activation_quantization_arg",
     "add_kv_cache_args",
     "add_model_args",
     "add_media_args",
@@ -52,7 +53,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--prefill-step-size", type=int, default=2048)
     parser.add_argument("--trust-remote-code", action="store_true")
+    add_activation_quantization_arg(parser)
     add_kv_cache_args(parser)
+
+
+def add_activation_quantization_arg(parser: argparse.ArgumentParser) -> None:
+    """``-qa``: shared by generate, bench, chat and serve."""
+    parser.add_argument(
+        "-qa",
+        "--quantize-activations",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run an mxfp8/nvfp4 checkpoint's linear layers activation-quantized (nn.QQLinear); default: on CUDA",
+    )
 
 
 def add_media_args(parser: argparse.ArgumentParser) -> None:
@@ -145,7 +158,12 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         from .demo import demo_model_path
 
         args.model = str(demo_model_path())
-    return load(args.model, adapter_path=args.adapter_path, trust_remote_code=args.trust_remote_code)
+    return load(
+        args.model,
+        adapter_path=args.adapter_path,
+        trust_remote_code=args.trust_remote_code,
+        quantize_activations=getattr(args, "quantize_activations", None),
+    )
 
 
 def _load_and_format(args: argparse.Namespace) -> tuple[Any, Any, str]:
@@ -372,6 +390,18 @@ def _add_convert_args(parser: argparse.ArgumentParser) -> None:
         help="quantization format (default affine)",
     )
     parser.add_argument("--skip-vision", action="store_true", help="with -q: keep the vision tower in float")
+    parser.add_argument(
+        "--quant-recipe",
+        default=None,
+        metavar="NAME",
+        help="with -q: per-layer settings from a preset (routers-8bit, vision-8bit, edges-8bit, mixed-8bit)",
+    )
+    parser.add_argument(
+        "--quant-predicate",
+        default=None,
+        metavar="FILE",
+        help='with -q: JSON of layer-path glob -> {"bits", "group_size", "mode"} or false (keep float)',
+    )
     parser.add_argument("--dequantize", action="store_true", help="turn a quantized checkpoint back into float")
     parser.add_argument(
         "--max-shard-size",
@@ -397,6 +427,8 @@ def _convert(args: argparse.Namespace) -> None:
                 ("--q-group-size", args.q_group_size),
                 ("--q-mode", args.q_mode),
                 ("--skip-vision", args.skip_vision),
+                ("--quant-recipe", args.quant_recipe),
+                ("--quant-predicate", args.quant_predicate),
             )
             if value
         ]
@@ -407,6 +439,8 @@ def _convert(args: argparse.Namespace) -> None:
         quantize=quantize,
         skip_vision=args.skip_vision,
         dequantize=args.dequantize,
+        recipe=args.quant_recipe,
+        predicate_file=args.quant_predicate,
         max_shard_bytes=args.max_shard_size,
         progress=True,
         revision=args.revision,
@@ -422,12 +456,78 @@ def _convert(args: argparse.Namespace) -> None:
             f"group size {quantize.group_size}); {len(report.kept_float)} stay float",
             file=sys.stderr,
         )
+    if report.own_settings:
+        by_setting: dict[str, list[str]] = {}
+        for layer, settings in report.own_settings.items():
+            by_setting.setdefault(
+                f"{settings.mode}, {settings.bits} bits, group size {settings.group_size}", []
+            ).append(layer)
+        for setting, layers in sorted(by_setting.items()):
+            shown = ", ".join(sorted(layers)[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
+            print(f"quantized at {setting}: {shown}", file=sys.stderr)
     if report.dequantized:
         print(f"dequantized {report.dequantized} layers", file=sys.stderr)
     print(
         f"wrote {report.destination} ({report.model_type}): {report.tensors} tensors in {report.shards} shard(s), "
         f"{report.total_bytes / 1e6:.1f} MB"
     )
+
+
+def _add_eval_quant_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="float checkpoint (default: the shipped demo model)")
+    parser.add_argument(
+        "--modes",
+        default="affine4,affine8,mxfp4,mxfp8,nvfp4",
+        help="comma-separated formats: affine<bits>, mxfp4, mxfp8, nvfp4, recipe:<preset> (over affine 4 bits)",
+    )
+    parser.add_argument("--image", action="append", default=[], help="ask the prompt set's image prompts of these")
+    parser.add_argument(
+        "--prompts", default=None, help="prompt set JSON (default: examples/eval_quant_prompts.json of the repo)"
+    )
+    parser.add_argument("--tokens", type=int, default=32, help="teacher-forced tokens per prompt")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="tokens generated to time decoding")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks")
+
+
+def _default_prompt_set() -> Any:
+    from pathlib import Path
+
+    for folder in (Path.cwd(), *Path(__file__).resolve().parents):
+        candidate = folder / "examples" / "eval_quant_prompts.json"
+        if candidate.is_file():
+            return candidate
+    raise CommandError("no examples/eval_quant_prompts.json here or above; pass --prompts FILE")
+
+
+def _eval_quant(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from .quant_eval import (
+        evaluate_quantization,
+        format_table,
+        load_prompt_set,
+        parse_modes,
+        progress_to_stderr,
+        report_json,
+    )
+
+    if args.tokens < 1 or args.decode_tokens < 1:
+        raise CommandError("--tokens and --decode-tokens must be at least 1")
+    modes = parse_modes(args.modes)
+    prompts = load_prompt_set(Path(args.prompts) if args.prompts else _default_prompt_set(), args.image)
+    if args.model is None:
+        from .demo import demo_model_path
+
+        args.model = str(demo_model_path())
+    rows = evaluate_quantization(
+        args.model, modes, prompts, tokens=args.tokens, decode_tokens=args.decode_tokens, progress=progress_to_stderr
+    )
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report_json(args.model, prompts, args.tokens, rows), indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -454,6 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="write a checkpoint in the MLX-community layout, cast or (de)quantized")
     _add_convert_args(conv)
     conv.set_defaults(handler=_convert)
+
+    evq = sub.add_parser(
+        "eval-quant", help="KL divergence, top-1 agreement, size and decode speed of each quantization format"
+    )
+    _add_eval_quant_args(evq)
+    evq.set_defaults(handler=_eval_quant)
 
     for ep in entry_points(group="vlm.commands"):
         ep.load()(sub)

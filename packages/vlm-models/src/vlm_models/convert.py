@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from .quantize import (
     quantize_layers,
     quantize_model,
 )
+from .recipes import LayerChoice, plan_from_file, plan_from_recipe, recipe_by_name
 from .registry import architecture_of
 
 __all__ = [
@@ -139,6 +140,10 @@ class ConvertOptions:
     skip_vision: bool = False
     """With ``quantize``: the vision tower stays in float."""
     dequantize: bool = False
+    recipe: str | None = None
+    """With ``quantize``: a named preset of per-layer settings (``recipes.RECIPES``)."""
+    predicate_file: str | Path | None = None
+    """With ``quantize``: a JSON of layer-path pattern -> settings or false (``recipes.plan_from_file``)."""
     max_shard_bytes: int = MAX_SHARD_BYTES
     progress: bool = False
     revision: str | None = None
@@ -151,6 +156,12 @@ class ConvertOptions:
             raise ConvertError("-q and --dequantize contradict each other: quantize or dequantize, not both")
         if self.skip_vision and self.quantize is None:
             raise ConvertError("--skip-vision only applies when quantizing (-q)")
+        if (self.recipe or self.predicate_file) and self.quantize is None:
+            raise ConvertError("--quant-recipe and --quant-predicate only apply when quantizing (-q)")
+        if self.recipe and self.predicate_file:
+            raise ConvertError("--quant-recipe and --quant-predicate both choose per-layer settings: give one")
+        if self.recipe:
+            recipe_by_name(self.recipe)
         if self.max_shard_bytes <= 0:
             raise ConvertError("the shard size must be positive")
 
@@ -166,6 +177,8 @@ class ConvertReport:
     """Layers quantized (MLX-community names)."""
     kept_float: dict[str, str] = field(default_factory=dict)
     """Quantizable layers left in float (MLX-community names) and why."""
+    own_settings: dict[str, QuantizeOptions] = field(default_factory=dict)
+    """Layers quantized with settings of their own, from a recipe or predicate file (MLX-community names)."""
     dequantized: int = 0
 
 
@@ -173,6 +186,20 @@ def _vision_stays_float(path: str) -> str | None:
     if not is_vision_tower(path):
         return None
     return f"{'audio' if 'audio_tower' in path.split('.') else 'vision'} tower, --skip-vision"
+
+
+def _layer_plan(model: nn.Module, options: ConvertOptions) -> Callable[[str], LayerChoice] | None:
+    """The per-layer settings ``options`` ask for, as a function of the layer's path (None: the same for all)."""
+    assert options.quantize is not None
+    paths = [path for path, module in model.named_modules() if hasattr(module, "to_quantized")]
+    if options.recipe:
+        plan = plan_from_recipe(options.recipe, options.quantize, paths)
+    elif options.predicate_file:
+        plan = plan_from_file(options.predicate_file, options.quantize)
+    else:
+        return None
+    _, names = _layout_names(model, dict(tree_flatten(model.parameters())))
+    return lambda path: plan.choose(path, names.get(path, path))
 
 
 def _check_destination(source: Path, destination: Path) -> None:
@@ -213,16 +240,24 @@ def convert(
 
     quantized: list[str] = []
     kept: dict[str, str] = {}
+    own: dict[str, QuantizeOptions] = {}
     quantization: dict[str, Any] | None = dict(config["quantization"]) if quantized_source and not dequantized else None
     if options.quantize is not None:
-        quantized, kept = quantize_layers(model, options.quantize, _vision_stays_float if options.skip_vision else None)
+        plan = _layer_plan(model, options)
+        keep = _vision_stays_float if options.skip_vision else None
+        quantized, kept, own = quantize_layers(model, options.quantize, keep, plan)
         if not quantized:
             raise ConvertError(
                 f"no layer of {source} can be quantized with group size {options.quantize.group_size}; "
                 "nothing would change (try a smaller --q-group-size)"
             )
         # Recording the float layers lets readers that go by the config alone (not by the stored scales) agree.
-        quantization = {**options.quantize.entry(), **{path: False for path in kept}}
+        # Per-layer settings are written as MLX-community checkpoints write them: the layer's name -> its entry.
+        quantization = {
+            **options.quantize.entry(),
+            **{path: False for path in kept},
+            **{path: settings.entry() for path, settings in own.items()},
+        }
 
     save_model(
         model,
@@ -243,5 +278,6 @@ def convert(
         total_bytes=index["metadata"]["total_size"],
         quantized=[layer_names.get(p, p) for p in quantized],
         kept_float={layer_names.get(p, p): reason for p, reason in kept.items()},
+        own_settings={layer_names.get(p, p): settings for p, settings in own.items()},
         dequantized=dequantized,
     )

@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .activation_quant import resolve_activation_quantization
 from .config import ConfigError
 from .inputs import Processor, load_chat_template
 from .nn.fused import fuse_projections
@@ -233,11 +234,14 @@ def load(
     adapter_path: str | os.PathLike[str] | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    quantize_activations: bool | None = None,
 ) -> tuple[nn.Module, Processor]:
     """Load a model and its processor from a local folder or a Hugging Face repo id.
 
     Reads the transformers 4 and 5 layouts and MLX-community conversions (quantized included). With
     ``adapter_path`` (a folder written by ``vlm train``), its LoRA layers or fine-tuned weights are applied.
+    ``quantize_activations``: run an mxfp8 / nvfp4 checkpoint's linear layers activation-quantized
+    (``nn.QQLinear``; refused in one line where MLX cannot); None: where the backend needs it (CUDA), with a notice.
     """
     path = resolve_model_path(path_or_repo, revision)
     config = load_config(path)
@@ -248,4 +252,5 @@ def load(
 
         load_adapters(model, adapter_path)
         model.eval()
+    resolve_activation_quantization(model, quantize_activations)
     return model, load_processor(path, config, arch, trust_remote_code)

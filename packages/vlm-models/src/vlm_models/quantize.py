@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -113,29 +113,41 @@ def is_vision_tower(path: str) -> bool:
 
 
 def quantize_layers(
-    model: nn.Module, options: QuantizeOptions, keep_float: Callable[[str], str | None] | None = None
-) -> tuple[list[str], dict[str, str]]:
-    """Quantize, in place, every linear and embedding layer that can be; returns the quantized layers' paths and,
-    for each layer left in float, why (``keep_float(path)`` may give a reason of its own)."""
+    model: nn.Module,
+    options: QuantizeOptions,
+    keep_float: Callable[[str], str | None] | None = None,
+    layer_options: Callable[[str], QuantizeOptions | Literal[False] | None] | None = None,
+) -> tuple[list[str], dict[str, str], dict[str, QuantizeOptions]]:
+    """Quantize, in place, every linear and embedding layer that can be; returns the quantized layers' paths, for
+    each layer left in float why (``keep_float(path)`` may give a reason of its own), and the layers quantized with
+    settings of their own (``layer_options(path)``: their options, ``False`` to keep float, None for ``options``)."""
     quantized: list[str] = []
     kept: dict[str, str] = {}
+    own: dict[str, QuantizeOptions] = {}
 
-    def predicate(path: str, module: nn.Module) -> bool:
+    def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
         if not hasattr(module, "to_quantized"):
             return False
-        reason = (keep_float(path) if keep_float else None) or float_reason(model, path, module, options.group_size)
+        choice = layer_options(path) if layer_options else None
+        settings = choice or options
+        reason = (keep_float(path) if keep_float else None) or float_reason(model, path, module, settings.group_size)
+        if reason is None and choice is False:
+            reason = "kept float by the quantization recipe"
         if reason is not None:
             kept[path] = reason
             return False
         quantized.append(path)
-        return True
+        if not choice or choice == options:
+            return True
+        own[path] = choice
+        return choice.entry()
 
     dtype = _model_float_dtype(model)
     nn.quantize(model, group_size=options.group_size, bits=options.bits, mode=options.mode, class_predicate=predicate)
     keep_embedding_dtype(model, dtype)
     use_matvec_kernels(model)
     fuse_projections(model)  # the quantized layers are new: fuse them again
-    return quantized, kept
+    return quantized, kept, own
 
 
 def quantize_model(model: nn.Module, *, bits: int = 4, group_size: int = 64, mode: str = "affine") -> dict[str, Any]:

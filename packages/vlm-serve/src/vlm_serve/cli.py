@@ -166,6 +166,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
     )
     parser.add_argument("--trust-remote-code", action="store_true")
+    from vlm_models.cli import add_activation_quantization_arg
+
+    add_activation_quantization_arg(parser)
 
 
 def settings_from(args: argparse.Namespace) -> Any:
@@ -211,6 +214,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         chat_page=args.chat_page,
         log_level=args.log_level,
         trust_remote_code=args.trust_remote_code,
+        quantize_activations=args.quantize_activations,
     )
     if not (settings.model or settings.allowed_models or settings.models_dir):
         raise ValueError("nothing to serve: give --model M, --allow-model M or --models-dir DIR")

@@ -219,7 +219,10 @@ class ModelHost:
 
         settings = self.settings
         model, processor = load(
-            choice.source, adapter_path=settings.adapter_path, trust_remote_code=settings.trust_remote_code
+            choice.source,
+            adapter_path=settings.adapter_path,
+            trust_remote_code=settings.trust_remote_code,
+            quantize_activations=settings.quantize_activations,
         )
         context = settings.context_length or context_length_of(load_config(resolve_model_path(choice.source)))
         return _start(choice.source, model, processor, settings, context, name=choice.name)

@@ -86,6 +86,8 @@ class ServeSettings:
     """Serve the chat page at ``/`` (static files; it talks to this server's own API)."""
     log_level: str = "info"
     trust_remote_code: bool = False
+    quantize_activations: bool | None = None
+    """``-qa``: the model's mxfp8 / nvfp4 linear layers activation-quantized (None: where the backend needs it)."""
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
