@@ -6,8 +6,26 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """The usage rules of every vlm command (``vlm_models.command_parser.CommandParser``, which this package may
+    not import): a usage error is one line naming the subcommand, exit code 2; only whole option names."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:  # a subcommand's unknown arguments are its own error, not the top-level parser's
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -112,8 +130,8 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlm-kernels", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vlm-kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="time the kernels against float16 SDPA on this device")
     bench.add_argument(
@@ -138,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.set_defaults(run=_bench)
     info = commands.add_parser("info", help="which backend each kernel uses here, and where each was verified")
     info.set_defaults(run=_info)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.run(args)
 
 
