@@ -128,6 +128,7 @@ def run_script(*argv: str) -> subprocess.CompletedProcess[str]:
         (["vlm-train", "--steps", "x"], "vlm-train", "argument --steps"),
         (["vlm-train", "fuse", "--model", "m", "--adapter-path", "a", "--output", "o", "--x"], "vlm-train fuse", "--x"),
         (["vlm-kernels", "bench", "--repeat", "3"], "vlm-kernels bench", "unrecognized arguments: --repeat 3"),
+        (["vlm-kernels", "bench", "--kv-heads", "0"], "vlm-kernels bench", "argument --kv-heads: must be at least 1"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )

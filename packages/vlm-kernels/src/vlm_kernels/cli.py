@@ -65,6 +65,16 @@ def _bench(args: argparse.Namespace) -> int:
 MATVEC_KERNELS = ("matvec-4", "matvec-8", "matvec-bf16")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _shape(text: str) -> tuple[int, int]:
     try:
         k, n = (int(v) for v in text.lower().split("x"))
@@ -140,17 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=["turboquant-3.5", "affine-8", "affine-4"],
         help="decode attention: turboquant-*, affine-*; skinny products: matvec-4, matvec-8, matvec-bf16",
     )
-    bench.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--heads", type=int, default=12)
-    bench.add_argument("--kv-heads", type=int, default=2)
-    bench.add_argument("--head-dim", type=int, default=128)
-    bench.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32], help="matvec: rows of x")
+    bench.add_argument("--contexts", type=_positive_int, nargs="+", default=[8192, 32768, 131072])
+    bench.add_argument("--batch", type=_positive_int, default=1)
+    bench.add_argument("--heads", type=_positive_int, default=12)
+    bench.add_argument("--kv-heads", type=_positive_int, default=2)
+    bench.add_argument("--head-dim", type=_positive_int, default=128)
+    bench.add_argument("--rows", type=_positive_int, nargs="+", default=[1, 4, 8, 16, 32], help="matvec: rows of x")
     bench.add_argument("--shapes", type=_shape, nargs="+", default=None, help="matvec: KxN widths (default: 2B decode)")
-    bench.add_argument("--group-size", type=int, default=64, help="matvec: quantization group size")
+    bench.add_argument("--group-size", type=_positive_int, default=64, help="matvec: quantization group size")
     bench.add_argument("--backend", default=None, help="reference, cuda, metal or auto (default: auto)")
-    bench.add_argument("--repeats", type=int, default=20)
-    bench.add_argument("--batch-calls", type=int, default=10, help="independent calls evaluated per timing")
+    bench.add_argument("--repeats", type=_positive_int, default=20)
+    bench.add_argument("--batch-calls", type=_positive_int, default=10, help="independent calls evaluated per timing")
     bench.add_argument("--peak-gbs", type=float, default=None, help="the device's memory bandwidth, GB/s")
     bench.add_argument("--json", default=None, help="also write the rows to this JSON file")
     bench.set_defaults(run=_bench)

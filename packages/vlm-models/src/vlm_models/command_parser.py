@@ -21,7 +21,8 @@ EXIT_USAGE = 2
 
 class CommandParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` with one-line usage errors, no prefix abbreviations, and unknown arguments
-    reported by the subcommand they follow. Subparsers are of the same class."""
+    reported by the subcommand they follow (so ``parse_known_args`` never returns extras). Subparsers are of the
+    same class."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["allow_abbrev"] = False
