@@ -321,7 +321,7 @@ def test_cli_takes_audio(tmp_path: Path, ref: Reference) -> None:
         [*command[:6], "--audio", str(tmp_path / "nope.wav"), "--prompt", "x"], capture_output=True, text=True
     )
     assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
-    assert "--audio" in missing.stderr and "nope.wav: no such file" in missing.stderr
+    assert "audio file not found" in missing.stderr
 
 
 def test_a_config_problem_is_named(tmp_path: Path) -> None:

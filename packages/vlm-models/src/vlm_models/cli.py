@@ -158,11 +158,15 @@ def check_media_args(args: argparse.Namespace) -> None:
     there, ``--video-audio`` without a video."""
     if args.video_audio and not args.video:
         raise CommandError("--video-audio hears the sound track of a --video; no --video was given")
-    for flag, sources in (("--image", args.image), ("--video", args.video), ("--audio", args.audio)):
+    for flag, sources, what in (
+        ("--image", args.image, "image file"),
+        ("--video", args.video, "video"),  # a file or a folder of frames
+        ("--audio", args.audio, "audio file"),
+    ):
         for source in sources:
             is_url = _URL_SCHEME.match(source) is not None or source[:5].lower() == "data:"
             if not is_url and not Path(source).expanduser().exists():
-                raise CommandError(f"{flag} {source}: no such file or folder")
+                raise CommandError(f"{flag} {source}: {what} not found")
 
 
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
