@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 import pytest
 
 from vlm_models.cli import main
+from vlm_models.video import VideoSampling
 
 from .conftest import FIXTURES, serving
 
@@ -199,3 +201,9 @@ def test_load_keeps_transformers_advice_quiet_without_changing_the_environment()
         [sys.executable, "-c", "import transformers"], capture_output=True, text=True, env=env, timeout=120
     )
     assert advice in plain.stderr
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(VideoSampling)])
+def test_video_sampling_of_the_wrong_type_is_a_value_error(field: str) -> None:
+    with pytest.raises(ValueError, match=rf"^video_{field} must be "):
+        VideoSampling(**{field: "abc"})
