@@ -697,3 +697,16 @@ def test_bad_shard_size_is_refused_by_the_parser(tmp_path: Path, capsys) -> None
         main(["convert", "--hf-path", str(QWEN), "--mlx-path", str(tmp_path / "d"), "--max-shard-size", "lots"])
     assert exit_info.value.code == 2
     assert "not a size like 5GB" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["-q"], ["--dtype", "float16"]])
+def test_a_score_of_the_source_weights_is_not_copied(tmp_path: Path, capsys, flags: list[str]) -> None:
+    # The demo model's demo_score.json was measured on its float weights; new weights have not earned it.
+    source = Path(shutil.copytree(FIXTURES / "qwen2_vl" / "hf4", tmp_path / "source"))
+    (source / "demo_score.json").write_text(json.dumps({"accuracy": 0.99}))
+    out = tmp_path / "out"
+    assert main(["convert", "--hf-path", str(source), "--mlx-path", str(out), *flags]) == 0, capsys.readouterr().err
+    companions = {p.name for p in source.glob("*.json")} - {"config.json", "model.safetensors.index.json"}
+    copied = {p.name for p in out.glob("*.json")}
+    assert "demo_score.json" not in copied
+    assert companions - {"demo_score.json"} <= copied

@@ -22,6 +22,8 @@ from schemathesis.checks import (
 
 from .conftest import make_server
 
+pytestmark = pytest.mark.slow  # schema fuzzing: about 10 s per mode
+
 EXAMPLES = 20
 SECONDS_PER_OPERATION = 60
 CHECKS = [

@@ -22,6 +22,7 @@ def demo():
     return load(demo_model_path())
 
 
+@pytest.mark.slow  # 200 images, every question: about 30 s
 def test_shipped_demo_model_answers_held_out_questions(demo):
     """The issue's bar: on 200 freshly generated images (a seed used nowhere in training or development),
     at least 90% of the questions are answered exactly right."""

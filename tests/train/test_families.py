@@ -132,6 +132,7 @@ def test_training_loss_is_the_inference_loss(tmp_path: Path, family: str) -> Non
 
 
 # Training data holds image conversations: audio samples are not supported by vlm train yet.
+@pytest.mark.slow  # a few training steps per family
 @pytest.mark.parametrize("family", IMAGE_FAMILIES)
 def test_a_few_lora_steps_on_image_samples_cut_the_loss(tmp_path: Path, family: str) -> None:
     """Adapters on the decoder, the vision tower and the projector (where it has linear layers): the loss falls,

@@ -6,8 +6,26 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """The usage rules of every vlm command (``vlm_models.command_parser.CommandParser``, which this package may
+    not import): a usage error is one line naming the subcommand, exit code 2; only whole option names."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:  # a subcommand's unknown arguments are its own error, not the top-level parser's
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -45,6 +63,16 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 MATVEC_KERNELS = ("matvec-4", "matvec-8", "matvec-bf16")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -112,8 +140,8 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlm-kernels", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vlm-kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="time the kernels against float16 SDPA on this device")
     bench.add_argument(
@@ -122,23 +150,27 @@ def main(argv: list[str] | None = None) -> int:
         default=["turboquant-3.5", "affine-8", "affine-4"],
         help="decode attention: turboquant-*, affine-*; skinny products: matvec-4, matvec-8, matvec-bf16",
     )
-    bench.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--heads", type=int, default=12)
-    bench.add_argument("--kv-heads", type=int, default=2)
-    bench.add_argument("--head-dim", type=int, default=128)
-    bench.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32], help="matvec: rows of x")
+    bench.add_argument("--contexts", type=_positive_int, nargs="+", default=[8192, 32768, 131072])
+    bench.add_argument("--batch", type=_positive_int, default=1)
+    bench.add_argument("--heads", type=_positive_int, default=12)
+    bench.add_argument("--kv-heads", type=_positive_int, default=2)
+    bench.add_argument("--head-dim", type=_positive_int, default=128)
+    bench.add_argument("--rows", type=_positive_int, nargs="+", default=[1, 4, 8, 16, 32], help="matvec: rows of x")
     bench.add_argument("--shapes", type=_shape, nargs="+", default=None, help="matvec: KxN widths (default: 2B decode)")
-    bench.add_argument("--group-size", type=int, default=64, help="matvec: quantization group size")
+    bench.add_argument("--group-size", type=_positive_int, default=64, help="matvec: quantization group size")
     bench.add_argument("--backend", default=None, help="reference, cuda, metal or auto (default: auto)")
-    bench.add_argument("--repeats", type=int, default=20)
-    bench.add_argument("--batch-calls", type=int, default=10, help="independent calls evaluated per timing")
+    bench.add_argument("--repeats", type=_positive_int, default=20)
+    bench.add_argument("--batch-calls", type=_positive_int, default=10, help="independent calls evaluated per timing")
     bench.add_argument("--peak-gbs", type=float, default=None, help="the device's memory bandwidth, GB/s")
     bench.add_argument("--json", default=None, help="also write the rows to this JSON file")
     bench.set_defaults(run=_bench)
     info = commands.add_parser("info", help="which backend each kernel uses here, and where each was verified")
     info.set_defaults(run=_info)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.run(args)
 
 

@@ -64,9 +64,10 @@ def add_chat_parser(subparsers: Any) -> None:
 def run_chat(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from .cli import CommandError, generation_settings, load_model, video_sampling
+    from .cli import CommandError, check_media_args, generation_settings, load_model, video_sampling
     from .conversation import ChatSession
 
+    check_media_args(args)
     if args.prompt_cache_file is not None:
         raise CommandError("--prompt-cache-file is for vlm generate; the chat keeps its own prompt cache")
     if args.vision_cache_size < 0:

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import statistics
 import sys
 import time
 from collections.abc import Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
+
+from .command_parser import CommandParser, non_negative_int, positive_int, report
 
 __all__ = [
     "add_activation_quantization_arg",
@@ -24,9 +29,9 @@ __all__ = [
     "kv_cache_options",
     "load_model",
     "main",
+    "prepare_process",
+    "run_command",
 ]
-
-EXIT_USAGE = 2
 
 
 class CommandError(Exception):
@@ -50,8 +55,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="local folder or Hugging Face repo id (default: the shipped shapes demo model, offline)",
     )
     parser.add_argument("--adapter-path", default=None, help="folder with adapters.safetensors from `vlm train`")
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--prefill-step-size", type=int, default=2048)
+    parser.add_argument("--max-tokens", type=non_negative_int, default=256)
+    parser.add_argument("--prefill-step-size", type=positive_int, default=2048)
     parser.add_argument("--trust-remote-code", action="store_true")
     add_activation_quantization_arg(parser)
     add_kv_cache_args(parser)
@@ -166,11 +171,29 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     )
 
 
+def check_media_args(args: argparse.Namespace) -> None:
+    """What the media flags say that can be checked before the (slow) model load: local files that are not
+    there, ``--video-audio`` without a video."""
+    if args.video_audio and not args.video:
+        raise CommandError("--video-audio hears the sound track of a --video; no --video was given")
+    for flag, sources, what in (
+        ("--image", args.image, "image file"),
+        ("--video", args.video, "video"),  # a file or a folder of frames
+        ("--audio", args.audio, "audio file"),
+    ):
+        for source in sources:
+            is_url = _URL_SCHEME.match(source) is not None or source[:5].lower() == "data:"
+            if not is_url and not Path(source).expanduser().exists():
+                raise CommandError(f"{flag} {source}: {what} not found")
+
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def _load_and_format(args: argparse.Namespace) -> tuple[Any, Any, str]:
     from .chat import apply_chat_template
 
-    if args.video_audio and not args.video:
-        raise CommandError("--video-audio hears the sound track of a --video; no --video was given")
+    check_media_args(args)
     model, processor = load_model(args)
     if args.video and not processor.supports_video:
         raise CommandError(f"{args.model}: this model does not take video input (--video)")
@@ -245,10 +268,9 @@ def generation_settings(args: argparse.Namespace) -> Any:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from vlm_runtime import PromptCache, stream_generate
 
+    settings = generation_settings(args)  # bad values are reported before the model loads
     model, processor, prompt = _load_and_format(args)
     drafter = None
     if args.draft_model is not None:
@@ -263,7 +285,6 @@ def _generate(args: argparse.Namespace) -> None:
         prompt_cache, _ = PromptCache.load(cache_file)
     last = None
     thinking = False
-    settings = generation_settings(args)
     start_marker, end_marker = settings.thinking.markers(processor.thinking_markers)
     for last in stream_generate(
         model,
@@ -289,6 +310,12 @@ def _generate(args: argparse.Namespace) -> None:
     assert last is not None
     if cache_file is not None:
         prompt_cache.save(cache_file)
+    if processor.supports_images and not (args.image or args.video or args.audio):
+        print(
+            f"{args.command_name}: note: no --image given, so the model answered from the prompt alone "
+            "(add --image PATH to ask about a picture)",
+            file=sys.stderr,
+        )
     cached = f" ({last.cached_tokens} from the prompt cache)" if last.cached_tokens else ""
     drafted = ""
     if drafter is not None:
@@ -307,10 +334,10 @@ def _bench(args: argparse.Namespace) -> None:
 
     from vlm_runtime import GenerationConfig, GenerationSettings, stream_generate
 
-    model, processor, prompt = _load_and_format(args)
-    videos = _media_inputs(args)
     config = GenerationConfig(max_tokens=args.max_tokens, prefill_step_size=args.prefill_step_size, ignore_eos=True)
     settings = GenerationSettings(config=config, cache=_cache_settings(args))
+    model, processor, prompt = _load_and_format(args)
+    videos = _media_inputs(args)
     inputs = processor.prepare_inputs(
         prompt, args.image, videos.get("videos", ()), videos.get("video_sampling"), videos.get("audios", ())
     )
@@ -335,9 +362,10 @@ def _bench(args: argparse.Namespace) -> None:
     print("run  vision_s  prompt_tok/s  gen_tok/s  peak_GB  gen_tokens")
     for i, (v, p, g, m, n) in enumerate(rows):
         print(f"{i:>3}  {v:8.4f}  {p:12.1f}  {g:9.1f}  {m:7.3f}  {n:10d}")
-    mid = sorted(rows, key=lambda r: r[2])[len(rows) // 2]
+    vision, prompt_tps, generation_tps, peak = (statistics.median(column) for column in list(zip(*rows))[:4])
     print(
-        f"median: vision {mid[0]:.4f} s | prompt {mid[1]:.1f} tok/s | generation {mid[2]:.1f} tok/s | peak {mid[3]:.3f} GB"
+        f"median: vision {vision:.4f} s | prompt {prompt_tps:.1f} tok/s | generation {generation_tps:.1f} tok/s | "
+        f"peak {peak:.3f} GB"
     )
 
 
@@ -531,7 +559,7 @@ def _eval_quant(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlm", description="Run vision-language models on MLX.")
+    parser = CommandParser(prog="vlm", description="Run vision-language models on MLX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from a prompt, images and videos")
@@ -542,8 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measure vision-encode time, prompt and generation speed")
     _add_generation_args(bench)
-    bench.add_argument("--runs", type=int, default=3)
-    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--runs", type=positive_int, default=3, help="timed runs")
+    bench.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs before them")
     bench.add_argument("--verbose", action="store_true")
     bench.set_defaults(handler=_bench)
 
@@ -566,13 +594,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def prepare_process() -> None:
+    """What every command does first, before anything imports mlx or transformers."""
     # transformers serves only tokenizers here; its "PyTorch was not found" advice is noise for our users.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from vlm_kernels.cpu_blas import route_cpu_blas
 
-    route_cpu_blas()  # before anything imports mlx: MLX's Linux CPU build binds its BLAS at first use
-    parser = build_parser()
+    route_cpu_blas()  # MLX's Linux CPU build binds its BLAS at first use
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the handler it names: a user-facing failure is one line (a traceback only with
+    ``--verbose``) and exit code 2; Ctrl-C is 130."""
     args = parser.parse_args(argv)
     try:
         args.handler(args)
@@ -581,9 +614,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as exc:
         if getattr(args, "verbose", False):
             raise
-        print(f"vlm {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return report(args.command_name, exc)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    prepare_process()
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

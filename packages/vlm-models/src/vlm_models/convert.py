@@ -47,6 +47,9 @@ QUANTIZATION_KEYS = ("group_size", "bits", "mode")
 # names); config.json and the weight index are written anew.
 _COMPANION_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken")
 _REWRITTEN = {"config.json", "model.safetensors.index.json"}
+# Files that describe the source's weights (the demo model's measured score): new weights (cast, quantized, fused)
+# have not earned them.
+_ABOUT_THE_WEIGHTS = {"demo_score.json"}
 
 
 class ConvertError(ValueError):
@@ -127,7 +130,7 @@ def save_model(
     (destination / "config.json").write_text(json.dumps(new_config, indent=2))
     for pattern in _COMPANION_PATTERNS:
         for file in Path(source).glob(pattern):
-            if file.is_file() and file.name not in _REWRITTEN:
+            if file.is_file() and file.name not in _REWRITTEN | _ABOUT_THE_WEIGHTS:
                 shutil.copy2(file, destination / file.name)
     return destination
 

@@ -115,6 +115,10 @@ class Processor:
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
     @property
+    def supports_images(self) -> bool:
+        return self.image_processor is not None
+
+    @property
     def supports_video(self) -> bool:
         return self.video_processor is not None
 

@@ -182,8 +182,32 @@ def _audio_processor_config(path: Path) -> dict[str, Any]:
     return {}
 
 
-def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, trust_remote_code: bool) -> Processor:
+def _auto_tokenizer() -> Any:
+    """transformers' ``AutoTokenizer``. transformers serves only tokenizers here, so the "PyTorch was not found"
+    advice it logs on its first import is noise: it is switched off for that import alone, leaving the
+    environment (and the user's own transformers warnings) as they were."""
+    import sys
+
+    if "transformers" not in sys.modules:
+        before = os.environ.get(_NO_ADVICE)
+        os.environ[_NO_ADVICE] = "1"
+        try:
+            import transformers  # noqa: F401
+        finally:
+            if before is None:
+                del os.environ[_NO_ADVICE]
+            else:
+                os.environ[_NO_ADVICE] = before
     from transformers import AutoTokenizer
+
+    return AutoTokenizer
+
+
+_NO_ADVICE = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+
+
+def load_processor(path: Path, config: Mapping[str, Any], arch: Architecture, trust_remote_code: bool) -> Processor:
+    AutoTokenizer = _auto_tokenizer()
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)

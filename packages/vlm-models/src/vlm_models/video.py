@@ -17,6 +17,8 @@ from typing import Any, Union
 import numpy as np
 from tqdm import tqdm
 
+from vlm_runtime.field_types import check_field_types
+
 from .processors.image import ImageLoadError, load_image
 
 __all__ = ["FRAME_SUFFIXES", "Video", "VideoLoadError", "VideoSampling", "VideoSource", "read_video"]
@@ -48,6 +50,7 @@ class VideoSampling:
     A file's track is read with PyAV; a :class:`Video` brings its own ``audio``."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "video_")
         for name in ("fps", "source_fps"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):

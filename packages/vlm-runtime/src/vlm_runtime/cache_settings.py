@@ -23,6 +23,7 @@ from .cache import (
     QuantizedKVCache,
     RotatingKVCache,
 )
+from .field_types import check_field_types
 from .turboquant_cache import TurboQuantKVCache
 
 __all__ = ["QUANT_SCHEMES", "CacheSettings", "make_layer_caches"]
@@ -53,6 +54,7 @@ class CacheSettings:
     kv_value_bits: float | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.max_kv_size is not None and self.max_kv_size < 1:
             raise ValueError(f"max_kv_size must be a positive number of tokens, got {self.max_kv_size}")
         if self.kv_quant_scheme not in QUANT_SCHEMES:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import mlx.core as mx
 
+from .field_types import check_field_types
 from .protocols import PromptProcessor
 from .sampling import (
     MAX_TOP_LOGPROBS,
@@ -58,6 +59,7 @@ class GenerationConfig:
     unfused), so GPUs build it anew."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.prefill_step_size < 1:

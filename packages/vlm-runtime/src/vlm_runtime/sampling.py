@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .field_types import check_field_types
+
 __all__ = [
     "LogitsProcessor",
     "Sampler",
@@ -92,6 +94,7 @@ class SamplingParams:
     logit_bias: Mapping[int, float] | LogitBias | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -102,8 +105,6 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
-        if isinstance(self.repetition_context_size, bool) or not isinstance(self.repetition_context_size, int):
-            raise ValueError(f"repetition_context_size must be an int, got {self.repetition_context_size!r}")
         if self.repetition_context_size < 1:
             raise ValueError(f"repetition_context_size must be >= 1, got {self.repetition_context_size}")
         for name in ("presence_penalty", "frequency_penalty"):

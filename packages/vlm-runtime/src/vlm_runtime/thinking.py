@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .field_types import check_field_types
+
 __all__ = [
     "DEFAULT_MARKERS",
     "ThinkingConfig",
@@ -32,6 +34,7 @@ class ThinkingConfig:
     end_token: str | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self, "thinking_")
         if self.budget is not None and self.budget < 0:
             raise ValueError(f"thinking_budget must be >= 0, got {self.budget}")
         if self.start_token == "" or self.end_token == "":

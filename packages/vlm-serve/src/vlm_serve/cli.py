@@ -9,9 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_arguments", "main", "register"]
-
-EXIT_USAGE = 2
+__all__ = ["add_arguments", "build_parser", "main", "register"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -266,21 +264,22 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from vlm_kernels.cpu_blas import route_cpu_blas
+    from vlm_models.cli import prepare_process, run_command
 
-    route_cpu_blas()  # before anything imports mlx (see vlm_kernels.cpu_blas)
-    parser = argparse.ArgumentParser(prog="vlm-serve", description=register.__doc__)
+    prepare_process()
+    return run_command(build_parser(), argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The standalone ``vlm-serve`` script's parser (``vlm serve`` has the same options)."""
+    from vlm_models.command_parser import CommandParser
+
+    parser = CommandParser(
+        prog="vlm-serve", description="Serve a model over OpenAI- and Anthropic-compatible HTTP APIs."
+    )
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        serve(args)
-    except KeyboardInterrupt:
-        return 130
-    except (ValueError, OSError) as e:
-        print(f"vlm-serve: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    return 0
+    parser.set_defaults(handler=serve)
+    return parser
 
 
 if __name__ == "__main__":

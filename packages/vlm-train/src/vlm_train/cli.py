@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main", "register"]
+__all__ = ["build_parser", "main", "register"]
 
 
 def _add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -260,16 +260,30 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: Any) -> None:
     """The ``vlm.commands`` entry point: adds ``vlm train``."""
     parser = subparsers.add_parser("train", help="fine-tune a model (LoRA, QLoRA, full); fuse adapters")
+    _add_arguments(parser)
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_training_args(parser)
     _add_subcommands(parser)
     parser.set_defaults(handler=_train)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``vlm-train`` script: ``vlm train`` with the same options, messages and exit codes."""
-    from vlm_models.cli import main as vlm_main
+    """The ``vlm-train`` script: ``vlm train`` with the same options, messages and exit codes, under its own name."""
+    from vlm_models.cli import prepare_process, run_command
 
-    return vlm_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    prepare_process()
+    return run_command(build_parser(), argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vlm-train`` script's parser: ``vlm train``'s, named as the user typed it."""
+    from vlm_models.command_parser import CommandParser
+
+    parser = CommandParser(prog="vlm-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    return parser
 
 
 if __name__ == "__main__":
