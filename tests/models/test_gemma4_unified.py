@@ -21,7 +21,7 @@ from vlm_models.models.gemma4_unified import ModelConfig
 from vlm_models.processors.gemma4 import Gemma4ImageProcessor
 from vlm_models.processors.gemma4_unified import Gemma4UnifiedAudioFeatureExtractor, Gemma4UnifiedImageProcessor
 
-from .conftest import AUDIO, FIXTURES, Reference, inputs_of
+from .conftest import AUDIO, FIXTURES, Reference, check_chunked_prefill, inputs_of
 
 ROOT = FIXTURES / "gemma4_unified"
 
@@ -185,3 +185,10 @@ def test_media_features_and_slots_must_agree(loaded, ref: Reference) -> None:
     inputs["input_ids"] = inputs["input_ids"][:, :-30]
     with pytest.raises(ValueError, match="audio tokens but the audios give"):
         model(**inputs)
+
+
+@pytest.mark.parametrize("case,step", [("long", 7), ("two_images", 16), ("image_and_audio", 64)])
+def test_chunked_prefill_matches_transformers(loaded, ref: Reference, case: str, step: int) -> None:
+    """Chunks smaller than the sliding window and than an image: an image's tokens still see each other."""
+    model, _ = loaded
+    check_chunked_prefill(model, ref, case, step)

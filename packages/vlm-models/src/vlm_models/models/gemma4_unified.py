@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -160,6 +161,14 @@ class Model(gemma4.Model):
     processor_defaults = staticmethod(processor_defaults)
     takes_audio = staticmethod(takes_audio)
     body = Gemma4UnifiedModel
+    # LoRA: the patch projection stands in for a vision tower, the RMS-norm projections for the projector.
+    adapter_groups: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+        {
+            "language": ("model.language_model.",),
+            "vision": ("model.vision_embedder.",),
+            "projector": ("model.embed_vision.", "model.embed_audio."),
+        }
+    )
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> Model:
