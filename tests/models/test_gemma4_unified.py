@@ -20,6 +20,7 @@ from vlm_models.config import ConfigError
 from vlm_models.models.gemma4_unified import ModelConfig
 from vlm_models.processors.gemma4 import Gemma4ImageProcessor
 from vlm_models.processors.gemma4_unified import Gemma4UnifiedAudioFeatureExtractor, Gemma4UnifiedImageProcessor
+from vlm_runtime import generate
 
 from .conftest import AUDIO, FIXTURES, Reference, check_chunked_prefill, inputs_of
 
@@ -192,3 +193,15 @@ def test_chunked_prefill_matches_transformers(loaded, ref: Reference, case: str,
     """Chunks smaller than the sliding window and than an image: an image's tokens still see each other."""
     model, _ = loaded
     check_chunked_prefill(model, ref, case, step)
+
+
+def test_generate_sees_and_hears_files(loaded, ref: Reference) -> None:
+    """From files through our processor to tokens: transformers' greedy answer to its image + two clips."""
+    model, processor = loaded
+    meta = ref.meta["cases"]["image_and_audio"]
+    images = [FIXTURES / "images" / n for n in meta["images"]]
+    audios = [AUDIO / n for n in meta["audios"]]
+    expected = ref.get("image_and_audio", "greedy")[0, :8].tolist()
+    assert not processor.eos_token_ids.intersection(expected)
+    result = generate(model, processor, meta["prompt"], image=images, audios=audios, max_tokens=8)
+    assert (result.generation_tokens, result.text) == (8, processor.decode(expected))

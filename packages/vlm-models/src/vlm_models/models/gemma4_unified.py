@@ -140,15 +140,6 @@ class Gemma4UnifiedModel(nn.Module):
             self.embed_audio = MultimodalEmbedder(config.audio.audio_embed_dim, text, config.audio.rms_norm_eps)
 
 
-def takes_audio(config: Mapping[str, Any]) -> bool:
-    return isinstance(config.get("audio_config"), Mapping)
-
-
-def processor_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Image processor settings implied by the model config, for processor files that lack them."""
-    return gemma4.processor_defaults(config)
-
-
 def _real_rows(positions: np.ndarray) -> list[np.ndarray]:
     """Per image, the indices of its real (not padding) patches."""
     return [np.flatnonzero(row) for row in (positions != -1).all(axis=-1)]
@@ -156,10 +147,9 @@ def _real_rows(positions: np.ndarray) -> list[np.ndarray]:
 
 class Model(gemma4.Model):
     """The unified Gemma 4 for generation: Gemma 4's steps, with raw patches and waveform frames projected
-    straight into the decoder."""
+    straight into the decoder. Gemma 4's ``processor_defaults`` (patch size, pooling) and ``takes_audio`` (an
+    audio_config) hold as they are."""
 
-    processor_defaults = staticmethod(processor_defaults)
-    takes_audio = staticmethod(takes_audio)
     body = Gemma4UnifiedModel
     # LoRA: the patch projection stands in for a vision tower, the RMS-norm projections for the projector.
     adapter_groups: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType(
