@@ -1,5 +1,5 @@
 """The unified Gemma 4 beyond the shared parity tests: its image processor against transformers' on every fixture
-image, the patch merge against transformers' algorithm written out independently, the raw-waveform frames, images
+image, torch's uint8 resize on held-out pictures, the patch merge against transformers' algorithm written out independently, the raw-waveform frames, images
 attending both ways in every layer (also past the sliding window), the config's fixed parts, and the names
 transformers gives the weights in memory."""
 
@@ -20,6 +20,7 @@ from vlm_models.config import ConfigError
 from vlm_models.models.gemma4_unified import ModelConfig
 from vlm_models.processors.gemma4 import Gemma4ImageProcessor
 from vlm_models.processors.gemma4_unified import Gemma4UnifiedAudioFeatureExtractor, Gemma4UnifiedImageProcessor
+from vlm_models.processors.image import torch_bicubic_resize
 from vlm_runtime import generate
 
 from .conftest import AUDIO, FIXTURES, Reference, check_chunked_prefill, inputs_of
@@ -56,6 +57,19 @@ def test_image_processor_matches_transformers(tokens: int) -> None:
         np.testing.assert_array_equal(ours["pixel_values"][:, : real.shape[1]], real, err_msg=name)
         assert not ours["pixel_values"][:, real.shape[1] :].any()
         assert processor.image_token_counts(ours) == [real.shape[1]]
+
+
+def test_resize_is_torchs_on_held_out_pictures() -> None:
+    """Noise pictures of other sizes than the fixture images, shrunk and stretched by other ratios, one axis
+    alone too: the same 8-bit pixels as torchvision's uint8 bicubic resize."""
+    expected = np.load(ROOT / "resize_reference.npz")
+    cases = sorted({k.split("/")[0] for k in expected.files})
+    assert len(cases) == 5
+    for case in cases:
+        source, resized = expected[f"{case}/source"], expected[f"{case}/resized"]
+        ours = torch_bicubic_resize(source, resized.shape[:2])
+        assert ours.dtype == np.uint8
+        np.testing.assert_array_equal(ours, resized, err_msg=f"{source.shape} -> {resized.shape}")
 
 
 def merge_as_transformers(patches: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
