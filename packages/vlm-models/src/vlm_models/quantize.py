@@ -29,8 +29,9 @@ __all__ = [
 ]
 
 # Module names under which the families keep their vision towers (HF and MLX-community names alike).
-VISION_TOWER_NAMES = frozenset({"visual", "vision_tower", "vision_model", "audio_tower"})
-"""Module names of the media towers (vision, and audio for families that hear), which --skip-vision keeps float."""
+VISION_TOWER_NAMES = frozenset({"visual", "vision_tower", "vision_model", "audio_tower", "vision_embedder"})
+"""Module names of the media towers (vision, and audio for families that hear; the unified Gemma 4's patch
+projection in place of a tower), which --skip-vision keeps float."""
 
 
 class QuantizeError(ValueError):

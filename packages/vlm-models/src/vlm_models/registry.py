@@ -160,6 +160,15 @@ ARCHITECTURES: dict[str, Architecture] = {
         # Thinking (``<|think|>`` in the system turn) comes back as ``<|channel>thought\n...<channel|>``.
         thinking_markers=("<|channel>", "<channel|>"),
     ),
+    # No vision or audio tower: raw patches and waveform frames are projected straight into the decoder.
+    "gemma4_unified": Architecture(
+        "gemma4_unified",
+        "gemma4_unified:Gemma4UnifiedImageProcessor",
+        image_token="<|image|>",
+        audio_processor="gemma4_unified:Gemma4UnifiedAudioFeatureExtractor",
+        audio_token="<|audio|>",
+        thinking_markers=("<|channel>", "<channel|>"),
+    ),
     "idefics3": Architecture("idefics3", "idefics3:Idefics3ImageProcessor", image_token="<image>"),
     "smolvlm": Architecture(
         "smolvlm",

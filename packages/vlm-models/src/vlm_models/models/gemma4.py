@@ -279,11 +279,14 @@ class Model(GemmaGeneration, nn.Module):
 
     processor_defaults = staticmethod(processor_defaults)
     takes_audio = staticmethod(takes_audio)
+    body: type[nn.Module] = Gemma4Model
+    """The module tree under ``model.``: the decoder at ``language_model`` and, where the config has them, the
+    ``embed_vision`` / ``embed_audio`` projections into it."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = Gemma4Model(config)
+        self.model = self.body(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
 
@@ -324,8 +327,8 @@ class Model(GemmaGeneration, nn.Module):
         """(valid frames of all clips, text hidden): the audio tower's output for every clip's real frames. With a
         ``cache`` (the vision feature cache, which keeps clips too), clips heard before skip the tower: a clip is
         keyed by its real frames alone (the padding after them is zeros, whatever the batch's longest clip)."""
-        if "audio_tower" not in self.model:
-            raise ValueError("this checkpoint has no audio tower (no audio_config): it cannot take audio")
+        if "embed_audio" not in self.model:
+            raise ValueError("this checkpoint has no audio_config: it cannot take audio")
         masks = np.asarray(input_features_mask).astype(bool)
         tower = self.model.audio_tower
 
@@ -363,8 +366,8 @@ class Model(GemmaGeneration, nn.Module):
             if pixel_values is not None:
                 if image_position_ids is None:
                     raise ValueError("gemma4 images need image_position_ids (the image processor gives them)")
-                if "vision_tower" not in self.model:
-                    raise ValueError("this checkpoint has no vision tower (no vision_config): it cannot take images")
+                if "embed_vision" not in self.model:
+                    raise ValueError("this checkpoint has no vision_config: it cannot take images")
                 per_image = self._features_per_image(pixel_values, image_position_ids, vision_cache)
                 embeds = merge_features(embeds, input_ids, c.image_token_id, mx.concatenate(per_image))
             if input_features is not None:
@@ -391,7 +394,6 @@ class Model(GemmaGeneration, nn.Module):
     def _features_per_image(
         self, pixel_values: mx.array, image_position_ids: mx.array, vision_cache: VisionFeatureCache | None
     ) -> list[mx.array]:
-        tower = self.model.vision_tower
         n_images = pixel_values.shape[0]
 
         def encode(indices: list[int]) -> list[mx.array]:
@@ -403,9 +405,13 @@ class Model(GemmaGeneration, nn.Module):
         return features_per_image(
             vision_cache,
             [(pixel_values[i], image_position_ids[i]) for i in range(n_images)],
-            lambda: vision_identity(self, self.config.vision, tower.dtype, tower.patch_embedder.input_proj),
+            self._vision_identity,
             encode,
         )
+
+    def _vision_identity(self) -> str:
+        tower = self.model.vision_tower
+        return vision_identity(self, self.config.vision, tower.dtype, tower.patch_embedder.input_proj)
 
     # -- the Hugging Face contract
     def __call__(

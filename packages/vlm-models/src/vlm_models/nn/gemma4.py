@@ -8,7 +8,8 @@ are soft-capped. Three optional parts: per-layer embeddings (PLE: a small embedd
 gated projection after each layer, E2B/E4B), KV sharing (the last ``num_kv_shared_layers`` layers attend over
 the keys of the last earlier layer of their type; they have no key/value projections and no cache of their
 own), and a mixture of experts beside each layer's dense MLP (26B-A4B). Images attend both ways only in
-sliding layers, and only in checkpoints with ``use_bidirectional_attention: "vision"``.
+sliding layers, and only in checkpoints with ``use_bidirectional_attention: "vision"`` (in every layer for the
+unified checkpoints: ``vision_groups_every_layer``).
 
 Module names follow the transformers weights (``layers.N.self_attn.q_proj``, ``layers.N.router.proj``,
 ``embed_tokens_per_layer``, ...).
@@ -84,6 +85,9 @@ class Gemma4DecoderConfig:
     moe_intermediate_size: int = 0
     bidirectional_vision: bool = False
     """Images attend both ways in sliding layers (``use_bidirectional_attention: "vision"``)."""
+    vision_groups_every_layer: bool = False
+    """With ``bidirectional_vision``: images attend both ways in every layer, the sliding window limiting only the
+    causal part (the unified checkpoints' mask), not only within the window of sliding layers."""
     pad_token_id: int = 0
 
     @classmethod
@@ -408,9 +412,18 @@ class Gemma4Decoder(nn.Module):
             rotate[kind] = rotary.at_offset(start) if position_ids is None else rotary.at_positions(position_ids)
             layer_cache = cache[c.layer_types.index(kind)] if cache else None
             sliding = kind == SLIDING
-            groups = attention_groups if sliding and c.bidirectional_vision else None
+            both_ways = c.bidirectional_vision and (sliding or c.vision_groups_every_layer)
+            groups = attention_groups if both_ways else None
             window = c.sliding_window if sliding else None
-            masks[kind] = decoder_mask(length, layer_cache, attention_mask, groups, h.dtype, window=window)
+            masks[kind] = decoder_mask(
+                length,
+                layer_cache,
+                attention_mask,
+                groups,
+                h.dtype,
+                window=window,
+                window_limits_groups=not c.vision_groups_every_layer,
+            )
         shared: dict[str, tuple[mx.array, mx.array]] = {}
         for i, layer in enumerate(self.layers):
             layer_cache = cache[c.cache_index(i)] if cache else None

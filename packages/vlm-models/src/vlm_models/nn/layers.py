@@ -11,7 +11,7 @@ import mlx.nn as nn
 from .fused import FusedLinears
 from .rope import Rotate
 
-__all__ = ["Attention", "GatedMLP", "MLP", "DecoderLayer", "ACTIVATIONS", "gated_activation"]
+__all__ = ["Attention", "CenteredLayerNorm", "GatedMLP", "MLP", "DecoderLayer", "ACTIVATIONS", "gated_activation"]
 
 ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
     "silu": nn.silu,
@@ -28,6 +28,15 @@ def activation(name: str) -> Callable[[mx.array], mx.array]:
         return ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+class CenteredLayerNorm(nn.LayerNorm):
+    """LayerNorm that subtracts the mean before MLX's fused kernel. The kernel takes the variance in one pass
+    (E[x²] - E[x]²), which loses most of its digits when the spread is far below the mean: raw pixels of a flat
+    patch (mean ~0.5, std ~0.007) come out 4e-4 off in float32, where a centred input is exact to 1e-7."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return super().__call__(x - x.mean(axis=-1, keepdims=True))
 
 
 class Attention(nn.Module):

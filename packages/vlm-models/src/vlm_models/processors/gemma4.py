@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -26,6 +26,7 @@ __all__ = [
     "Gemma4ImageProcessor",
     "SUPPORTED_SOFT_TOKENS",
     "aspect_ratio_preserving_size",
+    "expand_slots",
     "audio_token_counts",
 ]
 
@@ -83,9 +84,31 @@ class Gemma4ImageProcessor(SampleBatching):
         kwargs = image_settings(cfg, int_keys=("patch_size", "max_soft_tokens", "pooling_kernel_size"))
         return cls(**kwargs)
 
+    rescale_dtype: ClassVar[type] = np.float64
+    """The rescale's precision: transformers' PIL processor multiplies in float64."""
+
     @property
     def max_patches(self) -> int:
+        """The resize budget, in ``patch_size`` patches."""
         return self.max_soft_tokens * self.pooling_kernel_size**2
+
+    @property
+    def cut_size(self) -> int:
+        """The side of the flat patches the resized picture is cut into (the vision tower pools them later)."""
+        return self.patch_size
+
+    @property
+    def patches_per_token(self) -> int:
+        return self.pooling_kernel_size**2
+
+    @property
+    def padded_patches(self) -> int:
+        """How many flat patches every picture is padded to."""
+        return self.max_patches
+
+    def resized(self, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+        """uint8 HWC at ``(height, width)``, as transformers' PIL processor resizes."""
+        return resize(image, size, self.resample)
 
     def patches(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
         """One picture's (patches, patch² * 3) pixels and (patches, 2) positions, unpadded."""
@@ -94,15 +117,16 @@ class Gemma4ImageProcessor(SampleBatching):
         size = (image.height, image.width)
         if self.do_resize:
             size = aspect_ratio_preserving_size(*size, self.patch_size, self.max_patches, self.pooling_kernel_size)
-        array = resize(image, size, self.resample)
+        array = self.resized(image, size)
         pixels = rescale_and_normalize(
             array if array.ndim == 3 else array[..., None],
             self.rescale_factor if self.do_rescale else None,
             self.image_mean if self.do_normalize else None,
             self.image_std if self.do_normalize else None,
+            rescale_dtype=self.rescale_dtype,
         )
         channels, height, width = pixels.shape
-        p = self.patch_size
+        p = self.cut_size
         rows, cols = height // p, width // p
         grid = pixels[:, : rows * p, : cols * p].reshape(channels, rows, p, cols, p)
         flat = grid.transpose(1, 3, 2, 4, 0).reshape(rows * cols, -1)
@@ -115,21 +139,24 @@ class Gemma4ImageProcessor(SampleBatching):
         pixels, positions = [], []
         for image in images:
             flat, where = self.patches(image)
-            pad = self.max_patches - len(flat)
+            pad = self.padded_patches - len(flat)
             pixels.append(np.pad(flat, [(0, pad), (0, 0)]))
             positions.append(np.pad(where, [(0, pad), (0, 0)], constant_values=-1))
         return {"pixel_values": np.stack(pixels), "image_position_ids": np.stack(positions).astype(np.int64)}
 
     def image_token_counts(self, outputs: dict[str, np.ndarray]) -> list[int]:
         real = (outputs["image_position_ids"] != -1).all(axis=-1).sum(axis=-1)
-        return [int(n) // self.pooling_kernel_size**2 for n in real]
+        return [int(n) // self.patches_per_token for n in real]
 
     def expand_prompt(self, prompt: str, image_token: str, outputs: dict[str, np.ndarray]) -> str:
         """Each image slot becomes the image's soft tokens between its begin and end markers."""
-        return _expand(prompt, image_token, [f"{BOI}{image_token * n}{EOI}" for n in self.image_token_counts(outputs)])
+        return expand_slots(
+            prompt, image_token, [f"{BOI}{image_token * n}{EOI}" for n in self.image_token_counts(outputs)]
+        )
 
 
-def _expand(prompt: str, token: str, replacements: list[str]) -> str:
+def expand_slots(prompt: str, token: str, replacements: list[str]) -> str:
+    """Each ``token`` slot of ``prompt`` becomes the next replacement; the counts must agree."""
     pieces = prompt.split(token)
     if len(pieces) - 1 != len(replacements):
         raise ValueError(f"the prompt has {len(pieces) - 1} {token} slot(s) for {len(replacements)} input(s)")
@@ -235,4 +262,4 @@ class Gemma4AudioFeatureExtractor:
     def expand_prompt(self, prompt: str, audio_token: str, outputs: dict[str, np.ndarray]) -> str:
         """Each audio slot becomes the clip's soft tokens between its begin and end markers."""
         counts = audio_token_counts(outputs["input_features_mask"])
-        return _expand(prompt, audio_token, [f"{BOA}{audio_token * n}{EOA}" for n in counts])
+        return expand_slots(prompt, audio_token, [f"{BOA}{audio_token * n}{EOA}" for n in counts])

@@ -11,6 +11,7 @@ import base64
 import binascii
 import http.client
 import io
+import math
 import re
 import threading
 import urllib.error
@@ -34,6 +35,7 @@ __all__ = [
     "image_settings",
     "URL_TIMEOUT_S",
     "read_url",
+    "torch_bicubic_resize",
     "RepeatsImageTokens",
     "load_image",
     "rescale_and_normalize",
@@ -251,19 +253,74 @@ def resize(image: Image.Image, size: tuple[int, int], resample: int = Image.Resa
     return np.asarray(image, dtype=np.uint8)
 
 
+def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def _int16_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """torch's antialiased bicubic taps for one axis: per output, the source indices, the weights as int16-range
+    integers, and their fixed-point precision (the most bits that keep the largest weight under 2^15)."""
+    scale = n_in / n_out
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    stretch = 1.0 / scale if scale >= 1.0 else 1.0
+    taps = np.arange(math.ceil(support) * 2 + 1)
+    centers = scale * (np.arange(n_out) + 0.5)
+    first = np.maximum((centers - support + 0.5).astype(np.int64), 0)
+    last = np.minimum((centers + support + 0.5).astype(np.int64), n_in)
+    weights = _cubic((taps[None, :] + first[:, None] - centers[:, None] + 0.5) * stretch)
+    weights = np.where(taps[None, :] < (last - first)[:, None], weights, 0.0)
+    total = weights.sum(axis=1, keepdims=True)
+    weights = weights / np.where(total == 0, 1.0, total)
+    precision = 0
+    while precision < 22 and int(0.5 + weights.max() * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    scaled = weights * (1 << precision)
+    fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int64)
+    return np.minimum(first[:, None] + taps[None, :], n_in - 1), fixed, precision
+
+
+def _resize_axis(array: np.ndarray, axis: int, n_out: int) -> np.ndarray:
+    index, weights, precision = _int16_taps(array.shape[axis], n_out)
+    source = np.moveaxis(array.astype(np.int64), axis, 0)
+    shape = (-1,) + (1,) * (source.ndim - 1)
+    total = np.full((n_out, *source.shape[1:]), 1 << (precision - 1), dtype=np.int64)
+    for tap in range(index.shape[1]):
+        total += source[index[:, tap]] * weights[:, tap].reshape(shape)
+    return np.moveaxis(np.clip(total >> precision, 0, 255).astype(np.uint8), 0, axis)
+
+
+def torch_bicubic_resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 HWC -> uint8 ``(height, width)``, as torch's antialiased bicubic resize of uint8 images on CPU
+    (what transformers' torchvision image processors run): separable passes, width first, each with weights in
+    int16 fixed point and its result rounded to 8 bits. Pillow's (22-bit weights) differs by a level or more on a
+    few percent of pixels."""
+    height, width = size
+    if array.shape[1] != width:
+        array = _resize_axis(array, 1, width)
+    if array.shape[0] != height:
+        array = _resize_axis(array, 0, height)
+    return array
+
+
 def rescale_and_normalize(
     array: np.ndarray,
     scale: float | None,
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
+    *,
+    rescale_dtype: type = np.float64,
 ) -> np.ndarray:
     """HWC image -> float32 CHW, ``(array * scale - mean) / std``; ``None`` skips a step.
 
-    The dtype path is transformers': the rescale multiplies in float64 and then casts to float32, the normalize
-    subtracts and divides in float32 with float32 mean/std. Any other order differs in the last ulp.
+    The dtype path is transformers': the rescale multiplies in float64 (``rescale_dtype``; its torchvision
+    processors multiply in float32) and then casts to float32, the normalize subtracts and divides in float32
+    with float32 mean/std. Any other order differs in the last ulp.
     """
     if scale is not None:
-        out = (array.astype(np.float64) * scale).astype(np.float32)
+        out = (array.astype(rescale_dtype) * rescale_dtype(scale)).astype(np.float32)
     else:
         out = array.astype(np.float32)
     if mean is not None or std is not None:
