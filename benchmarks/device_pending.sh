@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# On the accelerator machine: the figures still owed (see BENCHMARKS.md and the open issues), most wanted first,
+# each step under its own timeout so one slow step cannot eat the others. ~8-9 minutes on an H200 from cold.
+#   source .device/setup.sh; bash benchmarks/device_pending.sh            # all steps
+#   STEPS="prefix quant" bash benchmarks/device_pending.sh                 # some of: prefix matvec quant profile
+# Needs tests/fixtures/qwen2_vl/hf4 (make_random_checkpoint.py) and, for "profile", tests/fixtures/qwen3_5/hf5.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+CK=${CK:-/tmp/qwen2vl-2b-bf16}
+PRESET=${PRESET:-2b}  # PRESET=tiny DTYPE=float32 CK=/tmp/ck-tiny: a dry run of the commands on any machine
+DTYPE=${DTYPE:-bfloat16}
+VLM="python3 -m vlm_models.cli"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+[ -f "$CK/config.json" ] || python3 benchmarks/make_random_checkpoint.py --preset "$PRESET" --dtype "$DTYPE" --out "$CK" | tail -1
+for step in ${STEPS:-prefix matvec quant profile}; do
+  echo "== $step"
+  case $step in
+    prefix)  # issue 17: time to first token for an 8k shared prefix, cold vs warm memory vs warm disk
+      timeout 150 python3 benchmarks/bench_prefix_cache.py --model "$CK" --prefix-tokens 8192 --runs 3 2>&1 \
+        | tee "$OUT/prefix.log" ;;
+    matvec)  # issue 14: the quantized matvec kernel's speed (then set FAST_ROWS in vlm_kernels.quantized_matvec)
+      TESTS=0 timeout 240 bash benchmarks/device_matvec.sh 2>&1 | tee "$OUT/matvec.log" ;;
+    quant)  # issue 20: mxfp8 / nvfp4 with and without activation quantization, next to affine 4-bit and bf16
+      for mode in mxfp8 nvfp4 affine; do
+        [ -f "$CK-$mode/config.json" ] || timeout 120 $VLM convert --hf-path "$CK" --mlx-path "$CK-$mode" \
+          -q --q-mode "$mode" 2>&1 | tail -1
+      done
+      for run in "$CK" "$CK-affine" "$CK-mxfp8 --no-quantize-activations" "$CK-mxfp8 -qa" \
+                 "$CK-nvfp4 --no-quantize-activations" "$CK-nvfp4 -qa"; do
+        # shellcheck disable=SC2086
+        timeout 60 $VLM bench --model $run --image benchmarks/bench_448.png --max-tokens 128 --runs 2 2>&1 \
+          | grep -E "median|error|notice" | sed "s|^|$run: |" | tee -a "$OUT/quant.log"
+      done ;;
+    profile)  # issue 14/15: where a Qwen3.5-4B decode step goes (plain 10.8 ms synchronous but 86 ms pipelined)
+      [ -f /tmp/qwen35-4b/config.json ] || python3 benchmarks/make_random_qwen3_5.py --preset 4b --dtype bfloat16 \
+        --out /tmp/qwen35-4b | tail -1
+      timeout 120 python3 benchmarks/profile_decode.py --model /tmp/qwen35-4b --context 300 --steps 16 2>&1 \
+        | tee "$OUT/profile_qwen35.log" ;;
+  esac
+done
