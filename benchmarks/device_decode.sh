@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for m in "$CK" "$Q4"; do python3 benchmarks/profile_decode.py --model "$m" --context 300 --steps 64; done
 for m in "$CK" "$Q4"; do
   python3 benchmarks/bench_interleaved.py --model "$m" --image benchmarks/bench_448.png --max-tokens 256 \
-    --pairs 3 --warmup 1 --uncompiled
+    --pairs 3 --warmup 1 --uncompiled --compiled
 done
 python3 benchmarks/bench_batch.py --model "$CK" --sizes 1 8 32 --tokens 128 --rounds 2 --peer
 if [ -n "${BASE:-}" ]; then
