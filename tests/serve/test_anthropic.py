@@ -124,7 +124,11 @@ def test_tool_use_round_trip(server, client) -> None:
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny and warm"}]},
     ]
     reply = client.messages.create(model=server.model_id, max_tokens=6, messages=messages, tools=[WEATHER])
-    assert reply.usage.input_tokens > first.usage.input_tokens
+
+    def prompt(usage) -> int:  # tokens read from the prefix cache are reported apart
+        return usage.input_tokens + (usage.cache_read_input_tokens or 0)
+
+    assert prompt(reply.usage) > prompt(first.usage)
     assert reply.stop_reason in ("end_turn", "max_tokens", "tool_use")
 
 
@@ -144,3 +148,19 @@ def test_tool_use_streaming(server, client) -> None:
     (use,) = [b for b in final.content if b.type == "tool_use"]
     jsonschema.validate(use.input, WEATHER["input_schema"])
     assert final.stop_reason == "tool_use"
+
+
+def test_prefix_cache_reads_are_reported_apart(server, client) -> None:
+    """A prompt sent again is read from the prefix cache: Anthropic's usage counts those tokens in
+    cache_read_input_tokens, not in input_tokens, in both the message and the stream's last delta."""
+    text = "Repeat after me: " + "the quick brown fox jumps over the lazy dog. " * 6
+    messages = [{"role": "user", "content": text}]
+    first = client.messages.create(model=server.model_id, max_tokens=3, messages=messages)
+    again = client.messages.create(model=server.model_id, max_tokens=3, messages=messages)
+    total = first.usage.input_tokens + (first.usage.cache_read_input_tokens or 0)
+    assert again.usage.cache_read_input_tokens > 0
+    assert again.usage.input_tokens + again.usage.cache_read_input_tokens == total
+    with client.messages.stream(model=server.model_id, max_tokens=3, messages=messages) as stream:
+        final = stream.get_final_message()
+    assert final.usage.cache_read_input_tokens > 0
+    assert final.usage.input_tokens + final.usage.cache_read_input_tokens == total

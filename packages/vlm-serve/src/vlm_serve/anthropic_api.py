@@ -9,6 +9,8 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import Field
 
+from vlm_runtime import GenerationResult
+
 from .errors import APIError
 from .host import LoadedModel
 from .prompts import ChatRequest, prepare
@@ -220,8 +222,14 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
-        "usage": {"input_tokens": outcome.last.prompt_tokens, "output_tokens": outcome.last.generation_tokens},
+        "usage": {**_input_usage(outcome.last), "output_tokens": outcome.last.generation_tokens},
     }
+
+
+def _input_usage(event: GenerationResult) -> dict[str, int]:
+    """Anthropic's split of the prompt: tokens read from the prefix cache are not counted in input_tokens."""
+    cached = min(event.cached_tokens, event.prompt_tokens)
+    return {"input_tokens": event.prompt_tokens - cached, "cache_read_input_tokens": cached}
 
 
 async def _stream(
@@ -313,7 +321,7 @@ async def _stream(
                     {
                         "type": "message_delta",
                         "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                        "usage": {"output_tokens": event.generation_tokens},
+                        "usage": {**_input_usage(event), "output_tokens": event.generation_tokens},
                     },
                     "message_delta",
                 )
