@@ -137,6 +137,24 @@ def test_the_pool_matches_only_true_prefixes_and_never_evicts_held_blocks(ops, c
         assert len(pool) <= max(cap, n_held + 1)
 
 
+@settings(max_examples=50, deadline=None)
+@given(sizes=st.lists(st.integers(1, 64), min_size=1, max_size=40), cap_blocks=st.integers(1, 10))
+def test_the_byte_cap_holds_and_keeps_the_most_recent(sizes, cap_blocks):
+    """Blocks of various sizes under a byte cap: the pool's bytes stay within it (nothing is held), its byte
+    count is the sum of what it holds, and what it keeps is the most recently stored run that fits."""
+    cap = cap_blocks * 64 * 4  # float32 blocks of up to 64 values
+    pool = BlockPool(1_000, max_bytes=cap)
+    blocks = [Block([[mx.zeros((n,))]], (("KVCache", "{}"),)) for n in sizes]
+    for i, block in enumerate(blocks):
+        pool.put(f"k{i}", block)
+        assert pool.nbytes <= cap
+    kept = [i for i in range(len(blocks)) if f"k{i}" in pool]
+    assert pool.nbytes == sum(blocks[i].nbytes for i in kept)
+    assert kept == list(range(len(blocks) - len(kept), len(blocks)))  # a suffix: the oldest went first
+    if kept[0] > 0:  # the one evicted last would not have fitted beside them
+        assert pool.nbytes + blocks[kept[0] - 1].nbytes > cap
+
+
 # -- generation
 
 

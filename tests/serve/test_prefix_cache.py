@@ -113,6 +113,11 @@ def test_the_flags_reach_the_settings(tmp_path):
     assert (chosen.max_blocks, chosen.disk_dir, chosen.disk_max_bytes) == (64, tmp_path, 2**29)
     with pytest.raises(ValueError, match="disk-max-gb"):
         settings_from(build_parser().parse_args(["serve", "--model", "m", "--prefix-cache-disk-max-gb", "0"]))
+    assert settings_from(args).prefix_cache.max_bytes == 2 * 2**30  # the default memory cap
+    sized = settings_from(build_parser().parse_args(["serve", "--model", "m", "--prefix-cache-memory-gb", "0.25"]))
+    assert sized.prefix_cache.max_bytes == 2**28
+    with pytest.raises(ValueError, match="memory-gb"):
+        settings_from(build_parser().parse_args(["serve", "--model", "m", "--prefix-cache-memory-gb", "-1"]))
 
 
 def test_32_clients_with_shared_and_private_prefixes_get_their_outputs_alone(cached_server, loaded_model):

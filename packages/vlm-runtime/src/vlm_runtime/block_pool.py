@@ -72,14 +72,18 @@ class Block:
 
 
 class BlockPool:
-    """Blocks by key, at most ``max_blocks`` of them; LRU eviction skips blocks a request holds. Not
-    thread-safe: ``PrefixCache`` locks around it."""
+    """Blocks by key, at most ``max_blocks`` of them and at most ``max_bytes`` of arrays (None: no byte cap);
+    LRU eviction skips blocks a request holds. Not thread-safe: ``PrefixCache`` locks around it."""
 
-    def __init__(self, max_blocks: int) -> None:
+    def __init__(self, max_blocks: int, max_bytes: int | None = None) -> None:
         if max_blocks < 0:
             raise ValueError(f"the prefix cache's block count must be >= 0, got {max_blocks}")
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"the prefix cache's memory cap must be >= 0 bytes, got {max_bytes}")
         self.max_blocks = max_blocks
+        self.max_bytes = max_bytes
         self._blocks: OrderedDict[str, Block] = OrderedDict()
+        self._nbytes = 0
         self.evictions = 0
 
     def __len__(self) -> int:
@@ -90,7 +94,7 @@ class BlockPool:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._blocks.values())
+        return self._nbytes
 
     def matched(self, keys: Sequence[str]) -> int:
         """How many leading ``keys`` the pool holds."""
@@ -122,21 +126,25 @@ class BlockPool:
             self._blocks.move_to_end(key)
             return True
         self._blocks[key] = block
+        self._nbytes += block.nbytes
         self._evict()
         return key in self._blocks
 
+    def _over(self) -> bool:
+        return len(self._blocks) > self.max_blocks or (self.max_bytes is not None and self._nbytes > self.max_bytes)
+
     def _evict(self) -> None:
-        if len(self._blocks) <= self.max_blocks:
+        if not self._over():
             return
         for key in [k for k, b in self._blocks.items() if b.refs == 0]:
-            if len(self._blocks) <= self.max_blocks:
+            if not self._over():
                 break
-            del self._blocks[key]
+            self._nbytes -= self._blocks.pop(key).nbytes
             self.evictions += 1
 
     def clear(self) -> int:
         """Drop every block no request holds; how many were dropped."""
         idle = [k for k, b in self._blocks.items() if b.refs == 0]
         for key in idle:
-            del self._blocks[key]
+            self._nbytes -= self._blocks.pop(key).nbytes
         return len(idle)

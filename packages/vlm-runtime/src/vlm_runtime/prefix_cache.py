@@ -37,11 +37,14 @@ _log = logging.getLogger("vlm_runtime.prefix_cache")
 
 @dataclass(frozen=True)
 class PrefixCacheSettings:
-    """``block_size`` tokens per block (a prompt reuses whole blocks only); at most ``max_blocks`` blocks in
-    memory; with ``disk_dir``, blocks are also written there, up to ``disk_max_bytes``."""
+    """``block_size`` tokens per block (a prompt reuses whole blocks only); at most ``max_blocks`` blocks and
+    ``max_bytes`` of them in memory (the byte cap is what keeps a large model's cache within reach: a 32B model's
+    keys and values take some 250 KB per token); with ``disk_dir``, blocks are also written there, up to
+    ``disk_max_bytes``."""
 
     block_size: int = 16
     max_blocks: int = 4096
+    max_bytes: int = 2 * 2**30
     disk_dir: str | Path | None = None
     disk_max_bytes: int = 16 * 2**30
 
@@ -50,6 +53,8 @@ class PrefixCacheSettings:
             raise ValueError(f"the prefix cache's block size must be >= 1, got {self.block_size}")
         if self.max_blocks < 1:
             raise ValueError(f"the prefix cache needs room for at least one block, got {self.max_blocks}")
+        if self.max_bytes < 1:
+            raise ValueError(f"the prefix cache's memory cap must be positive, got {self.max_bytes} bytes")
         if self.disk_max_bytes < 1:
             raise ValueError(f"the prefix cache's disk cap must be positive, got {self.disk_max_bytes} bytes")
 
@@ -107,7 +112,7 @@ class PrefixCache:
         if settings.disk_dir is not None and not model_id:
             raise ValueError("a prefix cache with a disk tier needs a model_id (what computed its blocks)")
         self.settings, self.model_id = settings, model_id
-        self._pool = BlockPool(settings.max_blocks)
+        self._pool = BlockPool(settings.max_blocks, settings.max_bytes)
         self._disk = DiskTier(settings.disk_dir, settings.disk_max_bytes) if settings.disk_dir is not None else None
         self._lock = threading.Lock()
         self._bound: GenerativeModel | None = None

@@ -166,6 +166,7 @@ def _add_admin_routes(app: FastAPI) -> None:
             "model": loaded.model_id,
             "block_size": cache.settings.block_size,
             "max_blocks": cache.settings.max_blocks,
+            "max_memory_bytes": cache.settings.max_bytes,
             "disk_max_bytes": cache.settings.disk_max_bytes if cache.settings.disk_dir is not None else 0,
             **cache.stats().as_dict(),
         }

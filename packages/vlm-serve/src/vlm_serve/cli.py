@@ -69,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prefix-cache-blocks", type=int, default=4096, metavar="N", help="prefix-cache blocks kept in memory"
     )
     parser.add_argument(
+        "--prefix-cache-memory-gb",
+        type=float,
+        default=2.0,
+        metavar="G",
+        help="memory the prefix cache's blocks may take; the least recently used go first (default 2)",
+    )
+    parser.add_argument(
         "--prefix-cache-block-size", type=int, default=16, metavar="T", help="tokens per prefix-cache block"
     )
     parser.add_argument(
@@ -226,9 +233,12 @@ def prefix_cache_settings(args: argparse.Namespace) -> Any:
         return None
     if args.prefix_cache_disk_max_gb <= 0:
         raise ValueError(f"--prefix-cache-disk-max-gb must be positive, got {args.prefix_cache_disk_max_gb}")
+    if args.prefix_cache_memory_gb <= 0:
+        raise ValueError(f"--prefix-cache-memory-gb must be positive, got {args.prefix_cache_memory_gb}")
     return PrefixCacheSettings(
         block_size=args.prefix_cache_block_size,
         max_blocks=args.prefix_cache_blocks,
+        max_bytes=int(args.prefix_cache_memory_gb * 2**30),
         disk_dir=Path(args.prefix_cache_disk).expanduser() if args.prefix_cache_disk else None,
         disk_max_bytes=int(args.prefix_cache_disk_max_gb * 2**30),
     )
