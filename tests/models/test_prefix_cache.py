@@ -116,3 +116,72 @@ def test_every_family_warm_equals_cold_or_is_skipped(family):
         assert cached == 0 and stats.memory_blocks == 0
     else:
         assert cached > 0 and stats.hits == 1
+
+
+# -- hybrid models: recurrent layers kept whole at one block boundary per prompt
+
+
+@pytest.fixture(scope="module")
+def hybrid() -> tuple[Any, Any]:
+    return load(FIXTURES / "qwen3_5" / "hf5")
+
+
+def test_a_hybrid_models_warm_logits_are_within_1e5_of_cold(hybrid):
+    """Qwen3.5: the attention layers come back from blocks, the recurrent ones from the state kept at the
+    boundary; the prompt's last logits equal a cold prefill's."""
+    cache = PrefixCache(PrefixCacheSettings(block_size=8))
+    cold, _ = last_logits(hybrid, [FIRST], None)
+    first, reused_first = last_logits(hybrid, [FIRST], cache)
+    warm, reused = last_logits(hybrid, [FIRST], cache)
+    assert reused_first == 0 and reused > 0
+    assert float(mx.abs(warm - cold).max()) <= 1e-5 and float(mx.abs(first - cold).max()) <= 1e-5
+
+
+def test_a_hybrid_models_next_turn_reuses_the_conversation(hybrid, tmp_path):
+    """Turn two (turn one, its answer, a new question) restores turn one's prompt up to its kept boundary, from
+    memory and from a disk tier read by a new cache, and answers as a cold run does."""
+    model, processor = hybrid
+    turn_one = media_prompt(processor, "Describe this picture in some detail, please.", 1)
+    media = media_options(processor, [FIRST])
+
+    def tokens(prompt: str, cache: PrefixCache | None) -> tuple[list[int], int]:
+        events = list(
+            stream_generate(model, processor, prompt, prefix_cache=cache, max_tokens=8, ignore_eos=True, **media)
+        )
+        return [e.token for e in events], events[-1].cached_tokens
+
+    cache = PrefixCache(PrefixCacheSettings(block_size=8, disk_dir=tmp_path), model_id="qwen3_5-fixture")
+    answer, _ = tokens(turn_one, cache)
+    turn_two = turn_one + processor.decode(answer) + "<|im_end|>\n<|im_start|>user\nAnd the colours?<|im_end|>\n"
+    cold, _ = tokens(turn_two, None)
+    warm, reused = tokens(turn_two, cache)
+    n_one = len(processor.prepare_inputs(turn_one, [FIRST])["input_ids"][0])
+    assert warm == cold and reused >= (n_one - 16) // 8 * 8 > 0
+    cache.close()
+    from_disk = PrefixCache(PrefixCacheSettings(block_size=8, disk_dir=tmp_path), model_id="qwen3_5-fixture")
+    again, reused_again = tokens(turn_two, from_disk)
+    assert again == cold and reused_again >= reused
+    from_disk.close()
+
+
+def test_the_engine_keeps_a_hybrid_models_boundaries(hybrid):
+    """In the batching engine a Qwen3.5 prompt seen before hits: a first request is prefilled alone so that its
+    recurrent state is kept at its boundary; concurrent repeats then get the tokens each gets alone."""
+    from vlm_runtime import Engine, GenerationConfig, Request
+
+    model, processor = hybrid
+    prompts = [media_prompt(processor, f"Question number {i}, about this picture, in some detail?", 1) for i in (1, 2)]
+    media = [FIRST]
+    config = GenerationConfig(max_tokens=6, ignore_eos=True)
+    alone = [
+        [e.token for e in stream_generate(model, processor, p, max_tokens=6, ignore_eos=True, image=media)]
+        for p in prompts
+    ]
+    cache = PrefixCache(PrefixCacheSettings(block_size=8))
+    with Engine(model, processor, max_batch_size=4, prefix_cache=cache) as engine:
+        for round_ in range(2):
+            streams = [engine.submit(Request(processor.prepare_inputs(p, media), config=config)) for p in prompts]
+            events = [list(s) for s in streams]
+            assert [[e.token for e in ev] for ev in events] == alone
+            if round_:
+                assert all(ev[-1].cached_tokens > 0 for ev in events)

@@ -119,7 +119,8 @@ class BatchGenerator:
                     GenerationResult.ended(pending.uid, "error", prompt_tokens=pending.prompt_tokens, error=exc)
                 )
                 continue
-            if match is not None and match.cached_tokens > 0:
+            if match is not None and (match.cached_tokens > 0 or match.snapshot_at):
+                # Alone: over the blocks it found, or to keep its recurrent layers' state at a block boundary.
                 joining.extend(self._prefill_matched(state, prompt, match, events))
                 continue
             if match is not None:

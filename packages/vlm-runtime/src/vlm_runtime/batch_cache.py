@@ -46,6 +46,7 @@ class _LeftPadded:
     """
 
     splits_into_blocks = False  # rows padded differently share each column
+    keeps_boundary_state = False
 
     offset: int
     position_delta: mx.array | int

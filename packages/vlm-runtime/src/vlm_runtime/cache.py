@@ -54,6 +54,11 @@ class Cache(Protocol):
     may cut it into blocks and rebuild the cache from blocks with ``from_state`` (append-only caches); a window,
     a recurrent state or a padded batch cannot be cut so."""
 
+    keeps_boundary_state: bool
+    """For a cache that cannot be cut into blocks: whether it can hand over its whole state at a chosen offset
+    while prefilling (``snapshot_at``, then ``snapshot``), which a prefix cache keeps for prompts that start
+    the same up to there (a recurrent layer's state is small and fixed-size)."""
+
     position_delta: mx.array | int
     """Rotary position of the next token minus ``offset``.
 
@@ -151,6 +156,7 @@ class _AppendOnly:
 
     offset: int
     splits_into_blocks = True
+    keeps_boundary_state = False
 
     def is_trimmable(self) -> bool:
         return True
@@ -280,6 +286,7 @@ class RotatingKVCache(_StoresFloat):
 
     step = 256
     splits_into_blocks = False  # its slots are a ring, not one per token
+    keeps_boundary_state = False
 
     def __init__(self, max_size: int) -> None:
         if max_size < 1:
@@ -643,6 +650,7 @@ class ArraysCache:
     """
 
     splits_into_blocks = False  # a summary of all tokens, no slot per token
+    keeps_boundary_state = False
 
     def __init__(self, size: int) -> None:
         self.slots: list[mx.array | None] = [None] * size

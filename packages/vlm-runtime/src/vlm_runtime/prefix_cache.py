@@ -7,8 +7,11 @@ the rest of the prompt is then prefilled. ``store`` keeps the prompt's blocks on
 single-stream loop (``stream_generate(prefix_cache=...)``) and the batching engine both drive it.
 
 Only caches that keep one slot per token (``Cache.splits_into_blocks``: plain, affine-quantized and TurboQuant
-keys/values) are cut into blocks. A model with any other layer (a sliding window, recurrent state) is skipped,
-with one log line per cache: its prompts are computed as without the cache.
+keys/values) are cut into blocks. Layers that summarise the whole prefix in a fixed-size state
+(``Cache.keeps_boundary_state``: Qwen3.5's recurrent layers) are kept whole, at one block boundary per prompt
+(``SNAPSHOT_MARGIN`` or more tokens before its end, where the next turn of a chat still agrees with it): a later
+prompt reuses the blocks up to the deepest boundary whose state was kept. A model with any other layer (a
+sliding window) is skipped, with one log line per cache: its prompts are computed as without the cache.
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from .cache_settings import CacheSettings, make_layer_caches
 from .prefix_disk import DiskTier
 from .prompt_cache import media_key
 from .protocols import GenerativeModel, PromptEmbedding
+from .recurrent_cache import SNAPSHOT_MARGIN
 
 __all__ = ["PrefixCache", "PrefixCacheSettings", "PrefixCacheStats", "PrefixMatch"]
 
 _log = logging.getLogger("vlm_runtime.prefix_cache")
+_STATE = "#state"
+"""Suffix of the key under which whole-state layers' arrays at a block's end are kept."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,8 @@ class PrefixMatch:
     """The key of each full block of the prompt (empty when the model is skipped)."""
     held: list[str] = field(default_factory=list)
     """Keys whose blocks this request holds in the pool until it is released."""
+    snapshot_at: int = 0
+    """For a model with whole-state layers: the boundary whose state this prompt's prefill keeps (0: none)."""
 
     @property
     def enabled(self) -> bool:
@@ -134,17 +142,35 @@ class PrefixCache:
         under ``tenant``. At least one prompt token is always left to compute (its logits give the first
         generated token). Release the match after prefilling (``store``, then ``release``)."""
         layers = make_layer_caches(model, cache_settings)
-        whole = [type(layer).__name__ for layer in layers if not layer.splits_into_blocks]
-        if whole:
-            self._note_skip(whole)
+        unsplit = [type(layer).__name__ for layer in layers if not layer.splits_into_blocks]
+        whole = [layer for layer in layers if not layer.splits_into_blocks and layer.keeps_boundary_state]
+        if len(whole) < len(unsplit):
+            self._note_skip(unsplit)
             return PrefixMatch(layers)
+        size = self.settings.block_size
         keys = self._keys(model, cache_settings, prompt_ids, inputs, prompt, tenant)
-        usable = _usable_blocks(prompt, len(prompt_ids), self.settings.block_size)
+        usable = _usable_blocks(prompt, len(prompt_ids), size)
         held, blocks = self._find(keys[:usable])
         match = PrefixMatch(layers, keys=keys, held=held)
+        state = None
+        if whole and blocks:
+            # Whole-state layers restore only at a boundary whose state was kept: the deepest one found.
+            depth = len(blocks)
+            while depth and (state := self._find_state(keys[depth - 1])) is None:
+                depth -= 1
+            blocks = blocks[:depth]
         if blocks and all(b.kinds[i][0] == type(layer).__name__ for b in blocks for i, layer in enumerate(layers)):
-            match.cached_tokens = len(blocks) * self.settings.block_size
-            match.layers = _rebuild(layers, blocks, match.cached_tokens)
+            match.cached_tokens = len(blocks) * size
+            match.layers = _rebuild(layers, blocks, match.cached_tokens, state)
+        if whole:
+            # The boundary this prompt keeps: SNAPSHOT_MARGIN tokens or more before its end (a chat's next turn
+            # rewrites the generation prompt), past what was restored.
+            boundary = (len(prompt_ids) - SNAPSHOT_MARGIN) // size * size
+            if boundary > match.cached_tokens and boundary // size <= usable:
+                match.snapshot_at = boundary
+                for layer in match.layers:
+                    if layer.keeps_boundary_state:
+                        layer.snapshot_at = boundary
         with self._lock:
             self._counts["hits" if match.cached_tokens else "misses"] += 1
             self._counts["matched_tokens"] += match.cached_tokens
@@ -194,6 +220,22 @@ class PrefixCache:
                     held.append(key)
         return held, blocks
 
+    def _find_state(self, key: str) -> Block | None:
+        """The whole-state layers' arrays kept at the boundary of block ``key``, from memory or disk."""
+        state_key = key + _STATE
+        with self._lock:
+            if state_key in self._pool:
+                (block,) = self._pool.acquire([state_key])  # made most recent; the caller keeps the arrays
+                self._pool.release([state_key])
+                return block
+        if self._disk is None or state_key not in self._disk:
+            return None
+        block = self._disk.read(state_key)
+        if block is not None:
+            with self._lock:
+                self._pool.put(state_key, block)
+        return block
+
     def _note_skip(self, kinds: list[str]) -> None:
         with self._lock:
             self._counts["skipped"] += 1
@@ -232,8 +274,14 @@ class PrefixCache:
             if known and (self._disk is None or key in self._disk):
                 continue
             start, stop = index * size, (index + 1) * size
-            cut = [[mx.contiguous(a[..., start:stop, :]) for a in state] for state in states]
+            cut = [
+                [mx.contiguous(a[..., start:stop, :]) for a in state] if layer.splits_into_blocks else []
+                for layer, state in zip(layers, states)
+            ]
             new.append((key, Block(cut, kinds)))
+        kept = _boundary_state(match, layers, kinds)
+        if kept is not None:
+            new.append((match.keys[match.snapshot_at // size - 1] + _STATE, kept))
         if not new:
             return
         mx.eval([block.layers for _, block in new])
@@ -314,18 +362,39 @@ def _first_media_position(model: GenerativeModel, inputs: Mapping[str, mx.array]
     return first if bool(differs[first].item()) else 0
 
 
+def _boundary_state(match: PrefixMatch, layers: list[Cache], kinds: tuple) -> Block | None:
+    """The whole-state layers' arrays at ``match.snapshot_at``, where every one of them kept them there."""
+    if not match.snapshot_at:
+        return None
+    arrays: list[list[mx.array]] = []
+    for layer in layers:
+        if layer.splits_into_blocks:
+            arrays.append([])
+            continue
+        kept = layer.snapshot  # type: ignore[attr-defined]
+        if kept is None or kept[0] != match.snapshot_at:
+            return None
+        arrays.append(list(kept[1]))
+    return Block(arrays, kinds)
+
+
 def _meta_without_offset(layer: Cache) -> str:
     meta = dict(layer.meta_state)
     meta.pop("offset", None)
     return json.dumps(meta, sort_keys=True)
 
 
-def _rebuild(fresh: list[Cache], blocks: list[Block], n_tokens: int) -> list[Cache]:
-    """Each layer's cache from its arrays in ``blocks``, joined along the token axis."""
+def _rebuild(fresh: list[Cache], blocks: list[Block], n_tokens: int, whole: Block | None = None) -> list[Cache]:
+    """Each layer's cache from its arrays in ``blocks``, joined along the token axis (a whole-state layer's
+    from ``whole``, its state at the end of the blocks)."""
     layers: list[Cache] = []
     for i, layer in enumerate(fresh):
-        parts = [b.layers[i] for b in blocks]
-        state = [mx.concatenate([p[j] for p in parts], axis=2) for j in range(len(parts[0]))]
+        if layer.splits_into_blocks:
+            parts = [b.layers[i] for b in blocks]
+            state = [mx.concatenate([p[j] for p in parts], axis=2) for j in range(len(parts[0]))]
+        else:
+            assert whole is not None, "a whole-state layer restored without its state"
+            state = list(whole.layers[i])
         meta = {**json.loads(blocks[0].kinds[i][1]), "offset": str(n_tokens)}
         layers.append(type(layer).from_state(state, meta))
     return layers

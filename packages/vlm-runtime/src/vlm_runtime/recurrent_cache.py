@@ -38,10 +38,16 @@ class RecurrentCache(ArraysCache):
     """Conv state (batch, kernel - 1, channels) and recurrent state (batch, value_heads, key_dim, value_dim) of
     one linear-attention layer; both None until the layer first runs."""
 
+    keeps_boundary_state = True
+
     def __init__(self) -> None:
         super().__init__(2)
         self.snapshot: tuple[int, list[mx.array]] | None = None
-        """(offset, [conv state, recurrent state]) of the latest prefill, ``SNAPSHOT_MARGIN`` tokens before its end."""
+        """(offset, [conv state, recurrent state]) of the latest prefill, ``SNAPSHOT_MARGIN`` tokens before its end
+        (or at ``snapshot_at``)."""
+        self.snapshot_at: int | None = None
+        """Where set, the offset whose state the next prefill keeps in ``snapshot`` instead (a prefix cache's
+        block boundary)."""
 
     @property
     def conv_state(self) -> mx.array | None:
@@ -62,9 +68,14 @@ class RecurrentCache(ArraysCache):
             self.snapshot = (self.offset + split, list(snapshot))
         self.slots = [conv_state, recurrent_state]
         self.offset += n_tokens
+        if self.snapshot_at is not None and self.snapshot_at == self.offset:
+            self.snapshot = (self.offset, list(self.slots))  # the boundary fell at the end of this piece
 
     def snapshot_split(self, n_tokens: int) -> int | None:
         """After how many of the next ``n_tokens`` the layer should hand over its state (``update``'s snapshot)."""
+        if self.snapshot_at is not None:
+            inside = self.snapshot_at - self.offset
+            return inside if 0 < inside < n_tokens else None
         return n_tokens - SNAPSHOT_MARGIN if n_tokens > SNAPSHOT_MARGIN else None
 
     def rewind_point(self, n_tokens: int) -> int | None:
@@ -119,6 +130,8 @@ class BatchRecurrentCache(RecurrentCache):
     position is ``offset + delta[b]``). The state has no columns, so padding only matters while the padded columns
     are being read (``token_mask``); joining rows of other lengths just adds padding to the bookkeeping.
     """
+
+    keeps_boundary_state = False  # rows of other lengths: no one offset to keep the state at
 
     # The KV batch caches' padding bookkeeping, the same functions (not a copy), so the two cannot drift apart.
     _init_padding = _LeftPadded._init_padding
