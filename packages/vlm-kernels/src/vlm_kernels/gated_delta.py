@@ -24,7 +24,14 @@ import mlx.nn as nn
 from ._sources import prelude, thread_ids
 from .dispatch import Kernel, cuda_kernel, metal_kernel, resolve
 
-__all__ = ["GATED_DELTA_DECODE", "gated_delta_decode", "gated_delta_decode_reference"]
+__all__ = [
+    "GATED_DELTA_DECODE",
+    "delta_rule_step",
+    "gate_and_strength",
+    "gated_delta_decode",
+    "gated_delta_decode_reference",
+    "l2_normalize",
+]
 
 GATED_DELTA_DECODE = Kernel(
     name="gated_delta_decode",
@@ -109,8 +116,39 @@ _LOG = {"cuda": "#define FLOG(x) logf(x)\n", "metal": "#define FLOG(x) metal::lo
 _INPUTS = ("q", "k", "v", "a", "b", "a_log", "dt_bias", "keep", "state")
 
 
-def _l2_normalize(x: mx.array) -> mx.array:
-    return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + _EPS)
+def l2_normalize(x: mx.array, eps: float = _EPS) -> mx.array:
+    """x / sqrt(sum(x^2) + eps) over the last axis (the reference's epsilon placement)."""
+    return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + eps)
+
+
+def gate_and_strength(
+    a: mx.array, b: mx.array, a_log: mx.array, dt_bias: mx.array, keep: mx.array | None = None
+) -> tuple[mx.array, mx.array]:
+    """The log decay g = -exp(A_log) softplus(a + dt_bias) and the write strength beta = sigmoid(b), float32,
+    from the layer's projections (heads on the last axis); where ``keep`` (broadcast against them) is 0, both are
+    0 and the state passes unchanged."""
+    beta = mx.sigmoid(b.astype(mx.float32))
+    g = -mx.exp(a_log.astype(mx.float32)) * nn.softplus(a.astype(mx.float32) + dt_bias.astype(mx.float32))
+    if keep is not None:
+        kept = keep.astype(mx.float32)
+        g, beta = g * kept, beta * kept
+    return g, beta
+
+
+def delta_rule_step(
+    q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array
+) -> tuple[mx.array, mx.array]:
+    """One token of the gated delta rule, in mlx ops.
+
+    ``q``, ``k``: (batch, heads, key_dim), normalised and scaled; ``v``: (batch, heads, value_dim); ``g`` (log
+    decay, <= 0) and ``beta``: (batch, heads); ``state``: (batch, heads, key_dim, value_dim). All float32. Returns
+    the output (batch, heads, value_dim) and the new state.
+    """
+    state = state * mx.exp(g)[..., None, None]
+    predicted = (k[..., None, :] @ state)[..., 0, :]
+    delta = (v - predicted) * beta[..., None]
+    state = state + k[..., :, None] * delta[..., None, :]
+    return (q[..., None, :] @ state)[..., 0, :], state
 
 
 def gated_delta_decode_reference(
@@ -127,20 +165,12 @@ def gated_delta_decode_reference(
     """The step in mlx ops (every device; the oracle of the fast versions). See ``gated_delta_decode``."""
     key_dim = q.shape[-1]
     repeats = v.shape[1] // q.shape[1]
-    q = _l2_normalize(q.astype(mx.float32)) * key_dim**-0.5
-    k = _l2_normalize(k.astype(mx.float32))
+    q = l2_normalize(q.astype(mx.float32)) * key_dim**-0.5
+    k = l2_normalize(k.astype(mx.float32))
     if repeats > 1:
         q, k = mx.repeat(q, repeats, axis=1), mx.repeat(k, repeats, axis=1)
-    beta = mx.sigmoid(b.astype(mx.float32))
-    g = -mx.exp(a_log.astype(mx.float32)) * nn.softplus(a.astype(mx.float32) + dt_bias.astype(mx.float32))
-    if keep is not None:
-        kept = keep.astype(mx.float32)[:, None]
-        g, beta = g * kept, beta * kept
-    state = state * mx.exp(g)[..., None, None]
-    predicted = (k[..., None, :] @ state)[..., 0, :]
-    delta = (v.astype(mx.float32) - predicted) * beta[..., None]
-    state = state + k[..., :, None] * delta[..., None, :]
-    return (q[..., None, :] @ state)[..., 0, :], state
+    g, beta = gate_and_strength(a, b, a_log, dt_bias, None if keep is None else keep[:, None])
+    return delta_rule_step(q, k, v.astype(mx.float32), g, beta, state)
 
 
 def _fits(q: mx.array, v: mx.array, state: mx.array) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from vlm_kernels.gated_delta import gated_delta_decode
+from vlm_kernels.gated_delta import delta_rule_step, gate_and_strength, gated_delta_decode, l2_normalize
 
 __all__ = [
     "CausalConv1d",
@@ -71,25 +71,8 @@ class LinearAttentionConfig:
         return 2 * self.key_dim + self.value_dim
 
 
-def l2_normalize(x: mx.array, eps: float = 1e-6) -> mx.array:
-    """x / sqrt(sum(x^2) + eps) over the last axis (the reference's epsilon placement)."""
-    return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + eps)
-
-
-def gated_delta_step(
-    q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array
-) -> tuple[mx.array, mx.array]:
-    """One token of the gated delta rule.
-
-    ``q``, ``k``: (batch, heads, key_dim), normalised and scaled; ``v``: (batch, heads, value_dim); ``g`` (log
-    decay, <= 0) and ``beta``: (batch, heads); ``state``: (batch, heads, key_dim, value_dim). All float32. Returns
-    the output (batch, heads, value_dim) and the new state.
-    """
-    state = state * mx.exp(g)[..., None, None]
-    predicted = (k[..., None, :] @ state)[..., 0, :]
-    delta = (v - predicted) * beta[..., None]
-    state = state + k[..., :, None] * delta[..., None, :]
-    return (q[..., None, :] @ state)[..., 0, :], state
+gated_delta_step = delta_rule_step
+"""One token of the rule in mlx ops (vlm_kernels' own, the oracle the chunked form is tested against)."""
 
 
 def _unit_lower_solve(lower: mx.array, rhs: mx.array) -> mx.array:
@@ -252,12 +235,9 @@ class GatedDeltaNet(nn.Module):
         q = l2_normalize(heads(q, c.num_key_heads, c.key_head_dim, repeats)) * c.key_head_dim**-0.5
         k = l2_normalize(heads(k, c.num_key_heads, c.key_head_dim, repeats))
         v = heads(v, c.num_value_heads, c.value_head_dim)
-        beta = mx.sigmoid(self.in_proj_b(x).astype(mx.float32))
-        a = self.in_proj_a(x).astype(mx.float32)
-        g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(a + self.dt_bias.astype(mx.float32))
-        if valid is not None:
-            keep = valid.astype(mx.float32)[..., None]
-            g, beta = g * keep, beta * keep
+        g, beta = gate_and_strength(
+            self.in_proj_a(x), self.in_proj_b(x), self.A_log, self.dt_bias, None if valid is None else valid[..., None]
+        )
         g, beta = g.transpose(0, 2, 1), beta.transpose(0, 2, 1)
         split = None if cache is None else cache.snapshot_split(length)
         snapshot = None
