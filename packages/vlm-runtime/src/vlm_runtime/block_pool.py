@@ -112,6 +112,13 @@ class BlockPool:
             self._blocks.move_to_end(key)
         return blocks
 
+    def touch(self, key: str) -> Block | None:
+        """The block under ``key`` (made most recent, not held), or None."""
+        block = self._blocks.get(key)
+        if block is not None:
+            self._blocks.move_to_end(key)
+        return block
+
     def release(self, keys: Iterable[str]) -> None:
         for key in keys:
             block = self._blocks.get(key)

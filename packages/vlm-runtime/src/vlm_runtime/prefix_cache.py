@@ -224,12 +224,9 @@ class PrefixCache:
         """The whole-state layers' arrays kept at the boundary of block ``key``, from memory or disk."""
         state_key = key + _STATE
         with self._lock:
-            if state_key in self._pool:
-                (block,) = self._pool.acquire([state_key])  # made most recent; the caller keeps the arrays
-                self._pool.release([state_key])
-                return block
-        if self._disk is None or state_key not in self._disk:
-            return None
+            block = self._pool.touch(state_key)  # the caller keeps the arrays: no reference needed
+        if block is not None or self._disk is None or state_key not in self._disk:
+            return block
         block = self._disk.read(state_key)
         if block is not None:
             with self._lock:
