@@ -2,8 +2,9 @@
 # On the accelerator machine: the figures still owed (see BENCHMARKS.md and the open issues), most wanted first,
 # each step under its own timeout so one slow step cannot eat the others. ~8-9 minutes on an H200 from cold.
 #   source .device/setup.sh; bash benchmarks/device_pending.sh            # all steps
-#   STEPS="prefix quant" bash benchmarks/device_pending.sh                 # some of: prefix matvec quant profile
-# Needs tests/fixtures/qwen2_vl/hf4 (make_random_checkpoint.py) and, for "profile", tests/fixtures/qwen3_5/hf5.
+#   STEPS="prefix quant" bash benchmarks/device_pending.sh    # some of: prefix matvec quant profile profile-gemma4
+# Needs tests/fixtures/qwen2_vl/hf4 (make_random_checkpoint.py), for "profile" tests/fixtures/qwen3_5/hf5, for
+# "profile-gemma4" tests/fixtures/gemma4/hub.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -29,13 +30,25 @@ for step in ${STEPS:-prefix matvec quant profile}; do
       for run in "$CK" "$CK-affine" "$CK-mxfp8 --no-quantize-activations" "$CK-mxfp8 -qa" \
                  "$CK-nvfp4 --no-quantize-activations" "$CK-nvfp4 -qa"; do
         # shellcheck disable=SC2086
-        timeout 60 $VLM bench --model $run --image benchmarks/bench_448.png --max-tokens 128 --runs 2 2>&1 \
-          | grep -E "median|error|notice" | sed "s|^|$run: |" | tee -a "$OUT/quant.log"
+        timeout ${QUANT_TIMEOUT:-120} $VLM bench --model $run --image benchmarks/bench_448.png --max-tokens 128 \
+          --runs 2 > "$OUT/one.log" 2>&1; rc=$?
+        # The median line, or (a failure, a timeout) the run's last lines: nothing is filtered away unseen.
+        { grep -E "median|notice" "$OUT/one.log" || { echo "exit $rc"; tail -4 "$OUT/one.log"; }; } \
+          | sed "s|^|$run: |" | tee -a "$OUT/quant.log"
       done ;;
     profile)  # issue 14/15: where a Qwen3.5-4B decode step goes (plain 10.8 ms synchronous but 86 ms pipelined)
       [ -f /tmp/qwen35-4b/config.json ] || python3 benchmarks/make_random_qwen3_5.py --preset 4b --dtype bfloat16 \
         --out /tmp/qwen35-4b | tail -1
-      timeout 120 python3 benchmarks/profile_decode.py --model /tmp/qwen35-4b --context 300 --steps 16 2>&1 \
-        | tee "$OUT/profile_qwen35.log" ;;
+      timeout 90 python3 benchmarks/profile_decode.py --model /tmp/qwen35-4b --context 300 --steps 32 \
+        --variants plain 2>&1 | tee "$OUT/profile_qwen35.log"
+      VLM_KERNELS_BACKEND=reference timeout 60 python3 benchmarks/profile_decode.py --model /tmp/qwen35-4b \
+        --context 300 --steps 32 --variants plain 2>&1 | sed "s/^/ops-only: /" | tee -a "$OUT/profile_qwen35.log"
+      timeout 60 python3 benchmarks/profile_decode.py --model /tmp/qwen35-4b --context 300 --steps 8 \
+        --variants compiled 2>&1 | tail -3 | tee -a "$OUT/profile_qwen35.log" ;;
+    profile-gemma4)  # issue 14/15: the same for Gemma-4-E4B (0.75x the peer)
+      [ -f /tmp/gemma4-e4b/config.json ] || python3 benchmarks/make_gemma4_checkpoint.py --preset e4b \
+        --dtype bfloat16 --out /tmp/gemma4-e4b | tail -1
+      timeout 90 python3 benchmarks/profile_decode.py --model /tmp/gemma4-e4b --context 300 --steps 32 \
+        --variants plain 2>&1 | tee "$OUT/profile_gemma4.log" ;;
   esac
 done
