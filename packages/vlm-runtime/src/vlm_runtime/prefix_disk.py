@@ -5,7 +5,7 @@ than prefilling their tokens again). A shard is named by its first block's key a
 A restarted server finds what the previous process wrote, so a shard must never be half there or silently
 wrong: it is written to a temporary file, fsynced and renamed into place (a reader sees the old state or the
 new, never a part), on a thread of its own (the generation thread only hands over evaluated arrays), and
-it carries a SHA-256 of its index and data (computed on the writer thread too). A shard that fails to parse or to match its checksum is removed
+it carries a checksum of its index and data (computed on the writer thread too). A shard that fails to parse or to match its checksum is removed
 and counted, never loaded. Over the cap, the least recently used shards go first (reads touch a shard's
 modification time, so the order survives restarts).
 
@@ -23,7 +23,9 @@ import queue
 import struct
 import threading
 import time
+import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,7 @@ STALE_TEMPORARY_S = 600.0
 """A temporary file older than this is a write that died with its process; a younger one may be another
 process's write under way."""
 _FORMAT = "vlm_runtime.prefix_blocks/2"
+CHECKSUM_CHUNK = 8 * 2**20
 SHARD_BLOCKS = 64
 """Blocks per shard at most (fewer when the size cap is small: a shard must fit well within it)."""
 _DTYPES = {
@@ -104,15 +107,25 @@ def _encode(pending: _Pending) -> tuple[bytes, bytes]:
         "kinds": json.dumps(pending.kinds),
         "n_arrays": json.dumps([len(layer) for layer in pending.arrays]),
     }
-    own["sha256"] = _checksum(own, index, data)
+    own["checksum"] = _checksum(own, index, data)
     header = json.dumps({**index, "__metadata__": own}, sort_keys=True).encode()
     return header, data
 
 
 def _checksum(own: dict[str, str], index: dict[str, dict[str, object]], data: bytes) -> str:
+    """SHA-256 of the header's fields and of the data's CRC-32s, one per ``CHECKSUM_CHUNK`` bytes, computed on
+    threads (zlib lets go of the GIL): a SHA-256 of a long prefix's hundreds of megabytes took longer than
+    prefilling the prefix again on a GPU. A CRC catches what it must here: torn, truncated or flipped bytes."""
     fields = [own["keys"], own["block_tokens"], own["kinds"], own["n_arrays"], index]
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
-    digest.update(data)
+    view = memoryview(data)
+    chunks = [view[i : i + CHECKSUM_CHUNK] for i in range(0, len(data), CHECKSUM_CHUNK)]
+    if len(chunks) > 1:
+        with ThreadPoolExecutor(max_workers=min(8, len(chunks))) as pool:
+            crcs = list(pool.map(zlib.crc32, chunks))
+    else:
+        crcs = [zlib.crc32(chunk) for chunk in chunks]
+    digest.update(struct.pack(f"<Q{len(crcs)}I", len(data), *crcs))
     return digest.hexdigest()
 
 
@@ -147,7 +160,7 @@ def _decode(stem: str, raw: bytes) -> _Shard:
         keys = json.loads(own["keys"])
         if not keys or keys[0] != stem:
             raise CorruptShard("not this shard's blocks")
-        if own.get("sha256") != _checksum(own, header, data):
+        if own.get("checksum") != _checksum(own, header, data):
             raise CorruptShard("checksum mismatch")
         counts = json.loads(own["n_arrays"])
         kinds = tuple(tuple(kind) for kind in json.loads(own["kinds"]))
