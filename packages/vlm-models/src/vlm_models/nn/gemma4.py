@@ -25,6 +25,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from vlm_runtime.attention import attention
+
 from ..config import ConfigError
 from .gemma import FULL, SLIDING, decoder_mask, softcap
 from .layers import GatedMLP, activation
@@ -251,7 +253,7 @@ class Gemma4Attention(nn.Module):
                 out = cache.attend_shared(q, scale=1.0, mask=mask)
             else:
                 keys, values = shared[self.kind]
-                out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
+                out = attention(q, keys, values, scale=1.0, mask=mask)
         else:
             raw_keys = self.k_proj(x).reshape(batch, length, self.n_kv_heads, -1)
             raw_values = self.v_proj(x).reshape(batch, length, self.n_kv_heads, -1) if "v_proj" in self else raw_keys
@@ -261,7 +263,7 @@ class Gemma4Attention(nn.Module):
                 out = cache.attend(q, keys, values, scale=1.0, mask=mask)
             else:
                 shared[self.kind] = keys, values  # the last layer of each type before the shared ones wins
-                out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
+                out = attention(q, keys, values, scale=1.0, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
