@@ -46,14 +46,17 @@ def attention(
 def attention_by_products(
     queries: mx.array, keys: mx.array, values: mx.array, *, scale: float, mask: mx.array | str | None = None
 ) -> mx.array:
-    """Attention as ``softmax(q k^T * scale + mask) v`` with the softmax in float32; grouped-query heads share
+    """Attention as ``softmax(q k^T * scale + mask) v`` computed in float32; grouped-query heads share
     their key/value head without copies. ``mask``: None, ``"causal"`` (the queries are the last L of the T
     positions), a boolean array (True attends) or an additive one, broadcastable to (B, Hq, L, T)."""
     batch, heads, n_queries, dim = queries.shape
     kv_heads, n_keys = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
-    q = (queries * scale).reshape(batch, kv_heads, group, n_queries, dim)
-    scores = (q @ keys[:, :, None].swapaxes(-1, -2)).astype(mx.float32)  # (B, Hkv, G, L, T)
+    # The group's queries stacked on the query axis: one plain product per key/value head, no broadcasting.
+    # Float32 throughout, as attention kernels accumulate (scores rounded to half precision move the output by
+    # several of its own roundings); a few queries make the casts cheap next to reading the cache.
+    q = (queries.astype(mx.float32) * scale).reshape(batch, kv_heads, group * n_queries, dim)
+    scores = (q @ keys.astype(mx.float32).swapaxes(-1, -2)).reshape(batch, kv_heads, group, n_queries, n_keys)
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"unknown attention mask {mask!r}")
@@ -62,9 +65,9 @@ def attention_by_products(
     elif mask is not None:
         grouped = _grouped(mask, kv_heads, group)
         scores = mx.where(grouped, scores, -mx.inf) if grouped.dtype == mx.bool_ else scores + grouped
-    weights = mx.softmax(scores, axis=-1).astype(values.dtype)
-    out = weights @ values[:, :, None]  # (B, Hkv, G, L, Dv)
-    return out.reshape(batch, heads, n_queries, values.shape[-1])
+    weights = mx.softmax(scores, axis=-1).reshape(batch, kv_heads, group * n_queries, n_keys)
+    out = weights @ values.astype(mx.float32)
+    return out.reshape(batch, heads, n_queries, values.shape[-1]).astype(queries.dtype)
 
 
 def _grouped(mask: mx.array, kv_heads: int, group: int) -> mx.array:
