@@ -486,11 +486,8 @@ class Model(GemmaGeneration, nn.Module):
         embeds = m.language_model.embed(mx.minimum(input_ids, self.config.text.vocab_size - 1))
         is_vision = (input_ids >= vision_start) & (input_ids < audio_start)
         is_audio = input_ids >= audio_start
-        if bool(is_vision.any().item()):
-            embeds = mx.where(is_vision[..., None], m.embed_vision.hard(input_ids).astype(embeds.dtype), embeds)
-        if bool(is_audio.any().item()):
-            embeds = mx.where(is_audio[..., None], m.embed_audio.hard(input_ids).astype(embeds.dtype), embeds)
-        return embeds
+        embeds = mx.where(is_vision[..., None], m.embed_vision.hard(input_ids).astype(embeds.dtype), embeds)
+        return mx.where(is_audio[..., None], m.embed_audio.hard(input_ids).astype(embeds.dtype), embeds)
 
     def _decoder_inputs(self, input_ids: mx.array, merge: Any) -> mx.array:
         embeds = self._token_embeddings(input_ids)
