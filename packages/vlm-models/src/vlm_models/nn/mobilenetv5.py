@@ -47,9 +47,7 @@ ARCH_300M: list[list[str]] = [
         "uir_r1_a5_k5_s2_e6_c640",
         *_repeat("uir_r1_a5_k0_s1_e4_c640", 7),
         "uir_r1_a0_k0_s1_e1_c640",
-        *_repeat("mqa_r1_k3_h12_v2_s1_d64_c640", 1),
-        *[b for _ in range(13) for b in ("uir_r1_a0_k0_s1_e2_c640", "mqa_r1_k3_h12_v2_s1_d64_c640")][:-1],
-        "uir_r1_a0_k0_s1_e2_c640",
+        *[b for _ in range(14) for b in ("mqa_r1_k3_h12_v2_s1_d64_c640", "uir_r1_a0_k0_s1_e2_c640")],
     ],
     [
         "uir_r1_a5_k5_s2_e6_c1280",
