@@ -71,9 +71,11 @@ def test_feature_extractor_matches_transformers() -> None:
     np.testing.assert_allclose(ours["input_features"], expected["batch/input_features"], atol=1e-4, rtol=0)
 
 
-def test_processor_settings_from_the_checkpoint(loaded) -> None:
-    """transformers saves the window and hop in samples and the token counts at the processor's top level."""
-    _, processor = loaded
+@pytest.mark.parametrize("layout", ["hub", "hf5"])
+def test_processor_settings_from_the_checkpoint(layout: str) -> None:
+    """transformers saves the window and hop in samples and the token counts at the processor's top level (both
+    layouts: nested in processor_config.json, or one preprocessor_config.json for both processors)."""
+    _, processor = load(ROOT / layout)
     extractor, images = processor.audio_processor, processor.image_processor
     assert (extractor.frame_length, extractor.hop_length, extractor.fft_length) == (512, 160, 1024)
     assert extractor.audio_seq_length == 24

@@ -174,14 +174,16 @@ def _video_processor_config(path: Path) -> dict[str, Any]:
 def _audio_processor_config(path: Path) -> dict[str, Any]:
     """The ``feature_extractor`` of processor_config.json (transformers 5) under the processor's own plain
     settings (such as Gemma 3n's ``audio_seq_length``), else preprocessor_config.json."""
+    plain: dict[str, Any] = {}
     if (path / "processor_config.json").is_file():
         processor = _read_json(path / "processor_config.json")
+        plain = {k: v for k, v in processor.items() if not isinstance(v, (dict, list))}
         nested = processor.get("feature_extractor")
         if isinstance(nested, dict):
-            return {**{k: v for k, v in processor.items() if not isinstance(v, (dict, list))}, **nested}
+            return {**plain, **nested}
     if (path / "preprocessor_config.json").is_file():
-        return _read_json(path / "preprocessor_config.json")
-    return {}
+        return {**plain, **_read_json(path / "preprocessor_config.json")}
+    return plain
 
 
 def _auto_tokenizer() -> Any:
