@@ -454,11 +454,17 @@ class Gemma3nModel(nn.Module):
 # ------------------------------------------------------------------------------------------------------- model
 
 
+def processor_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The image processor's token count implied by the model config, for processor files that lack it."""
+    tokens = config.get("vision_soft_tokens_per_image")
+    return {} if tokens is None else {"image_seq_length": int(tokens)}
+
+
 class Model(GemmaGeneration, nn.Module):
     """Gemma 3n for generation. ``__call__`` takes the Hugging Face processor's tensors; the runtime uses the
     split steps. The decoder's input embeddings carry the per-layer inputs on their last axis."""
 
-    takes_audio = staticmethod(lambda config: isinstance(config.get("audio_config"), Mapping))
+    processor_defaults = staticmethod(processor_defaults)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
