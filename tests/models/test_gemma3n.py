@@ -189,3 +189,28 @@ def test_a_config_problem_is_named(tmp_path: Path) -> None:
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="vision_soft_tokens_per_image"):
         load(path)
+
+
+def test_vision_tower_matches_timm_on_held_out_sizes() -> None:
+    """timm's tower alone, held out from the model cases: another block list (written in arch strings, decoded by
+    us: timm decoded its own), an odd 90 x 70 input (uneven "same" padding, a 3x3 -> 6x5 nearest upsampling in the
+    fusion, a 6x5 -> 1x1 pool); fused output within 1e-4."""
+    expected = np.load(ROOT / "vision_reference.npz")
+    spec = json.loads((ROOT / "vision_reference.json").read_text())
+    config = MobileNetV5Config.from_hf(
+        {
+            "model_args": {
+                "block_args": parse_arch(spec["arch"]),
+                **{k: spec[k] for k in ("stem_size", "msfa_output_resolution")},
+            }
+        }
+    )
+    tower = MobileNetV5(config)
+    weights = {
+        k.split("/", 1)[1]: mx.array(v.transpose(0, 2, 3, 1) if v.ndim == 4 else v)
+        for k, v in expected.items()
+        if k.startswith("weights/")
+    }
+    tower.load_weights(list(weights.items()), strict=True)
+    out = tower(mx.array(expected["pixels"].transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(np.array(out).transpose(0, 3, 1, 2), expected["output"], atol=1e-4, rtol=0)
