@@ -206,11 +206,14 @@ def test_vision_tower_matches_timm_on_held_out_sizes() -> None:
         }
     )
     tower = MobileNetV5(config)
-    weights = {
-        k.split("/", 1)[1]: mx.array(v.transpose(0, 2, 3, 1) if v.ndim == 4 else v)
-        for k, v in expected.items()
-        if k.startswith("weights/")
-    }
+    weights = {k.split("/", 1)[1]: mx.array(_to_mlx(v)) for k, v in expected.items() if k.startswith("weights/")}
     tower.load_weights(list(weights.items()), strict=True)
     out = tower(mx.array(expected["pixels"].transpose(0, 2, 3, 1)))
     np.testing.assert_allclose(np.array(out).transpose(0, 3, 1, 2), expected["output"], atol=1e-4, rtol=0)
+
+
+def _to_mlx(weight: np.ndarray) -> np.ndarray:
+    """A PyTorch conv weight as our module stores it: 1x1 ones as linear weights, others channels last."""
+    if weight.ndim != 4:
+        return weight
+    return weight.reshape(weight.shape[0], -1) if weight.shape[2:] == (1, 1) else weight.transpose(0, 2, 3, 1)

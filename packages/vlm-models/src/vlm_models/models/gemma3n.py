@@ -23,7 +23,8 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -465,6 +466,14 @@ class Model(GemmaGeneration, nn.Module):
     split steps. The decoder's input embeddings carry the per-layer inputs on their last axis."""
 
     processor_defaults = staticmethod(processor_defaults)
+    # LoRA: the vision tower's adaptable layers are its 1x1 convolutions; the embedders are the projector.
+    adapter_groups: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+        {
+            "language": ("model.language_model.",),
+            "vision": ("model.vision_tower.",),
+            "projector": ("model.embed_vision.", "model.embed_audio."),
+        }
+    )
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -595,7 +604,9 @@ class Model(GemmaGeneration, nn.Module):
             if not self._keeps(key):
                 continue
             if value.ndim == 4 and key.endswith(".weight") and _is_conv(key):
-                value = _conv2d_to_mlx(value, torch_layout)
+                pointwise = value.shape[2:] == (1, 1) or value.shape[1:3] == (1, 1)
+                # A 1x1 convolution is a linear layer here: (out, in, 1, 1) or (out, 1, 1, in) -> (out, in).
+                value = value.reshape(value.shape[0], -1) if pointwise else _conv2d_to_mlx(value, torch_layout)
             elif key.endswith("depthwise_conv1d.weight") and value.ndim == 3 and value.shape[1] == 1:
                 value = value.swapaxes(1, 2)  # PyTorch (C, 1, K) -> MLX (C, K, 1)
             out[key] = value
@@ -614,7 +625,15 @@ class Model(GemmaGeneration, nn.Module):
         return True
 
     def mlx_community_names(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
-        return {rename_prefix(k, _MLX_COMMUNITY_PREFIXES): v for k, v in weights.items()}
+        """The inverse of ``sanitize`` for writing the MLX-community layout (mlx-vlm's names; its 1x1 convolutions
+        are (out, 1, 1, in) convolution weights)."""
+        out = {}
+        for key, value in weights.items():
+            pointwise = key.startswith("model.vision_tower.") and key.endswith(".weight") and value.ndim == 2
+            if pointwise and mx.issubdtype(value.dtype, mx.floating):
+                value = value.reshape(value.shape[0], 1, 1, value.shape[1])
+            out[rename_prefix(key, _MLX_COMMUNITY_PREFIXES)] = value
+        return out
 
 
 _PREFIXES = (

@@ -10,7 +10,8 @@ nearest), runs an inverted residual to 2048 channels and average-pools to ``msfa
 
 The block list is timm's: the built-in 300M architecture in its arch-string notation, or a config's
 ``model_args.block_args`` (timm's decoded form, as a small test checkpoint carries). Module names follow the
-published weights under ``timm_model.`` (``conv_stem.conv``, ``blocks.S.B.dw_start.conv``, ``msfa.ffn.pw_exp``).
+published weights under ``timm_model.`` (``conv_stem.conv``, ``blocks.S.B.dw_start.conv``, ``msfa.ffn.pw_exp``); the
+1x1 convolutions (most of the weights) are linear layers over the channels axis.
 """
 
 from __future__ import annotations
@@ -163,6 +164,14 @@ def same_pad(x: mx.array, kernel: int, stride: int) -> mx.array:
     return mx.pad(x, [(0, 0), (top, bottom), (left, right), (0, 0)])
 
 
+def _conv(dims: int, out: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False) -> nn.Module:
+    """A convolution; a 1x1 one is the linear layer it is over the channels axis (so LoRA and quantization treat
+    it as one; its checkpoint weight (out, in, 1, 1) is stored as (out, in))."""
+    if kernel == 1 and stride == 1 and groups == 1:
+        return nn.Linear(dims, out, bias=bias)
+    return nn.Conv2d(dims, out, kernel, stride=stride, groups=groups, bias=bias)
+
+
 class RMSNorm2d(nn.Module):
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -185,7 +194,7 @@ class ConvNormAct(nn.Module):
     ) -> None:
         super().__init__()
         self.kernel, self.stride, self.act = kernel, stride, act
-        self.conv = nn.Conv2d(dims, out, kernel, stride=stride, groups=groups, bias=bias)
+        self.conv = _conv(dims, out, kernel, stride, groups, bias)
         self.bn = RMSNorm2d(out)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -210,7 +219,7 @@ class EdgeResidual(nn.Module):
         self.kernel, self.stride = int(b["exp_kernel_size"]), stride
         self.conv_exp = nn.Conv2d(dims, mid, self.kernel, stride=stride, bias=False)
         self.bn1 = RMSNorm2d(mid)
-        self.conv_pwl = nn.Conv2d(mid, out, int(b.get("pw_kernel_size", 1)), bias=False)
+        self.conv_pwl = _conv(mid, out, int(b.get("pw_kernel_size", 1)))
         self.bn2 = RMSNorm2d(out)
         self.skip = dims == out and stride == 1 and not b.get("noskip")
 
@@ -261,7 +270,7 @@ class KeyValueBranch(nn.Module):
             self.down_conv = nn.Conv2d(dims, dims, kernel, stride=stride, groups=dims, bias=False)
             self.norm = RMSNorm2d(dims)
         self.kernel, self.stride = kernel, stride
-        self.proj = nn.Conv2d(dims, width, 1, bias=False)
+        self.proj = nn.Linear(dims, width, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         if "down_conv" in self:
@@ -272,7 +281,7 @@ class KeyValueBranch(nn.Module):
 class Projection(nn.Module):
     def __init__(self, dims: int, out: int) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(dims, out, 1, bias=False)
+        self.proj = nn.Linear(dims, out, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.proj(x)
