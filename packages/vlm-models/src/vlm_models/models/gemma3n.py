@@ -614,8 +614,9 @@ class Model(GemmaGeneration, nn.Module):
 
     def _keeps(self, key: str) -> bool:
         """False for what transformers itself ignores: a tied head, the KV-shared layers' unused key/value
-        weights, rotary and timing tables."""
-        if key == "lm_head.weight" or key.endswith(("inv_timescales", "inv_freq")):
+        weights, and the constants it recomputes (rotary and timing tables, scales, masks), should a checkpoint
+        hold them."""
+        if key == "lm_head.weight" or key.endswith(_CONSTANTS):
             return False
         if key.startswith("model.language_model.layers.") and ".self_attn." in key:
             layer = int(key.split(".")[3])
@@ -636,6 +637,18 @@ class Model(GemmaGeneration, nn.Module):
         return out
 
 
+_CONSTANTS = (
+    "inv_timescales",
+    "inv_freq",
+    ".q_scale",
+    ".softcap",
+    ".local_causal_valid_mask",
+    ".gradient_clipping",
+    ".router_input_scale",
+    ".per_layer_projection_scale",
+    ".per_layer_input_scale",
+    ".embed_scale",
+)
 _PREFIXES = (
     ("model.", "model."),
     ("language_model.model.", "model.language_model."),
