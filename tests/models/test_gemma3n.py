@@ -217,3 +217,20 @@ def _to_mlx(weight: np.ndarray) -> np.ndarray:
     if weight.ndim != 4:
         return weight
     return weight.reshape(weight.shape[0], -1) if weight.shape[2:] == (1, 1) else weight.transpose(0, 2, 3, 1)
+
+
+def test_batch_with_clips_equals_single_generate(loaded) -> None:
+    """Prompts with one and with two clips of other lengths, batched: each answer is its own generate's (a
+    prompt's clips are padded among themselves, never to another prompt's)."""
+    from vlm_runtime import batch_generate
+
+    model, processor = loaded
+    one = apply_chat_template(processor, None, "What is it?", num_audios=1)
+    two = apply_chat_template(processor, None, "Describe all of it, please.", num_audios=2)
+    clips = [[AUDIO / "two_tones.wav"], [AUDIO / "tone_chirp.wav", AUDIO / "noise_burst.flac"]]
+    single = [generate(model, processor, p, audio=c, max_tokens=8) for p, c in zip((one, two), clips)]
+    batch = batch_generate(model, processor, [one, two], audios=clips, max_tokens=8)
+    assert [(r.text, r.prompt_tokens, r.generation_tokens) for r in batch] == [
+        (r.text, r.prompt_tokens, r.generation_tokens) for r in single
+    ]
+    assert single[0].text != single[1].text
