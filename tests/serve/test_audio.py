@@ -120,6 +120,24 @@ def test_qwen2_5_omni_hears_and_sees_over_the_api() -> None:
         assert response.json()["usage"]["prompt_tokens"] == expected.prompt_tokens
 
 
+def test_gemma3n_hears_and_sees_over_the_api() -> None:
+    """Gemma 3n: a clip then an image, as written (its fixed-length audio slot and image slot expanded); the
+    answer is generate's."""
+    model, processor = load(FIXTURES / "gemma3n" / "hub")
+    image = FIXTURES / "images" / "rgb_56x56.png"
+    image_url = "data:image/png;base64," + b64(image)
+    for server in make_server((model, processor), max_media_bytes=200_000):
+        content = [audio_part(b64(CLIP)), {"type": "image_url", "image_url": {"url": image_url}}]
+        response = chat(server, [*content, {"type": "text", "text": "Describe."}])
+        assert response.status_code == 200, response.text
+        parts = [{"type": "audio"}, {"type": "image"}, {"type": "text", "text": "Describe."}]
+        prompt = apply_chat_template(processor, None, [{"role": "user", "content": parts}])
+        assert prompt.index("<audio_soft_token>") < prompt.index("<image_soft_token>")
+        expected = generate(model, processor, prompt, image=[image], audio=[CLIP], max_tokens=6)
+        assert response.json()["choices"][0]["message"]["content"] == expected.text
+        assert response.json()["usage"]["prompt_tokens"] == expected.prompt_tokens
+
+
 def test_bad_audio_requests_get_4xx(audio_server, server) -> None:
     long_clip = io.BytesIO()
     soundfile.write(long_clip, np.zeros(16000 * 2, np.float32), 16000, format="WAV")  # 2 s: over the 1.2 s cap

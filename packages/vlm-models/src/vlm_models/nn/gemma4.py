@@ -33,7 +33,14 @@ from .layers import GatedMLP, activation
 from .moe import SwitchGLU
 from .rope import Rotary, Rotate, proportional_frequencies
 
-__all__ = ["ClippableLinear", "Gemma4Decoder", "Gemma4DecoderConfig", "Gemma4RMSNorm", "rms_norm"]
+__all__ = [
+    "ClippableLinear",
+    "Gemma4Decoder",
+    "Gemma4DecoderConfig",
+    "Gemma4RMSNorm",
+    "per_layer_inputs",
+    "rms_norm",
+]
 
 TEXT_DEFAULTS: dict[str, Any] = {
     # transformers' Gemma4TextConfig defaults; published configs may leave some out.
@@ -184,6 +191,20 @@ def _per_layer_sizes(text: Mapping[str, Any], layer_types: list[str], k_eq_v: bo
     dims = tuple(int(overrides.get(i, {}).get("head_dim", head_dim)) for i in range(len(layer_types)))
     heads = tuple(int(overrides.get(i, {}).get("num_key_value_heads", kv)) for i in range(len(layer_types)))
     return dims, heads
+
+
+def per_layer_inputs(decoder: nn.Module, ids: mx.array, inputs_embeds: mx.array, layers: int, width: int) -> mx.array:
+    """The per-layer inputs (..., layers * width) of a decoder holding ``embed_tokens_per_layer``,
+    ``per_layer_model_projection`` and ``per_layer_projection_norm`` (Gemma 3n, Gemma 4 E2B / E4B): each layer's
+    slice averages (over sqrt(2)) the token's own scaled per-layer embedding and a normed projection of
+    ``inputs_embeds`` (which may hold media features). ``ids`` must all lie in the per-layer table."""
+    token = decoder.embed_tokens_per_layer(ids)
+    token = token * mx.array(width**0.5, dtype=token.dtype)
+    shape = (*inputs_embeds.shape[:-1], layers, width)
+    projected = decoder.per_layer_model_projection(inputs_embeds) * (inputs_embeds.shape[-1] ** -0.5)
+    projected = decoder.per_layer_projection_norm(projected.reshape(shape))
+    mixed = (projected + token.reshape(shape)) * (2.0**-0.5)
+    return mixed.reshape(*shape[:-2], -1).astype(inputs_embeds.dtype)
 
 
 def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
@@ -380,13 +401,8 @@ class Gemma4Decoder(nn.Module):
         if not c.hidden_size_per_layer_input:
             return inputs_embeds
         ids = mx.where(input_ids >= c.vocab_size_per_layer_input, c.pad_token_id, input_ids)
-        token = self.embed_tokens_per_layer(ids)
-        token = token * mx.array(c.hidden_size_per_layer_input**0.5, dtype=token.dtype)
-        shape = (*inputs_embeds.shape[:-1], c.num_hidden_layers, c.hidden_size_per_layer_input)
-        projected = self.per_layer_model_projection(inputs_embeds) * (c.hidden_size**-0.5)
-        projected = self.per_layer_projection_norm(projected.reshape(shape))
-        mixed = (projected + token.reshape(shape)) * (2.0**-0.5)
-        return mx.concatenate([inputs_embeds, mixed.reshape(*shape[:-2], -1).astype(inputs_embeds.dtype)], axis=-1)
+        mixed = per_layer_inputs(self, ids, inputs_embeds, c.num_hidden_layers, c.hidden_size_per_layer_input)
+        return mx.concatenate([inputs_embeds, mixed], axis=-1)
 
     def __call__(
         self,
