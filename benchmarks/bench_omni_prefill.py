@@ -15,6 +15,7 @@ frames), and so do both the tower's and the decoder's work.
     uv run --frozen python benchmarks/bench_omni_prefill.py --preset small
     uv run --frozen python benchmarks/bench_omni_prefill.py --preset wide --runs 2   # the 7B / 2B widths, 2 layers
     uv run --frozen python benchmarks/bench_omni_prefill.py --only gemma3n            # Gemma 3n's audio tower
+    python3 benchmarks/bench_omni_prefill.py --preset 2b --dtype bfloat16 --runs 2    # on the accelerator
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
+DTYPE = ["float32"]
+"""The weights' dtype (--dtype; bfloat16 on the accelerator)."""
 PRESETS = {
     # Whisper-base-like encoder and a small decoder; Qwen2-VL's tower at a quarter width.
     "small": {
@@ -53,6 +56,18 @@ PRESETS = {
             num_key_value_heads=32,
         ),
         "vision": dict(embed_dim=1280, depth=2, num_heads=16, hidden_size=1536),
+    },
+    # Full depth for the accelerator: Whisper-large's encoder (Qwen2-Audio's) and Qwen2-VL-2B's tower and decoder.
+    "2b": {
+        "audio": dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120),
+        "text": dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+        ),
+        "vision": dict(embed_dim=1280, depth=32, num_heads=16, hidden_size=1536),
     },
 }
 
@@ -75,6 +90,8 @@ def scaled_model(family: str, preset: dict, window_positions: int | None = None)
         rope = dict(config["text_config"].get("rope_parameters") or {})
         config["text_config"]["rope_parameters"] = {**rope, "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]}
     model = architecture_for(config["model_type"]).load_module().Model.from_hf_config(config)
+    if DTYPE[0] != "float32":
+        model.set_dtype(getattr(mx, DTYPE[0]))
     mx.eval(model.parameters())
     return model
 
@@ -221,6 +238,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--seconds", type=float, nargs="+", default=[1, 5, 10, 20, 30])
     parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     parser.add_argument(
@@ -233,9 +251,10 @@ def main() -> None:
     import mlx.core as mx
 
     preset = PRESETS[args.preset]
+    DTYPE[0] = args.dtype
     print(
         f"{platform.processor() or platform.machine()}, mlx {mx.__version__}, device {mx.default_device()}, "
-        f"preset {args.preset}, median of {args.runs} warm runs, CPU BLAS: {routing.reason}"
+        f"preset {args.preset}, {args.dtype}, median of {args.runs} warm runs, CPU BLAS: {routing.reason}"
     )
     print("| input | prompt tokens | features ms | tower ms | decoder ms | prefill ms (tower + decoder) |")
     print("|---|---|---|---|---|---|")

@@ -1,25 +1,39 @@
 #!/usr/bin/env bash
 # On the accelerator machine: the figures still owed (see BENCHMARKS.md and the open issues), most wanted first,
-# each step under its own timeout so one slow step cannot eat the others. ~8-9 minutes on an H200 from cold.
-#   source .device/setup.sh; bash benchmarks/device_pending.sh            # all steps
-#   STEPS="prefix quant" bash benchmarks/device_pending.sh    # some of: prefix matvec quant profile profile-gemma4
-# Needs tests/fixtures/qwen2_vl/hf4 (make_random_checkpoint.py), for "profile" tests/fixtures/qwen3_5/hf5, for
-# "profile-gemma4" tests/fixtures/gemma4/hub.
+# each step under its own timeout so one slow step cannot eat the others. Two calls cover them on an H200:
+#   source .device/setup.sh; STEPS="attn prefix evalquant omni" bash benchmarks/device_pending.sh     # ~7 min
+#   source .device/setup.sh; STEPS="profile profile-gemma4" bash benchmarks/device_pending.sh         # ~6 min
+# Other steps (already measured, kept to rerun): quant matvec.
+# Needs tests/fixtures/qwen2_vl/hf4 (make_random_checkpoint.py); "omni" also qwen2_audio and qwen2_vl/hf5;
+# "profile" qwen3_5/hf5; "profile-gemma4" gemma4/hub. Keep those when moving the others aside.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 CK=${CK:-/tmp/qwen2vl-2b-bf16}
-PRESET=${PRESET:-2b}  # PRESET=tiny DTYPE=float32 CK=/tmp/ck-tiny: a dry run of the commands on any machine
+PRESET=${PRESET:-2b}  # a dry run anywhere: PRESET=tiny DTYPE=float32 CK=/tmp/ck-tiny OMNI_PRESET=small OMNI_ARGS="--seconds 1 --frames 4"
 DTYPE=${DTYPE:-bfloat16}
 VLM="python3 -m vlm_models.cli"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 [ -f "$CK/config.json" ] || python3 benchmarks/make_random_checkpoint.py --preset "$PRESET" --dtype "$DTYPE" --out "$CK" | tail -1
-for step in ${STEPS:-prefix matvec quant profile}; do
+for step in ${STEPS:-attn prefix evalquant omni}; do
   echo "== $step"
   case $step in
+    attn)  # vlm_runtime.attention's products against MLX's CUDA kernel (cuDNN for several queries)
+      timeout 120 python3 -m pytest -q --noconftest -p no:cacheprovider tests/runtime/test_attention.py 2>&1 \
+        | tail -5 | tee "$OUT/attn.log" ;;
     prefix)  # issue 17: time to first token for an 8k shared prefix, cold vs warm memory vs warm disk
-      timeout 150 python3 benchmarks/bench_prefix_cache.py --model "$CK" --prefix-tokens 8192 --runs 3 2>&1 \
-        | tee "$OUT/prefix.log" ;;
+      timeout 150 python3 benchmarks/bench_prefix_cache.py --model "$CK" --prefix-tokens 8192 --runs 3 --breakdown \
+        2>&1 | tee "$OUT/prefix.log" ;;
+    evalquant)  # issue 20: the quality table at the 2B shape (random weights: relative numbers) and the demo's
+      timeout 200 $VLM eval-quant --model "$CK" --modes affine4,affine8,mxfp4,mxfp8,nvfp4 \
+        --json "$OUT/eval_quant_2b.json" 2>&1 | grep -v "^\s*[0-9]*%\|it/s" | tee "$OUT/evalquant.log"
+      timeout 100 $VLM eval-quant --json "$OUT/eval_quant_demo.json" 2>&1 | grep -v "it/s" \
+        | tee -a "$OUT/evalquant.log" ;;
+    omni)  # issue 16: prefill time against audio length and video frames at full 2B depth
+      # shellcheck disable=SC2086
+      timeout 200 python3 benchmarks/bench_omni_prefill.py --preset "${OMNI_PRESET:-2b}" --dtype "$DTYPE" --runs 2 \
+        ${OMNI_ARGS:-} 2>&1 \
+        | tee "$OUT/omni.log" ;;
     matvec)  # issue 14: the quantized matvec kernel's speed (then set FAST_ROWS in vlm_kernels.quantized_matvec)
       TESTS=0 timeout 240 bash benchmarks/device_matvec.sh 2>&1 | tee "$OUT/matvec.log" ;;
     quant)  # issue 20: mxfp8 / nvfp4 with and without activation quantization, next to affine 4-bit and bf16
