@@ -2,7 +2,7 @@
 # On the accelerator machine: the figures still owed (see BENCHMARKS.md and the open issues), most wanted first,
 # each step under its own timeout so one slow step cannot eat the others. Two calls cover them on an H200:
 #   source .device/setup.sh; STEPS="attn prefix evalquant omni" bash benchmarks/device_pending.sh     # ~7 min
-#   source .device/setup.sh; STEPS="profile profile-gemma4" bash benchmarks/device_pending.sh         # ~6 min
+#   source .device/setup.sh; STEPS="suite profile profile-gemma4" bash benchmarks/device_pending.sh   # ~8 min
 # Other steps (already measured, kept to rerun): quant matvec.
 # Needs tests/fixtures/qwen2_vl/hf4 (make_random_checkpoint.py); "omni" also qwen2_audio and qwen2_vl/hf5;
 # "profile" qwen3_5/hf5; "profile-gemma4" gemma4/hub. Keep those when moving the others aside.
@@ -34,6 +34,13 @@ for step in ${STEPS:-attn prefix evalquant omni}; do
       timeout 200 python3 benchmarks/bench_omni_prefill.py --preset "${OMNI_PRESET:-2b}" --dtype "$DTYPE" --runs 2 \
         ${OMNI_ARGS:-} 2>&1 \
         | tee "$OUT/omni.log" ;;
+    suite)  # issue 14: the user-facing suite at the 2B shape, bf16 and 4-bit, with mlx-vlm alternating at batch 1
+      for bits in "" 4; do
+        # shellcheck disable=SC2086
+        timeout 240 $VLM bench --shape "${SUITE_SHAPE:-qwen2-vl-2b}" --dtype "$DTYPE" ${bits:+--q-bits $bits} --suite \
+          --peer mlx-vlm --runs 2 --json "$OUT/suite${bits:+-q$bits}.json" 2>&1 | grep -v "^bench:" \
+          | tee -a "$OUT/suite.log"
+      done ;;
     matvec)  # issue 14: the quantized matvec kernel's speed (then set FAST_ROWS in vlm_kernels.quantized_matvec)
       TESTS=0 timeout 240 bash benchmarks/device_matvec.sh 2>&1 | tee "$OUT/matvec.log" ;;
     quant)  # issue 20: mxfp8 / nvfp4 with and without activation quantization, next to affine 4-bit and bf16

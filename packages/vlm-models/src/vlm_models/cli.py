@@ -334,6 +334,33 @@ def _bench(args: argparse.Namespace) -> None:
 
     from vlm_runtime import GenerationConfig, GenerationSettings, stream_generate
 
+    if args.peer is not None:
+        from .bench_suite import check_peer
+
+        try:
+            check_peer(args.peer)
+        except RuntimeError as error:
+            raise CommandError(str(error)) from None
+    if args.shape is not None:
+        if args.model is not None:
+            raise CommandError(
+                "--shape benchmarks a random checkpoint of that shape: give --model or --shape, not both"
+            )
+        from .bench_shapes import shape_checkpoint
+
+        args.model = str(
+            shape_checkpoint(
+                args.shape, dtype=args.dtype, bits=args.q_bits, progress=lambda line: print(line, file=sys.stderr)
+            )
+        )
+    elif args.q_bits is not None or args.dtype != "bfloat16":
+        raise CommandError("--dtype and --q-bits choose the random checkpoint of --shape; they need --shape")
+    if args.suite or args.json or args.peer:
+        if not args.suite:
+            raise CommandError("--json and --peer report the --suite measurements; add --suite")
+        _bench_suite(args)
+        return
+
     config = GenerationConfig(max_tokens=args.max_tokens, prefill_step_size=args.prefill_step_size, ignore_eos=True)
     settings = GenerationSettings(config=config, cache=_cache_settings(args))
     model, processor, prompt = _load_and_format(args)
@@ -367,6 +394,35 @@ def _bench(args: argparse.Namespace) -> None:
         f"median: vision {vision:.4f} s | prompt {prompt_tps:.1f} tok/s | generation {generation_tps:.1f} tok/s | "
         f"peak {peak:.3f} GB"
     )
+
+
+SHAPE_NAMES = ("qwen2-vl-2b", "qwen2-vl-7b", "tiny")
+"""``bench_shapes.SHAPES``' names, here so that ``vlm --help`` does not import MLX (a test keeps them equal)."""
+
+
+def _bench_suite(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from .bench_suite import SuiteOptions, format_suite, run_suite
+
+    model, processor = load_model(args)
+    options = SuiteOptions(
+        image_sizes=tuple(args.image_sizes),
+        prefill_tokens=tuple(args.prefill_tokens),
+        batch_sizes=tuple(args.batch_sizes),
+        decode_tokens=args.max_tokens,
+        runs=args.runs,
+        warmup=args.warmup,
+        peer=args.peer,
+    )
+    result = run_suite(
+        model, processor, args.model, options, progress=lambda line: print(f"bench: {line}", file=sys.stderr)
+    )
+    print(format_suite(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
 
 
 _SIZE_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
@@ -572,6 +628,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(bench)
     bench.add_argument("--runs", type=positive_int, default=3, help="timed runs")
     bench.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs before them")
+    bench.add_argument(
+        "--shape",
+        choices=sorted(SHAPE_NAMES),
+        default=None,
+        help="benchmark a random-weight checkpoint of this real shape (written once under ~/.cache/vlm/bench)",
+    )
+    bench.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="of --shape")
+    bench.add_argument("--q-bits", type=int, choices=[4, 8], default=None, help="--shape quantized (affine, group 64)")
+    bench.add_argument(
+        "--suite",
+        action="store_true",
+        help="vision encode at 448 and 1344 px, prefill and time to first token at 512 and 8k tokens, decode at "
+        "batch 1, 8 and 32, peak memory",
+    )
+    bench.add_argument(
+        "--batch-sizes", type=positive_int, nargs="+", default=[1, 8, 32], help="--suite: decode batch sizes"
+    )
+    bench.add_argument(
+        "--prefill-tokens", type=positive_int, nargs="+", default=[512, 8192], help="--suite: prompt lengths"
+    )
+    bench.add_argument(
+        "--image-sizes", type=positive_int, nargs="+", default=[448, 1344], help="--suite: square image sizes"
+    )
+    bench.add_argument("--json", default=None, metavar="FILE", help="--suite: also write the results as JSON")
+    bench.add_argument(
+        "--peer",
+        choices=["mlx-vlm"],
+        default=None,
+        help="--suite: time batch-1 decode through mlx-vlm too, alternating",
+    )
     bench.add_argument("--verbose", action="store_true")
     bench.set_defaults(handler=_bench)
 

@@ -1,0 +1,83 @@
+"""``vlm bench --shape`` and ``--suite``: random checkpoints of real shapes written once and reused, the
+suite's measurements and JSON, and the one-line refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from vlm_models import load
+from vlm_models.bench_shapes import SHAPES, qwen2_vl_config, qwen2_vl_weights, shape_checkpoint, token_ids
+from vlm_models.cli import SHAPE_NAMES, main
+from vlm_models.demo import demo_model_path
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("VLM_BENCH_CACHE", str(tmp_path / "bench"))
+    return tmp_path / "bench"
+
+
+def test_the_command_line_names_every_shape() -> None:
+    assert set(SHAPE_NAMES) == set(SHAPES)
+
+
+@pytest.mark.parametrize(("shape", "billions"), [("qwen2-vl-2b", 2.209), ("qwen2-vl-7b", 8.291)])
+def test_the_real_shapes_have_the_published_parameter_counts(shape: str, billions: float) -> None:
+    """Counted from the tensor list, nothing written: Qwen2-VL-2B has 2.21B parameters, 7B 8.29B."""
+    config = qwen2_vl_config(SHAPES[shape], token_ids(demo_model_path()), SHAPES[shape]["vocab_size"], "bfloat16")
+    total = sum(math.prod(shape_) for _, shape_, _ in qwen2_vl_weights(config))
+    assert abs(total / 1e9 - billions) < 0.005
+
+
+def test_a_shape_checkpoint_is_written_once_and_redone_when_incomplete(cache: Path) -> None:
+    lines: list[str] = []
+    first = shape_checkpoint("tiny", dtype="float32", progress=lines.append)
+    assert (first / "config.json").is_file() and any("writing" in line for line in lines)
+    stamp = (first / "config.json").stat().st_mtime_ns
+    lines.clear()
+    assert shape_checkpoint("tiny", dtype="float32", progress=lines.append) == first and not lines
+    assert (first / "config.json").stat().st_mtime_ns == stamp
+    (first / ".complete").unlink()  # as after an interrupted write
+    shape_checkpoint("tiny", dtype="float32", progress=lines.append)
+    assert any("writing" in line for line in lines)
+    quantized = shape_checkpoint("tiny", dtype="float32", bits=4)
+    model, processor = load(quantized)
+    assert json.loads((quantized / "config.json").read_text())["quantization"]["bits"] == 4
+    assert processor.encode("any words at all encode") != []
+
+
+def test_the_suite_measures_and_writes_json(cache: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "suite.json"
+    args = ["bench", "--shape", "tiny", "--dtype", "float32", "--suite", "--runs", "1", "--warmup", "0"]
+    args += ["--max-tokens", "4", "--batch-sizes", "1", "2", "--prefill-tokens", "40", "--image-sizes", "56"]
+    assert main([*args, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["vision encode 56x56", "prefill 40 tokens", "decode batch 1", "decode batch 2"]
+    assert all(row["value"] > 0 and row["peak_gb"] > 0 for row in report["rows"])
+    assert report["rows"][1]["time_to_first_token_s"] > 0
+    assert all(name in printed for name in names)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--json", "x.json"], "add --suite"),
+        (["--q-bits", "4"], "need --shape"),
+        (["--shape", "tiny", "--model", "somewhere"], "not both"),
+        (["--suite", "--peer", "mlx-vlm"], "mlx-vlm importable"),
+    ],
+)
+def test_bad_bench_options_get_one_line(extra: list[str], message: str, capsys, cache: Path) -> None:
+    if "--peer" in extra and importlib.util.find_spec("mlx_vlm") is not None:
+        pytest.skip("mlx-vlm is importable here (a scratch environment): nothing to refuse")
+    assert main(["bench", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not cache.exists()  # refused before anything was written
