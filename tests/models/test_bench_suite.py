@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import mlx.nn as nn
 import pytest
 
 from vlm_models import load
@@ -48,6 +49,7 @@ def test_a_shape_checkpoint_is_written_once_and_redone_when_incomplete(cache: Pa
     quantized = shape_checkpoint("tiny", dtype="float32", bits=4)
     model, processor = load(quantized)
     assert json.loads((quantized / "config.json").read_text())["quantization"]["bits"] == 4
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
     assert processor.encode("any words at all encode") != []
 
 
