@@ -13,7 +13,7 @@ from vlm_models import apply_chat_template, load
 from vlm_models.cli import main
 from vlm_models.demo import demo_model_path
 from vlm_models.drafting import DrafterError, drafter_kind, load_drafter
-from vlm_runtime import stream_generate
+from vlm_runtime import batch_generate, stream_generate
 
 from .conftest import FIXTURES
 
@@ -92,3 +92,63 @@ def test_the_command_line_drafts_and_reports_acceptance(capsys) -> None:
     assert capsys.readouterr().out == drafted.out  # the same answer as without the drafter
     assert main([*args, "--draft-model", str(FIXTURES / "llava" / "hf4")]) == 2
     assert "another tokenizer" in capsys.readouterr().err
+
+
+def batched(model, processor, drafter=None, n: int = 128, **options) -> list:
+    """Ragged prompts, one with an image, another with two, decoded as one batch."""
+    prompts = [
+        (apply_chat_template(processor, None, "Describe this image.", num_images=1), [IMAGE]),
+        (apply_chat_template(processor, None, "Just text, and longer than the other prompts are.", num_images=0), None),
+        (
+            apply_chat_template(processor, None, "Compare.", num_images=2),
+            [IMAGE, FIXTURES / "images" / "rgb_56x56.png"],
+        ),
+    ]
+    return batch_generate(
+        model,
+        processor,
+        [p for p, _ in prompts],
+        images=[i for _, i in prompts],
+        max_tokens=n,
+        ignore_eos=True,
+        draft_model=drafter,
+        num_draft_tokens=4,
+        **options,
+    )
+
+
+@pytest.mark.parametrize(
+    "target, drafter_path",
+    [(TARGET, TARGET), (TARGET, SIBLING), (FIXTURES / "gemma3" / "hf4", FIXTURES / "gemma3" / "hf4")],
+    ids=["qwen2-vl-itself", "qwen2.5-vl-drafts-qwen2-vl", "gemma3-sliding-window"],
+)
+def test_a_batch_with_images_drafts_row_by_row_and_equals_plain_batched_greedy(
+    target: Path, drafter_path: Path
+) -> None:
+    model, processor = load(target)
+    drafter, _ = load_drafter(drafter_path, target_processor=processor)
+    plain = batched(model, processor)
+    fast = batched(model, processor, drafter)
+    for a, b in zip(fast, plain):
+        assert a.text == b.text and a.generation_tokens == b.generation_tokens == 128
+        assert a.draft_tokens > 0
+        if drafter_path == target:
+            assert a.accepted_draft_tokens == a.draft_tokens
+
+
+def test_a_batch_keeps_the_targets_logprobs_and_stop_strings() -> None:
+    model, processor = load(TARGET)
+    drafter, _ = load_drafter(SIBLING, target_processor=processor)
+    plain = batched(model, processor, n=48, logprobs=True, top_logprobs=2)
+    stop = plain[0].text[10:13]
+    options = dict(n=48, logprobs=True, top_logprobs=2, stop=[stop])
+    plain, fast = batched(model, processor, **options), batched(model, processor, drafter, **options)
+    for a, b in zip(fast, plain):
+        assert (a.text, a.finish_reason, a.stop_string, a.generation_tokens) == (
+            b.text,
+            b.finish_reason,
+            b.stop_string,
+            b.generation_tokens,
+        )
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+    assert plain[0].finish_reason == "stop"

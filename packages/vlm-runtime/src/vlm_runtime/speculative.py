@@ -46,6 +46,10 @@ __all__ = [
 class Drafter(Protocol):
     """Proposes tokens continuing a request's sequence; keeps whatever state it needs (a small model's caches)."""
 
+    def spawn(self) -> Drafter:
+        """A drafter of the same model holding no request's state: the batching engine gives each row its own."""
+        ...
+
     def begin(self, inputs: Mapping[str, mx.array]) -> None:
         """Take the request's prompt (with its media, for drafters that see them) before the first proposal."""
         ...
@@ -70,6 +74,9 @@ class ModelDrafter:
         self._prompt: list[int] = []
         self._pending: mx.array | None = None
         """Logits after the last fed token, while no token has been fed since."""
+
+    def spawn(self) -> ModelDrafter:
+        return ModelDrafter(self.model)
 
     def begin(self, inputs: Mapping[str, mx.array]) -> None:
         ids = inputs["input_ids"]

@@ -1,0 +1,140 @@
+"""Speculative decoding inside the batching engine: each row drafts, and keeps, its own number of tokens.
+
+One decode step feeds every row its last token and its own proposals (rows that propose fewer are filled out
+with repeats, whose logits nobody reads) and reads the target at every position. Each row then accepts as the
+single-stream loop does (``speculative``): position i decides the row's token i with the request's own rules
+(processors and grammar, sampler, thinking budget, stop strings, logprobs, the length limit), and the first
+token that is not the proposal ends its round. Sampling a token and keeping the proposal exactly when the two
+agree is the rejection rule for a drafter that proposes deterministically, so sampled rows keep the target's
+distribution, drawn from the request's own key sequence.
+
+Afterwards every row drops the positions past what it kept (``trim_rows`` keeps the rows right-aligned), so each
+row's cache holds exactly what plain batched decoding would have fed it: greedy rows give the same tokens.
+Caches that cannot take tokens back (a recurrent state) decode plainly: the engine says so once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from .batch_cache import batch_cache_like
+from .protocols import GenerativeModel
+from .request import GenerationResult, RequestState
+from .speculative import Drafter, DraftSchedule, SpeculativeStats
+
+__all__ = ["BatchDrafting", "rows_can_roll_back"]
+
+
+def rows_can_roll_back(layers: Sequence[Any]) -> bool:
+    """Whether the batched twins of these (single-request) layers can take back each row's rejected proposals."""
+    return all(batch_cache_like(layer, [0]).can_trim_rows() for layer in layers)
+
+
+@dataclass
+class _Row:
+    drafter: Drafter
+    inputs: Mapping[str, mx.array]
+    schedule: DraftSchedule
+    stats: SpeculativeStats = field(default_factory=SpeculativeStats)
+    emitted: list[int] = field(default_factory=list)
+    begun: bool = False
+
+
+class BatchDrafting:
+    """The drafters of a batch's rows (one per request, spawned from ``drafter``) and the speculative decode step."""
+
+    def __init__(self, drafter: Drafter) -> None:
+        self.drafter = drafter
+        self._rows: dict[int, _Row] = {}
+
+    def admit(self, state: RequestState, inputs: Mapping[str, mx.array]) -> None:
+        """Give a request its drafter (it takes the prompt at its first speculative step)."""
+        row = _Row(self.drafter.spawn(), inputs, DraftSchedule(most=state.config.num_draft_tokens))
+        self._rows[state.uid] = row
+        state.draft_stats = row.stats
+
+    def saw(self, events: Sequence[GenerationResult]) -> None:
+        """Follow the emitted tokens (in order) and forget the requests that ended."""
+        for event in events:
+            row = self._rows.get(event.uid)
+            if row is None:
+                continue
+            if event.finish_reason is not None:
+                del self._rows[event.uid]
+            elif event.token is not None:
+                row.emitted.append(event.token)
+
+    def step(self, model: GenerativeModel, cache: list[Any], rows: Sequence[RequestState]) -> list[GenerationResult]:
+        """One verify pass over every row; returns the events (one or more per row)."""
+        proposals = [self._propose(state) for state in rows]
+        width = 1 + max(map(len, proposals))
+        ids = mx.array(
+            [[state.last_token, *p, *[state.last_token] * (width - 1 - len(p))] for state, p in zip(rows, proposals)],
+            mx.int32,
+        )
+        logits = model.compute_logits(model.hidden_states(model.embed_tokens(ids), cache=cache))
+        # Greedy rows with nothing to process take their tokens from one argmax over every position.
+        chosen = mx.argmax(logits, axis=-1).tolist() if all(state.plain for state in rows) else None
+        events: list[GenerationResult] = []
+        kept = [self._accept(state, p, logits, b, chosen, events) for b, (state, p) in enumerate(zip(rows, proposals))]
+        running = [k for state, k in zip(rows, kept) if state.finish is None]
+        if width > 1 and running:
+            most = max(running)  # finished rows leave at this step: keep them as they are, moving nothing
+            dropped = [width - (k if state.finish is None else most) for state, k in zip(rows, kept)]
+            for layer in cache:
+                layer.trim_rows(dropped)
+        return events
+
+    def _propose(self, state: RequestState) -> list[int]:
+        row = self._rows.get(state.uid)
+        if row is None:
+            return []
+        # The round's last token comes from the target itself: never more proposals than tokens left after it.
+        n = min(row.schedule.next(), state.config.max_tokens - state.generated - 1)
+        if n <= 0:
+            return []
+        if not row.begun:
+            row.drafter.begin(row.inputs)
+            row.begun = True
+        proposals = list(row.drafter.propose(row.emitted, n))[:n]
+        row.stats.drafted += len(proposals)
+        row.stats.rounds += 1
+        return proposals
+
+    def _accept(
+        self,
+        state: RequestState,
+        proposals: list[int],
+        logits: mx.array,
+        b: int,
+        chosen: list[list[int]] | None,
+        events: list[GenerationResult],
+    ) -> int:
+        """Emit row ``b``'s tokens for this round; returns how many of its fed positions stay in the cache."""
+        row = self._rows.get(state.uid)
+        accepted = 0
+        for i in range(len(proposals) + 1):
+            logprobs = None
+            if chosen is not None:
+                choice = chosen[b][i]
+            else:
+                try:
+                    token, logprobs = state.choose(logits[b : b + 1, i])
+                except Exception as exc:  # the request's own processor (a grammar) failed: it ends alone
+                    events.append(state.end("error", exc))
+                    break
+                choice = int(token.item())
+            value = state.resolve(choice)
+            events.append(state.emit(value, logprobs))
+            if state.finish is not None or i == len(proposals) or value != proposals[i]:
+                break
+            accepted += 1
+            if row is not None:
+                row.stats.accepted += 1
+        if row is not None:
+            row.schedule.record(len(proposals), accepted)
+        return 1 + accepted
