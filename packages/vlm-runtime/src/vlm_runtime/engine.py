@@ -140,7 +140,7 @@ class Engine:
         self.model, self.processor = model, processor
         # MLX streams belong to the thread that made them: arrays still lazy from loading (weights, rotary
         # tables) would be evaluated on the engine thread against the loading thread's stream, which MLX refuses.
-        mx.eval(list(_arrays_in(model)))
+        mx.eval(list(_arrays_in(model)), list(_arrays_in(drafter)) if drafter is not None else [])
         self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
         self.vision_cache = vision_cache
         self.prefix_cache = prefix_cache
