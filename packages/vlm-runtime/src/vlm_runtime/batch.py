@@ -22,12 +22,12 @@ from .batch_speculative import BatchDrafting, rows_can_roll_back
 from .cache import Cache
 from .cache_settings import CacheSettings, make_layer_caches
 from .generate import as_drafter, media_list
-from .prefill import drop_prefix, prefill
+from .prefill import drop_prefix, prefill_with_layers
 from .prefix_cache import PrefixCache, PrefixMatch
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
 from .request import GenerationResult, Request, RequestState
 from .settings import GenerationSettings, generation_settings
-from .speculative import Drafter
+from .speculative import Drafter, refuse_blind_target
 
 __all__ = ["BatchGenerator", "batch_generate"]
 
@@ -82,6 +82,7 @@ class BatchGenerator:
         self._cancelled: set[int] = set()
         self._drafting: BatchDrafting | None = None
         if drafter is not None:
+            refuse_blind_target(model, drafter)
             if rows_can_roll_back(make_layer_caches(model, cache_settings)):
                 self._drafting = BatchDrafting(drafter)
             else:
@@ -249,7 +250,12 @@ class BatchGenerator:
         else:
             prompt, padding = _left_padded_batch([p for _, p in group])
             cache = [batch_cache_like(layer, padding) for layer in layers]
-        logits = prefill(self.model, prompt, cache, self.prefill_step_size)
+        taps = self._drafting.layers if self._drafting is not None else ()
+        logits, features = prefill_with_layers(self.model, prompt, cache, self.prefill_step_size, taps)
+        if features is not None and self._drafting is not None:
+            offsets = padding if len(group) > 1 else [0]
+            for row, ((state, _), start) in enumerate(zip(group, offsets)):
+                self._drafting.prefilled(state.uid, features[row : row + 1, start:])
         self._keep_blocks(group, cache, match)
         chosen = {
             i: pair

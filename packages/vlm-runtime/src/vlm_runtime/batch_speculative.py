@@ -24,7 +24,7 @@ import mlx.core as mx
 from .batch_cache import batch_cache_like
 from .protocols import GenerativeModel
 from .request import GenerationResult, RequestState
-from .speculative import Drafter, DraftSchedule, SpeculativeStats
+from .speculative import Drafter, DraftSchedule, SpeculativeStats, target_forward
 
 __all__ = ["BatchDrafting", "rows_can_roll_back"]
 
@@ -42,6 +42,17 @@ class _Row:
     stats: SpeculativeStats = field(default_factory=SpeculativeStats)
     emitted: list[int] = field(default_factory=list)
     begun: bool = False
+    prompt_features: mx.array | None = None
+    kept: list[mx.array] = field(default_factory=list)
+    """The target's features at the positions it kept since the drafter's last proposal (drafters that read
+    them)."""
+
+    def take_kept(self) -> mx.array | None:
+        if not self.kept:
+            return None
+        features = mx.concatenate(self.kept, axis=1)
+        self.kept = []
+        return features
 
 
 class BatchDrafting:
@@ -49,7 +60,15 @@ class BatchDrafting:
 
     def __init__(self, drafter: Drafter) -> None:
         self.drafter = drafter
+        self.layers = tuple(drafter.target_layers)
+        """The target's layers whose hidden states the drafters read (the engine's prefill taps them too)."""
         self._rows: dict[int, _Row] = {}
+
+    def prefilled(self, uid: int, features: mx.array) -> None:
+        """The target's features at the prompt positions it just computed for request ``uid``."""
+        row = self._rows.get(uid)
+        if row is not None:
+            row.prompt_features = features
 
     def admit(self, state: RequestState, inputs: Mapping[str, mx.array]) -> None:
         """Give a request its drafter (it takes the prompt at its first speculative step)."""
@@ -76,11 +95,17 @@ class BatchDrafting:
             [[state.last_token, *p, *[state.last_token] * (width - 1 - len(p))] for state, p in zip(rows, proposals)],
             mx.int32,
         )
-        logits = model.compute_logits(model.hidden_states(model.embed_tokens(ids), cache=cache))
+        hidden, features = target_forward(model, model.embed_tokens(ids), cache, self.layers)
+        logits = model.compute_logits(hidden)
         # Greedy rows with nothing to process take their tokens from one argmax over every position.
         chosen = mx.argmax(logits, axis=-1).tolist() if all(state.plain for state in rows) else None
         events: list[GenerationResult] = []
         kept = [self._accept(state, p, logits, b, chosen, events) for b, (state, p) in enumerate(zip(rows, proposals))]
+        if features is not None:
+            for b, (state, k) in enumerate(zip(rows, kept)):
+                row = self._rows.get(state.uid)
+                if row is not None and state.finish is None:
+                    row.kept.append(features[b : b + 1, :k])
         running = [k for state, k in zip(rows, kept) if state.finish is None]
         if width > 1 and running:
             most = max(running)  # finished rows leave at this step: keep them as they are, moving nothing
@@ -98,9 +123,9 @@ class BatchDrafting:
         if n <= 0:
             return []
         if not row.begun:
-            row.drafter.begin(row.inputs)
-            row.begun = True
-        proposals = list(row.drafter.propose(row.emitted, n))[:n]
+            row.drafter.begin(row.inputs, row.prompt_features)
+            row.begun, row.prompt_features = True, None
+        proposals = list(row.drafter.propose(row.emitted, n, row.take_kept()))[:n]
         row.stats.drafted += len(proposals)
         row.stats.rounds += 1
         return proposals
