@@ -216,3 +216,71 @@ def test_trim_rows_keeps_rows_right_aligned_and_positions_unchanged() -> None:
     assert mx.array_equal(stored[1, :, 4:], keys[1, :, 2:3])
     assert mx.array_equal(stored[2, :, 2:], keys[2, :, 1:4])
     assert stored[1, :, :2].abs().max().item() == 0  # the columns shifted in are empty
+
+
+class FeatureCheckingDrafter(ModelDrafter):
+    """Drafts as ``SAME`` does, and checks that the target's features it is handed are exactly those a full
+    forward pass gives at the positions the target kept, in order, none missing and none rejected."""
+
+    target_layers = (0, 2)
+
+    def __init__(self) -> None:
+        super().__init__(ToyModel(layers=2, seed=3))
+        self.checked = 0
+
+    def spawn(self) -> FeatureCheckingDrafter:
+        return type(self)()
+
+    def begin(self, inputs, features=None) -> None:
+        super().begin(inputs)
+        assert features is not None and features.shape[1] == len(self._prompt)
+        self._seen = [features]
+
+    def propose(self, emitted, n, features=None):
+        if features is not None:  # None: nothing fed since the last call (the first token came from the prefill)
+            self._seen.append(features)
+        sequence = self._prompt + list(emitted)
+        fed = mx.concatenate(self._seen, axis=1)
+        assert fed.shape[1] == len(sequence) - 1, "the target has fed every token but the last emitted one"
+        _, expected = TARGET.hidden_states_and_layers(
+            TARGET.embed_tokens(mx.array([sequence[:-1]])), cache=None, layers=self.target_layers
+        )
+        assert mx.allclose(fed, expected, atol=1e-4).item()
+        self.checked += 1
+        return super().propose(emitted, n)
+
+
+class MissingFeatureDrafter(FeatureCheckingDrafter):
+    """Its first proposal of each round is wrong: rounds reject, then it is paused and the target decodes plainly
+    for a while (those positions' features reach it when it drafts again)."""
+
+    def propose(self, emitted, n, features=None):
+        proposals = super().propose(emitted, n, features)
+        return [(t + 1) % 256 for t in proposals[:1]] + proposals[1:]
+
+
+def test_drafters_that_read_the_targets_features_get_those_of_every_kept_position() -> None:
+    from vlm_runtime import stream_generate
+
+    requests = [request(p, max_tokens=160, num_draft_tokens=3) for p in PROMPTS]
+    plain = run(requests)
+    for drafter in (FeatureCheckingDrafter(), MissingFeatureDrafter()):
+        assert tokens(run(requests, drafter, join_every=2)) == tokens(plain)
+        fast = stream_generate(TARGET, PROCESSOR, "features", max_tokens=160, ignore_eos=True, draft_model=drafter)
+        slow = stream_generate(TARGET, PROCESSOR, "features", max_tokens=160, ignore_eos=True)
+        assert [r.token for r in fast] == [r.token for r in slow]
+        assert drafter.checked > 5
+
+
+def test_a_target_that_hides_its_layers_is_refused_with_one_line() -> None:
+    class Blind:
+        def __init__(self) -> None:
+            self.model = TARGET
+
+        def __getattr__(self, name):
+            if name == "hidden_states_and_layers":
+                raise AttributeError(name)
+            return getattr(self.model, name)
+
+    with pytest.raises(ValueError, match="reads the target's hidden states .* Blind does not expose"):
+        BatchGenerator(Blind(), PROCESSOR, drafter=FeatureCheckingDrafter())

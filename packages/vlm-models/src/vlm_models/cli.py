@@ -289,7 +289,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.draft_model is not None:
         from .drafting import load_drafter
 
-        drafter, _ = load_drafter(args.draft_model, target_processor=processor, kind=args.draft_kind)
+        drafter, _ = load_drafter(args.draft_model, target_processor=processor, kind=args.draft_kind, target=model)
     if args.verbose:
         print(f"prompt:\n{prompt}", file=sys.stderr)
     cache_file = Path(args.prompt_cache_file) if args.prompt_cache_file else None

@@ -1,25 +1,28 @@
 """Loading speculative-decoding drafters: the model behind ``--draft-model``, and which kind it is.
 
 Kinds, told apart by the checkpoint's config.json:
-  * ``draft``: any model vlm loads that shares the target's tokenizer (a smaller sibling). Supported.
-  * ``eagle3`` (the speculators layout: ``speculators_model_type`` "eagle3"), ``dflash`` (z-lab's block
-    drafters), ``mtp`` (multi-token-prediction heads such as Gemma 4's assistant): recognised, and refused with
-    one line until they are built.
+  * ``draft``: any model vlm loads that shares the target's tokenizer (a smaller sibling).
+  * ``eagle3``: an EAGLE-3 head in the speculators layout (``speculators_model_type`` "eagle3"), reading the
+    target's hidden states (``vlm_models.eagle3``).
+  * ``dflash`` (z-lab's block drafters), ``mtp`` (multi-token-prediction heads such as Gemma 4's assistant):
+    recognised, and refused with one line until they are built.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 from vlm_runtime.speculative import Drafter, ModelDrafter
 
-from .loading import ModelLoadError, load, load_config, resolve_model_path
+from .loading import ModelLoadError, load, resolve_model_path
 
 __all__ = ["DRAFT_KINDS", "DrafterError", "drafter_kind", "load_drafter"]
 
 DRAFT_KINDS = ("draft", "eagle3", "dflash", "mtp")
-SUPPORTED_KINDS = ("draft",)
+SUPPORTED_KINDS = ("draft", "eagle3")
 
 
 class DrafterError(ValueError):
@@ -39,18 +42,30 @@ def drafter_kind(config: dict[str, Any]) -> str:
 
 
 def load_drafter(
-    path_or_repo: str | os.PathLike[str], *, target_processor: Any = None, kind: str | None = None
+    path_or_repo: str | os.PathLike[str],
+    *,
+    target_processor: Any = None,
+    kind: str | None = None,
+    target: Any = None,
 ) -> tuple[Drafter, str]:
     """The drafter at ``path_or_repo`` and its kind. With ``target_processor``, a ``draft`` model must share
-    the target's vocabulary (its proposals are token ids the target reads)."""
+    the target's vocabulary (its proposals are token ids the target reads). ``target``: the target model, whose
+    embeddings an ``eagle3`` head without its own reads."""
     if kind is not None and kind not in DRAFT_KINDS:
         raise DrafterError(f"unknown draft kind {kind!r} (choose from {', '.join(DRAFT_KINDS)})")
     path = resolve_model_path(path_or_repo)
-    found = drafter_kind(load_config(path))
+    found = drafter_kind(_config(path))
     if kind is not None and kind != found:
         raise DrafterError(f"{path_or_repo} is a {found!r} drafter, not {kind!r}")
     if found not in SUPPORTED_KINDS:
-        raise DrafterError(f"{found} drafters are not supported yet; a smaller model of the target's tokenizer is")
+        raise DrafterError(f"{found} drafters are not supported yet; draft models and eagle3 heads are")
+    if found == "eagle3":
+        from .eagle3 import load_eagle3
+
+        try:
+            return load_eagle3(path, target.embed_tokens if target is not None else None), found
+        except (ValueError, OSError) as exc:
+            raise DrafterError(f"cannot load the eagle3 head {path_or_repo}: {exc}") from None
     try:
         model, processor = load(path)
     except ModelLoadError as exc:
@@ -58,6 +73,15 @@ def load_drafter(
     if target_processor is not None and _vocabulary(processor) != _vocabulary(target_processor):
         raise DrafterError(f"the draft model {path_or_repo} has another tokenizer than the target's")
     return ModelDrafter(model), found
+
+
+def _config(path: Path) -> dict[str, Any]:
+    """config.json as it is: a speculators head names no model_type of its own."""
+    file = path / "config.json"
+    try:
+        return dict(json.loads(file.read_text()))
+    except (OSError, ValueError) as exc:
+        raise DrafterError(f"{path} has no readable config.json ({exc})") from None
 
 
 def _vocabulary(processor: Any) -> dict[str, int]:

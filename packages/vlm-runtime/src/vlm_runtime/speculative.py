@@ -110,6 +110,7 @@ class ModelDrafter:
         sequence = self._prompt + list(emitted)
         common = _common_prefix(self._fed, sequence)
         if common < len(self._fed):
+            common = min(common, len(sequence) - 1)  # a sequence it drafted past: its last token again, for logits
             for layer in self._cache:
                 layer.trim(len(self._fed) - common)
             self._fed = self._fed[:common]

@@ -237,10 +237,10 @@ class ModelHost:
             quantize_activations=settings.quantize_activations,
         )
         context = settings.context_length or context_length_of(load_config(resolve_model_path(choice.source)))
-        draft = self._drafter(choice, processor)
+        draft = self._drafter(choice, model, processor)
         return _start(choice.source, model, processor, settings, context, name=choice.name, draft=draft)
 
-    def _drafter(self, choice: ModelChoice, processor: Any) -> tuple[Any, str] | None:
+    def _drafter(self, choice: ModelChoice, model: Any, processor: Any) -> tuple[Any, str] | None:
         """``--draft-model`` for this model, or None. A drafter that cannot serve ``--model`` stops the server
         (one line); one that cannot serve a model a request names (another tokenizer) leaves it decoding plainly."""
         from vlm_models.drafting import DrafterError, load_drafter
@@ -249,7 +249,9 @@ class ModelHost:
         if settings.draft_model is None:
             return None
         try:
-            return load_drafter(settings.draft_model, target_processor=processor, kind=settings.draft_kind)
+            return load_drafter(
+                settings.draft_model, target_processor=processor, kind=settings.draft_kind, target=model
+            )
         except DrafterError as e:
             if choice.source == settings.model:
                 raise ValueError(f"--draft-model: {e}") from None
