@@ -282,5 +282,5 @@ def test_a_target_that_hides_its_layers_is_refused_with_one_line() -> None:
                 raise AttributeError(name)
             return getattr(self.model, name)
 
-    with pytest.raises(ValueError, match="reads the target's hidden states .* Blind does not expose"):
+    with pytest.raises(ValueError, match=r"reads the target's hidden states .* Blind does not expose"):
         BatchGenerator(Blind(), PROCESSOR, drafter=FeatureCheckingDrafter())
