@@ -71,11 +71,11 @@ def test_the_kind_is_read_from_the_config(config: dict, kind: str) -> None:
 
 
 def test_unbuilt_kinds_and_other_tokenizers_are_refused_with_one_line(tmp_path: Path) -> None:
-    dflash = tmp_path / "dflash"
-    dflash.mkdir()
-    (dflash / "config.json").write_text(json.dumps({"model_type": "dflash", "architectures": ["DFlashDraftModel"]}))
-    with pytest.raises(DrafterError, match="dflash drafters are not supported yet"):
-        load_drafter(dflash)
+    assistant = tmp_path / "assistant"
+    assistant.mkdir()
+    (assistant / "config.json").write_text(json.dumps({"model_type": "gemma4_assistant"}))
+    with pytest.raises(DrafterError, match="mtp drafters are not supported yet"):
+        load_drafter(assistant)
     with pytest.raises(DrafterError, match="not 'eagle3'"):
         load_drafter(TARGET, kind="eagle3")
     _, processor = load(TARGET)

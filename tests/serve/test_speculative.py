@@ -21,6 +21,7 @@ from .conftest import IMAGES, MODEL, ROOT, Server, make_server
 
 SIBLING = ROOT / "tests" / "fixtures" / "qwen2_5_vl" / "hf4"  # another family, the same tokenizer
 EAGLE3 = ROOT / "tests" / "fixtures" / "eagle3" / "qwen2_vl_midlayer"  # a random EAGLE-3 head for the target
+DFLASH = ROOT / "tests" / "fixtures" / "dflash" / "qwen2_vl"  # a random DFlash drafter for the target
 OTHER_TOKENIZER = ROOT / "tests" / "fixtures" / "llava" / "hf4"
 PERSON = {
     "type": "object",
@@ -33,11 +34,11 @@ PERSON = {
 }
 
 
-@pytest.fixture(scope="module", params=[MODEL, SIBLING, EAGLE3], ids=["itself", "sibling", "eagle3"])
+@pytest.fixture(scope="module", params=[MODEL, SIBLING, EAGLE3, DFLASH], ids=["itself", "sibling", "eagle3", "dflash"])
 def servers(request, loaded_model) -> Iterator[tuple[Server, Server]]:
     """A plain server and one drafting, side by side: with the target itself (proposals kept but where the
-    grammar or a stop string decides), with a sibling model or an EAGLE-3 head of random weights (mostly
-    rejected)."""
+    grammar or a stop string decides), with a sibling model, an EAGLE-3 head or a DFlash drafter of random
+    weights (mostly rejected)."""
     drafter, kind = load_drafter(request.param, target_processor=loaded_model[1], target=loaded_model[0])
     options = dict(allow_local_media=IMAGES, num_draft_tokens=4)
     for plain in make_server(loaded_model, **options):
@@ -132,7 +133,9 @@ def test_metrics_report_drafted_and_accepted_tokens(servers) -> None:
     plain, fast = servers
     chat(fast, "Once more, please.", max_tokens=32)
     metrics = httpx.get(f"{fast.url}/metrics").json()["speculative"]
-    assert metrics["kind"] in ("draft", "eagle3") and metrics["draft_tokens"] >= metrics["accepted_draft_tokens"]
+    assert (
+        metrics["kind"] in ("draft", "eagle3", "dflash") and metrics["draft_tokens"] >= metrics["accepted_draft_tokens"]
+    )
     assert metrics["draft_tokens"] > 0
     assert metrics["acceptance_rate"] == metrics["accepted_draft_tokens"] / metrics["draft_tokens"]
     assert "speculative" not in httpx.get(f"{plain.url}/metrics").json()

@@ -4,8 +4,10 @@ Kinds, told apart by the checkpoint's config.json:
   * ``draft``: any model vlm loads that shares the target's tokenizer (a smaller sibling).
   * ``eagle3``: an EAGLE-3 head in the speculators layout (``speculators_model_type`` "eagle3"), reading the
     target's hidden states (``vlm_models.eagle3``).
-  * ``dflash`` (z-lab's block drafters), ``mtp`` (multi-token-prediction heads such as Gemma 4's assistant):
-    recognised, and refused with one line until they are built.
+  * ``dflash``: z-lab's block drafters (``DFlashDraftModel``), a block of proposals per pass from the target's
+    hidden states, through the target's embeddings and head (``vlm_models.dflash``).
+  * ``mtp`` (multi-token-prediction heads such as Gemma 4's assistant): recognised, and refused with one line
+    until it is built.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .loading import ModelLoadError, load, resolve_model_path
 __all__ = ["DRAFT_KINDS", "DrafterError", "drafter_kind", "load_drafter"]
 
 DRAFT_KINDS = ("draft", "eagle3", "dflash", "mtp")
-SUPPORTED_KINDS = ("draft", "eagle3")
+SUPPORTED_KINDS = ("draft", "eagle3", "dflash")
 
 
 class DrafterError(ValueError):
@@ -50,7 +52,7 @@ def load_drafter(
 ) -> tuple[Drafter, str]:
     """The drafter at ``path_or_repo`` and its kind. With ``target_processor``, a ``draft`` model must share
     the target's vocabulary (its proposals are token ids the target reads). ``target``: the target model, whose
-    embeddings an ``eagle3`` head without its own reads."""
+    embeddings an ``eagle3`` head without its own reads, and whose embeddings and head a ``dflash`` drafter uses."""
     if kind is not None and kind not in DRAFT_KINDS:
         raise DrafterError(f"unknown draft kind {kind!r} (choose from {', '.join(DRAFT_KINDS)})")
     path = resolve_model_path(path_or_repo)
@@ -58,7 +60,14 @@ def load_drafter(
     if kind is not None and kind != found:
         raise DrafterError(f"{path_or_repo} is a {found!r} drafter, not {kind!r}")
     if found not in SUPPORTED_KINDS:
-        raise DrafterError(f"{found} drafters are not supported yet; draft models and eagle3 heads are")
+        raise DrafterError(f"{found} drafters are not supported yet; draft models, eagle3 heads and dflash are")
+    if found == "dflash":
+        from .dflash import load_dflash
+
+        try:
+            return load_dflash(path, target), found
+        except (ValueError, OSError) as exc:
+            raise DrafterError(f"cannot load the dflash drafter {path_or_repo}: {exc}") from None
     if found == "eagle3":
         from .eagle3 import load_eagle3
 

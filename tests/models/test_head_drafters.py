@@ -1,7 +1,9 @@
-"""EAGLE-3 heads in the speculators layout (tiny random ones from tests/fixtures/make_fixtures_eagle3.py): loaded
-by kind, in both weight namings, with or without embeddings of their own; greedy output with an image equals
-plain greedy decoding over 256 tokens alone and 128 in a batch (acceptance with random weights is low: the
-rejections are what is tested); a prompt partly held by the prefix cache; one-line refusals; the command line."""
+"""Drafters that read the target's hidden states: EAGLE-3 heads in the speculators layout and DFlash block
+drafters in the z-lab layout (tiny random ones from tests/fixtures/make_fixtures_eagle3.py and
+make_fixtures_dflash.py): loaded by kind, EAGLE-3 in both weight namings, with or without embeddings of its own;
+greedy output with an image equals plain greedy decoding over 256 tokens alone and 128 in a batch (acceptance
+with random weights is low: the rejections are what is tested); a prompt partly held by the prefix cache; one-line
+refusals; the command line."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from vlm_runtime.prefix_cache import PrefixCacheSettings
 from .conftest import FIXTURES
 
 TARGET = FIXTURES / "qwen2_vl" / "hf4"
-HEADS = [FIXTURES / "eagle3" / "qwen2_vl", FIXTURES / "eagle3" / "qwen2_vl_midlayer"]
+HEADS = [FIXTURES / "eagle3" / "qwen2_vl", FIXTURES / "eagle3" / "qwen2_vl_midlayer", FIXTURES / "dflash" / "qwen2_vl"]
+IDS = ["eagle3-own-embeddings", "eagle3-midlayer-target-embeddings", "dflash"]
 IMAGE = FIXTURES / "images" / "rgb_112x168.png"
 
 
@@ -46,11 +49,12 @@ def greedy(model, processor, prompt, drafter=None, n=256, **options) -> list:
     )
 
 
-@pytest.mark.parametrize("head", HEADS, ids=["own-embeddings", "midlayer-target-embeddings"])
+@pytest.mark.parametrize("head", HEADS, ids=IDS)
 def test_256_greedy_tokens_with_an_image_equal_plain_decoding(target, head: Path) -> None:
     model, processor = target
     drafter, kind = load_drafter(head, target_processor=processor, target=model)
-    assert kind == "eagle3" and drafter.target_layers == (0, 1, 2)
+    assert kind == head.parent.name
+    assert drafter.target_layers == ((0, 1, 2) if kind == "eagle3" else (1, 2))  # DFlash names layers by output
     prompt = apply_chat_template(processor, None, "Describe this image.", num_images=1)
     plain = greedy(model, processor, prompt)
     fast = greedy(model, processor, prompt, drafter)
@@ -58,9 +62,10 @@ def test_256_greedy_tokens_with_an_image_equal_plain_decoding(target, head: Path
     assert fast[-1].draft_tokens > 0
 
 
-def test_a_batch_with_images_equals_plain_batched_greedy(target) -> None:
+@pytest.mark.parametrize("head", [HEADS[0], HEADS[2]], ids=["eagle3", "dflash"])
+def test_a_batch_with_images_equals_plain_batched_greedy(target, head: Path) -> None:
     model, processor = target
-    drafter, _ = load_drafter(HEADS[0], target=model)
+    drafter, _ = load_drafter(head, target=model)
     prompts = [
         (apply_chat_template(processor, None, "Describe this image.", num_images=1), [IMAGE]),
         (apply_chat_template(processor, None, "A longer question, in text only, for the batch.", num_images=0), None),
@@ -72,9 +77,10 @@ def test_a_batch_with_images_equals_plain_batched_greedy(target) -> None:
     assert all(r.draft_tokens > 0 for r in fast)
 
 
-def test_a_prompt_the_prefix_cache_partly_holds_drafts_from_the_rest(target) -> None:
+@pytest.mark.parametrize("head", [HEADS[1], HEADS[2]], ids=["eagle3", "dflash"])
+def test_a_prompt_the_prefix_cache_partly_holds_drafts_from_the_rest(target, head: Path) -> None:
     model, processor = target
-    drafter, _ = load_drafter(HEADS[1], target=model)
+    drafter, _ = load_drafter(head, target=model)
     cache = PrefixCache(PrefixCacheSettings(block_size=16))
     prompt = apply_chat_template(processor, None, "Describe this image, then say more about it.", num_images=1)
     plain = greedy(model, processor, prompt, n=96)
@@ -115,9 +121,28 @@ def test_refusals_are_one_line(tmp_path: Path) -> None:
         load_drafter(wide)
 
 
-def test_the_command_line_drafts_with_an_eagle3_head(capsys) -> None:
+def test_dflash_refusals_are_one_line(target, tmp_path: Path) -> None:
+    model, _ = target
+    with pytest.raises(DrafterError, match="no embeddings or head of its own: load it with its target model"):
+        load_drafter(HEADS[2])
+    config = json.loads((HEADS[2] / "config.json").read_text())
+    for change, message in [
+        ({"architectures": ["DFlash2DraftModel"]}, "DFlash2 drafters"),
+        ({"layer_types": ["sliding_attention"] * 2}, "sliding-window layers are not supported"),
+        ({"dflash_config": {**config["dflash_config"], "mask_token_id": 9999}}, "mask_token_id 9999 is not a token"),
+    ]:
+        folder = tmp_path / message.split()[0]
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        (folder / "model.safetensors").write_bytes((HEADS[2] / "model.safetensors").read_bytes())
+        with pytest.raises(DrafterError, match=message):
+            load_drafter(folder, target=model)
+
+
+@pytest.mark.parametrize("head", [HEADS[1], HEADS[2]], ids=["eagle3", "dflash"])
+def test_the_command_line_drafts_with_a_head(capsys, head: Path) -> None:
     args = ["generate", "--model", str(TARGET), "--image", str(IMAGE), "--max-tokens", "24"]
-    assert main([*args, "--draft-model", str(HEADS[1]), "--draft-kind", "eagle3"]) == 0
+    assert main([*args, "--draft-model", str(head), "--draft-kind", head.parent.name]) == 0
     drafted = capsys.readouterr()
     assert "drafted:" in drafted.err
     assert main(args) == 0
