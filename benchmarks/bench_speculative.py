@@ -34,7 +34,7 @@ class RandomDrafter:
     def begin(self, inputs: Mapping, features: object = None) -> None:
         pass
 
-    def propose(self, emitted: Sequence[int], n: int, features: object = None) -> list[int]:
+    def propose(self, emitted: Sequence[int], n: int, features: object = None, mask: object = None) -> list[int]:
         return [self.rng.randrange(self.vocab) for _ in range(n)]
 
 

@@ -150,13 +150,18 @@ def test_the_thinking_budget_closes_each_rows_block_at_the_same_token() -> None:
 
 
 class OnlyAB:
-    """A stateful constraint (as a grammar is): it sees every history in order, one token longer each call."""
+    """A stateful constraint (as a grammar is): it sees every history in order, one token longer each call.
+    Its forks (which mask the drafter's proposals) record nothing."""
 
-    def __init__(self) -> None:
-        self.lengths: list[int] = []
+    def __init__(self, lengths: list[int] | None = None) -> None:
+        self.lengths = lengths
+
+    def fork(self) -> OnlyAB:
+        return OnlyAB(None)
 
     def __call__(self, logits: mx.array, history: mx.array, generated: int) -> mx.array:
-        self.lengths.append(history.shape[1])
+        if self.lengths is not None:
+            self.lengths.append(history.shape[1])
         allowed = (mx.arange(logits.shape[-1]) == ord("a")) | (mx.arange(logits.shape[-1]) == ord("b"))
         return mx.where(allowed[None], logits, float("-inf"))
 
@@ -164,7 +169,7 @@ class OnlyAB:
 def test_a_constraint_decides_every_verified_position_in_order() -> None:
     results = {}
     for drafter in (None, SAME):
-        constraint = OnlyAB()
+        constraint = OnlyAB([])
         requests = [
             request("abc", max_tokens=20, constraints=[constraint]),
             *(request(p, max_tokens=20) for p in PROMPTS),
@@ -174,7 +179,37 @@ def test_a_constraint_decides_every_verified_position_in_order() -> None:
         prompt = len(PROCESSOR.prepare_inputs("abc")["input_ids"][0])
         assert constraint.lengths == list(range(prompt, prompt + 20))  # once per emitted token, never ahead
         assert set(tokens(events)[0]) <= {ord("a"), ord("b")}
+        if drafter is not None:  # the grammar masked the proposals too: the agreeing drafter's are all kept
+            assert events[0][-1].accepted_draft_tokens == events[0][-1].draft_tokens > 10
     assert results[True] == results[False]
+
+
+def test_a_constraint_masks_the_single_stream_drafts_too() -> None:
+    from vlm_runtime.generate import run_generation
+
+    outputs = {}
+    for drafter in (None, SAME):
+        req = request("abc", max_tokens=30, constraints=[OnlyAB([])])
+        outputs[drafter is None] = list(run_generation(TARGET, PROCESSOR, req, drafter=drafter))
+    assert [e.token for e in outputs[False]] == [e.token for e in outputs[True]]
+    assert outputs[False][-1].accepted_draft_tokens == outputs[False][-1].draft_tokens > 10
+
+
+def test_a_fork_that_fails_or_allows_nothing_only_ends_the_draft() -> None:
+    class Failing(OnlyAB):
+        def fork(self):
+            return lambda logits, history, generated: (_ for _ in ()).throw(RuntimeError("fork in an error state"))
+
+    class Nothing(OnlyAB):
+        def fork(self):
+            return lambda logits, history, generated: mx.full(logits.shape, -mx.inf, logits.dtype)
+
+    for kind in (Failing, Nothing):
+        requests = [request("abc", max_tokens=20, constraints=[kind([])]), request("free", max_tokens=20)]
+        events = run(requests, SAME)
+        assert tokens(events) == tokens(run([request("abc", max_tokens=20, constraints=[OnlyAB([])]), requests[1]]))
+        assert all(e.finish_reason in (None, "length") for row in events for e in row)
+        assert events[0][-1].draft_tokens == 0  # every draft ended before its first proposal
 
 
 def test_seeded_sampled_rows_draw_from_their_own_key_sequence() -> None:
@@ -236,7 +271,7 @@ class FeatureCheckingDrafter(ModelDrafter):
         assert features is not None and features.shape[1] == len(self._prompt)
         self._seen = [features]
 
-    def propose(self, emitted, n, features=None):
+    def propose(self, emitted, n, features=None, mask=None):
         if features is not None:  # None: nothing fed since the last call (the first token came from the prefill)
             self._seen.append(features)
         sequence = self._prompt + list(emitted)
@@ -254,7 +289,7 @@ class MissingFeatureDrafter(FeatureCheckingDrafter):
     """Its first proposal of each round is wrong: rounds reject, then it is paused and the target decodes plainly
     for a while (those positions' features reach it when it drafts again)."""
 
-    def propose(self, emitted, n, features=None):
+    def propose(self, emitted, n, features=None, mask=None):
         proposals = super().propose(emitted, n, features)
         return [(t + 1) % 256 for t in proposals[:1]] + proposals[1:]
 

@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from vlm_runtime import KVCache
+from vlm_runtime.speculative import DraftMask, masked_argmax
 
 from .nn.layers import Attention, GatedMLP
 from .nn.rope import Rotary
@@ -196,7 +197,9 @@ class DFlashDrafter:
         self._pending = [] if features is None else [self._checked(features)]
         self._next = len(self._prompt) - (0 if features is None else features.shape[1])
 
-    def propose(self, emitted: Sequence[int], n: int, features: mx.array | None = None) -> list[int]:
+    def propose(
+        self, emitted: Sequence[int], n: int, features: mx.array | None = None, mask: DraftMask | None = None
+    ) -> list[int]:
         if features is not None:
             self._pending.append(self._checked(features))
         if n <= 0:
@@ -212,7 +215,15 @@ class DFlashDrafter:
         cap = self.model.config.final_logit_softcapping
         if cap:
             logits = mx.tanh(logits / cap) * cap
-        return [int(t) for t in mx.argmax(logits, axis=-1)[0].tolist()]
+        if mask is None:
+            return [int(t) for t in mx.argmax(logits, axis=-1)[0].tolist()]
+        proposals: list[int] = []  # the block's positions were drafted together; the grammar reads them in order
+        for i in range(n):
+            token = masked_argmax(logits[:, i], mask, proposals)
+            if token is None:
+                break
+            proposals.append(token)
+        return proposals
 
     def _width(self) -> int:
         return self.model.fc.weight.shape[1]

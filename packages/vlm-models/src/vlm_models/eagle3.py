@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from vlm_runtime import KVCache
+from vlm_runtime.speculative import DraftMask, masked_argmax
 
 from .nn.layers import Attention, GatedMLP
 from .nn.rope import Rotary
@@ -200,7 +201,9 @@ class Eagle3Drafter:
         self._pending = [] if features is None else [self._checked(features)]
         self._start = len(self._prompt) - (0 if features is None else features.shape[1])
 
-    def propose(self, emitted: Sequence[int], n: int, features: mx.array | None = None) -> list[int]:
+    def propose(
+        self, emitted: Sequence[int], n: int, features: mx.array | None = None, mask: DraftMask | None = None
+    ) -> list[int]:
         if features is not None:
             self._pending.append(self._checked(features))
         sequence = self._prompt + list(emitted)
@@ -220,14 +223,23 @@ class Eagle3Drafter:
             return []
         proposals: list[int] = []
         for i in range(n):
-            token = self._target_id(int(mx.argmax(self.head.draft_logits(hidden[:, -1]), axis=-1).item()))
+            token = self._choose(self.head.draft_logits(hidden[:, -1]), mask, proposals)
+            if token is None:
+                break
             proposals.append(token)
             if i + 1 < n:
                 hidden = self.head.step(self._embed(mx.array([[token]], mx.int32)), hidden, self._cache, self._start)
         return proposals
 
-    def _target_id(self, draft_id: int) -> int:
-        return draft_id if self._to_target is None else int(self._to_target[draft_id].item())
+    def _choose(self, logits: mx.array, mask: DraftMask | None, proposals: list[int]) -> int | None:
+        """The greedy proposal as a target token id; a mask sees the draft vocabulary spread over the target's."""
+        if self._to_target is None:
+            return masked_argmax(logits, mask, proposals)
+        if mask is None:
+            return int(self._to_target[int(mx.argmax(logits, axis=-1).item())].item())
+        spread = mx.full((1, self.head.config.vocab_size), -mx.inf, logits.dtype)
+        spread[:, self._to_target] = logits
+        return masked_argmax(spread, mask, proposals)
 
     def _checked(self, features: mx.array) -> mx.array:
         width = self.head.fc.weight.shape[1]

@@ -24,7 +24,7 @@ import mlx.core as mx
 from .batch_cache import batch_cache_like
 from .protocols import GenerativeModel
 from .request import GenerationResult, RequestState
-from .speculative import Drafter, DraftSchedule, SpeculativeStats, target_forward
+from .speculative import Drafter, DraftSchedule, SpeculativeStats, draft_mask, target_forward
 
 __all__ = ["BatchDrafting", "rows_can_roll_back"]
 
@@ -125,7 +125,8 @@ class BatchDrafting:
         if not row.begun:
             row.drafter.begin(row.inputs, row.prompt_features)
             row.begun, row.prompt_features = True, None
-        proposals = list(row.drafter.propose(row.emitted, n, row.take_kept()))[:n]
+        mask = draft_mask(state.processors, state.history, state.generated)
+        proposals = list(row.drafter.propose(row.emitted, n, row.take_kept(), mask))[:n]
         row.stats.drafted += len(proposals)
         row.stats.rounds += 1
         return proposals

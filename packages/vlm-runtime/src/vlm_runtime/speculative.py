@@ -21,9 +21,9 @@ it has wrapped); a recurrent state cannot (refused up front, with one line).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import mlx.core as mx
 
@@ -34,8 +34,12 @@ from .request import GenerationConfig
 from .sampling import LogitsProcessor, Sampler, SamplingParams, make_distribution
 
 __all__ = [
+    "DraftMask",
     "DraftSchedule",
     "Drafter",
+    "ForkableProcessor",
+    "draft_mask",
+    "masked_argmax",
     "ModelDrafter",
     "SpeculativeStats",
     "refuse_blind_target",
@@ -62,11 +66,63 @@ class Drafter(Protocol):
         (1, m, width): the last m positions (a prefix cache may have held the first ones)."""
         ...
 
-    def propose(self, emitted: Sequence[int], n: int, features: mx.array | None = None) -> list[int]:
+    def propose(
+        self, emitted: Sequence[int], n: int, features: mx.array | None = None, mask: DraftMask | None = None
+    ) -> list[int]:
         """Up to ``n`` tokens continuing prompt + ``emitted`` (every token emitted so far, in order).
         ``features``: with ``target_layers``, the target's hidden states at the positions it fed and kept since
-        the last call, in order (by now it has fed every token but the last emitted one)."""
+        the last call, in order (by now it has fed every token but the last emitted one). ``mask``: applied to
+        the drafter's logits before each choice (the request's grammar), given the proposals before it."""
         ...
+
+
+DraftMask = Callable[[mx.array, Sequence[int]], "mx.array | None"]
+"""(logits (1, vocab), the proposals before this one) -> the logits with what the request's constraints forbid
+there masked out (a drafter that proposes within a grammar proposes what the target may keep), or None where the
+constraints cannot say (drafting stops there)."""
+
+
+@runtime_checkable
+class ForkableProcessor(Protocol):
+    """A stateful logits processor (a grammar) that can hand out an independent copy in its present state: the
+    copy masks the drafter's proposals while the original goes on deciding the emitted tokens."""
+
+    def fork(self) -> LogitsProcessor: ...
+
+
+def draft_mask(processors: Sequence[LogitsProcessor], history: mx.array | None, generated: int) -> DraftMask | None:
+    """The mask for one round's proposals: forks of the request's forkable processors (its constraints), which
+    see the history, then the proposals; None where the request has none."""
+    if history is None:
+        return None
+    forks = [p.fork() for p in processors if isinstance(p, ForkableProcessor)]
+    if not forks:
+        return None
+
+    def mask(logits: mx.array, drafted: Sequence[int]) -> mx.array | None:
+        tokens = mx.concatenate([history, mx.array([list(drafted)], mx.int32)], axis=1) if drafted else history
+        try:
+            for fork in forks:
+                logits = fork(logits, tokens, generated + len(drafted))
+        except Exception:  # a fork in an error state only ends the draft; the request's own grammar decides
+            return None
+        return logits
+
+    return mask
+
+
+def masked_argmax(logits: mx.array, mask: DraftMask | None, drafted: Sequence[int]) -> int | None:
+    """The drafter's greedy choice at one position, within the mask; None where the mask allows none of the
+    drafter's tokens (a reduced draft vocabulary, say): the draft ends before it."""
+    if mask is None:
+        return int(mx.argmax(logits, axis=-1).item())
+    masked = mask(logits, drafted)
+    if masked is None:
+        return None
+    best = mx.argmax(masked, axis=-1)
+    allowed = masked[0, best[0]] > -mx.inf
+    mx.eval(best, allowed)
+    return int(best.item()) if allowed.item() else None
 
 
 class ModelDrafter:
@@ -106,7 +162,9 @@ class ModelDrafter:
         self._pending = prefill(self.model, prompt, self._cache, 2048)
         self._fed = list(self._prompt)
 
-    def propose(self, emitted: Sequence[int], n: int, features: mx.array | None = None) -> list[int]:
+    def propose(
+        self, emitted: Sequence[int], n: int, features: mx.array | None = None, mask: DraftMask | None = None
+    ) -> list[int]:
         sequence = self._prompt + list(emitted)
         common = _common_prefix(self._fed, sequence)
         if common < len(self._fed):
@@ -122,7 +180,9 @@ class ModelDrafter:
         assert logits is not None, "the drafter holds no logits for a sequence it has fully seen"
         proposals: list[int] = []
         for i in range(n):
-            token = int(mx.argmax(logits, axis=-1).item())
+            token = masked_argmax(logits, mask, proposals)
+            if token is None:
+                break
             proposals.append(token)
             if i + 1 < n:
                 logits = self._step([token])
@@ -334,7 +394,10 @@ def speculative_step(
             n = min(schedule.next(), left - 1)
             while n > 0 and not all(layer.can_trim_after(n + 1) for layer in cache):
                 n -= 1
-            proposals = drafter.propose(emitted, n, kept_features() if layers else None) if n > 0 else []
+            proposals = []
+            if n > 0:
+                mask = draft_mask(logits_processors, history, len(emitted))
+                proposals = drafter.propose(emitted, n, kept_features() if layers else None, mask)
             all_logits = decode([value, *proposals])
             accepted = 0
             for i, proposal in enumerate(proposals):
