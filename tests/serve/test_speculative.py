@@ -133,6 +133,17 @@ def test_streamed_and_concurrent_clients_get_the_plain_answers(servers) -> None:
     assert asyncio.run(streamed()) == expected[2]
 
 
+def test_a_prompt_read_from_the_prefix_cache_drafts_and_answers_the_same(servers) -> None:
+    plain, fast = servers
+    question = "A question asked twice, long enough that its prompt fills a few prefix-cache blocks of tokens."
+    first, second = chat(fast, question, max_tokens=32), chat(fast, question, max_tokens=32)
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    expected = chat(plain, question, max_tokens=32)["choices"][0]["message"]
+    assert first["choices"][0]["message"] == second["choices"][0]["message"] == expected
+    details = second["usage"]["completion_tokens_details"]  # it drafted, over the cached blocks
+    assert details["accepted_prediction_tokens"] + details["rejected_prediction_tokens"] > 0
+
+
 def test_metrics_report_drafted_and_accepted_tokens(servers) -> None:
     plain, fast = servers
     chat(fast, "Once more, please.", max_tokens=32)

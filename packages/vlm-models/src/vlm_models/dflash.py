@@ -59,7 +59,8 @@ class DFlashConfig:
     @property
     def target_layers(self) -> tuple[int, ...]:
         """The same layers in ``ExposesLayers`` numbering: DFlash names a layer by its output, the hidden states
-        entering the next one."""
+        entering the next one (the last layer's, which transformers hands out after the final norm, is read
+        before it here; published drafters read earlier layers)."""
         return tuple(i + 1 for i in self.target_layer_ids)
 
     @classmethod
