@@ -15,6 +15,7 @@ import pytest
 
 from vlm_models import apply_chat_template, load
 from vlm_models.cli import main
+from vlm_models.demo import demo_model_path
 from vlm_models.drafting import DrafterError, drafter_kind, load_drafter
 from vlm_models.eagle3 import sanitize
 from vlm_runtime import PrefixCache, batch_generate, stream_generate
@@ -102,9 +103,24 @@ def test_refusals_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(DrafterError, match="no embeddings of its own: load it with its target model"):
         load_drafter(HEADS[1])
     gemma, gemma_processor = load(FIXTURES / "gemma3" / "hf4")
-    drafter, _ = load_drafter(HEADS[0])
+    drafter, _ = load_drafter(HEADS[0])  # loaded without its target: the loop refuses it
     with pytest.raises(ValueError, match=r"reads the target's hidden states .* does not expose"):
         list(stream_generate(gemma, gemma_processor, "hi", max_tokens=4, draft_model=drafter))
+    with pytest.raises(DrafterError, match=r"reads the target's hidden states, which Model does not expose"):
+        load_drafter(HEADS[0], target=gemma)
+    # Heads trained for another target: layers it lacks, features of another width (a 6-layer, 128-wide target).
+    demo, _ = load(demo_model_path())
+    with pytest.raises(DrafterError, match="reads 192 feature channels; this target's layers give 384"):
+        load_drafter(HEADS[0], target=demo)
+    small, _ = load(TARGET)
+    config = json.loads((HEADS[0] / "config.json").read_text())
+    config["eagle_aux_hidden_state_layer_ids"] = [0, 1, 7]
+    far = tmp_path / "far"
+    far.mkdir()
+    (far / "config.json").write_text(json.dumps(config))
+    (far / "model.safetensors").write_bytes((HEADS[0] / "model.safetensors").read_bytes())
+    with pytest.raises(DrafterError, match=r"cannot read the hidden states of layers \[7\]"):
+        load_drafter(far, target=small)
     # A head trained for a target of another width.
     wide = tmp_path / "wide"
     wide.mkdir()

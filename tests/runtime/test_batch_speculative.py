@@ -212,6 +212,23 @@ def test_a_fork_that_fails_or_allows_nothing_only_ends_the_draft() -> None:
         assert events[0][-1].draft_tokens == 0  # every draft ended before its first proposal
 
 
+def test_a_failing_drafter_costs_its_row_the_drafts_never_the_batch() -> None:
+    class Breaks(ModelDrafter):
+        def spawn(self):
+            return Breaks(self.model)
+
+        def propose(self, emitted, n, features=None, mask=None):
+            if len(emitted) > 5:
+                raise RuntimeError("the drafter broke")
+            return super().propose(emitted, n, features, mask)
+
+    requests = [request(p, max_tokens=40, num_draft_tokens=3) for p in PROMPTS]
+    with pytest.warns(UserWarning, match="speculative decoding stopped for a request: RuntimeError: the drafter"):
+        events = run(requests, Breaks(ToyModel(layers=2, seed=3)))
+    assert tokens(events) == tokens(run(requests))
+    assert all(row[-1].finish_reason == "length" and 0 < row[-1].draft_tokens < 20 for row in events)
+
+
 def test_seeded_sampled_rows_draw_from_their_own_key_sequence() -> None:
     """Each emitted token takes one draw from the request's key, as plain decoding does, and a proposal is kept
     exactly when the draw agrees with it: the sampled text follows the target's distribution (here, on these

@@ -183,6 +183,8 @@ class DFlashDrafter:
     def __init__(self, model: DFlashModel, target: Any) -> None:
         self.model, self.target = model, target
         self.target_layers = model.config.target_layers
+        self.feature_width = int(model.fc.weight.shape[1])
+        """Channels of the target's features it reads: hidden size x layers."""
         self._cache: list[KVCache] = []
         self._prompt: list[int] = []
         self._next = 0

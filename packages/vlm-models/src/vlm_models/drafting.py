@@ -61,20 +61,14 @@ def load_drafter(
         raise DrafterError(f"{path_or_repo} is a {found!r} drafter, not {kind!r}")
     if found not in SUPPORTED_KINDS:
         raise DrafterError(f"{found} drafters are not supported yet; draft models, eagle3 heads and dflash are")
-    if found == "dflash":
-        from .dflash import load_dflash
-
+    if found in ("dflash", "eagle3"):
         try:
-            return load_dflash(path, target), found
+            head = _load_head(found, path, target)
         except (ValueError, OSError) as exc:
-            raise DrafterError(f"cannot load the dflash drafter {path_or_repo}: {exc}") from None
-    if found == "eagle3":
-        from .eagle3 import load_eagle3
-
-        try:
-            return load_eagle3(path, target.embed_tokens if target is not None else None), found
-        except (ValueError, OSError) as exc:
-            raise DrafterError(f"cannot load the eagle3 head {path_or_repo}: {exc}") from None
+            raise DrafterError(f"cannot load the {found} drafter {path_or_repo}: {exc}") from None
+        if target is not None:
+            _check_features(head, target, path_or_repo)
+        return head, found
     try:
         model, processor = load(path)
     except ModelLoadError as exc:
@@ -82,6 +76,38 @@ def load_drafter(
     if target_processor is not None and _vocabulary(processor) != _vocabulary(target_processor):
         raise DrafterError(f"the draft model {path_or_repo} has another tokenizer than the target's")
     return ModelDrafter(model), found
+
+
+def _load_head(kind: str, path: Path, target: Any) -> Drafter:
+    if kind == "dflash":
+        from .dflash import load_dflash
+
+        return load_dflash(path, target)
+    from .eagle3 import load_eagle3
+
+    return load_eagle3(path, target.embed_tokens if target is not None else None)
+
+
+def _check_features(head: Any, target: Any, name: Any) -> None:
+    """Refuse, now and in one line, a head the target cannot feed: one whose layers it does not hand out, or
+    whose feature width is not what the target's layers give (a head trained for another target)."""
+    import mlx.core as mx
+
+    from vlm_runtime.protocols import ExposesLayers
+
+    if not isinstance(target, ExposesLayers):
+        raise DrafterError(f"{name} reads the target's hidden states, which {type(target).__name__} does not expose")
+    try:
+        _, features = target.hidden_states_and_layers(
+            target.embed_tokens(mx.zeros((1, 1), mx.int32)), cache=target.make_cache(), layers=head.target_layers
+        )
+    except ValueError as exc:  # layers the target does not have
+        raise DrafterError(f"{name} cannot read this target: {exc}") from None
+    if features.shape[-1] != head.feature_width:
+        raise DrafterError(
+            f"{name} reads {head.feature_width} feature channels; this target's layers give {features.shape[-1]} "
+            "(a drafter trained for another target)"
+        )
 
 
 def _config(path: Path) -> dict[str, Any]:

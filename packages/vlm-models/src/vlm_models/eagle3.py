@@ -183,6 +183,8 @@ class Eagle3Drafter:
     def __init__(self, head: Eagle3Head, to_target: mx.array | None, embed: Callable[[mx.array], mx.array]) -> None:
         self.head, self._to_target, self._embed = head, to_target, embed
         self.target_layers = head.config.target_layers
+        self.feature_width = int(head.fc.weight.shape[1])
+        """Channels of the target's features it reads: hidden size x layers."""
         self._cache = KVCache()
         self._prompt: list[int] = []
         self._start = 0

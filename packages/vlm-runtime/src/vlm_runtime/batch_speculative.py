@@ -15,6 +15,7 @@ Caches that cannot take tokens back (a recurrent state) decode plainly: the engi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,11 +123,16 @@ class BatchDrafting:
         n = min(row.schedule.next(), state.config.max_tokens - state.generated - 1)
         if n <= 0:
             return []
-        if not row.begun:
-            row.drafter.begin(row.inputs, row.prompt_features)
-            row.begun, row.prompt_features = True, None
-        mask = draft_mask(state.processors, state.history, state.generated)
-        proposals = list(row.drafter.propose(row.emitted, n, row.take_kept(), mask))[:n]
+        try:
+            if not row.begun:
+                row.drafter.begin(row.inputs, row.prompt_features)
+                row.begun, row.prompt_features = True, None
+            mask = draft_mask(state.processors, state.history, state.generated)
+            proposals = list(row.drafter.propose(row.emitted, n, row.take_kept(), mask))[:n]
+        except Exception as exc:  # a failing drafter costs its request the speed-up, never its tokens or the batch
+            del self._rows[state.uid]
+            warnings.warn(f"speculative decoding stopped for a request: {type(exc).__name__}: {exc}", stacklevel=2)
+            return []
         row.stats.drafted += len(proposals)
         row.stats.rounds += 1
         return proposals
