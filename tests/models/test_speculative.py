@@ -13,7 +13,9 @@ from vlm_models import apply_chat_template, load
 from vlm_models.cli import main
 from vlm_models.demo import demo_model_path
 from vlm_models.drafting import DrafterError, drafter_kind, load_drafter
-from vlm_runtime import batch_generate, stream_generate
+from vlm_runtime import stream_generate
+from vlm_runtime.batch import BatchGenerator
+from vlm_runtime.settings import generation_settings
 
 from .conftest import FIXTURES
 
@@ -95,26 +97,25 @@ def test_the_command_line_drafts_and_reports_acceptance(capsys) -> None:
 
 
 def batched(model, processor, drafter=None, n: int = 128, **options) -> list:
-    """Ragged prompts, one with an image, another with two, decoded as one batch."""
+    """Ragged prompts, one with an image, another with two, decoded as one batch: each request's events."""
     prompts = [
         (apply_chat_template(processor, None, "Describe this image.", num_images=1), [IMAGE]),
-        (apply_chat_template(processor, None, "Just text, and longer than the other prompts are.", num_images=0), None),
+        (apply_chat_template(processor, None, "Just text, and longer than the other prompts are.", num_images=0), []),
         (
             apply_chat_template(processor, None, "Compare.", num_images=2),
             [IMAGE, FIXTURES / "images" / "rgb_56x56.png"],
         ),
     ]
-    return batch_generate(
-        model,
-        processor,
-        [p for p, _ in prompts],
-        images=[i for _, i in prompts],
-        max_tokens=n,
-        ignore_eos=True,
-        draft_model=drafter,
-        num_draft_tokens=4,
-        **options,
-    )
+    settings = generation_settings(max_tokens=n, ignore_eos=True, num_draft_tokens=4, **options)
+    engine = BatchGenerator(model, processor, cache_settings=settings.cache, drafter=drafter)
+    order = {
+        engine.submit(settings.request(processor.prepare_inputs(p, images))): i for i, (p, images) in enumerate(prompts)
+    }
+    events: list[list] = [[] for _ in prompts]
+    while engine.has_work():
+        for event in engine.step():
+            events[order[event.uid]].append(event)
+    return events
 
 
 @pytest.mark.parametrize(
@@ -130,25 +131,23 @@ def test_a_batch_with_images_drafts_row_by_row_and_equals_plain_batched_greedy(
     plain = batched(model, processor)
     fast = batched(model, processor, drafter)
     for a, b in zip(fast, plain):
-        assert a.text == b.text and a.generation_tokens == b.generation_tokens == 128
-        assert a.draft_tokens > 0
+        assert [e.token for e in a] == [e.token for e in b] and len(b) == 128  # token for token
+        assert a[-1].draft_tokens > 0
         if drafter_path == target:
-            assert a.accepted_draft_tokens == a.draft_tokens
+            assert a[-1].accepted_draft_tokens == a[-1].draft_tokens
 
 
 def test_a_batch_keeps_the_targets_logprobs_and_stop_strings() -> None:
     model, processor = load(TARGET)
     drafter, _ = load_drafter(SIBLING, target_processor=processor)
-    plain = batched(model, processor, n=48, logprobs=True, top_logprobs=2)
-    stop = plain[0].text[10:13]
+    first = batched(model, processor, n=48)[0]
+    stop = "".join(e.text for e in first)[10:13]
     options = dict(n=48, logprobs=True, top_logprobs=2, stop=[stop])
     plain, fast = batched(model, processor, **options), batched(model, processor, drafter, **options)
     for a, b in zip(fast, plain):
-        assert (a.text, a.finish_reason, a.stop_string, a.generation_tokens) == (
-            b.text,
-            b.finish_reason,
-            b.stop_string,
-            b.generation_tokens,
-        )
-        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
-    assert plain[0].finish_reason == "stop"
+        assert [(e.token, e.text, e.finish_reason, e.stop_string) for e in a] == [
+            (e.token, e.text, e.finish_reason, e.stop_string) for e in b
+        ]
+        assert [e.logprob for e in a] == pytest.approx([e.logprob for e in b], abs=1e-4)
+        assert [[t for t, _ in e.top_logprobs] for e in a] == [[t for t, _ in e.top_logprobs] for e in b]
+    assert plain[0][-1].finish_reason == "stop"
