@@ -212,21 +212,72 @@ def test_a_fork_that_fails_or_allows_nothing_only_ends_the_draft() -> None:
         assert events[0][-1].draft_tokens == 0  # every draft ended before its first proposal
 
 
-def test_a_failing_drafter_costs_its_row_the_drafts_never_the_batch() -> None:
-    class Breaks(ModelDrafter):
-        def spawn(self):
-            return Breaks(self.model)
+class Breaks:
+    """A per-row drafter (a draft model's, without the batched form) that breaks after a few tokens."""
 
-        def propose(self, emitted, n, features=None, mask=None):
-            if len(emitted) > 5:
-                raise RuntimeError("the drafter broke")
-            return super().propose(emitted, n, features, mask)
+    target_layers = ()
 
+    def __init__(self) -> None:
+        self.inner = ModelDrafter(ToyModel(layers=2, seed=3))
+
+    def spawn(self) -> Breaks:
+        return Breaks()
+
+    def begin(self, inputs, features=None) -> None:
+        self.inner.begin(inputs)
+
+    def propose(self, emitted, n, features=None, mask=None):
+        if len(emitted) > 5:
+            raise RuntimeError("the drafter broke")
+        return self.inner.propose(emitted, n, features, mask)
+
+
+class BreaksTogether(ModelDrafter):
+    """The batched form of a draft model, breaking at its fourth round."""
+
+    def for_batch(self):
+        batched, calls = super().for_batch(), []
+
+        class Breaking:
+            def propose_rows(self, rows):
+                calls.append(1)
+                if len(calls) > 3:
+                    raise RuntimeError("the batched drafter broke")
+                return batched.propose_rows(rows)
+
+        return Breaking()
+
+
+def test_a_failing_drafter_costs_the_drafts_never_the_tokens_or_the_batch() -> None:
     requests = [request(p, max_tokens=40, num_draft_tokens=3) for p in PROMPTS]
+    plain = tokens(run(requests))
     with pytest.warns(UserWarning, match="speculative decoding stopped for a request: RuntimeError: the drafter"):
-        events = run(requests, Breaks(ToyModel(layers=2, seed=3)))
-    assert tokens(events) == tokens(run(requests))
+        events = run(requests, Breaks())
+    assert tokens(events) == plain
     assert all(row[-1].finish_reason == "length" and 0 < row[-1].draft_tokens < 20 for row in events)
+    with pytest.warns(UserWarning, match="speculative decoding stopped: RuntimeError: the batched drafter broke"):
+        events = run(requests, BreaksTogether(ToyModel(layers=2, seed=3)))
+    assert tokens(events) == plain
+    assert all(row[-1].finish_reason == "length" and 0 < row[-1].draft_tokens <= 9 for row in events)
+
+
+def test_a_draft_model_drafts_for_every_row_in_shared_passes(monkeypatch) -> None:
+    """The batched draft model: each draft step is one forward pass over all the rows, and what it proposes is
+    what each row's own drafter would (the agreeing drafter's proposals are all kept)."""
+    draft = ToyModel(layers=2, seed=3)
+    shapes = []
+    original = draft.hidden_states
+
+    def recording(inputs_embeds, **kwargs):
+        shapes.append(inputs_embeds.shape[0])
+        return original(inputs_embeds, **kwargs)
+
+    monkeypatch.setattr(draft, "hidden_states", recording)
+    requests = [request(p, max_tokens=60, num_draft_tokens=1 + i) for i, p in enumerate(PROMPTS)]
+    events = run(requests, ModelDrafter(draft))
+    assert tokens(events) == tokens(run(requests))
+    assert all(row[-1].accepted_draft_tokens == row[-1].draft_tokens > 20 for row in events)
+    assert max(shapes) == len(PROMPTS) and shapes.count(len(PROMPTS)) > len(shapes) // 2
 
 
 def test_seeded_sampled_rows_draw_from_their_own_key_sequence() -> None:

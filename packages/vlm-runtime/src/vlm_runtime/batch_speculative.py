@@ -23,6 +23,7 @@ from typing import Any
 import mlx.core as mx
 
 from .batch_cache import batch_cache_like
+from .batch_drafter import DraftsRows, RowDraft, RowsDrafter
 from .protocols import GenerativeModel
 from .request import GenerationResult, RequestState
 from .speculative import Drafter, DraftSchedule, SpeculativeStats, draft_mask, target_forward
@@ -37,7 +38,8 @@ def rows_can_roll_back(layers: Sequence[Any]) -> bool:
 
 @dataclass
 class _Row:
-    drafter: Drafter
+    drafter: Drafter | None
+    """Its own drafter, or None where the batch's drafts together (``batch_drafter``)."""
     inputs: Mapping[str, mx.array]
     schedule: DraftSchedule
     stats: SpeculativeStats = field(default_factory=SpeculativeStats)
@@ -47,6 +49,9 @@ class _Row:
     kept: list[mx.array] = field(default_factory=list)
     """The target's features at the positions it kept since the drafter's last proposal (drafters that read
     them)."""
+
+    def prompt_sequence(self) -> list[int]:
+        return [int(t) for t in self.inputs["input_ids"][0].tolist()]
 
     def take_kept(self) -> mx.array | None:
         if not self.kept:
@@ -64,6 +69,10 @@ class BatchDrafting:
         self.layers = tuple(drafter.target_layers)
         """The target's layers whose hidden states the drafters read (the engine's prefill taps them too)."""
         self._rows: dict[int, _Row] = {}
+        self._together: RowsDrafter | None = None
+        """One drafter for every row, where the drafter can (a separate model, reading no features)."""
+        if isinstance(drafter, DraftsRows) and not self.layers:
+            self._together = drafter.for_batch()
 
     def prefilled(self, uid: int, features: mx.array) -> None:
         """The target's features at the prompt positions it just computed for request ``uid``."""
@@ -73,7 +82,8 @@ class BatchDrafting:
 
     def admit(self, state: RequestState, inputs: Mapping[str, mx.array]) -> None:
         """Give a request its drafter (it takes the prompt at its first speculative step)."""
-        row = _Row(self.drafter.spawn(), inputs, DraftSchedule(most=state.config.num_draft_tokens))
+        own = None if self._together is not None else self.drafter.spawn()
+        row = _Row(own, inputs, DraftSchedule(most=state.config.num_draft_tokens))
         self._rows[state.uid] = row
         state.draft_stats = row.stats
 
@@ -90,7 +100,7 @@ class BatchDrafting:
 
     def step(self, model: GenerativeModel, cache: list[Any], rows: Sequence[RequestState]) -> list[GenerationResult]:
         """One verify pass over every row; returns the events (one or more per row)."""
-        proposals = [self._propose(state) for state in rows]
+        proposals = self._propose_together(rows) if self._together is not None else [self._propose(s) for s in rows]
         width = 1 + max(map(len, proposals))
         ids = mx.array(
             [[state.last_token, *p, *[state.last_token] * (width - 1 - len(p))] for state, p in zip(rows, proposals)],
@@ -115,14 +125,46 @@ class BatchDrafting:
                 layer.trim_rows(dropped)
         return events
 
+    def _wanted(self, state: RequestState) -> int:
+        """How many tokens the row drafts this round. The round's last token comes from the target itself:
+        never more proposals than tokens left after it."""
+        row = self._rows.get(state.uid)
+        return 0 if row is None else min(row.schedule.next(), state.config.max_tokens - state.generated - 1)
+
+    def _propose_together(self, rows: Sequence[RequestState]) -> list[list[int]]:
+        assert self._together is not None
+        asks = []
+        for state in rows:
+            row = self._rows.get(state.uid)
+            if row is None:
+                continue
+            n = self._wanted(state)
+            mask = draft_mask(state.processors, state.history, state.generated) if n > 0 else None
+            asks.append(RowDraft(state.uid, row.inputs, row.prompt_sequence() + row.emitted, n, mask))
+        try:
+            drafted = dict(zip((a.uid for a in asks), self._together.propose_rows(asks))) if asks else {}
+        except Exception as exc:  # a failing drafter costs the batch its speed-up, never its tokens
+            self._together, self._rows = None, {}
+            warnings.warn(f"speculative decoding stopped: {type(exc).__name__}: {exc}", stacklevel=2)
+            return [[] for _ in rows]
+        out = []
+        for state, ask in zip(rows, _aligned(rows, asks)):
+            proposals = list(drafted.get(state.uid, []))[: ask.n if ask is not None else 0]
+            row = self._rows.get(state.uid)
+            if row is not None and ask is not None and ask.n > 0:
+                row.stats.drafted += len(proposals)
+                row.stats.rounds += 1
+            out.append(proposals)
+        return out
+
     def _propose(self, state: RequestState) -> list[int]:
         row = self._rows.get(state.uid)
         if row is None:
             return []
-        # The round's last token comes from the target itself: never more proposals than tokens left after it.
-        n = min(row.schedule.next(), state.config.max_tokens - state.generated - 1)
+        n = self._wanted(state)
         if n <= 0:
             return []
+        assert row.drafter is not None
         try:
             if not row.begun:
                 row.drafter.begin(row.inputs, row.prompt_features)
@@ -170,3 +212,9 @@ class BatchDrafting:
         if row is not None:
             row.schedule.record(len(proposals), accepted)
         return 1 + accepted
+
+
+def _aligned(rows: Sequence[RequestState], asks: Sequence[RowDraft]) -> list[RowDraft | None]:
+    """Each row's ask (None for a row that drafts no more)."""
+    by_uid = {ask.uid: ask for ask in asks}
+    return [by_uid.get(state.uid) for state in rows]

@@ -146,6 +146,12 @@ class ModelDrafter:
     def spawn(self) -> ModelDrafter:
         return ModelDrafter(self.model)
 
+    def for_batch(self) -> Any:
+        """Drafting for a whole batch in shared passes (``batch_drafter.BatchedModelDrafter``)."""
+        from .batch_drafter import BatchedModelDrafter
+
+        return BatchedModelDrafter(self.model)
+
     def begin(self, inputs: Mapping[str, mx.array], features: mx.array | None = None) -> None:
         ids = inputs["input_ids"]
         self._prompt = [int(t) for t in ids[0].tolist()]
