@@ -303,6 +303,10 @@ def test_recurrent_layers_decode_plainly_with_one_warning() -> None:
         warnings.simplefilter("error")
         assert BatchGenerator(TARGET, PROCESSOR, drafter=SAME).drafting
     assert not isinstance(ArraysCache(1), BatchKVCache)
+    # A recurrent draft model cannot draft batched, nor alone: its requests decode plainly, each with one line.
+    with pytest.warns(UserWarning, match="speculative decoding stopped for a request: ValueError: the draft model"):
+        events = run([request("a draft with a state", max_tokens=12)], ModelDrafter(Recurrent()))
+    assert tokens(events) == tokens(run([request("a draft with a state", max_tokens=12)]))
 
 
 def test_trim_rows_keeps_rows_right_aligned_and_positions_unchanged() -> None:

@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import mlx.core as mx
 
-from .batch_cache import merge_caches
+from .batch_cache import batch_cache_like, merge_caches
 from .prefill import prefill
 from .protocols import GenerativeModel
 from .speculative import DraftMask, masked_argmax
@@ -58,6 +58,13 @@ class BatchedModelDrafter:
     """The ``draft`` kind's batched form: one batched cache for the draft model over the engine's rows."""
 
     def __init__(self, model: GenerativeModel, prefill_step_size: int = 2048) -> None:
+        """Raises ValueError for a draft model whose batched caches cannot take tokens back (recurrent layers)."""
+        try:
+            trimmable = all(batch_cache_like(layer, [0]).can_trim_rows() for layer in model.make_cache())
+        except TypeError:  # a cache kind that cannot be batched at all
+            trimmable = False
+        if not trimmable:
+            raise ValueError("the draft model's batched caches cannot take proposals back (recurrent layers)")
         self.model = model
         self.prefill_step_size = prefill_step_size
         self._cache: list[Any] | None = None

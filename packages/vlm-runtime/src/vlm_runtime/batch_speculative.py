@@ -72,7 +72,10 @@ class BatchDrafting:
         self._together: RowsDrafter | None = None
         """One drafter for every row, where the drafter can (a separate model, reading no features)."""
         if isinstance(drafter, DraftsRows) and not self.layers:
-            self._together = drafter.for_batch()
+            try:
+                self._together = drafter.for_batch()
+            except ValueError:  # a draft model that cannot draft batched: its rows draft alone (or say why not)
+                self._together = None
 
     def prefilled(self, uid: int, features: mx.array) -> None:
         """The target's features at the prompt positions it just computed for request ``uid``."""
