@@ -14,6 +14,8 @@ frames), and so do both the tower's and the decoder's work.
 
     uv run --frozen python benchmarks/bench_omni_prefill.py --preset small
     uv run --frozen python benchmarks/bench_omni_prefill.py --preset wide --runs 2   # the 7B / 2B widths, 2 layers
+    uv run --frozen python benchmarks/bench_omni_prefill.py --only gemma3n            # Gemma 3n's audio tower
+    python3 benchmarks/bench_omni_prefill.py --preset 2b --dtype bfloat16 --runs 2    # on the accelerator
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
+DTYPE = ["float32"]
+"""The weights' dtype (--dtype; bfloat16 on the accelerator)."""
 PRESETS = {
     # Whisper-base-like encoder and a small decoder; Qwen2-VL's tower at a quarter width.
     "small": {
@@ -52,6 +56,18 @@ PRESETS = {
             num_key_value_heads=32,
         ),
         "vision": dict(embed_dim=1280, depth=2, num_heads=16, hidden_size=1536),
+    },
+    # Full depth for the accelerator: Whisper-large's encoder (Qwen2-Audio's) and Qwen2-VL-2B's tower and decoder.
+    "2b": {
+        "audio": dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120),
+        "text": dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+        ),
+        "vision": dict(embed_dim=1280, depth=32, num_heads=16, hidden_size=1536),
     },
 }
 
@@ -74,6 +90,8 @@ def scaled_model(family: str, preset: dict, window_positions: int | None = None)
         rope = dict(config["text_config"].get("rope_parameters") or {})
         config["text_config"]["rope_parameters"] = {**rope, "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]}
     model = architecture_for(config["model_type"]).load_module().Model.from_hf_config(config)
+    if DTYPE[0] != "float32":
+        model.set_dtype(getattr(mx, DTYPE[0]))
     mx.eval(model.parameters())
     return model
 
@@ -159,13 +177,73 @@ def video_rows(preset: dict, frame_counts: list[int], runs: int) -> list[tuple[s
     return rows
 
 
+GEMMA3N = {
+    # A scaled-down E2B: the USM tower at a third of its width and depth over the real features (128 mel bins,
+    # the subsampling's 128 / 32 channels, chunks of 12 with 12 frames of left context), 188 tokens per clip; a
+    # 4-layer decoder of 1024 with AltUp, Laurel, per-layer inputs and KV sharing.
+    "text": dict(
+        hidden_size=1024,
+        intermediate_size=[4096] * 6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        hidden_size_per_layer_input=64,
+        laurel_rank=64,
+        sliding_window=512,
+    ),
+    "audio": dict(
+        hidden_size=512,
+        conf_num_hidden_layers=4,
+        conf_num_attention_heads=8,
+        sscp_conv_channel_size=[128, 32],
+        conf_attention_chunk_size=12,
+        conf_attention_context_left=13,
+    ),
+}
+
+
+def gemma3n_rows(seconds: list[float], runs: int) -> list[tuple[str, dict]]:
+    """Gemma 3n: every clip takes 188 tokens whatever its length, but its tower runs over all its frames."""
+    import dataclasses
+
+    import mlx.core as mx
+
+    from vlm_models import apply_chat_template, load
+    from vlm_models.audio import Audio
+    from vlm_models.models.gemma3n import Model
+
+    _, processor = load(FIXTURES / "gemma3n" / "hub")
+    processor.audio_processor = dataclasses.replace(processor.audio_processor, audio_seq_length=188)
+    config = json.loads((FIXTURES / "gemma3n" / "hub" / "config.json").read_text())
+    config["text_config"] = {**config["text_config"], **GEMMA3N["text"]}
+    config["audio_config"] = {**config["audio_config"], **GEMMA3N["audio"]}
+    config["audio_soft_tokens_per_image"] = 188
+    model = Model.from_hf_config(config)
+    mx.eval(model.parameters())
+    prompt = apply_chat_template(processor, None, "What is said?", num_audios=1)
+    rows = []
+    for s in seconds:
+        t = np.arange(int(16_000 * s)) / 16_000
+        clip = Audio((0.3 * np.sin(2 * np.pi * (200 + 50 * t) * t)).astype(np.float32), 16_000)
+        rows.append(
+            (
+                f"Gemma 3n, {s:g} s audio",
+                measure(model, lambda c=clip: processor.prepare_inputs(prompt, audios=[c]), runs),
+            )
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--seconds", type=float, nargs="+", default=[1, 5, 10, 20, 30])
     parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16, 32, 64])
-    parser.add_argument("--only", choices=["audio", "video"], help="measure one of the two")
+    parser.add_argument(
+        "--only", choices=["audio", "video", "gemma3n"], help="measure one of the two (or Gemma 3n's audio alone)"
+    )
     args = parser.parse_args()
     from vlm_kernels.cpu_blas import route_cpu_blas
 
@@ -173,14 +251,18 @@ def main() -> None:
     import mlx.core as mx
 
     preset = PRESETS[args.preset]
+    DTYPE[0] = args.dtype
     print(
         f"{platform.processor() or platform.machine()}, mlx {mx.__version__}, device {mx.default_device()}, "
-        f"preset {args.preset}, median of {args.runs} warm runs, CPU BLAS: {routing.reason}"
+        f"preset {args.preset}, {args.dtype}, median of {args.runs} warm runs, CPU BLAS: {routing.reason}"
     )
     print("| input | prompt tokens | features ms | tower ms | decoder ms | prefill ms (tower + decoder) |")
     print("|---|---|---|---|---|---|")
-    rows = [] if args.only == "video" else audio_rows(preset, args.seconds, args.runs)
-    rows += [] if args.only == "audio" else video_rows(preset, args.frames, args.runs)
+    if args.only == "gemma3n":
+        rows = gemma3n_rows(args.seconds, args.runs)
+    else:
+        rows = [] if args.only == "video" else audio_rows(preset, args.seconds, args.runs)
+        rows += [] if args.only == "audio" else video_rows(preset, args.frames, args.runs)
     for label, row in rows:
         total = row["tower"] + row["decoder"]
         print(

@@ -27,6 +27,7 @@ On the accelerator, the 2B shape:
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 import tempfile
@@ -69,6 +70,9 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--prefill-step-size", type=int, default=2048)
     parser.add_argument("--disk-dir", default=None, help="folder for the disk tier (default: a temporary one)")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also time each phase of cold and warm requests (each synchronised)"
+    )
     args = parser.parse_args()
 
     import mlx.core as mx
@@ -121,6 +125,56 @@ def main() -> None:
     for side, values in times.items():
         median = statistics.median(values)
         print(f"{side:<14} {median:>14.4f} {cold / median:>12.2f} {statistics.median(reused[side]):>14.0f}")
+    if args.breakdown:
+        breakdown(model, processor, prompt, args.block_size)
+
+
+def breakdown(model: Any, processor: Any, prompt: Any, block_size: int) -> None:
+    """Each phase of a request timed on its own (an evaluation after each): where a warm request's time goes.
+    A question asked twice in a row shows what new shapes cost (kernels planned or compiled per shape)."""
+    import mlx.core as mx
+
+    from vlm_runtime import CacheSettings
+    from vlm_runtime.prefill import drop_prefix, prefill
+    from vlm_runtime.prefix_cache import PrefixCache, PrefixCacheSettings
+
+    cache = PrefixCache(PrefixCacheSettings(block_size=block_size, max_blocks=1 << 16), model_id="breakdown")
+    print("phase ms:      inputs   embed  lookup prefill   store  reused  question")
+    for run, question in enumerate(
+        [
+            "Warm-up one?",
+            "Warm-up one?",
+            "A new question?",
+            "A new question?",
+            "Another, longer question than that one?",
+            "Another, longer question than that one?",
+        ]
+    ):
+        for side, store in (("cold", None), ("warm", cache)):
+            marks = [time.perf_counter()]
+            inputs = processor.prepare_inputs(prompt(question))
+            marks.append(time.perf_counter())
+            embedded = model.embed_prompt(**inputs)
+            mx.eval(embedded.inputs_embeds)
+            marks.append(time.perf_counter())
+            ids = inputs["input_ids"][0].tolist()
+            match = None
+            if store is None:
+                layers, reused = model.make_cache(), 0
+            else:
+                match = store.lookup(model, CacheSettings(), ids, inputs, embedded)
+                layers, reused = match.layers, match.cached_tokens
+                mx.eval([layer.state for layer in layers])
+            marks.append(time.perf_counter())
+            mx.eval(prefill(model, drop_prefix(embedded, reused), layers, 2048))
+            marks.append(time.perf_counter())
+            if match is not None:
+                store.store(match, layers)
+                store.release(match)
+            marks.append(time.perf_counter())
+            phases = " ".join(f"{1e3 * (b - a):7.1f}" for a, b in itertools.pairwise(marks))
+            if run >= 2:
+                print(f"{side:<13} {phases} {reused:7d}  {question}")
 
 
 if __name__ == "__main__":

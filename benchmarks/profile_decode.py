@@ -14,6 +14,7 @@ token, timed and summed: weights_ms is what reading the weights costs with MLX's
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--context", type=int, default=300, help="prompt tokens before decoding")
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--variants", default="plain,compiled", help="comma-separated: plain, compiled")
     args = parser.parse_args(argv)
 
     import mlx.core as mx
@@ -67,21 +69,28 @@ def main(argv: list[str] | None = None) -> int:
         tic = time.perf_counter()
         nxt = mx.argmax(step(token), axis=-1)
         mx.async_eval(nxt)
+        marks = [tic]
         for _ in range(args.steps):
             following = mx.argmax(step(nxt), axis=-1)
             mx.async_eval(following)
             nxt.item()
+            marks.append(time.perf_counter())
             nxt = following
         nxt.item()
         pipelined = (time.perf_counter() - tic) / (args.steps + 1)
+        # The spread of the per-token times tells a steady cost from a few stalls (a recompile, an allocation).
+        gaps = sorted(b - a for a, b in itertools.pairwise(marks))
         med = statistics.median
         print(
             f"{label:9s} build_ms {1e3 * med(builds):7.3f}  step_ms {1e3 * med(syncs):7.3f}  "
-            f"pipelined_ms {1e3 * pipelined:7.3f}  ({1 / pipelined:7.1f} tok/s)"
+            f"pipelined_ms {1e3 * pipelined:7.3f}  ({1 / pipelined:7.1f} tok/s; per token min/median/max "
+            f"{1e3 * gaps[0]:.2f}/{1e3 * med(gaps):.2f}/{1e3 * gaps[-1]:.2f} ms)"
         )
 
     print(f"{args.model} | mlx {mx.__version__} on {mx.default_device()} | context {args.context}")
-    measure("plain", plain_step)
+    variants = args.variants.split(",")
+    if "plain" in variants:
+        measure("plain", plain_step)
 
     def compiled(cache):
         decoder = compiled_decode(model, cache, args.context + 4 * args.steps + 16)
@@ -89,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("this model's caches have no static twins")
         return decoder
 
-    measure("compiled", compiled)
+    if "compiled" in variants:
+        measure("compiled", compiled)
 
     decoder_layers = [
         m

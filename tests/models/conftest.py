@@ -31,6 +31,7 @@ FAMILIES = [
     "gemma4",
     "gemma4_moe",
     "gemma4_unified",
+    "gemma3n",
     "qwen3_5",
     "qwen3_5_moe",
     "qwen2_audio",
@@ -61,6 +62,10 @@ FAMILY_LAYOUTS = {
     "gemma4_moe": ["hub", "hf5", "mlx_community"],
     # Published in transformers 5's layout only; mlx-vlm 0.7.10 has no gemma4_unified, so no MLX-community folder.
     "gemma4_unified": ["hf5"],
+    # "hub" spells the config and processor files as google/gemma-3n-E2B-it does (transformers 4.53: rope_theta /
+    # rope_local_base_freq, one preprocessor_config.json); "hf5" as transformers 5.25 saves them. mlx-vlm 0.7.10
+    # cannot convert the tiny fixture (its MobileNetV5 is the 300M one, fixed), so no peer-made folder.
+    "gemma3n": ["hub", "hf5"],
     # Published in transformers 5's layout only (hf5, MTP tensors included); mlx_community: mlx-vlm 0.7.10's own
     # conversion (make_mlx_community_fixtures.py); 4-bit ones in test_qwen3_5.py and test_peer_layouts.py.
     "qwen3_5": ["hf5", "mlx_community"],

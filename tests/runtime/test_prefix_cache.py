@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlm_runtime import CacheSettings, stream_generate
-from vlm_runtime.block_pool import Block, BlockPool, block_keys, namespace_key
+from vlm_runtime.block_pool import Block, BlockPool, Segment, block_keys, joined_layer, namespace_key
 from vlm_runtime.prefill import drop_prefix, prefill
 from vlm_runtime.prefix_cache import PrefixCache, PrefixCacheSettings
 
@@ -155,6 +155,64 @@ def test_the_byte_cap_holds_and_keeps_the_most_recent(sizes, cap_blocks):
         assert pool.nbytes + blocks[kept[0] - 1].nbytes > cap
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    runs=st.lists(st.integers(1, 6), min_size=1, max_size=6),
+    picks=st.lists(st.integers(0, 40), min_size=1, max_size=12),
+    arrays=st.integers(1, 3),
+)
+def test_blocks_viewing_segments_join_like_their_own_arrays(runs, picks, arrays):
+    """Blocks cut from a few segments (as stores leave them), taken in any order with repeats: joining
+    them per layer equals concatenating each block's own arrays (what a block-per-array pool would do)."""
+    size = 3
+    blocks = []
+    for n, blocks_in_run in enumerate(runs):
+        tokens = blocks_in_run * size
+        layer = [
+            mx.arange(tokens * 2 * (j + 1), dtype=mx.float32).reshape(1, j + 1, tokens, 2) + 1000 * n
+            for j in range(arrays)
+        ]
+        segment = Segment([layer, []])
+        blocks += [
+            Block(None, (("KVCache", "{}"),) * 2, segment=segment, start=i * size, stop=(i + 1) * size)
+            for i in range(blocks_in_run)
+        ]
+    chosen = [blocks[p % len(blocks)] for p in picks]
+    joined = joined_layer(chosen, 0)
+    for j in range(arrays):
+        expected = mx.concatenate([b.layers[0][j] for b in chosen], axis=-2)
+        assert joined[j].shape == expected.shape and mx.array_equal(joined[j], expected)
+    assert joined_layer(chosen, 1) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    runs=st.lists(st.integers(1, 8), min_size=1, max_size=8),
+    cap_blocks=st.integers(1, 12),
+    held_run=st.integers(0, 7),
+)
+def test_the_byte_cap_counts_a_segment_while_any_of_its_blocks_is_kept(runs, cap_blocks, held_run):
+    """Segments of several blocks under a byte cap: the pool's byte count is the sum of the distinct segments
+    it still has a block of (their memory cannot go before), and it stays within the cap once nothing is
+    held."""
+    size, per_block = 2, 2 * 2 * 4  # float32, 2 tokens x 2 values per block
+    pool = BlockPool(1_000, max_bytes=cap_blocks * per_block)
+    held: list[str] = []
+    for n, count in enumerate(runs):
+        segment = Segment([[mx.zeros((1, 1, count * size, 2))]])
+        for i in reversed(range(count)):
+            block = Block(None, (("KVCache", "{}"),), segment=segment, start=i * size, stop=(i + 1) * size)
+            pool.put(f"s{n}b{i}", block)
+        if n == held_run and f"s{n}b0" in pool:
+            pool.acquire([f"s{n}b0"])
+            held.append(f"s{n}b0")
+        kept = {b.segment for b in pool._blocks.values()}
+        assert pool.nbytes == sum(seg.nbytes for seg in kept)
+    pool.release(held)
+    assert pool.nbytes <= cap_blocks * per_block
+    assert pool.nbytes == sum(seg.nbytes for seg in {b.segment for b in pool._blocks.values()})
+
+
 # -- generation
 
 
@@ -268,7 +326,27 @@ def test_a_new_cache_on_the_same_folder_hits_what_the_last_one_wrote(toy, tmp_pa
     assert second.stats().disk_hits == cached // 8
     # The shards are plain safetensors.
     arrays = mx.load(str(next(tmp_path.glob("*.safetensors"))))
-    assert all(a.shape[2] == 8 for a in arrays.values())
+    assert all(a.shape[2] % 8 == 0 for a in arrays.values())
+    second.close()
+
+
+def test_a_long_prompt_is_written_in_shards_of_many_blocks(toy, tmp_path, monkeypatch):
+    """A prompt's new blocks go to disk as few shards (up to SHARD_BLOCKS blocks each), not one file per
+    block; a new cache on the folder reads them all back and answers as a cold run does."""
+    from vlm_runtime import prefix_disk
+
+    monkeypatch.setattr(prefix_disk, "SHARD_BLOCKS", 5)
+    prompt = SYSTEM * 2 + "Many shards?"
+    cold, _ = run(toy, prompt, None)
+    first = disk_cache(tmp_path)
+    run(toy, prompt, first)
+    first.close()
+    n_blocks = len(prompt) // 8
+    shards = list(tmp_path.glob("*.safetensors"))
+    assert len(shards) == -(-n_blocks // 5) and first.stats().disk_blocks == n_blocks
+    second = disk_cache(tmp_path)
+    warm, cached = run(toy, prompt, second)
+    assert warm == cold and cached == n_blocks * 8 and second.stats().disk_hits == n_blocks
     second.close()
 
 

@@ -120,6 +120,24 @@ def test_qwen2_5_omni_hears_and_sees_over_the_api() -> None:
         assert response.json()["usage"]["prompt_tokens"] == expected.prompt_tokens
 
 
+def test_gemma3n_hears_and_sees_over_the_api() -> None:
+    """Gemma 3n: a clip then an image, as written (its fixed-length audio slot and image slot expanded); the
+    answer is generate's."""
+    model, processor = load(FIXTURES / "gemma3n" / "hub")
+    image = FIXTURES / "images" / "rgb_56x56.png"
+    image_url = "data:image/png;base64," + b64(image)
+    for server in make_server((model, processor), max_media_bytes=200_000):
+        content = [audio_part(b64(CLIP)), {"type": "image_url", "image_url": {"url": image_url}}]
+        response = chat(server, [*content, {"type": "text", "text": "Describe."}])
+        assert response.status_code == 200, response.text
+        parts = [{"type": "audio"}, {"type": "image"}, {"type": "text", "text": "Describe."}]
+        prompt = apply_chat_template(processor, None, [{"role": "user", "content": parts}])
+        assert prompt.index("<audio_soft_token>") < prompt.index("<image_soft_token>")
+        expected = generate(model, processor, prompt, image=[image], audio=[CLIP], max_tokens=6)
+        assert response.json()["choices"][0]["message"]["content"] == expected.text
+        assert response.json()["usage"]["prompt_tokens"] == expected.prompt_tokens
+
+
 def test_bad_audio_requests_get_4xx(audio_server, server) -> None:
     long_clip = io.BytesIO()
     soundfile.write(long_clip, np.zeros(16000 * 2, np.float32), 16000, format="WAV")  # 2 s: over the 1.2 s cap
@@ -143,3 +161,48 @@ def test_bad_audio_requests_get_4xx(audio_server, server) -> None:
         error = response.json()["error"]
         assert says in error["message"] and error["message"].count("\n") == 0, (says, error)
     assert chat(audio_server, [audio_part(b64(CLIP)), {"type": "text", "text": "Still there?"}]).status_code == 200
+
+
+def test_qwen2_5_omni_hears_a_video_sound_track_over_the_api(tmp_path) -> None:
+    """``video_audio: true`` with a video part: the frames and the file's own track, interleaved, as
+    ``vlm generate --video-audio`` gives them; refused in one line without a video or for a model that cannot."""
+    from vlm_models.video import VideoSampling
+
+    from ..models.test_qwen2_5_omni import clip_frames, sweep, write_video_with_sound
+
+    model, processor = load(FIXTURES / "qwen2_5_omni" / "hub")
+    path = tmp_path / "clip.mkv"
+    write_video_with_sound(path, clip_frames(2, 56, 56, 3), sweep(48_000))
+    question = [{"type": "video_url", "video_url": {"url": str(path)}}, {"type": "text", "text": "What is heard?"}]
+    parts = [{"type": "video"}, {"type": "text", "text": "What is heard?"}]
+    prompt = apply_chat_template(processor, None, [{"role": "user", "content": parts}])
+    heard = generate(
+        model, processor, prompt, videos=[path], video_sampling=VideoSampling(with_audio=True), max_tokens=6
+    )
+    seen = generate(model, processor, prompt, videos=[path], max_tokens=6)
+    assert heard.prompt_tokens > seen.prompt_tokens  # the track's tokens are in the prompt
+    for server in make_server((model, processor), allow_local_media=tmp_path, max_media_bytes=2_000_000):
+        url = f"{server.base}/chat/completions"
+        body = {"model": server.model_id, "messages": [{"role": "user", "content": question}], "max_tokens": 6}
+        response = httpx.post(url, json={**body, "video_audio": True}, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == heard.text
+        assert response.json()["usage"]["prompt_tokens"] == heard.prompt_tokens
+        plain = httpx.post(url, json=body, timeout=60).json()
+        assert plain["usage"]["prompt_tokens"] == seen.prompt_tokens
+        text_only = {**body, "messages": [{"role": "user", "content": "Hello"}], "video_audio": True}
+        refused = httpx.post(url, json=text_only, timeout=60)
+        assert refused.status_code == 400 and "has none" in refused.json()["error"]["message"]
+
+
+def test_video_audio_for_a_model_that_cannot_hear_videos_is_refused(server) -> None:
+    """Qwen2-VL takes videos but hears nothing: one line, before any media is fetched (the file does not exist)."""
+    body = {
+        "model": server.model_id,
+        "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "clip.mov"}}]}],
+        "video_audio": True,
+        "max_tokens": 2,
+    }
+    response = httpx.post(f"{server.base}/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "this model cannot hear a video's sound track"

@@ -172,14 +172,18 @@ def _video_processor_config(path: Path) -> dict[str, Any]:
 
 
 def _audio_processor_config(path: Path) -> dict[str, Any]:
-    """The ``feature_extractor`` of processor_config.json (transformers 5), else preprocessor_config.json."""
+    """The ``feature_extractor`` of processor_config.json (transformers 5) under the processor's own plain
+    settings (such as Gemma 3n's ``audio_seq_length``), else preprocessor_config.json."""
+    plain: dict[str, Any] = {}
     if (path / "processor_config.json").is_file():
-        nested = _read_json(path / "processor_config.json").get("feature_extractor")
+        processor = _read_json(path / "processor_config.json")
+        plain = {k: v for k, v in processor.items() if not isinstance(v, (dict, list))}
+        nested = processor.get("feature_extractor")
         if isinstance(nested, dict):
-            return nested
+            return {**plain, **nested}
     if (path / "preprocessor_config.json").is_file():
-        return _read_json(path / "preprocessor_config.json")
-    return {}
+        return {**plain, **_read_json(path / "preprocessor_config.json")}
+    return plain
 
 
 def _auto_tokenizer() -> Any:

@@ -169,6 +169,13 @@ ARCHITECTURES: dict[str, Architecture] = {
         audio_token="<|audio|>",
         thinking_markers=("<|channel>", "<channel|>"),
     ),
+    "gemma3n": Architecture(
+        "gemma3n",
+        "gemma3n:Gemma3nImageProcessor",
+        image_token="<image_soft_token>",
+        audio_processor="gemma3n:Gemma3nAudioFeatureExtractor",
+        audio_token="<audio_soft_token>",
+    ),
     "idefics3": Architecture("idefics3", "idefics3:Idefics3ImageProcessor", image_token="<image>"),
     "smolvlm": Architecture(
         "smolvlm",

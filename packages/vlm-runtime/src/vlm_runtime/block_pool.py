@@ -17,12 +17,11 @@ import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 
-__all__ = ["Block", "BlockPool", "block_keys", "namespace_key"]
+__all__ = ["Block", "BlockPool", "Segment", "block_keys", "joined_layer", "namespace_key"]
 
 KEY_CHARS = 32
 """Hex digits kept of each SHA-256 key: 128 bits, collision-free at any pool size."""
@@ -57,23 +56,91 @@ def block_keys(
     return keys
 
 
-@dataclass
+class Segment:
+    """Consecutive blocks of one prompt stored together: ``arrays[i]`` are layer i's state arrays over the
+    segment's tokens (the token axis is -2). Blocks view it instead of each holding a copy: cutting a long
+    prompt into hundreds of small arrays per layer, and joining them back, costs more on a GPU (a kernel per
+    piece) than prefilling the prompt again. A segment's memory goes when the last of its blocks does, so the
+    pool counts a segment's bytes while any of its blocks is there."""
+
+    __slots__ = ("arrays", "in_pool", "nbytes")
+
+    def __init__(self, arrays: list[list[mx.array]]) -> None:
+        self.arrays = arrays
+        self.nbytes = sum(a.nbytes for layer in arrays for a in layer)
+        self.in_pool = 0
+        """Pool entries viewing this segment."""
+
+
 class Block:
-    """One block of every layer: ``layers[i]`` are layer i's state arrays cut to the block's tokens."""
+    """One block of every layer: ``layers[i]`` are layer i's state arrays cut to the block's tokens, viewed in
+    ``segment`` at ``[start, stop)`` (``stop`` None: the block is the whole segment, as for whole-state layers'
+    arrays, which have no token axis)."""
 
-    layers: list[list[mx.array]]
-    kinds: tuple[tuple[str, str], ...]
-    """Per layer: its cache class name and its ``meta_state`` without the offset (JSON)."""
-    refs: int = 0
-    nbytes: int = field(init=False)
+    __slots__ = ("kinds", "refs", "segment", "start", "stop")
 
-    def __post_init__(self) -> None:
-        self.nbytes = sum(a.nbytes for layer in self.layers for a in layer)
+    def __init__(
+        self,
+        layers: list[list[mx.array]] | None,
+        kinds: tuple[tuple[str, str], ...],
+        *,
+        segment: Segment | None = None,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> None:
+        if (layers is None) == (segment is None):
+            raise ValueError("a block takes either its own arrays or a segment to view")
+        self.segment = segment if segment is not None else Segment(layers)  # type: ignore[arg-type]
+        self.start, self.stop = (start, stop) if segment is not None else (0, None)
+        self.kinds = kinds
+        """Per layer: its cache class name and its ``meta_state`` without the offset (JSON)."""
+        self.refs = 0
+
+    @property
+    def layers(self) -> list[list[mx.array]]:
+        if self.stop is None:
+            return self.segment.arrays
+        return [[a[..., self.start : self.stop, :] for a in layer] for layer in self.segment.arrays]
+
+    @property
+    def nbytes(self) -> int:
+        """What the segment holds for this block (the segment's share, by tokens)."""
+        if self.stop is None:
+            return self.segment.nbytes
+        total = _segment_tokens(self.segment)
+        return self.segment.nbytes * (self.stop - self.start) // total if total else 0
+
+
+def _segment_tokens(segment: Segment) -> int:
+    for layer in segment.arrays:
+        for a in layer:
+            return a.shape[-2]
+    return 0
+
+
+def joined_layer(blocks: Sequence[Block], layer: int) -> list[mx.array]:
+    """Layer ``layer``'s state arrays over consecutive ``blocks``: one slice per run of blocks that are
+    neighbours in one segment (a prefix stored by one request is one run), joined along the token axis."""
+    runs: list[list] = []  # [segment, start, stop]
+    for block in blocks:
+        if runs and runs[-1][0] is block.segment and runs[-1][2] == block.start and block.stop is not None:
+            runs[-1][2] = block.stop
+        else:
+            runs.append([block.segment, block.start, block.stop])
+    count = len(blocks[0].segment.arrays[layer])
+    joined = []
+    for j in range(count):
+        parts = [
+            segment.arrays[layer][j] if stop is None else segment.arrays[layer][j][..., start:stop, :]
+            for segment, start, stop in runs
+        ]
+        joined.append(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-2))
+    return joined
 
 
 class BlockPool:
-    """Blocks by key, at most ``max_blocks`` of them and at most ``max_bytes`` of arrays (None: no byte cap);
-    LRU eviction skips blocks a request holds. Not thread-safe: ``PrefixCache`` locks around it."""
+    """Blocks by key, at most ``max_blocks`` of them and at most ``max_bytes`` of arrays (None: no byte cap;
+    a segment's bytes count while any block viewing it is here); LRU eviction skips blocks a request holds. Not thread-safe: ``PrefixCache`` locks around it."""
 
     def __init__(self, max_blocks: int, max_bytes: int | None = None) -> None:
         if max_blocks < 0:
@@ -133,7 +200,7 @@ class BlockPool:
             self._blocks.move_to_end(key)
             return True
         self._blocks[key] = block
-        self._nbytes += block.nbytes
+        self._count_in(block)
         self._evict()
         return key in self._blocks
 
@@ -146,12 +213,22 @@ class BlockPool:
         for key in [k for k, b in self._blocks.items() if b.refs == 0]:
             if not self._over():
                 break
-            self._nbytes -= self._blocks.pop(key).nbytes
+            self._count_out(self._blocks.pop(key))
             self.evictions += 1
 
     def clear(self) -> int:
         """Drop every block no request holds; how many were dropped."""
         idle = [k for k, b in self._blocks.items() if b.refs == 0]
         for key in idle:
-            self._nbytes -= self._blocks.pop(key).nbytes
+            self._count_out(self._blocks.pop(key))
         return len(idle)
+
+    def _count_in(self, block: Block) -> None:
+        if block.segment.in_pool == 0:
+            self._nbytes += block.segment.nbytes
+        block.segment.in_pool += 1
+
+    def _count_out(self, block: Block) -> None:
+        block.segment.in_pool -= 1
+        if block.segment.in_pool == 0:
+            self._nbytes -= block.segment.nbytes

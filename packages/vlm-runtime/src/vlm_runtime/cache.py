@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from vlm_kernels.decode_attention import AFFINE_DECODE, affine_decode_attention, fast_decode_applies
 
+from .attention import attention
 from .masks import AttentionMask, attention_mask_for
 
 __all__ = [
@@ -204,11 +205,11 @@ class _StoresFloat:
         keys, values = self.update_and_fetch(keys, values)
         # Kept for ``attend_shared``: a window's multi-token update hands attention more than it keeps.
         self._attended = keys, values
-        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+        return attention(queries, keys, values, scale=scale, mask=mask)
 
     def attend_shared(self, queries: mx.array, *, scale: float, mask: mx.array | str | None) -> mx.array:
         keys, values = self._attended
-        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+        return attention(queries, keys, values, scale=scale, mask=mask)
 
 
 class KVCache(_StoresFloat, _AppendOnly):
@@ -570,7 +571,7 @@ class QuantizedKVCache(_AppendOnly):
     ) -> mx.array:
         stored_keys, stored_values = self.update_and_fetch(keys, values)
         if self.float_fallback is not None:
-            return mx.fast.scaled_dot_product_attention(queries, stored_keys, stored_values, scale=scale, mask=mask)
+            return attention(queries, stored_keys, stored_values, scale=scale, mask=mask)
         if queries.shape[2] == 1 and fast_decode_applies(AFFINE_DECODE, mask):  # VLM_KERNELS_BACKEND=cuda
             quantization = {"bits": self.bits, "group_size": self.group_size}
             return affine_decode_attention(
@@ -590,7 +591,7 @@ class QuantizedKVCache(_AppendOnly):
     def attend_shared(self, queries: mx.array, *, scale: float, mask: mx.array | str | None) -> mx.array:
         if self.float_fallback is not None:  # append-only: what it stores is what the last attend used
             keys, values = self.float_fallback.state
-            return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+            return attention(queries, keys, values, scale=scale, mask=mask)
         return quantized_attention(
             queries,
             self.keys,

@@ -26,7 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .block_pool import Block, BlockPool, block_keys, namespace_key
+from .block_pool import Block, BlockPool, Segment, block_keys, joined_layer, namespace_key
 from .cache import Cache
 from .cache_settings import CacheSettings, make_layer_caches
 from .prefix_disk import DiskTier
@@ -218,6 +218,7 @@ class PrefixCache:
                 if self._pool.put(key, block):
                     self._pool.acquire([key])
                     held.append(key)
+        self._disk.forget()
         return held, blocks
 
     def _find_state(self, key: str) -> Block | None:
@@ -264,31 +265,45 @@ class PrefixCache:
         if not all(states):
             return  # a layer that stores nothing of its own (one sharing another's keys): nothing to rebuild it from
         kinds = tuple((type(layer).__name__, _meta_without_offset(layer)) for layer in layers)
-        new: list[tuple[str, Block]] = []
-        for index, key in enumerate(match.keys):
-            with self._lock:
-                known = key in self._pool
-            if known and (self._disk is None or key in self._disk):
-                continue
-            start, stop = index * size, (index + 1) * size
+        with self._lock:
+            missing = [
+                i
+                for i, key in enumerate(match.keys)
+                if key not in self._pool or (self._disk is not None and key not in self._disk)
+            ]
+        # Each run of neighbouring new blocks becomes one segment: one copy per layer array, not one per block.
+        runs: list[list[int]] = []
+        for index in missing:
+            if runs and runs[-1][-1] == index - 1:
+                runs[-1].append(index)
+            else:
+                runs.append([index])
+        new: list[tuple[list[str], Segment | Block]] = []
+        for run in runs:
+            start, stop = run[0] * size, (run[-1] + 1) * size
             cut = [
                 [mx.contiguous(a[..., start:stop, :]) for a in state] if layer.splits_into_blocks else []
                 for layer, state in zip(layers, states)
             ]
-            new.append((key, Block(cut, kinds)))
+            new.append(([match.keys[i] for i in run], Segment(cut)))
         kept = _boundary_state(match, layers, kinds)
         if kept is not None:
-            new.append((match.keys[match.snapshot_at // size - 1] + _STATE, kept))
+            new.append(([match.keys[match.snapshot_at // size - 1] + _STATE], kept))
         if not new:
             return
-        mx.eval([block.layers for _, block in new])
+        mx.eval([part.arrays if isinstance(part, Segment) else part.layers for _, part in new])
         with self._lock:
-            for key, block in reversed(new):  # the tail first: a short pool keeps the head
-                if key not in self._pool and self._pool.put(key, block):
-                    self._counts["stored_blocks"] += 1
+            for keys, part in reversed(new):  # the tail first: a short pool keeps the head
+                for offset in reversed(range(len(keys))):
+                    if isinstance(part, Segment):
+                        block = Block(None, kinds, segment=part, start=offset * size, stop=(offset + 1) * size)
+                    else:
+                        block = part
+                    if keys[offset] not in self._pool and self._pool.put(keys[offset], block):
+                        self._counts["stored_blocks"] += 1
         if self._disk is not None:
-            for key, block in new:
-                self._disk.write(key, block)
+            for keys, part in new:
+                self._disk.write(keys, part, kinds, size)
 
     def release(self, match: PrefixMatch) -> None:
         """Let the pool evict the blocks ``match`` held."""
@@ -307,12 +322,12 @@ class PrefixCache:
             evictions=evictions,
             memory_blocks=memory_blocks,
             memory_bytes=memory_bytes,
-            disk_hits=disk.reads if disk else 0,
-            disk_writes=disk.writes if disk else 0,
-            disk_corrupt=disk.corrupt if disk else 0,
-            disk_evictions=disk.evictions if disk else 0,
-            disk_blocks=len(disk) if disk else 0,
-            disk_bytes=disk.nbytes if disk else 0,
+            disk_hits=disk.reads if disk is not None else 0,
+            disk_writes=disk.writes if disk is not None else 0,
+            disk_corrupt=disk.corrupt if disk is not None else 0,
+            disk_evictions=disk.evictions if disk is not None else 0,
+            disk_blocks=len(disk) if disk is not None else 0,
+            disk_bytes=disk.nbytes if disk is not None else 0,
         )
 
     def reset(self, *, disk: bool = True) -> int:
@@ -387,8 +402,7 @@ def _rebuild(fresh: list[Cache], blocks: list[Block], n_tokens: int, whole: Bloc
     layers: list[Cache] = []
     for i, layer in enumerate(fresh):
         if layer.splits_into_blocks:
-            parts = [b.layers[i] for b in blocks]
-            state = [mx.concatenate([p[j] for p in parts], axis=2) for j in range(len(parts[0]))]
+            state = joined_layer(blocks, i)
         else:
             assert whole is not None, "a whole-state layer restored without its state"
             state = list(whole.layers[i])

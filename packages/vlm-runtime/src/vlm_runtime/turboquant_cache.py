@@ -20,6 +20,7 @@ import mlx.core as mx
 from vlm_kernels.decode_attention import is_row_mask, turboquant_decode_attention
 from vlm_kernels.turboquant import TURBOQUANT_BITS, TurboQuantCodec, TurboQuantPacked, turboquant_codec
 
+from .attention import attention
 from .batch_cache import _LeftPadded, _per_row, register_batched_twin
 from .cache import _AppendOnly, _meta_ints, _round_up, _with_room
 
@@ -134,7 +135,7 @@ class TurboQuantKVCache(_AppendOnly):
         k_rot = key_codec.decode_rotated(self._fetch(self.keys)).astype(dtype)
         v_rot = value_codec.decode_rotated(self._fetch(self.values)).astype(dtype)
         q_rot = key_codec.rotate(queries).astype(dtype)
-        out = mx.fast.scaled_dot_product_attention(q_rot, k_rot, v_rot, scale=scale, mask=mask)
+        out = attention(q_rot, k_rot, v_rot, scale=scale, mask=mask)
         return value_codec.unrotate(out.astype(mx.float32)).astype(dtype)
 
     # -- persistence

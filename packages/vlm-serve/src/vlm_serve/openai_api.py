@@ -100,6 +100,8 @@ class ChatCompletionRequest(WireModel):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    video_audio: bool | None = None
+    """Our extension: hear each video part's sound track too (Qwen2.5-Omni), as ``vlm generate --video-audio``."""
 
 
 def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
@@ -173,6 +175,7 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
         images=media["image"],
         videos=media["video"],
         audios=media["audio"],
+        video_audio=bool(body.video_audio),
         max_tokens=max_tokens,
         sampling=sampling,
         stop=stop,

@@ -10,7 +10,7 @@ from typing import Any
 
 from vlm_models import apply_chat_template
 from vlm_models.audio import AudioLoadError
-from vlm_models.video import VideoLoadError
+from vlm_models.video import VideoLoadError, VideoSampling
 from vlm_runtime import GenerationConfig, Request, SamplingParams, ThinkingConfig
 from vlm_runtime.stopping import StopStrings
 from vlm_runtime.thinking import resolve_thinking_tokens
@@ -36,6 +36,8 @@ class ChatRequest:
     """Video sources in the order of the messages' video parts."""
     audios: list[str] = field(default_factory=list)
     """Audio clips (``data:audio/<format>;base64,`` URLs) in the order of the messages' audio parts."""
+    video_audio: bool = False
+    """Hear each video's sound track too (``vlm generate --video-audio``; families that interleave it)."""
     max_tokens: int | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     """SamplingParams fields the request set."""
@@ -103,6 +105,15 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
         raise APIError(400, "this model does not take video input", param="messages", code="unsupported_media")
     if request.audios and not processor.supports_audio:
         raise APIError(400, "this model does not take audio input", param="messages", code="unsupported_media")
+    if request.video_audio:
+        if not request.videos:
+            raise APIError(
+                400, "video_audio hears the sound track of a video part; the request has none", param="video_audio"
+            )
+        if not (processor.supports_video and processor.video_processor.interleaves_audio and processor.supports_audio):
+            raise APIError(
+                400, "this model cannot hear a video's sound track", param="video_audio", code="unsupported_media"
+            )
     if request.images and processor.image_processor is None:
         raise APIError(400, "this model does not take image input", param="messages", code="unsupported_media")
     abandoned = threading.Event()
@@ -115,7 +126,8 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
         videos = await asyncio.gather(*(fetch_video(source, settings) for source in request.videos))
         seconds = AudioBudget(settings.max_audio_seconds, settings.max_request_audio_seconds)
         audios = [await _in_thread(fetch_audio, source, settings, seconds) for source in request.audios]
-        inputs = await _in_thread(_tokenize, processor, prompt, list(images), list(videos), audios)
+        sampling_of_videos = VideoSampling(with_audio=True) if request.video_audio else None
+        inputs = await _in_thread(_tokenize, processor, prompt, list(images), list(videos), audios, sampling_of_videos)
     except asyncio.CancelledError:
         abandoned.set()  # the client has gone: the thread stops at its next chunk
         raise
@@ -188,8 +200,15 @@ def _refuse_beyond_context(processor: Any, prompt: str, context: int, abandoned:
             raise _too_long(f"the prompt is more than {context} tokens", context)
 
 
-def _tokenize(processor: Any, prompt: str, images: list[Any], videos: list[Any], audios: list[bytes]) -> dict[str, Any]:
-    return processor(prompt, images, videos, audios=audios)
+def _tokenize(
+    processor: Any,
+    prompt: str,
+    images: list[Any],
+    videos: list[Any],
+    audios: list[bytes],
+    video_sampling: VideoSampling | None = None,
+) -> dict[str, Any]:
+    return processor(prompt, images, videos, video_sampling, audios=audios)
 
 
 def _too_long(what: str, context: int) -> APIError:

@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 
 from vlm_runtime import KVCache, PromptEmbedding, RotatingKVCache
+from vlm_runtime.attention import attention
 from vlm_runtime.vision_cache import VisionFeatureCache
 
 from ..config import ConfigError, from_dict
@@ -134,7 +135,7 @@ class VisionAttention(nn.Module):
         q = rotate(self.q_norm(self.q_proj(x).reshape(batch, length, self.heads, -1)).transpose(0, 2, 1, 3))
         k = rotate(self.k_norm(self.k_proj(x).reshape(batch, length, self.kv_heads, -1)).transpose(0, 2, 1, 3))
         v = rms_norm(self.v_proj(x).reshape(batch, length, self.kv_heads, -1), None, self.eps).transpose(0, 2, 1, 3)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        out = attention(q, k, v, scale=1.0, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 

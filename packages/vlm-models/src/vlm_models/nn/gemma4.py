@@ -25,13 +25,22 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from vlm_runtime.attention import attention
+
 from ..config import ConfigError
 from .gemma import FULL, SLIDING, decoder_mask, softcap
 from .layers import GatedMLP, activation
 from .moe import SwitchGLU
 from .rope import Rotary, Rotate, proportional_frequencies
 
-__all__ = ["ClippableLinear", "Gemma4Decoder", "Gemma4DecoderConfig", "Gemma4RMSNorm", "rms_norm"]
+__all__ = [
+    "ClippableLinear",
+    "Gemma4Decoder",
+    "Gemma4DecoderConfig",
+    "Gemma4RMSNorm",
+    "per_layer_inputs",
+    "rms_norm",
+]
 
 TEXT_DEFAULTS: dict[str, Any] = {
     # transformers' Gemma4TextConfig defaults; published configs may leave some out.
@@ -184,6 +193,20 @@ def _per_layer_sizes(text: Mapping[str, Any], layer_types: list[str], k_eq_v: bo
     return dims, heads
 
 
+def per_layer_inputs(decoder: nn.Module, ids: mx.array, inputs_embeds: mx.array, layers: int, width: int) -> mx.array:
+    """The per-layer inputs (..., layers * width) of a decoder holding ``embed_tokens_per_layer``,
+    ``per_layer_model_projection`` and ``per_layer_projection_norm`` (Gemma 3n, Gemma 4 E2B / E4B): each layer's
+    slice averages (over sqrt(2)) the token's own scaled per-layer embedding and a normed projection of
+    ``inputs_embeds`` (which may hold media features). ``ids`` must all lie in the per-layer table."""
+    token = decoder.embed_tokens_per_layer(ids)
+    token = token * mx.array(width**0.5, dtype=token.dtype)
+    shape = (*inputs_embeds.shape[:-1], layers, width)
+    projected = decoder.per_layer_model_projection(inputs_embeds) * (inputs_embeds.shape[-1] ** -0.5)
+    projected = decoder.per_layer_projection_norm(projected.reshape(shape))
+    mixed = (projected + token.reshape(shape)) * (2.0**-0.5)
+    return mixed.reshape(*shape[:-2], -1).astype(inputs_embeds.dtype)
+
+
 def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
     """x / rms(x) (* weight), computed in float32 and returned in x's dtype."""
     scale = None if weight is None else weight.astype(mx.float32)
@@ -251,7 +274,7 @@ class Gemma4Attention(nn.Module):
                 out = cache.attend_shared(q, scale=1.0, mask=mask)
             else:
                 keys, values = shared[self.kind]
-                out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
+                out = attention(q, keys, values, scale=1.0, mask=mask)
         else:
             raw_keys = self.k_proj(x).reshape(batch, length, self.n_kv_heads, -1)
             raw_values = self.v_proj(x).reshape(batch, length, self.n_kv_heads, -1) if "v_proj" in self else raw_keys
@@ -261,7 +284,7 @@ class Gemma4Attention(nn.Module):
                 out = cache.attend(q, keys, values, scale=1.0, mask=mask)
             else:
                 shared[self.kind] = keys, values  # the last layer of each type before the shared ones wins
-                out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
+                out = attention(q, keys, values, scale=1.0, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
@@ -378,13 +401,8 @@ class Gemma4Decoder(nn.Module):
         if not c.hidden_size_per_layer_input:
             return inputs_embeds
         ids = mx.where(input_ids >= c.vocab_size_per_layer_input, c.pad_token_id, input_ids)
-        token = self.embed_tokens_per_layer(ids)
-        token = token * mx.array(c.hidden_size_per_layer_input**0.5, dtype=token.dtype)
-        shape = (*inputs_embeds.shape[:-1], c.num_hidden_layers, c.hidden_size_per_layer_input)
-        projected = self.per_layer_model_projection(inputs_embeds) * (c.hidden_size**-0.5)
-        projected = self.per_layer_projection_norm(projected.reshape(shape))
-        mixed = (projected + token.reshape(shape)) * (2.0**-0.5)
-        return mx.concatenate([inputs_embeds, mixed.reshape(*shape[:-2], -1).astype(inputs_embeds.dtype)], axis=-1)
+        mixed = per_layer_inputs(self, ids, inputs_embeds, c.num_hidden_layers, c.hidden_size_per_layer_input)
+        return mx.concatenate([inputs_embeds, mixed], axis=-1)
 
     def __call__(
         self,

@@ -8,6 +8,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from vlm_runtime.attention import attention
+
 from .fused import FusedLinears
 from .rope import Rotate
 
@@ -85,7 +87,7 @@ class Attention(nn.Module):
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, cache: Any) -> mx.array:
         if cache is None:
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            return attention(q, k, v, scale=self.scale, mask=mask)
         return cache.attend(q, k, v, scale=self.scale, mask=mask)
 
     def __call__(self, x: mx.array, rotate: Rotate, mask: Any, cache: Any = None) -> mx.array:

@@ -193,6 +193,8 @@ class Gemma4AudioFeatureExtractor:
     per_bin_stddev: tuple[float, ...] | None = None
     max_length: int = 480_000
     pad_to_multiple_of: int = 128
+    zeroes_padding: ClassVar[bool] = True
+    """Whether the features of padding frames are zeroed (Gemma 4) or left as computed (Gemma 3n)."""
 
     def __post_init__(self) -> None:
         self.frame_length = round(self.sampling_rate * self.frame_length_ms / 1000.0)
@@ -255,7 +257,7 @@ class Gemma4AudioFeatureExtractor:
             signal = np.pad(clip, (0, pad), constant_values=self.padding_value)
             valid = np.pad(np.ones(len(clip), dtype=np.int32), (0, pad))
             log_mel, mask = self._log_mel(signal, valid)
-            features.append(log_mel * mask[:, None])
+            features.append(log_mel * mask[:, None] if self.zeroes_padding else log_mel)
             masks.append(mask)
         return {"input_features": np.stack(features), "input_features_mask": np.stack(masks)}
 
