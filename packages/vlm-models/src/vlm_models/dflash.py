@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from vlm_runtime import KVCache
+from vlm_runtime.attention import attention
 from vlm_runtime.speculative import DraftMask, masked_argmax
 
 from .nn.layers import Attention, GatedMLP
@@ -143,7 +144,7 @@ class DFlashLayer(nn.Module):
         if self._causal:
             length, total = block.shape[1], k_block.shape[2]
             mask = mx.arange(total)[None] <= (total - length + mx.arange(length))[:, None]
-        out = mx.fast.scaled_dot_product_attention(q, k_block, v_block, scale=attn.scale, mask=mask)
+        out = attention(q, k_block, v_block, scale=attn.scale, mask=mask)  # a block of queries: no per-shape plan
         h = block + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(block.shape[0], block.shape[1], -1))
         return h + self.mlp(self.post_attention_layernorm(h))
 
