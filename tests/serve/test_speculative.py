@@ -165,6 +165,12 @@ def test_the_flags_reach_the_settings_and_a_foreign_tokenizer_is_refused() -> No
     assert (settings.draft_model, settings.draft_kind, settings.num_draft_tokens) == (str(SIBLING), "draft", 6)
     with pytest.raises(ValueError, match="num-draft-tokens must be >= 1"):
         settings_from(build_parser().parse_args([*args[:-1], "0"]))
+    host = ModelHost(
+        settings_from(build_parser().parse_args(["serve", "--model", str(MODEL), "--draft-model", str(EAGLE3)]))
+    )
+    asyncio.run(host.preload())
+    assert host.loaded is not None and host.loaded.engine.drafting and host.loaded.draft_kind == "eagle3"
+    host.close()
     foreign = settings_from(
         build_parser().parse_args(["serve", "--model", str(MODEL), "--draft-model", str(OTHER_TOKENIZER)])
     )
