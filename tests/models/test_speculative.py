@@ -14,6 +14,8 @@ from vlm_models.cli import main
 from vlm_models.demo import demo_model_path
 from vlm_models.drafting import DrafterError, drafter_kind, load_drafter
 from vlm_runtime import stream_generate
+from vlm_runtime.batch import BatchGenerator
+from vlm_runtime.settings import generation_settings
 
 from .conftest import FIXTURES
 
@@ -71,11 +73,11 @@ def test_the_kind_is_read_from_the_config(config: dict, kind: str) -> None:
 
 
 def test_unbuilt_kinds_and_other_tokenizers_are_refused_with_one_line(tmp_path: Path) -> None:
-    eagle = tmp_path / "eagle"
-    eagle.mkdir()
-    (eagle / "config.json").write_text(json.dumps({"model_type": "llama", "speculators_model_type": "eagle3"}))
-    with pytest.raises(DrafterError, match="eagle3 drafters are not supported yet"):
-        load_drafter(eagle)
+    assistant = tmp_path / "assistant"
+    assistant.mkdir()
+    (assistant / "config.json").write_text(json.dumps({"model_type": "gemma4_assistant"}))
+    with pytest.raises(DrafterError, match="mtp drafters are not supported yet"):
+        load_drafter(assistant)
     with pytest.raises(DrafterError, match="not 'eagle3'"):
         load_drafter(TARGET, kind="eagle3")
     _, processor = load(TARGET)
@@ -92,3 +94,60 @@ def test_the_command_line_drafts_and_reports_acceptance(capsys) -> None:
     assert capsys.readouterr().out == drafted.out  # the same answer as without the drafter
     assert main([*args, "--draft-model", str(FIXTURES / "llava" / "hf4")]) == 2
     assert "another tokenizer" in capsys.readouterr().err
+
+
+def batched(model, processor, drafter=None, n: int = 128, **options) -> list:
+    """Ragged prompts, one with an image, another with two, decoded as one batch: each request's events."""
+    prompts = [
+        (apply_chat_template(processor, None, "Describe this image.", num_images=1), [IMAGE]),
+        (apply_chat_template(processor, None, "Just text, and longer than the other prompts are.", num_images=0), []),
+        (
+            apply_chat_template(processor, None, "Compare.", num_images=2),
+            [IMAGE, FIXTURES / "images" / "rgb_56x56.png"],
+        ),
+    ]
+    settings = generation_settings(max_tokens=n, ignore_eos=True, num_draft_tokens=4, **options)
+    engine = BatchGenerator(model, processor, cache_settings=settings.cache, drafter=drafter)
+    order = {
+        engine.submit(settings.request(processor.prepare_inputs(p, images))): i for i, (p, images) in enumerate(prompts)
+    }
+    events: list[list] = [[] for _ in prompts]
+    while engine.has_work():
+        for event in engine.step():
+            events[order[event.uid]].append(event)
+    return events
+
+
+@pytest.mark.parametrize(
+    "target, drafter_path",
+    [(TARGET, TARGET), (TARGET, SIBLING), (FIXTURES / "gemma3" / "hf4", FIXTURES / "gemma3" / "hf4")],
+    ids=["qwen2-vl-itself", "qwen2.5-vl-drafts-qwen2-vl", "gemma3-sliding-window"],
+)
+def test_a_batch_with_images_drafts_row_by_row_and_equals_plain_batched_greedy(
+    target: Path, drafter_path: Path
+) -> None:
+    model, processor = load(target)
+    drafter, _ = load_drafter(drafter_path, target_processor=processor)
+    plain = batched(model, processor)
+    fast = batched(model, processor, drafter)
+    for a, b in zip(fast, plain):
+        assert [e.token for e in a] == [e.token for e in b] and len(b) == 128  # token for token
+        assert a[-1].draft_tokens > 0
+        if drafter_path == target:
+            assert a[-1].accepted_draft_tokens == a[-1].draft_tokens
+
+
+def test_a_batch_keeps_the_targets_logprobs_and_stop_strings() -> None:
+    model, processor = load(TARGET)
+    drafter, _ = load_drafter(SIBLING, target_processor=processor)
+    first = batched(model, processor, n=48)[0]
+    stop = "".join(e.text for e in first)[10:13]
+    options = dict(n=48, logprobs=True, top_logprobs=2, stop=[stop])
+    plain, fast = batched(model, processor, **options), batched(model, processor, drafter, **options)
+    for a, b in zip(fast, plain):
+        assert [(e.token, e.text, e.finish_reason, e.stop_string) for e in a] == [
+            (e.token, e.text, e.finish_reason, e.stop_string) for e in b
+        ]
+        assert [e.logprob for e in a] == pytest.approx([e.logprob for e in b], abs=1e-4)
+        assert [[t for t, _ in e.top_logprobs] for e in a] == [[t for t, _ in e.top_logprobs] for e in b]
+    assert plain[0][-1].finish_reason == "stop"

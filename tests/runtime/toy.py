@@ -40,11 +40,19 @@ class ToyModel(nn.Module):
         return PromptEmbedding(self.embed(input_ids))
 
     def hidden_states(self, inputs_embeds, *, cache, position_ids=None, attention_mask=None, attention_groups=None):
+        return self.hidden_states_and_layers(inputs_embeds, cache=cache, layers=())[0]
+
+    def hidden_states_and_layers(
+        self, inputs_embeds, *, cache, layers, position_ids=None, attention_mask=None, attention_groups=None
+    ):
+        """The hidden states, and those entering ``layers`` (index len(layers): the output) side by side."""
+        seen = []
         h = inputs_embeds
         length = h.shape[1]
         # The rotary position of row b continues from offset + position_delta[b] (batches are left-padded).
         offset = cache[0].offset + cache[0].position_delta if cache else 0
         for i, proj in enumerate(self.qkv):
+            seen.append(h)
             q, k, v = mx.split(proj(h)[:, None], 3, axis=-1)
             q = mx.fast.rope(q, q.shape[-1], traditional=False, base=10000.0, scale=1.0, offset=offset)
             k = mx.fast.rope(k, k.shape[-1], traditional=False, base=10000.0, scale=1.0, offset=offset)
@@ -55,7 +63,9 @@ class ToyModel(nn.Module):
             else:
                 mask = "causal" if length > 1 else None
                 h = h + mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)[:, 0]
-        return h
+        seen.append(h)
+        features = mx.concatenate([seen[i] for i in layers], axis=-1) if layers else None
+        return h, features
 
     def compute_logits(self, hidden: mx.array) -> mx.array:
         return self.out(hidden)

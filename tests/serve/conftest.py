@@ -64,12 +64,20 @@ def loaded_model() -> tuple[Any, Any]:
     return load(MODEL)
 
 
-def make_server(loaded_model: tuple[Any, Any], context_length: int = CONTEXT, **options: Any) -> Iterator[Server]:
+def make_server(
+    loaded_model: tuple[Any, Any],
+    context_length: int = CONTEXT,
+    drafter: Any = None,
+    draft_kind: str = "draft",
+    **options: Any,
+) -> Iterator[Server]:
     from vlm_serve import ModelHost, ServeSettings, create_app
 
     settings = ServeSettings(model=str(MODEL), context_length=context_length, **options)
     model, processor = loaded_model
-    engine = ModelHost.from_model(str(MODEL), model, processor, settings, context_length=context_length)
+    engine = ModelHost.from_model(
+        str(MODEL), model, processor, settings, context_length=context_length, drafter=drafter, draft_kind=draft_kind
+    )
     app = create_app(engine, settings)
     server, thread, url = start(app)
     try:

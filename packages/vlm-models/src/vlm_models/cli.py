@@ -100,6 +100,25 @@ def _bits(text: str) -> float:
     return int(value) if value.is_integer() else value
 
 
+def add_draft_args(parser: argparse.ArgumentParser) -> None:
+    """Speculative decoding's flags (``vlm generate`` and ``vlm serve``)."""
+    from .drafting import DRAFT_KINDS
+
+    parser.add_argument(
+        "--draft-model",
+        default=None,
+        help="speculative decoding: a drafter (a smaller model sharing the target's tokenizer, or an EAGLE-3 "
+        "head) as a folder or repo id",
+    )
+    parser.add_argument(
+        "--draft-kind",
+        default=None,
+        choices=list(DRAFT_KINDS),
+        help="the drafter's kind (default: read from its config)",
+    )
+    parser.add_argument("--num-draft-tokens", type=int, default=4, help="most tokens drafted per round (default 4)")
+
+
 def add_kv_cache_args(parser: argparse.ArgumentParser) -> None:
     """The KV cache options of ``vlm generate``, ``vlm bench`` and ``vlm serve`` (see ``kv_cache_options``)."""
     parser.add_argument("--max-kv-size", type=int, default=None, help="sliding-window KV cache of this many tokens")
@@ -141,13 +160,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--thinking-end-token", default=None, help="default: the model's (</think>; Gemma 4: <channel|>)"
     )
-    parser.add_argument(
-        "--draft-model",
-        default=None,
-        help="speculative decoding: a smaller model sharing the target's tokenizer (folder or repo id)",
-    )
-    parser.add_argument("--draft-kind", default=None, choices=["draft", "eagle3", "dflash", "mtp"])
-    parser.add_argument("--num-draft-tokens", type=int, default=4, help="most tokens drafted per round")
+    add_draft_args(parser)
     parser.add_argument(
         "--prompt-cache-file",
         default=None,
@@ -276,7 +289,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.draft_model is not None:
         from .drafting import load_drafter
 
-        drafter, _ = load_drafter(args.draft_model, target_processor=processor, kind=args.draft_kind)
+        drafter, _ = load_drafter(args.draft_model, target_processor=processor, kind=args.draft_kind, target=model)
     if args.verbose:
         print(f"prompt:\n{prompt}", file=sys.stderr)
     cache_file = Path(args.prompt_cache_file) if args.prompt_cache_file else None

@@ -10,6 +10,7 @@ generated alone. Each row is a ``RequestState``: the same per-token rules as sin
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -17,14 +18,16 @@ from typing import Any
 import mlx.core as mx
 
 from .batch_cache import batch_cache_like, can_batch, merge_caches
+from .batch_speculative import BatchDrafting, rows_can_roll_back
 from .cache import Cache
 from .cache_settings import CacheSettings, make_layer_caches
-from .generate import media_list
-from .prefill import drop_prefix, prefill
+from .generate import as_drafter, media_list
+from .prefill import drop_prefix, prefill_with_layers
 from .prefix_cache import PrefixCache, PrefixMatch
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
 from .request import GenerationResult, Request, RequestState
 from .settings import GenerationSettings, generation_settings
+from .speculative import Drafter, refuse_blind_target
 
 __all__ = ["BatchGenerator", "batch_generate"]
 
@@ -54,11 +57,14 @@ class BatchGenerator:
         vision_cache: Any = None,
         cache_settings: CacheSettings = CacheSettings(),
         prefix_cache: PrefixCache | None = None,
+        drafter: Drafter | None = None,
     ) -> None:
         """``cache_settings`` (a sliding window, or quantized keys/values) hold for every row: the rows share
         their caches' buffers. With a ``prefix_cache``, each prompt starts from the blocks it holds of it and
         is prefilled alone over the blocks it found; prompts it has no block of are prefilled together as
-        usual, and their blocks cut from their rows."""
+        usual, and their blocks cut from their rows. With a ``drafter``, rows decode speculatively (each
+        request gets its own ``drafter.spawn()``), where the model's caches can take proposals back; a model
+        with recurrent layers decodes plainly (one warning)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model, self.processor = model, processor
@@ -74,6 +80,22 @@ class BatchGenerator:
         self._rows: list[RequestState] = []
         self._cache: list[Any] | None = None
         self._cancelled: set[int] = set()
+        self._drafting: BatchDrafting | None = None
+        if drafter is not None:
+            refuse_blind_target(model, drafter)
+            if rows_can_roll_back(make_layer_caches(model, cache_settings)):
+                self._drafting = BatchDrafting(drafter)
+            else:
+                warnings.warn(
+                    "speculative decoding is off: this model's batched caches cannot take proposed tokens back "
+                    "(recurrent layers); requests decode plainly",
+                    stacklevel=2,
+                )
+
+    @property
+    def drafting(self) -> bool:
+        """Whether rows decode speculatively."""
+        return self._drafting is not None
 
     @property
     def active(self) -> int:
@@ -112,6 +134,8 @@ class BatchGenerator:
                 if state.config.max_tokens == 0:
                     events.append(state.end("length"))
                     continue
+                if self._drafting is not None:
+                    self._drafting.admit(state, pending.request.inputs)
                 prompt = self.model.embed_prompt(vision_cache=self.vision_cache, **pending.request.inputs)
                 match = self._look_up(pending.request, prompt)
             except Exception as exc:  # one bad prompt fails alone; the batch keeps running
@@ -134,6 +158,8 @@ class BatchGenerator:
         self._release_misses()
         self._join(joining)
         self._drop_finished()
+        if self._drafting is not None:
+            self._drafting.saw(events)
         return events
 
     # -- the prefix cache
@@ -224,7 +250,12 @@ class BatchGenerator:
         else:
             prompt, padding = _left_padded_batch([p for _, p in group])
             cache = [batch_cache_like(layer, padding) for layer in layers]
-        logits = prefill(self.model, prompt, cache, self.prefill_step_size)
+        taps = self._drafting.layers if self._drafting is not None else ()
+        logits, features = prefill_with_layers(self.model, prompt, cache, self.prefill_step_size, taps)
+        if features is not None and self._drafting is not None:
+            offsets = padding if len(group) > 1 else [0]
+            for row, ((state, _), start) in enumerate(zip(group, offsets)):
+                self._drafting.prefilled(state.uid, features[row : row + 1, start:])
         self._keep_blocks(group, cache, match)
         chosen = {
             i: pair
@@ -264,6 +295,8 @@ class BatchGenerator:
     # -- decoding
     def _decode(self) -> list[GenerationResult]:
         assert self._cache is not None
+        if self._drafting is not None:
+            return self._drafting.step(self.model, self._cache, self._rows)
         tokens = mx.array([state.last_token for state in self._rows], mx.int32)
         hidden = self.model.hidden_states(self.model.embed_tokens(tokens[:, None]), cache=self._cache)
         logits = self.model.compute_logits(hidden[:, -1, :])
@@ -352,12 +385,14 @@ def batch_generate(
     videos: Sequence[Any] | None = None,
     video_sampling: Any = None,
     max_batch_size: int = 32,
+    draft_model: Any = None,
     settings: GenerationSettings | None = None,
     **options: Any,
 ) -> list[GenerationResult]:
     """Generate for several chat-formatted prompts in one batch; ``images[i]`` is prompt i's image or list of
     images (or None), and ``audios[i]`` / ``videos[i]`` its clips and videos likewise. Takes ``stream_generate``'s
-    ``settings`` and keyword options; returns one result per prompt, holding its whole text and reasoning."""
+    ``settings`` and keyword options (and its ``draft_model``: each row drafts and keeps its own tokens); returns
+    one result per prompt, holding its whole text and reasoning."""
     per_prompt = {"images": images, "audios": audios, "videos": videos}
     for name, entries in per_prompt.items():
         if entries is not None and len(entries) != len(prompts):
@@ -368,7 +403,13 @@ def batch_generate(
         return media_list(entries[i] if entries is not None else None)
 
     settings = generation_settings(settings, **options)
-    engine = BatchGenerator(model, processor, max_batch_size=max_batch_size, cache_settings=settings.cache)
+    engine = BatchGenerator(
+        model,
+        processor,
+        max_batch_size=max_batch_size,
+        cache_settings=settings.cache,
+        drafter=as_drafter(draft_model),
+    )
     order: dict[int, int] = {}
     for i, prompt in enumerate(prompts):
         inputs = processor.prepare_inputs(

@@ -156,6 +156,45 @@ class _LeftPadded:
         self._store([part[index] for part in self._parts()], self.offset)
         self._drop_leading(min(self.padding))
 
+    def can_trim_rows(self) -> bool:
+        """Whether ``trim_rows`` can take tokens back (speculative decoding in the batching engine)."""
+        return True
+
+    def trim_rows(self, dropped: Sequence[int]) -> None:
+        """Drop the last ``dropped[b]`` tokens of each row b: rows that verified proposals they did not keep.
+
+        The rows stay right-aligned to one shared offset: all drop the fewest, then a row that drops more moves
+        right by the difference (its padding grows and its position delta falls by as much, so its next token's
+        rotary position is unchanged). One gather per buffer, only when the rows disagree.
+        """
+        dropped = [int(d) for d in dropped]
+        if len(dropped) != self.batch_size or min(dropped, default=0) < 0:
+            raise ValueError(f"trim_rows needs one count >= 0 per row ({self.batch_size}), got {dropped}")
+        common = min(dropped)
+        shift = [d - common for d in dropped]
+        if not any(shift):
+            self._trim_columns(common)
+            return
+        parts, offset = self._parts(), self.offset - common
+        moved = mx.array(shift, mx.int32)
+        source = mx.arange(offset)[None, :] - moved[:, None]  # (batch, columns): where each column comes from
+        kept = source >= 0
+        source = mx.maximum(source, 0)
+        out = []
+        for part in parts:
+            tail = [1] * (part.ndim - 3)
+            index = source.reshape(self.batch_size, 1, offset, *tail)
+            taken = mx.take_along_axis(part[:, :, :offset], index, axis=2)
+            out.append(mx.where(kept.reshape(self.batch_size, 1, offset, *tail), taken, mx.zeros_like(taken)))
+        self.position_delta = _per_row(self.position_delta, self.batch_size) - moved
+        self._set_padding([p + s for p, s in zip(self.padding, shift)])
+        self._store(out, offset)
+        self._drop_leading(min(self.padding))
+
+    def _trim_columns(self, n: int) -> None:
+        """Drop the last ``n`` columns of every row."""
+        self.trim(n)  # type: ignore[attr-defined]  # the append-only kinds just move their offset back
+
     def _drop_leading(self, n: int) -> None:
         """Forget the first ``n`` columns (padding, or tokens that left every row's window); positions stay."""
         if n <= 0:
@@ -265,6 +304,14 @@ class BatchRotatingKVCache(BatchKVCache):
 
     def can_trim_after(self, n_new: int) -> bool:
         return False
+
+    def can_trim_rows(self) -> bool:
+        # Columns are kept in order and only those no later query can see are dropped (before an update, never
+        # the ones it adds), so the last columns of a verify pass can be taken back like a plain cache's.
+        return True
+
+    def _trim_columns(self, n: int) -> None:
+        self.offset -= min(max(n, 0), self.offset)
 
     def trim(self, n: int) -> int:
         return 0

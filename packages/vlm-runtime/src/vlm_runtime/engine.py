@@ -25,6 +25,7 @@ from .cache_settings import CacheSettings
 from .prefix_cache import PrefixCache
 from .protocols import GenerativeModel, PromptProcessor
 from .request import GenerationResult, Request
+from .speculative import Drafter
 
 __all__ = ["Engine", "EngineBusy", "EngineStats", "RequestStream"]
 
@@ -54,6 +55,10 @@ class EngineStats:
     time_to_first_token_s: dict[str, float] = field(default_factory=dict)
     latency_s: dict[str, float] = field(default_factory=dict)
     """Percentiles (p50, p90, p99) over the last LATENCY_WINDOW finished requests."""
+    draft_tokens: int = 0
+    """With speculative decoding: tokens the drafters proposed for the requests that ended."""
+    accepted_draft_tokens: int = 0
+    """Of those, the ones the target kept."""
 
 
 class RequestStream:
@@ -125,15 +130,17 @@ class Engine:
         vision_cache: Any = None,
         cache_settings: CacheSettings = CacheSettings(),
         prefix_cache: PrefixCache | None = None,
+        drafter: Drafter | None = None,
     ) -> None:
         """``prefix_cache``: shared prompt prefixes reuse its blocks (the engine's thread is its only writer;
-        ``prefix_cache.stats()`` and ``reset()`` may be called from any thread)."""
+        ``prefix_cache.stats()`` and ``reset()`` may be called from any thread). ``drafter``: decode
+        speculatively, each request with its own ``drafter.spawn()`` (``BatchGenerator``)."""
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
         self.model, self.processor = model, processor
         # MLX streams belong to the thread that made them: arrays still lazy from loading (weights, rotary
         # tables) would be evaluated on the engine thread against the loading thread's stream, which MLX refuses.
-        mx.eval(list(_arrays_in(model)))
+        mx.eval(list(_arrays_in(model)), list(_arrays_in(drafter)) if drafter is not None else [])
         self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
         self.vision_cache = vision_cache
         self.prefix_cache = prefix_cache
@@ -145,8 +152,10 @@ class Engine:
             vision_cache=vision_cache,
             cache_settings=cache_settings,
             prefix_cache=prefix_cache,
+            drafter=drafter,
         )
         self._generator = self._make_generator()
+        self.drafting = self._generator.drafting
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -155,7 +164,16 @@ class Engine:
         self._streams: dict[int, RequestStream] = {}
         self._closing = False
         self._started = time.perf_counter()
-        self._counts = dict(requests=0, finished=0, cancelled=0, errors=0, prompt_tokens=0, generation_tokens=0)
+        self._counts = dict(
+            requests=0,
+            finished=0,
+            cancelled=0,
+            errors=0,
+            prompt_tokens=0,
+            generation_tokens=0,
+            draft_tokens=0,
+            accepted_draft_tokens=0,
+        )
         self._busy_s = 0.0
         self._ttft: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._latency: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -307,6 +325,8 @@ class Engine:
         counts = self._counts
         counts["prompt_tokens"] += event.prompt_tokens
         counts["generation_tokens"] += event.generation_tokens
+        counts["draft_tokens"] += event.draft_tokens
+        counts["accepted_draft_tokens"] += event.accepted_draft_tokens
         if event.finish_reason == "cancelled":
             counts["cancelled"] += 1
         elif event.finish_reason == "error":

@@ -17,14 +17,22 @@ import mlx.core as mx
 from .cache import Cache
 from .cache_settings import CacheSettings, make_layer_caches
 from .compiled_decode import CAPACITY_STEP, CompiledDecode, compiled_decode
-from .prefill import drop_prefix, prefill
+from .prefill import drop_prefix, prefill, prefill_with_layers
 from .prefix_cache import PrefixCache, PrefixMatch
 from .prompt_cache import PromptCache, media_key
 from .protocols import GenerativeModel, PromptEmbedding, PromptProcessor
 from .request import GenerationConfig, GenerationResult, Request, RequestState
 from .sampling import LogitsProcessor, Sampler, process_and_sample
 from .settings import GenerationSettings, generation_settings
-from .speculative import Drafter, DraftSchedule, ModelDrafter, SpeculativeStats, refuse_untrimmable, speculative_step
+from .speculative import (
+    Drafter,
+    DraftSchedule,
+    ModelDrafter,
+    SpeculativeStats,
+    refuse_blind_target,
+    refuse_untrimmable,
+    speculative_step,
+)
 
 __all__ = [
     "GenerationConfig",
@@ -312,9 +320,12 @@ def _speculative(
     if config.max_tokens == 0:
         return
     refuse_untrimmable(cache)
+    refuse_blind_target(model, drafter)
     if embedded is None:
         embedded = model.embed_prompt(vision_cache=vision_cache, **inputs)
-    logits = prefill(model, drop_prefix(embedded, cached_prefix), cache, config.prefill_step_size)
+    logits, features = prefill_with_layers(
+        model, drop_prefix(embedded, cached_prefix), cache, config.prefill_step_size, drafter.target_layers
+    )
     if on_prefilled is not None:
         on_prefilled()
     history = inputs["input_ids"].astype(mx.int32)
@@ -332,6 +343,7 @@ def _speculative(
         override=state.budget,
         schedule=DraftSchedule(most=config.num_draft_tokens),
         stats=state.draft_stats,
+        prompt_features=features,
     )
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import mlx.core as mx
 
 from .cache import Cache
 
-__all__ = ["PromptEmbedding", "GenerativeModel", "PromptProcessor"]
+__all__ = ["ExposesLayers", "PromptEmbedding", "GenerativeModel", "PromptProcessor"]
 
 
 @dataclass
@@ -52,6 +52,26 @@ class GenerativeModel(Protocol):
         ...
 
     def compute_logits(self, hidden: mx.array) -> mx.array: ...
+
+
+@runtime_checkable
+class ExposesLayers(Protocol):
+    """A model whose decoder hands out the hidden states entering chosen layers: drafters that read the target's
+    features (EAGLE-3) need it."""
+
+    def hidden_states_and_layers(
+        self,
+        inputs_embeds: mx.array,
+        *,
+        cache: list[Cache],
+        layers: Sequence[int],
+        position_ids: mx.array | None = None,
+        attention_mask: mx.array | None = None,
+        attention_groups: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array]:
+        """``hidden_states``, and (batch, length, hidden * len(layers)): the hidden states entering each of
+        ``layers`` (index ``num_layers``: the last layer's output, before the final norm), side by side."""
+        ...
 
 
 class PromptProcessor(Protocol):

@@ -145,6 +145,9 @@ class BatchRecurrentCache(RecurrentCache):
     def snapshot_split(self, n_tokens: int) -> int | None:
         return None  # a batch's rows have no prompt cache to go back for
 
+    def can_trim_rows(self) -> bool:
+        return False  # a state holds no tokens to take back: speculative rows decode plainly
+
     def token_mask(self, n_tokens: int) -> mx.array | None:
         if self.offset >= max(self.padding, default=0):
             return None

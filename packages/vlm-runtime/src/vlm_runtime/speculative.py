@@ -21,38 +21,108 @@ it has wrapped); a recurrent state cannot (refused up front, with one line).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import mlx.core as mx
 
 from .cache import Cache
 from .prefill import prefill
-from .protocols import GenerativeModel
+from .protocols import ExposesLayers, GenerativeModel
 from .request import GenerationConfig
 from .sampling import LogitsProcessor, Sampler, SamplingParams, make_distribution
 
 __all__ = [
+    "DraftMask",
     "DraftSchedule",
     "Drafter",
+    "ForkableProcessor",
+    "draft_mask",
+    "masked_argmax",
     "ModelDrafter",
     "SpeculativeStats",
+    "refuse_blind_target",
     "refuse_untrimmable",
     "speculative_step",
+    "target_forward",
 ]
 
 
 class Drafter(Protocol):
     """Proposes tokens continuing a request's sequence; keeps whatever state it needs (a small model's caches)."""
 
-    def begin(self, inputs: Mapping[str, mx.array]) -> None:
-        """Take the request's prompt (with its media, for drafters that see them) before the first proposal."""
+    target_layers: tuple[int, ...]
+    """The target's layers whose hidden states the drafter reads (the target must be ``ExposesLayers``); empty
+    for a drafter that reads tokens only."""
+
+    def spawn(self) -> Drafter:
+        """A drafter of the same model holding no request's state: the batching engine gives each row its own."""
         ...
 
-    def propose(self, emitted: Sequence[int], n: int) -> list[int]:
-        """Up to ``n`` tokens continuing prompt + ``emitted`` (every token emitted so far, in order)."""
+    def begin(self, inputs: Mapping[str, mx.array], features: mx.array | None = None) -> None:
+        """Take the request's prompt (with its media, for drafters that see them) before the first proposal.
+        ``features``: with ``target_layers``, the target's hidden states at the prompt positions it computed,
+        (1, m, width): the last m positions (a prefix cache may have held the first ones)."""
         ...
+
+    def propose(
+        self, emitted: Sequence[int], n: int, features: mx.array | None = None, mask: DraftMask | None = None
+    ) -> list[int]:
+        """Up to ``n`` tokens continuing prompt + ``emitted`` (every token emitted so far, in order).
+        ``features``: with ``target_layers``, the target's hidden states at the positions it fed and kept since
+        the last call, in order (by now it has fed every token but the last emitted one). ``mask``: applied to
+        the drafter's logits before each choice (the request's grammar), given the proposals before it."""
+        ...
+
+
+DraftMask = Callable[[mx.array, Sequence[int]], "mx.array | None"]
+"""(logits (1, vocab), the proposals before this one) -> the logits with what the request's constraints forbid
+there masked out (a drafter that proposes within a grammar proposes what the target may keep), or None where the
+constraints cannot say (drafting stops there)."""
+
+
+@runtime_checkable
+class ForkableProcessor(Protocol):
+    """A stateful logits processor (a grammar) that can hand out an independent copy in its present state: the
+    copy masks the drafter's proposals while the original goes on deciding the emitted tokens."""
+
+    def fork(self) -> LogitsProcessor: ...
+
+
+def draft_mask(processors: Sequence[LogitsProcessor], history: mx.array | None, generated: int) -> DraftMask | None:
+    """The mask for one round's proposals: forks of the request's forkable processors (its constraints), which
+    see the history, then the proposals; None where the request has none."""
+    if history is None:
+        return None
+    forks = [p.fork() for p in processors if isinstance(p, ForkableProcessor)]
+    if not forks:
+        return None
+
+    def mask(logits: mx.array, drafted: Sequence[int]) -> mx.array | None:
+        tokens = mx.concatenate([history, mx.array([list(drafted)], mx.int32)], axis=1) if drafted else history
+        try:
+            for fork in forks:
+                logits = fork(logits, tokens, generated + len(drafted))
+        except Exception:  # a fork in an error state only ends the draft; the request's own grammar decides
+            return None
+        return logits
+
+    return mask
+
+
+def masked_argmax(logits: mx.array, mask: DraftMask | None, drafted: Sequence[int]) -> int | None:
+    """The drafter's greedy choice at one position, within the mask; None where the mask allows none of the
+    drafter's tokens (a reduced draft vocabulary, say): the draft ends before it."""
+    if mask is None:
+        return int(mx.argmax(logits, axis=-1).item())
+    masked = mask(logits, drafted)
+    if masked is None:
+        return None
+    best = mx.argmax(masked, axis=-1)
+    allowed = masked[0, best[0]] > -mx.inf
+    mx.eval(best, allowed)
+    return int(best.item()) if allowed.item() else None
 
 
 class ModelDrafter:
@@ -63,6 +133,8 @@ class ModelDrafter:
     media drafts from its text alone (one warning): that only costs acceptance, never correctness.
     """
 
+    target_layers: tuple[int, ...] = ()
+
     def __init__(self, model: GenerativeModel) -> None:
         self.model = model
         self._cache: list[Cache] = []
@@ -71,7 +143,16 @@ class ModelDrafter:
         self._pending: mx.array | None = None
         """Logits after the last fed token, while no token has been fed since."""
 
-    def begin(self, inputs: Mapping[str, mx.array]) -> None:
+    def spawn(self) -> ModelDrafter:
+        return ModelDrafter(self.model)
+
+    def for_batch(self) -> Any:
+        """Drafting for a whole batch in shared passes (``batch_drafter.BatchedModelDrafter``)."""
+        from .batch_drafter import BatchedModelDrafter
+
+        return BatchedModelDrafter(self.model)
+
+    def begin(self, inputs: Mapping[str, mx.array], features: mx.array | None = None) -> None:
         ids = inputs["input_ids"]
         self._prompt = [int(t) for t in ids[0].tolist()]
         self._cache = self.model.make_cache()
@@ -87,10 +168,13 @@ class ModelDrafter:
         self._pending = prefill(self.model, prompt, self._cache, 2048)
         self._fed = list(self._prompt)
 
-    def propose(self, emitted: Sequence[int], n: int) -> list[int]:
+    def propose(
+        self, emitted: Sequence[int], n: int, features: mx.array | None = None, mask: DraftMask | None = None
+    ) -> list[int]:
         sequence = self._prompt + list(emitted)
         common = _common_prefix(self._fed, sequence)
         if common < len(self._fed):
+            common = min(common, len(sequence) - 1)  # a sequence it drafted past: its last token again, for logits
             for layer in self._cache:
                 layer.trim(len(self._fed) - common)
             self._fed = self._fed[:common]
@@ -102,7 +186,9 @@ class ModelDrafter:
         assert logits is not None, "the drafter holds no logits for a sequence it has fully seen"
         proposals: list[int] = []
         for i in range(n):
-            token = int(mx.argmax(logits, axis=-1).item())
+            token = masked_argmax(logits, mask, proposals)
+            if token is None:
+                break
             proposals.append(token)
             if i + 1 < n:
                 logits = self._step([token])
@@ -172,6 +258,24 @@ class DraftSchedule:
             self.paused_for, self._recent, self.n = self.pause, [], 1
 
 
+def target_forward(
+    model: GenerativeModel, embeds: mx.array, cache: list[Cache], layers: Sequence[int]
+) -> tuple[mx.array, mx.array | None]:
+    """The target's hidden states over ``embeds``, and with ``layers`` its features there (``ExposesLayers``)."""
+    if not layers:
+        return model.hidden_states(embeds, cache=cache), None
+    return model.hidden_states_and_layers(embeds, cache=cache, layers=layers)  # type: ignore[attr-defined]
+
+
+def refuse_blind_target(model: GenerativeModel, drafter: Drafter) -> None:
+    """One clear line where the drafter reads hidden states the target does not hand out."""
+    if drafter.target_layers and not isinstance(model, ExposesLayers):
+        raise ValueError(
+            f"this drafter reads the target's hidden states (layers {list(drafter.target_layers)}), which "
+            f"{type(model).__name__} does not expose"
+        )
+
+
 def refuse_untrimmable(cache: Sequence[Cache]) -> None:
     """One clear line where a layer could not take a proposal back (checked before and after the prefill)."""
     stuck = sorted({type(layer).__name__ for layer in cache if not layer.can_trim_after(2)})
@@ -196,6 +300,7 @@ def speculative_step(
     override: Any = None,
     schedule: DraftSchedule | None = None,
     stats: SpeculativeStats | None = None,
+    prompt_features: mx.array | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) like ``generate_step``, several per target forward pass.
 
@@ -203,9 +308,13 @@ def speculative_step(
     emitted token, in order, on the tokens emitted so far, and the thinking budget (``override``) is asked once
     per emitted token. While the schedule pauses drafting, tokens come from plain decoding, double-buffered as
     in ``generate_step`` (``sampler`` draws them). When the caller stops early, the cache is trimmed back to
-    what plain decoding would hold (every emitted token but the last).
+    what plain decoding would hold (every emitted token but the last). ``prompt_features``: the prompt's
+    hidden states at the drafter's ``target_layers`` (``prefill_with_layers``), for drafters that read them.
     """
     refuse_untrimmable(cache)
+    layers = tuple(drafter.target_layers)
+    kept: list[mx.array] = []
+    """The target's features at the positions it kept since the drafter's last proposal."""
     schedule = schedule or DraftSchedule()
     stats = stats if stats is not None else SpeculativeStats()
     distribution = make_distribution(sampling)
@@ -213,7 +322,7 @@ def speculative_step(
     history = inputs["input_ids"].astype(mx.int32)
     emitted: list[int] = []
     start = cache[0].offset if cache else 0
-    drafter.begin(inputs)
+    drafter.begin(inputs, prompt_features)
 
     def forced() -> int | None:
         return override(emitted[-1] if emitted else None) if override is not None else None
@@ -229,8 +338,19 @@ def speculative_step(
         return _choice(logprobs, proposal, distribution, sampling, key), logprobs
 
     def decode(tokens: list[int] | mx.array) -> mx.array:
+        """The target's logits after each of ``tokens`` (their features kept for the drafter)."""
         ids = tokens.reshape(1, -1) if isinstance(tokens, mx.array) else mx.array([tokens], mx.int32)
-        return model.compute_logits(model.hidden_states(model.embed_tokens(ids), cache=cache)[0])
+        hidden, features = target_forward(model, model.embed_tokens(ids), cache, layers)
+        if features is not None:
+            kept.append(features)
+        return model.compute_logits(hidden[0])
+
+    def kept_features() -> mx.array | None:
+        if not kept:
+            return None
+        features = mx.concatenate(kept, axis=1)
+        kept.clear()
+        return features
 
     def emit(value: int, row: mx.array | None = None) -> None:
         nonlocal history
@@ -280,7 +400,10 @@ def speculative_step(
             n = min(schedule.next(), left - 1)
             while n > 0 and not all(layer.can_trim_after(n + 1) for layer in cache):
                 n -= 1
-            proposals = drafter.propose(emitted, n) if n > 0 else []
+            proposals = []
+            if n > 0:
+                mask = draft_mask(logits_processors, history, len(emitted))
+                proposals = drafter.propose(emitted, n, kept_features() if layers else None, mask)
             all_logits = decode([value, *proposals])
             accepted = 0
             for i, proposal in enumerate(proposals):
@@ -299,6 +422,8 @@ def speculative_step(
             stats.drafted += len(proposals)
             stats.accepted += accepted
             schedule.record(len(proposals), accepted)
+            if kept:  # the positions past the last kept one leave the cache, and their features with them
+                kept[-1] = kept[-1][:, : 1 + accepted]
             if accepted < len(proposals):  # fed to the target after the last kept position
                 for layer in cache:
                     layer.trim(len(proposals) - accepted)

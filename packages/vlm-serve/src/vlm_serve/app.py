@@ -149,6 +149,13 @@ def _add_admin_routes(app: FastAPI) -> None:
                 "time_to_first_token_s": stats.time_to_first_token_s,
                 "latency_s": stats.latency_s,
             }
+            if loaded.draft_kind is not None:
+                out["speculative"] = {
+                    "kind": loaded.draft_kind,
+                    "draft_tokens": stats.draft_tokens,
+                    "accepted_draft_tokens": stats.accepted_draft_tokens,
+                    "acceptance_rate": stats.accepted_draft_tokens / stats.draft_tokens if stats.draft_tokens else 0.0,
+                }
             out["vision_cache"] = counters.vision_cache(loaded.vision_cache)
             out["prefix_cache"] = counters.prefix_cache(loaded.prefix_cache)
         return out

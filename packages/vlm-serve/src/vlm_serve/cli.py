@@ -171,9 +171,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
     )
     parser.add_argument("--trust-remote-code", action="store_true")
-    from vlm_models.cli import add_activation_quantization_arg
+    from vlm_models.cli import add_activation_quantization_arg, add_draft_args
 
     add_activation_quantization_arg(parser)
+    add_draft_args(parser)
 
 
 def settings_from(args: argparse.Namespace) -> Any:
@@ -220,6 +221,9 @@ def settings_from(args: argparse.Namespace) -> Any:
         log_level=args.log_level,
         trust_remote_code=args.trust_remote_code,
         quantize_activations=args.quantize_activations,
+        draft_model=args.draft_model,
+        draft_kind=args.draft_kind,
+        num_draft_tokens=args.num_draft_tokens,
     )
     if not (settings.model or settings.allowed_models or settings.models_dir):
         raise ValueError("nothing to serve: give --model M, --allow-model M or --models-dir DIR")
@@ -262,6 +266,13 @@ def serve(args: argparse.Namespace) -> None:
             asyncio.run(engine.preload())
         except APIError as e:
             raise ValueError(e.message) from None
+        loaded = engine.loaded
+        if settings.draft_model is not None and loaded is not None and loaded.engine.drafting:
+            print(
+                f"speculative decoding: {loaded.draft_kind} drafter {settings.draft_model}, up to "
+                f"{settings.num_draft_tokens} tokens per round",
+                file=sys.stderr,
+            )
     app = create_app(engine, settings)
     uvicorn.Server(uvicorn_config(app, settings)).run()
 

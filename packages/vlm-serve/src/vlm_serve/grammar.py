@@ -64,6 +64,12 @@ class GrammarConstraint:
         self._vocab = vocab_size
         self._seen: int | None = None
 
+    def fork(self) -> GrammarConstraint:
+        """An independent copy in this state (speculative decoding masks its drafter's proposals with it)."""
+        twin = GrammarConstraint(self._matcher.deep_copy(), self._vocab)
+        twin._seen = self._seen
+        return twin
+
     def __call__(self, logits: mx.array, history: mx.array, generated: int) -> mx.array:
         length = history.shape[1]
         if self._seen is not None and length > self._seen:

@@ -49,6 +49,8 @@ class LoadedModel:
     holds: int = 0
     """Requests between choosing this model and handing their prompt to its engine."""
     prefix_cache: PrefixCache | None = None
+    draft_kind: str | None = None
+    """The kind of drafter its engine decodes speculatively with (None: it decodes plainly)."""
 
     def __post_init__(self) -> None:
         if self.grammars is None:
@@ -143,10 +145,20 @@ class ModelHost:
 
     @classmethod
     def from_model(
-        cls, model_id: str, model: Any, processor: Any, settings: ServeSettings, *, context_length: int
+        cls,
+        model_id: str,
+        model: Any,
+        processor: Any,
+        settings: ServeSettings,
+        *,
+        context_length: int,
+        drafter: Any = None,
+        draft_kind: str = "draft",
     ) -> ModelHost:
-        """Serve an already loaded model (tests, embedding the server in a program)."""
-        return cls(settings, _start(model_id, model, processor, settings, context_length))
+        """Serve an already loaded model (tests, embedding the server in a program), speculatively with
+        ``drafter`` (a ``vlm_runtime.speculative.Drafter``) where given."""
+        draft = (drafter, draft_kind) if drafter is not None else None
+        return cls(settings, _start(model_id, model, processor, settings, context_length, draft=draft))
 
     @property
     def loaded(self) -> LoadedModel | None:
@@ -225,7 +237,26 @@ class ModelHost:
             quantize_activations=settings.quantize_activations,
         )
         context = settings.context_length or context_length_of(load_config(resolve_model_path(choice.source)))
-        return _start(choice.source, model, processor, settings, context, name=choice.name)
+        draft = self._drafter(choice, model, processor)
+        return _start(choice.source, model, processor, settings, context, name=choice.name, draft=draft)
+
+    def _drafter(self, choice: ModelChoice, model: Any, processor: Any) -> tuple[Any, str] | None:
+        """``--draft-model`` for this model, or None. A drafter that cannot serve ``--model`` stops the server
+        (one line); one that cannot serve a model a request names (another tokenizer) leaves it decoding plainly."""
+        from vlm_models.drafting import DrafterError, load_drafter
+
+        settings = self.settings
+        if settings.draft_model is None:
+            return None
+        try:
+            return load_drafter(
+                settings.draft_model, target_processor=processor, kind=settings.draft_kind, target=model
+            )
+        except DrafterError as e:
+            if choice.source == settings.model:
+                raise ValueError(f"--draft-model: {e}") from None
+            _log.warning("model %s decodes without speculation: %s", choice.name, e)
+            return None
 
     async def unload(self, *, force: bool = False) -> str | None:
         """Unload the model; refused (409) while it has work, unless ``force``, which cancels that work."""
@@ -250,7 +281,14 @@ class ModelHost:
 
 
 def _start(
-    source: str, model: Any, processor: Any, settings: ServeSettings, context_length: int, *, name: str | None = None
+    source: str,
+    model: Any,
+    processor: Any,
+    settings: ServeSettings,
+    context_length: int,
+    *,
+    name: str | None = None,
+    draft: tuple[Any, str] | None = None,
 ) -> LoadedModel:
     import time
 
@@ -266,6 +304,7 @@ def _start(
         vision_cache=cache,
         cache_settings=settings.cache,
         prefix_cache=prefix_cache,
+        drafter=draft[0] if draft is not None else None,
     )
     return LoadedModel(
         name or public_name(source),
@@ -278,6 +317,7 @@ def _start(
         vocabulary_size=_vocabulary_size(model),
         source=source,
         prefix_cache=prefix_cache,
+        draft_kind=draft[1] if draft is not None and engine.drafting else None,
     )
 
 

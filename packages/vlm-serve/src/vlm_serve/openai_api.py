@@ -235,13 +235,21 @@ def _has_logprob(loaded: LoadedModel, event: Any) -> bool:
     return event.logprob is not None and event.token is not None and event.token not in loaded.processor.eos_token_ids
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+def _usage(last: Any) -> dict[str, Any]:
+    """The usage of a request from its last event; with speculative decoding, the drafter's proposals the
+    target kept and rejected (OpenAI's prediction-token fields)."""
+    usage = {
+        "prompt_tokens": last.prompt_tokens,
+        "completion_tokens": last.generation_tokens,
+        "total_tokens": last.prompt_tokens + last.generation_tokens,
+        "prompt_tokens_details": {"cached_tokens": last.cached_tokens},
     }
+    if last.draft_tokens:
+        usage["completion_tokens_details"] = {
+            "accepted_prediction_tokens": last.accepted_draft_tokens,
+            "rejected_prediction_tokens": last.draft_tokens - last.accepted_draft_tokens,
+        }
+    return usage
 
 
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -276,7 +284,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         "created": created,
         "model": loaded.model_id,
         "choices": [choice],
-        "usage": _usage(last.prompt_tokens, last.generation_tokens, last.cached_tokens),
+        "usage": _usage(last),
     }
 
 
@@ -334,7 +342,7 @@ async def _stream(
                     "created": created,
                     "model": loaded.model_id,
                     "choices": [],
-                    "usage": _usage(last.prompt_tokens, last.generation_tokens, last.cached_tokens),
+                    "usage": _usage(last),
                 }
             )
         yield "data: [DONE]\n\n"

@@ -51,7 +51,14 @@ CHAT_COMPLETION = _object(
                 {"logprobs": _nullable({"type": "object"})},
             ),
         },
-        "usage": _object({"prompt_tokens": _INTEGER, "completion_tokens": _INTEGER, "total_tokens": _INTEGER}),
+        "usage": _object(
+            {"prompt_tokens": _INTEGER, "completion_tokens": _INTEGER, "total_tokens": _INTEGER},
+            {
+                "completion_tokens_details": _object(
+                    {"accepted_prediction_tokens": _INTEGER, "rejected_prediction_tokens": _INTEGER}
+                )
+            },
+        ),
     }
 )
 MESSAGE = _object(
@@ -102,6 +109,14 @@ SUCCESS: dict[str, dict[str, Any]] = {
             "engine": {"type": "object"},
             "vision_cache": _nullable({"type": "object"}),
             "prefix_cache": _nullable({"type": "object"}),
+            "speculative": _object(
+                {
+                    "kind": _STRING,
+                    "draft_tokens": _INTEGER,
+                    "accepted_draft_tokens": _INTEGER,
+                    "acceptance_rate": _NUMBER,
+                }
+            ),
         },
     ),
     "/unload": _object({"unloaded": _nullable(_STRING)}),

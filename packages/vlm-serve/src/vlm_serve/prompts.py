@@ -142,6 +142,7 @@ async def prepare(loaded: LoadedModel, request: ChatRequest, settings: ServeSett
         stop=config.stop,
         logprobs=config.logprobs,
         top_logprobs=config.top_logprobs,
+        num_draft_tokens=settings.num_draft_tokens,
     )
     return PreparedRequest(
         Request(inputs, sampling, config, thinking, constraints), prompt_tokens, tool_format if tools else None

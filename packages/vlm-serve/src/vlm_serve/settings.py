@@ -88,6 +88,12 @@ class ServeSettings:
     trust_remote_code: bool = False
     quantize_activations: bool | None = None
     """``-qa``: the model's mxfp8 / nvfp4 linear layers activation-quantized (None: where the backend needs it)."""
+    draft_model: str | None = None
+    """Speculative decoding: the drafter (folder or repo id) of every model served whose tokenizer it shares."""
+    draft_kind: str | None = None
+    """The drafter's kind (``vlm_models.drafting.DRAFT_KINDS``); None reads it from its config."""
+    num_draft_tokens: int = 4
+    """Most tokens a request's drafter proposes per round (the schedule adapts below it)."""
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -103,6 +109,7 @@ class ServeSettings:
             "max_request_pixels",
             "max_header_bytes",
             "max_connections",
+            "num_draft_tokens",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -131,7 +131,7 @@ class Model(qwen3_vl.Model):
     def make_cache(self) -> list[Any]:
         return self.model.language_model.make_cache()
 
-    hidden_states = TextGeneration.hidden_states  # no deepstack channels to split off
+    _decode = TextGeneration._decode  # no deepstack channels to split off
 
     def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
         return super().sanitize(hybrid_sanitize(weights, qwen2_vl._canonical_name))

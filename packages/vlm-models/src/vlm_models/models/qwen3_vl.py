@@ -20,7 +20,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import from_dict, text_section
-from ..nn.decoder import DecoderConfig, no_attention_groups
+from ..nn.decoder import DecoderConfig, LayerTaps, no_attention_groups
 from ..nn.layers import activation
 from ..nn.rope import inverse_frequencies
 from ..nn.vision import VisionBlock, segment_mask
@@ -179,14 +179,14 @@ class Model(qwen2_vl.Model):
         embeds = self.embed_tokens(input_ids)
         return mx.pad(embeds, [(0, 0), (0, 0), (0, embeds.shape[-1] * self.deepstack_levels)])
 
-    def hidden_states(
+    def _decode(
         self,
         inputs_embeds: mx.array,
-        *,
-        cache: list[Any] | None = None,
-        position_ids: mx.array | None = None,
-        attention_mask: mx.array | None = None,
-        attention_groups: mx.array | None = None,
+        cache: list[Any] | None,
+        position_ids: mx.array | None,
+        attention_mask: mx.array | None,
+        attention_groups: mx.array | None,
+        taps: LayerTaps | None,
     ) -> mx.array:
         """Prompt embeddings carry the deepstack channels (added after the first layers); decode steps' do not."""
         no_attention_groups(attention_groups)
@@ -194,5 +194,10 @@ class Model(qwen2_vl.Model):
         levels = inputs_embeds.shape[-1] // hidden - 1
         parts = mx.split(inputs_embeds, levels + 1, axis=-1) if levels else [inputs_embeds]
         return self.model.language_model(
-            parts[0], cache=cache, position_ids=position_ids, attention_mask=attention_mask, layer_additions=parts[1:]
+            parts[0],
+            cache=cache,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            layer_additions=parts[1:],
+            taps=taps,
         )

@@ -25,6 +25,7 @@ from .rope import MultimodalRotary, Rotate
 
 __all__ = [
     "DecoderConfig",
+    "LayerTaps",
     "TextDecoder",
     "TextGeneration",
     "no_attention_groups",
@@ -104,8 +105,10 @@ class TextDecoder(nn.Module):
         position_ids: mx.array | None = None,
         attention_mask: mx.array | None = None,
         layer_additions: Sequence[mx.array] = (),
+        taps: LayerTaps | None = None,
     ) -> mx.array:
-        """``layer_additions[i]`` is added to the hidden states after layer i (Qwen3-VL's deepstack)."""
+        """``layer_additions[i]`` is added to the hidden states after layer i (Qwen3-VL's deepstack); ``taps``
+        collects the hidden states entering the layers it names (speculative drafters read them)."""
         length = inputs_embeds.shape[1]
         rotate = rotation(self._rotary, cache, position_ids, length)
         if cache:
@@ -115,10 +118,34 @@ class TextDecoder(nn.Module):
             mask = attention_mask_for(length, inputs_embeds.dtype, key_padding=attention_mask)
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
+            if taps is not None:
+                taps.see(i, h)
             h = layer(h, rotate, mask, cache[i] if cache else None)
             if i < len(layer_additions):
                 h = h + layer_additions[i]
+        if taps is not None:
+            taps.see(len(self.layers), h)
         return self.norm(h)
+
+
+class LayerTaps:
+    """The hidden states entering chosen decoder layers during one forward pass (layer index ``n_layers``: the
+    last layer's output, before the final norm), as EAGLE-3 drafters number them."""
+
+    def __init__(self, layers: Sequence[int], n_layers: int) -> None:
+        outside = [i for i in layers if not 0 <= i <= n_layers]
+        if outside:
+            raise ValueError(f"cannot read the hidden states of layers {outside}: the model has {n_layers} layers")
+        self.layers = tuple(layers)
+        self._seen: dict[int, mx.array] = {}
+
+    def see(self, layer: int, hidden: mx.array) -> None:
+        if layer in self.layers:
+            self._seen[layer] = hidden
+
+    def features(self) -> mx.array:
+        """(batch, length, hidden * len(layers)): the taps in the order asked for."""
+        return mx.concatenate([self._seen[i] for i in self.layers], axis=-1)
 
 
 def no_attention_groups(groups: mx.array | None) -> None:
@@ -149,9 +176,35 @@ class TextGeneration(FamilyDefaults):
         attention_mask: mx.array | None = None,
         attention_groups: mx.array | None = None,
     ) -> mx.array:
+        return self._decode(inputs_embeds, cache, position_ids, attention_mask, attention_groups, None)
+
+    def hidden_states_and_layers(
+        self,
+        inputs_embeds: mx.array,
+        *,
+        cache: list[Any] | None = None,
+        layers: Sequence[int],
+        position_ids: mx.array | None = None,
+        attention_mask: mx.array | None = None,
+        attention_groups: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array]:
+        """``hidden_states``, and the hidden states entering ``layers`` side by side (``LayerTaps``)."""
+        taps = LayerTaps(layers, len(self.model.language_model.layers))
+        hidden = self._decode(inputs_embeds, cache, position_ids, attention_mask, attention_groups, taps)
+        return hidden, taps.features()
+
+    def _decode(
+        self,
+        inputs_embeds: mx.array,
+        cache: list[Any] | None,
+        position_ids: mx.array | None,
+        attention_mask: mx.array | None,
+        attention_groups: mx.array | None,
+        taps: LayerTaps | None,
+    ) -> mx.array:
         no_attention_groups(attention_groups)
         return self.model.language_model(
-            inputs_embeds, cache=cache, position_ids=position_ids, attention_mask=attention_mask
+            inputs_embeds, cache=cache, position_ids=position_ids, attention_mask=attention_mask, taps=taps
         )
 
     def compute_logits(self, hidden: mx.array) -> mx.array:

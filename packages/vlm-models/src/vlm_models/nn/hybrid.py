@@ -24,7 +24,7 @@ from vlm_runtime import KVCache, RecurrentCache
 from vlm_runtime.masks import attention_mask_for
 
 from ..config import ConfigError
-from .decoder import rotation
+from .decoder import LayerTaps, rotation
 from .gated_delta import GatedDeltaNet, LinearAttentionConfig
 from .gemma import GemmaRMSNorm
 from .layers import Attention, GatedMLP
@@ -180,9 +180,10 @@ class HybridDecoder(nn.Module):
         cache: list[Any] | None = None,
         position_ids: mx.array | None = None,
         attention_mask: mx.array | None = None,
+        taps: LayerTaps | None = None,
     ) -> mx.array:
         """``attention_mask``: (batch, keys) with 0 at padding, as the processor gives it for a padded batch; without
-        one, a batched cache says which columns are padding."""
+        one, a batched cache says which columns are padding. ``taps``: as ``TextDecoder`` takes them."""
         length = inputs_embeds.shape[1]
         reference = self._reference or 0
         rotate = rotation(self._rotary, cache, position_ids, length, reference)
@@ -197,5 +198,9 @@ class HybridDecoder(nn.Module):
         valid = None if attention_mask is None else attention_mask[:, -length:]
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
+            if taps is not None:
+                taps.see(i, h)
             h = layer(h, rotate, mask, cache[i] if cache else None, valid)
+        if taps is not None:
+            taps.see(len(self.layers), h)
         return self.norm(h)

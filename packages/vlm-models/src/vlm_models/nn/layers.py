@@ -54,14 +54,18 @@ class Attention(nn.Module):
         out_bias: bool = False,
         scale: float | None = None,
         qk_norm: Callable[[int], nn.Module] | None = None,
+        in_dim: int | None = None,
     ) -> None:
-        """``qk_norm`` builds a per-head norm (over head_dim) applied to queries and keys before rotation."""
+        """``qk_norm`` builds a per-head norm (over head_dim) applied to queries and keys before rotation;
+        ``in_dim``: the width queries, keys and values are projected from, where it is not ``hidden`` (an
+        EAGLE-3 layer reads embeddings and features side by side)."""
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
-        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        source = hidden if in_dim is None else in_dim
+        self.q_proj = nn.Linear(source, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(source, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(source, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=out_bias)
         if qk_norm is not None:
             self.q_norm = qk_norm(head_dim)
