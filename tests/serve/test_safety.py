@@ -134,7 +134,10 @@ def test_a_full_queue_is_overloaded_in_each_apis_own_way(loaded_model) -> None:
     Anthropic's own 529 (overloaded_error) for its routes; the running stream is not disturbed."""
     from .conftest import make_server
 
-    servers = make_server(loaded_model, max_concurrency=1, max_waiting=0)
+    # The engine holds the slot until it has generated the whole answer, which the tiny model can do before the
+    # next two requests arrive: a model 4 ms slower a token keeps it busy through them.
+    model, processor = loaded_model
+    servers = make_server((_SlowModel(model), processor), max_concurrency=1, max_waiting=0)
     server = next(servers)
     try:
         body = {
@@ -156,3 +159,19 @@ def test_a_full_queue_is_overloaded_in_each_apis_own_way(loaded_model) -> None:
             assert [line for line in lines if line][-1] == "data: [DONE]"
     finally:
         next(servers, None)
+
+
+class _SlowModel:
+    """A model that takes 4 ms longer to give each step's logits (everything else is the model's own)."""
+
+    def __init__(self, model) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def compute_logits(self, hidden):
+        import time
+
+        time.sleep(0.004)
+        return self._model.compute_logits(hidden)
