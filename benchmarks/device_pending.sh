@@ -3,6 +3,7 @@
 # each step under its own timeout so one slow step cannot eat the others. Two calls cover them on an H200:
 #   source .device/setup.sh; STEPS="attn prefix evalquant omni" bash benchmarks/device_pending.sh     # ~7 min
 #   source .device/setup.sh; STEPS="suite profile profile-gemma4" bash benchmarks/device_pending.sh   # ~8 min
+#   source .device/setup.sh; STEPS="spec" bash benchmarks/device_pending.sh                          # ~9 min
 # Other steps (already measured, kept to rerun): quant matvec.
 # Needs tests/fixtures/qwen2_vl/hf4 (make_random_checkpoint.py); "omni" also qwen2_audio and qwen2_vl/hf5;
 # "profile" qwen3_5/hf5; "profile-gemma4" gemma4/hub. Keep those when moving the others aside.
@@ -40,6 +41,20 @@ for step in ${STEPS:-attn prefix evalquant omni}; do
         timeout 240 $VLM bench --shape "${SUITE_SHAPE:-qwen2-vl-2b}" --dtype "$DTYPE" ${bits:+--q-bits $bits} --suite \
           --peer mlx-vlm --runs 2 --json "$OUT/suite${bits:+-q$bits}.json" 2>&1 | grep -v "^bench:" \
           | tee -a "$OUT/suite.log"
+      done ;;
+    spec)  # issue 18: speculative decoding at the 2B shape: the target as its own drafter (every proposal right:
+      # what verifying in blocks saves at best), a random drafter (the cost of a useless one), a distilled EAGLE-3
+      # head (layers 3, 13, 25 of 28), alone and at batch 4; every run is checked token-equal to plain decoding
+      for draft in "$CK" random; do
+        timeout 150 python3 benchmarks/bench_speculative.py --model "$CK" --draft-model "$draft" \
+          --image benchmarks/bench_448.png --max-tokens 128 --runs 2 2>&1 | tail -4 | tee -a "$OUT/spec.log"
+      done
+      timeout 240 python3 benchmarks/train_eagle3_head.py --model "$CK" --output /tmp/eagle3-2b --layers "${EAGLE_LAYERS:-3,13,25}" \
+        --samples 128 --steps 400 2>&1 | tail -3 | tee -a "$OUT/spec.log"
+      for batch in 0 4; do
+        timeout 150 python3 benchmarks/bench_speculative.py --model "$CK" --draft-model /tmp/eagle3-2b \
+          --image benchmarks/bench_448.png --max-tokens 128 --runs 2 --batch "$batch" 2>&1 | tail -4 \
+          | tee -a "$OUT/spec.log"
       done ;;
     matvec)  # issue 14: the quantized matvec kernel's speed (then set FAST_ROWS in vlm_kernels.quantized_matvec)
       TESTS=0 timeout 240 bash benchmarks/device_matvec.sh 2>&1 | tee "$OUT/matvec.log" ;;
