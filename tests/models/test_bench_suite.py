@@ -16,6 +16,8 @@ from vlm_models.bench_shapes import SHAPES, qwen2_vl_config, qwen2_vl_weights, s
 from vlm_models.cli import SHAPE_NAMES, main
 from vlm_models.demo import demo_model_path
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch) -> Path:
@@ -33,6 +35,30 @@ def test_the_real_shapes_have_the_published_parameter_counts(shape: str, billion
     config = qwen2_vl_config(SHAPES[shape], token_ids(demo_model_path()), SHAPES[shape]["vocab_size"], "bfloat16")
     total = sum(math.prod(shape_) for _, shape_, _ in qwen2_vl_weights(config))
     assert abs(total / 1e9 - billions) < 0.005
+
+
+def test_qwen3_vl_4b_has_the_published_parameter_count() -> None:
+    """Built by our own modules (nothing evaluated or written): Qwen3-VL-4B has 4.44B parameters."""
+    from mlx.utils import tree_flatten
+
+    from vlm_models.bench_shapes import qwen3_vl_config
+    from vlm_models.registry import architecture_for
+
+    config = qwen3_vl_config(SHAPES["qwen3-vl-4b"], token_ids(demo_model_path()), 151936, "bfloat16")
+    model = architecture_for("qwen3_vl").load_module().Model.from_hf_config(config)
+    total = sum(math.prod(a.shape) for _, a in tree_flatten(model.parameters()))
+    assert abs(total / 1e9 - 4.438) < 0.005
+
+
+def test_a_qwen3_vl_shape_loads_and_answers_about_an_image(cache: Path) -> None:
+    from vlm_models import apply_chat_template
+    from vlm_runtime import generate
+
+    model, processor = load(shape_checkpoint("qwen3-vl-tiny", dtype="float32"))
+    prompt = apply_chat_template(processor, None, "Describe this image.", num_images=1)
+    result = generate(model, processor, prompt, image=[ROOT / "benchmarks" / "bench_448.png"], max_tokens=4)
+    assert result.generation_tokens == 4
+    assert result.prompt_tokens > (448 // 32) ** 2  # the 448-px image's 196 tokens are in the prompt
 
 
 def test_a_shape_checkpoint_is_written_once_and_redone_when_incomplete(cache: Path) -> None:

@@ -50,6 +50,52 @@ SHAPES: dict[str, dict[str, Any]] = {
         mrope_section=[16, 24, 24],
         vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
     ),
+    # Qwen/Qwen3-VL-4B-Instruct's sizes (written through our own modules: see ``write_from_modules``).
+    "qwen3-vl-4b": dict(
+        family="qwen3_vl",
+        text=dict(
+            hidden_size=2560,
+            intermediate_size=9728,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            mrope_section=[24, 20, 20],
+            vocab_size=151936,
+        ),
+        tie_word_embeddings=True,
+        vision=dict(
+            depth=24,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_heads=16,
+            num_position_embeddings=2304,
+            deepstack_visual_indexes=[5, 11, 17],
+        ),
+    ),
+    # Its structure, tiny (tests, dry runs).
+    "qwen3-vl-tiny": dict(
+        family="qwen3_vl",
+        text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            mrope_section=[4, 2, 2],
+            vocab_size=None,
+        ),
+        tie_word_embeddings=False,
+        vision=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0, 2],
+        ),
+    ),
     # The same structure, tiny (tests, dry runs): vocab None = the tokenizer's own size.
     "tiny": dict(
         hidden_size=64,
@@ -87,6 +133,26 @@ QWEN2_VL_PREPROCESSOR = {
     "processor_class": "Qwen2VLProcessor",
 }
 """Qwen2-VL's preprocessor_config.json as published (a 448x448 image gives 256 image tokens)."""
+
+QWEN3_VL_PROCESSOR = {
+    "image_processor": {
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "merge_size": 2,
+        "patch_size": 16,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+        "temporal_patch_size": 2,
+    },
+    "processor_class": "Qwen3VLProcessor",
+}
+"""Qwen3-VL's processor_config.json as published (transformers 5 layout)."""
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -209,6 +275,83 @@ def qwen2_vl_weights(config: dict[str, Any]) -> Iterator[tuple[str, tuple[int, .
     yield "visual.merger.mlp.2.bias", (v["hidden_size"],), "zeros"
 
 
+def qwen3_vl_config(shape: dict[str, Any], ids: dict[str, Any], vocab_size: int, dtype: str) -> dict[str, Any]:
+    t, v = shape["text"], shape["vision"]
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "model_type": "qwen3_vl",
+        "dtype": dtype,
+        **{
+            k: ids[k]
+            for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+            if k in ids
+        },
+        "text_config": {
+            "model_type": "qwen3_vl_text",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            **{k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in ids},
+            "head_dim": t["head_dim"],
+            "hidden_act": "silu",
+            "hidden_size": t["hidden_size"],
+            "initializer_range": 0.02,
+            "intermediate_size": t["intermediate_size"],
+            "max_position_embeddings": 262144,
+            "num_attention_heads": t["num_attention_heads"],
+            "num_hidden_layers": t["num_hidden_layers"],
+            "num_key_value_heads": t["num_key_value_heads"],
+            "rms_norm_eps": 1e-06,
+            "rope_parameters": {
+                "mrope_interleaved": True,
+                "mrope_section": list(t["mrope_section"]),
+                "rope_theta": 5000000.0,
+                "rope_type": "default",
+            },
+            "use_cache": True,
+            "vocab_size": vocab_size,
+        },
+        "tie_word_embeddings": shape["tie_word_embeddings"],
+        "vision_config": {
+            "model_type": "qwen3_vl_vision",
+            "deepstack_visual_indexes": list(v["deepstack_visual_indexes"]),
+            "depth": v["depth"],
+            "hidden_act": "gelu_pytorch_tanh",
+            "hidden_size": v["hidden_size"],
+            "in_channels": 3,
+            "initializer_range": 0.02,
+            "intermediate_size": v["intermediate_size"],
+            "num_heads": v["num_heads"],
+            "num_position_embeddings": v["num_position_embeddings"],
+            "out_hidden_size": t["hidden_size"],
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+    }
+
+
+def write_from_modules(
+    config: dict[str, Any], out: Path, dtype: mx.Dtype, seed: int, progress: Callable[[str], None] | None = None
+) -> int:
+    """Weights for any family: its model built from ``config`` by our own modules (their initialisation, norms at
+    one), in our parameter names (``load`` reads them: every family's ``sanitize`` is idempotent), cast and
+    written shard by shard. The arrays are lazy until their shard is evaluated, so memory stays about a shard."""
+    from mlx.utils import tree_flatten
+
+    from .registry import architecture_for
+
+    mx.random.seed(seed)
+    model = architecture_for(config["model_type"]).load_module().Model.from_hf_config(config)
+    arrays = dict(tree_flatten(model.parameters()))
+    specs = [(name, tuple(a.shape), "module") for name, a in arrays.items()]
+
+    def tensor(name: str, shape: tuple[int, ...], init: str, dtype_: mx.Dtype, key: mx.array) -> mx.array:
+        a = arrays[name]
+        return a.astype(dtype_) if mx.issubdtype(a.dtype, mx.floating) else a
+
+    return write_weights(specs, out, dtype, seed, progress, make=tensor)
+
+
 def random_tensor(shape: tuple[int, ...], init: str, dtype: mx.Dtype, key: mx.array) -> mx.array:
     if init == "ones":
         return mx.ones(shape, dtype=dtype)
@@ -225,6 +368,7 @@ def write_weights(
     dtype: mx.Dtype,
     seed: int,
     progress: Callable[[str], None] | None = None,
+    make: Callable[..., mx.array] | None = None,
 ) -> int:
     """Generate and write the tensors shard by shard (one shard in memory at a time); the bytes written."""
     shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
@@ -243,7 +387,10 @@ def write_weights(
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for spec_name, shape, init in shard:
-            tensors[spec_name] = random_tensor(shape, init, dtype, keys[k])
+            if make is None:
+                tensors[spec_name] = random_tensor(shape, init, dtype, keys[k])
+            else:
+                tensors[spec_name] = make(spec_name, shape, init, dtype, keys[k])
             k += 1
         mx.eval(tensors)
         mx.save_safetensors(str(out / name), tensors, metadata={"format": "pt"})
@@ -268,8 +415,9 @@ def write_random_checkpoint(
     tokenizer_source: Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Write a random Qwen2-VL checkpoint of ``shape`` (a name in ``SHAPES`` or such a dict) into ``out``, with
-    the tokenizer of ``tokenizer_source`` (default: the shipped demo model). Returns its config."""
+    """Write a random checkpoint of ``shape`` (a name in ``SHAPES`` or such a dict: Qwen2-VL, or Qwen3-VL with
+    ``family``) into ``out``, with the tokenizer of ``tokenizer_source`` (default: the shipped demo model).
+    Returns its config."""
     from .demo import demo_model_path
 
     spec = SHAPES[shape] if isinstance(shape, str) else shape
@@ -278,23 +426,29 @@ def write_random_checkpoint(
     source = Path(tokenizer_source) if tokenizer_source is not None else demo_model_path()
     ids = token_ids(source)
     n_tokens = tokenizer_size(source)
-    vocab = spec["vocab_size"] or n_tokens
+    family = spec.get("family", "qwen2_vl")
+    vocab = (spec["text"]["vocab_size"] if family == "qwen3_vl" else spec["vocab_size"]) or n_tokens
     highest = max([n_tokens - 1, *(v for x in ids.values() for v in (x if isinstance(x, list) else [x]))])
     if vocab <= highest:
         raise ValueError(f"a vocabulary of {vocab} is too small for the tokenizer of {source} (ids up to {highest})")
     out.mkdir(parents=True, exist_ok=True)
-    config = qwen2_vl_config(spec, ids, vocab, dtype)
+    if family == "qwen3_vl":
+        config = qwen3_vl_config(spec, ids, vocab, dtype)
+        write_from_modules(config, out, DTYPES[dtype], seed, progress)
+        (out / "processor_config.json").write_text(json.dumps(QWEN3_VL_PROCESSOR, indent=2) + "\n")
+    else:
+        config = qwen2_vl_config(spec, ids, vocab, dtype)
+        write_weights(list(qwen2_vl_weights(config)), out, DTYPES[dtype], seed, progress)
+        (out / "preprocessor_config.json").write_text(json.dumps(QWEN2_VL_PREPROCESSOR, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_weights(list(qwen2_vl_weights(config)), out, DTYPES[dtype], seed, progress)
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, out / name)
     tokenizer_config = out / "tokenizer_config.json"
     if tokenizer_config.is_file():  # long benchmark prompts are meant: no "longer than the maximum" warnings
         settings = json.loads(tokenizer_config.read_text())
-        settings["model_max_length"] = config["max_position_embeddings"]
+        settings["model_max_length"] = (config.get("text_config") or config)["max_position_embeddings"]
         tokenizer_config.write_text(json.dumps(settings, indent=2) + "\n")
-    (out / "preprocessor_config.json").write_text(json.dumps(QWEN2_VL_PREPROCESSOR, indent=2) + "\n")
     eos = ids.get("eos_token_id")
     generation = {"bos_token_id": ids.get("bos_token_id"), "eos_token_id": eos, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -409,7 +409,7 @@ def _bench(args: argparse.Namespace) -> None:
     )
 
 
-SHAPE_NAMES = ("qwen2-vl-2b", "qwen2-vl-7b", "tiny")
+SHAPE_NAMES = ("qwen2-vl-2b", "qwen2-vl-7b", "qwen3-vl-4b", "qwen3-vl-tiny", "tiny")
 """``bench_shapes.SHAPES``' names, here so that ``vlm --help`` does not import MLX (a test keeps them equal)."""
 
 
