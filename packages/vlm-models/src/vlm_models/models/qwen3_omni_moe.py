@@ -42,6 +42,7 @@ from .qwen2_5_omni import OmniThinker
 
 # Qwen3OmniMoeTextConfig's defaults that the published config may leave out.
 TEXT_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=152064,  # the published vocabulary (the config class's own default, 3584, is no real one)
     hidden_size=2048,
     intermediate_size=18944,
     num_hidden_layers=28,
