@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlm_models import apply_chat_template, load
+from vlm_models.cli import main
 from vlm_models.config import ConfigError
 from vlm_models.convert import ConvertOptions, convert
 from vlm_models.models.qwen3_omni_moe import ModelConfig, interleave_in_time
@@ -24,7 +25,7 @@ from vlm_models.processors.qwen3_omni_moe import Qwen3OmniMoeVideoProcessor, aud
 from vlm_models.video import Video, VideoSampling
 from vlm_runtime import batch_generate, generate, stream_generate
 
-from .conftest import AUDIO, FIXTURES, Reference, inputs_of
+from .conftest import AUDIO, FIXTURES, Reference, check_chunked_prefill, inputs_of
 from .test_qwen2_5_omni import clip_frames, sweep, write_video_with_sound
 
 ROOT = FIXTURES / "qwen3_omni_moe"
@@ -165,8 +166,16 @@ def test_batch_generate_gives_the_padded_reference_batch(loaded, ref: Reference)
     assert [r.text for r in results] == [processor.decode(row.tolist()) for row in greedy]
 
 
-def test_a_video_file_brings_its_own_sound_track(loaded, ref: Reference, tmp_path: Path) -> None:
-    """A Matroska file's lossless frames and float PCM track give the reference's tokens and logits."""
+@pytest.mark.parametrize("case", ["video_with_audio", "mixed"])
+def test_chunked_prefill_keeps_the_deepstack_channels(loaded, ref: Reference, case: str) -> None:
+    """Prefill in chunks of 7 tokens (cutting through the media runs): the reference's last logits and tokens."""
+    model, _ = loaded
+    check_chunked_prefill(model, ref, case, 7)
+
+
+def test_a_video_file_brings_its_own_sound_track(loaded, ref: Reference, tmp_path: Path, capsys) -> None:
+    """A Matroska file's lossless frames and float PCM track give the reference's tokens and logits; the CLI's
+    --video-audio and --audio take the same paths."""
     model, processor = loaded
     frames = clip_frames(*ref.meta["cases"]["video_with_audio"]["videos"][0])
     path = tmp_path / "clip.mkv"
@@ -176,6 +185,10 @@ def test_a_video_file_brings_its_own_sound_track(loaded, ref: Reference, tmp_pat
     np.testing.assert_array_equal(inputs["input_ids"], ref.get("video_with_audio", "input_ids"))
     logits = np.array(model(**{k: mx.array(v) for k, v in inputs.items()}).logits)
     assert np.abs(logits - ref.get("video_with_audio", "logits")).max() <= TOL
+    args = ["generate", "--model", str(ROOT / "hub"), "--prompt", "What do you see and hear?", "--max-tokens", "2"]
+    assert main([*args, "--video", str(path), "--video-audio"]) == 0
+    assert main([*args, "--audio", str(AUDIO / "two_tones.wav")]) == 0
+    capsys.readouterr()
 
 
 def test_the_published_layout_drops_the_speech_parts_and_stacks_the_experts(loaded) -> None:
