@@ -282,6 +282,54 @@ def test_the_config_defaults_fill_in() -> None:
         ModelConfig.from_omni({"thinker_config": {"audio_config": {"n_window": 50, "n_window_infer": 150}}})
 
 
+def test_a_config_shaped_like_the_published_one_parses() -> None:
+    """Qwen3-Omni-30B-A3B-Instruct's thinker section (rope_scaling with mrope_section and the interleaved flag,
+    rope_theta beside it, token ids of the real vocabulary), abridged."""
+    thinker = {
+        "audio_token_id": 151675,
+        "audio_start_token_id": 151669,
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "vision_start_token_id": 151652,
+        "position_id_per_seconds": 13,
+        "audio_config": {
+            "d_model": 1280,
+            "encoder_layers": 32,
+            "n_window": 50,
+            "n_window_infer": 800,
+            "output_dim": 2048,
+        },
+        "vision_config": {"depth": 27, "hidden_size": 1152, "out_hidden_size": 2048, "patch_size": 16},
+        "text_config": {
+            "hidden_size": 2048,
+            "num_hidden_layers": 48,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "vocab_size": 152064,
+            "num_experts": 128,
+            "num_experts_per_tok": 8,
+            "moe_intermediate_size": 768,
+            "shared_expert_intermediate_size": 0,
+            "rope_theta": 1000000,
+            "rope_scaling": {
+                "interleaved": True,
+                "mrope_interleaved": True,
+                "mrope_section": [24, 20, 20],
+                "rope_type": "default",
+                "type": "default",
+            },
+            "use_sliding_window": False,
+            "sliding_window": None,
+        },
+    }
+    parsed = ModelConfig.from_omni({"model_type": "qwen3_omni_moe", "thinker_config": thinker})
+    assert parsed.mrope_section == (24, 20, 20) and parsed.mrope_interleaved and parsed.rope_theta == 1e6
+    assert (parsed.audio_token_id, parsed.audio_start_token_id, parsed.position_id_per_seconds) == (151675, 151669, 13)
+    assert parsed.text.attention_head_dim == 128 and parsed.text.moe.shared_expert_intermediate_size == 0
+    assert (parsed.vision.out_hidden_size, parsed.audio.output_dim) == (2048, 2048)
+
+
 def test_bad_input_gets_one_clear_line(loaded, ref: Reference) -> None:
     model, processor = loaded
     prompt = apply_chat_template(processor, None, "What is it?", num_videos=1)

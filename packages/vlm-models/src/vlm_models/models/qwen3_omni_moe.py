@@ -99,7 +99,10 @@ class ModelConfig(qwen2_vl.ModelConfig):
         if text.get("sliding_window") and text.get("use_sliding_window"):
             raise ConfigError("text_config.use_sliding_window is set: sliding-window attention is not supported yet")
         moe = qwen3_vl_moe.moe_config(text)
-        moe = dataclasses.replace(moe, norm_topk_prob=bool(text.get("norm_topk_prob", True)))
+        # No shared expert in this family, whatever the config carries for one.
+        moe = dataclasses.replace(
+            moe, norm_topk_prob=bool(text.get("norm_topk_prob", True)), shared_expert_intermediate_size=0
+        )
         decoder = from_dict(DecoderConfig, text, qk_norm=True, moe=moe)
         base = qwen2_vl.ModelConfig.from_hf(
             {"model_type": "qwen3_omni_moe", "text_config": text, "vision_config": thinker.get("vision_config") or {}},
