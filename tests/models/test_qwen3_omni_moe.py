@@ -282,6 +282,17 @@ def test_the_config_defaults_fill_in() -> None:
         ModelConfig.from_omni({"thinker_config": {"audio_config": {"n_window": 50, "n_window_infer": 150}}})
 
 
+def test_the_processor_keeps_transformers_per_frame_bounds() -> None:
+    """Qwen3OmniMoeProcessor's own video bounds (128 to 768 merged 32-pixel patches a frame) take the place of the
+    video processor config's: transformers 5.25 gives a 2-frame 64x64 clip a (1, 24, 24) grid, and 2 s per patch."""
+    _, processor = load(ROOT / "hub")
+    saved = json.loads((ROOT / "hub" / "video_preprocessor_config.json").read_text())
+    assert saved["size"] == {"shortest_edge": 64 * 64, "longest_edge": 64 * 96}
+    prompt = apply_chat_template(processor, None, "hi", num_videos=1)
+    ours = processor(prompt, videos=[Video.from_frames(clip_frames(2, 64, 64, 1), 2.0)])
+    assert ours["video_grid_thw"].tolist() == [[1, 24, 24]] and ours["video_second_per_grid"].tolist() == [2.0]
+
+
 def test_a_config_shaped_like_the_published_one_parses() -> None:
     """Qwen3-Omni-30B-A3B-Instruct's thinker section (rope_scaling with mrope_section and the interleaved flag,
     rope_theta beside it, token ids of the real vocabulary), abridged."""
