@@ -216,6 +216,45 @@ def test_our_converter_writes_a_layout_that_loads_to_the_same_logits(tmp_path: P
         assert np.abs(logits - ref.get(case, "logits")).max() <= TOL, case
 
 
+def test_a_thinker_saved_alone_by_transformers_5_loads(tmp_path: Path, ref: Reference) -> None:
+    """transformers 5's own names for a thinker saved alone (``qwen3_omni_moe_thinker``: ``model.*`` /
+    ``lm_head``, experts fused as ``gate_up_proj`` (experts, 2 x width, hidden) and ``down_proj``, PyTorch's
+    convolution layouts), written here from the published fixture: the same logits."""
+    import shutil
+
+    raw = mx.load(str(ROOT / "hub" / "model.safetensors"))
+    renames = (("thinker.model.", "model.language_model."), ("thinker.lm_head.", "lm_head."), ("thinker.", "model."))
+    hf5, experts = {}, {}
+    for key, value in raw.items():
+        if key.startswith(("talker.", "code2wav.")):
+            continue
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        stem, sep, rest = key.partition(".mlp.experts.")
+        if sep:
+            index, proj, _ = rest.split(".")
+            experts.setdefault((stem, proj), {})[int(index)] = value
+            continue
+        hf5[key] = value
+    for (stem, proj), per_expert in experts.items():
+        experts[(stem, proj)] = mx.stack([per_expert[i] for i in sorted(per_expert)])
+    for stem in {stem for stem, _ in experts}:
+        gate_up = mx.concatenate([experts[(stem, "gate_proj")], experts[(stem, "up_proj")]], axis=1)
+        hf5[f"{stem}.mlp.experts.gate_up_proj"] = gate_up
+        hf5[f"{stem}.mlp.experts.down_proj"] = experts[(stem, "down_proj")]
+    folder = tmp_path / "thinker"
+    shutil.copytree(ROOT / "hub", folder)
+    mx.save_safetensors(str(folder / "model.safetensors"), hf5, metadata={"format": "pt"})
+    config = json.loads((ROOT / "hub" / "config.json").read_text())["thinker_config"]
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_omni_moe_thinker"}))
+    model, _ = load(folder)
+    for case in ("mixed", "video_with_audio"):
+        logits = np.array(model(**inputs_of(ref, case)).logits)
+        assert np.abs(logits - ref.get(case, "logits")).max() <= TOL, case
+
+
 def test_clips_of_one_call_are_padded_to_the_longest_chunk(loaded, ref: Reference) -> None:
     """The reference's clip_tails case: a 1.37 s and a 0.5 s sweep, whose short last chunks (37 and 50 frames)
     are convolved padded to the call's longest chunk (1 s), as transformers does: the processor's features and
