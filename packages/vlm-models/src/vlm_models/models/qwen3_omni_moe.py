@@ -129,6 +129,14 @@ class ModelConfig(qwen2_vl.ModelConfig):
 # ------------------------------------------------------------------------------------------------ audio tower
 
 
+def window_mask(clip_tokens: Sequence[int], window: int) -> mx.array:
+    """(1, 1, n, n) attention within windows of ``window`` tokens, each clip cut on its own (its last window
+    shorter)."""
+    lengths = [w for n in clip_tokens for w in chunk_lengths(n, window)]
+    segments = np.repeat(np.arange(len(lengths)), lengths)
+    return mx.array(segments[:, None] == segments[None, :])[None, None]
+
+
 class AudioEncoder(nn.Module):
     """(clips, mel bins, frames) log-mel features and each clip's real frame count -> one (tokens, output_dim)
     array per clip."""
@@ -182,11 +190,8 @@ class AudioEncoder(nn.Module):
         for count in per_clip:
             clip_tokens.append(sum(valid[row : row + count]))
             row += count
-        segments = np.concatenate(
-            [np.full(n, i, np.int64) for i, n in enumerate(w for n in clip_tokens for w in chunk_lengths(n, window))]
-        )
-        mask = mx.array(segments[:, None] == segments[None, :])[None, None]
         h = tokens[None]
+        mask = window_mask(clip_tokens, window)
         for layer in self.layers:
             h = layer(h, mask)
         h = self.proj2(self._act(self.proj1(self.ln_post(h[0]))))
