@@ -36,6 +36,7 @@ FAMILIES = [
     "qwen3_5_moe",
     "qwen2_audio",
     "qwen2_5_omni",
+    "qwen3_omni_moe",
 ]
 LAYOUTS = ["hf4", "hf5", "mlx_community"]
 FAMILY_LAYOUTS = {
@@ -74,6 +75,8 @@ FAMILY_LAYOUTS = {
     "qwen2_audio": ["hf4", "hf5"],
     # The published layout: the thinker's weights under thinker.*, beside talker.* / token2wav.* (dropped).
     "qwen2_5_omni": ["hub"],
+    # Qwen/Qwen3-Omni-30B-A3B-Instruct's layout: thinker.* (one MLP per expert) beside talker.* / code2wav.* (dropped).
+    "qwen3_omni_moe": ["hub"],
 }
 IMAGE_FAMILIES = [f for f in FAMILIES if f != "qwen2_audio"]
 """The families that take images (Qwen2-Audio only hears): what tests of image-only features run on."""

@@ -61,8 +61,8 @@ def test_processor_matches_transformers(loaded, references: dict[str, Reference]
     family, _, processor = loaded
     ref = references[family]
     for case, meta in ref.meta["cases"].items():
-        if ref.get(case, "input_ids").shape[0] != 1 or meta.get("videos"):
-            continue  # cases with videos: each video family's own tests
+        if ref.get(case, "input_ids").shape[0] != 1 or meta.get("videos") or meta.get("sweeps"):
+            continue  # cases with videos or synthesised clips: the family's own tests
         images = [FIXTURES / "images" / name for name in meta.get("images", [])]
         case_processor = processor
         if meta.get("pan_and_scan"):  # the reference ran this case with pan-and-scan switched on

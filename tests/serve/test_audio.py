@@ -195,6 +195,40 @@ def test_qwen2_5_omni_hears_a_video_sound_track_over_the_api(tmp_path) -> None:
         assert refused.status_code == 400 and "has none" in refused.json()["error"]["message"]
 
 
+def test_qwen3_omni_moe_hears_sees_and_hears_a_video_track_over_the_api(tmp_path) -> None:
+    """Qwen3-Omni-MoE's thinker: a clip then an image, as written, and a video part heard with its own track
+    (``video_audio``); the answers are generate's."""
+    from vlm_models.video import VideoSampling
+
+    from ..models.test_qwen2_5_omni import clip_frames, sweep, write_video_with_sound
+
+    model, processor = load(FIXTURES / "qwen3_omni_moe" / "hub")
+    image = FIXTURES / "images" / "rgb_56x56.png"
+    path = tmp_path / "clip.mkv"
+    write_video_with_sound(path, clip_frames(2, 64, 64, 3), sweep(24_000))
+    for server in make_server((model, processor), allow_local_media=tmp_path, max_media_bytes=2_000_000):
+        image_part = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(image)}}
+        response = chat(server, [audio_part(b64(CLIP)), image_part, {"type": "text", "text": "Describe."}])
+        assert response.status_code == 200, response.text
+        parts = [{"type": "audio"}, {"type": "image"}, {"type": "text", "text": "Describe."}]
+        prompt = apply_chat_template(processor, None, [{"role": "user", "content": parts}])
+        assert prompt.index("<|audio_pad|>") < prompt.index("<|image_pad|>")
+        expected = generate(model, processor, prompt, image=[image], audio=[CLIP], max_tokens=6)
+        assert response.json()["choices"][0]["message"]["content"] == expected.text
+        question = [{"type": "video_url", "video_url": {"url": str(path)}}, {"type": "text", "text": "Heard?"}]
+        body = {"model": server.model_id, "messages": [{"role": "user", "content": question}], "max_tokens": 6}
+        response = httpx.post(f"{server.base}/chat/completions", json={**body, "video_audio": True}, timeout=60)
+        assert response.status_code == 200, response.text
+        prompt = apply_chat_template(
+            processor, None, [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Heard?"}]}]
+        )
+        heard = generate(
+            model, processor, prompt, videos=[path], video_sampling=VideoSampling(with_audio=True), max_tokens=6
+        )
+        assert response.json()["choices"][0]["message"]["content"] == heard.text
+        assert response.json()["usage"]["prompt_tokens"] == heard.prompt_tokens
+
+
 def test_video_audio_for_a_model_that_cannot_hear_videos_is_refused(server) -> None:
     """Qwen2-VL takes videos but hears nothing: one line, before any media is fetched (the file does not exist)."""
     body = {

@@ -100,6 +100,16 @@ _QWEN2_5_OMNI = Architecture(
     audio_token="<|AUDIO|>",
 )
 
+# Qwen3-Omni-MoE as published (the thinker beside the talker and code2wav), or its thinker saved alone.
+_QWEN3_OMNI_MOE = Architecture(
+    "qwen3_omni_moe",
+    "qwen2_vl:Qwen2VLImageProcessor",
+    video_processor="qwen3_omni_moe:Qwen3OmniMoeVideoProcessor",
+    video_token="<|video_pad|>",
+    audio_processor="qwen3_omni_moe:Qwen3OmniMoeFeatureExtractor",
+    audio_token="<|audio_pad|>",
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_vl": Architecture(
         "qwen2_vl",
@@ -148,6 +158,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "qwen2_5_omni": _QWEN2_5_OMNI,
     "qwen2_5_omni_thinker": _QWEN2_5_OMNI,
+    "qwen3_omni_moe": _QWEN3_OMNI_MOE,
+    "qwen3_omni_moe_thinker": _QWEN3_OMNI_MOE,
     "llava": Architecture("llava", "clip:CLIPImageProcessor", image_token="<image>"),
     "llava_next": Architecture("llava_next", "clip:LlavaNextImageProcessor", image_token="<image>"),
     "gemma3": Architecture("gemma3", "gemma3:Gemma3ImageProcessor", image_token="<start_of_image>"),

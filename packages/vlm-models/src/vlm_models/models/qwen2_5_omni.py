@@ -33,7 +33,14 @@ from ..nn.checkpoint import rename_prefix
 from ..nn.decoder import DecoderConfig
 from ..nn.output import ModelOutput
 from ..nn.vision import features_per_image, merge_features, vision_identity
-from ..nn.whisper import EncoderLayer, WhisperEncoderConfig, conv1d_k3, conv1d_weight_to_mlx
+from ..nn.whisper import (
+    EncoderLayer,
+    WhisperEncoderConfig,
+    chunk_lengths,
+    conv1d_k3,
+    conv1d_weight_to_mlx,
+    sinusoid_positions,
+)
 from ..processors.qwen2_5_omni import time_chunks
 from . import qwen2_5_vl, qwen2_vl
 
@@ -106,19 +113,6 @@ class ModelConfig(qwen2_vl.ModelConfig):
 
 
 # ------------------------------------------------------------------------------------------------ audio tower
-
-
-def sinusoid_positions(length: int, channels: int, max_timescale: float = 10000.0) -> mx.array:
-    """The encoder's fixed positions: sines then cosines of geometrically spaced frequencies (float32)."""
-    increment = np.log(max_timescale) / (channels // 2 - 1)
-    inv_timescales = np.exp(np.float32(-increment) * np.arange(channels // 2, dtype=np.float32))
-    angles = np.arange(length, dtype=np.float32)[:, None] * inv_timescales[None, :]
-    return mx.array(np.concatenate([np.sin(angles), np.cos(angles)], axis=1))
-
-
-def chunk_lengths(frames: int, chunk: int) -> list[int]:
-    """A clip of ``frames`` mel frames in chunks of ``chunk`` (the last one shorter)."""
-    return [min(chunk, frames - start) for start in range(0, frames, chunk)]
 
 
 class AudioEncoder(nn.Module):
@@ -278,31 +272,15 @@ class OmniPositions:
 # ------------------------------------------------------------------------------------------------------ model
 
 
-class Model(qwen2_5_vl.Model):
-    """The Qwen2.5-Omni thinker for generation. ``__call__`` takes the Hugging Face processor's tensors
-    (``input_features`` / ``feature_attention_mask`` for clips, ``video_second_per_grid`` for videos); the
-    runtime uses the split steps."""
+class OmniThinker:
+    """Mixed into a Qwen-Omni thinker (before its vision-language model): the audio tower's features beside the
+    images' and videos', all merged in one ``embed_prompt``, with the family's 3D position rule
+    (``_position_rule``, set by the family's ``__init__``). The Hugging Face processor's tensors come in
+    (``input_features`` / ``feature_attention_mask`` for clips, ``video_second_per_grid`` for videos)."""
 
-    # LoRA's groups are Qwen's usual ones (the "vision" group is the visual tower); the audio tower's layers
-    # are reached by module patterns (``model.audio_tower.*``).
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.model.audio_tower = AudioEncoder(config.audio)
-        c = config
-        self._position_rule = OmniPositions(
-            c.image_token_id,
-            c.video_token_id,
-            c.audio_token_id,
-            c.audio_start_token_id,
-            c.vision.spatial_merge_size,
-            c.position_id_per_seconds,
-            c.seconds_per_chunk,
-        )
-
-    @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any]) -> Model:
-        return cls(ModelConfig.from_omni(config))
+    config: Any
+    model: Any
+    _position_rule: Any
 
     # -- audio
     def audio_features(
@@ -314,7 +292,7 @@ class Model(qwen2_5_vl.Model):
         per_clip = features_per_image(
             cache,
             [("audio", input_features[i], frames[i]) for i in range(input_features.shape[0])],
-            lambda: vision_identity(self, self.config.audio, tower.dtype, tower.conv1),
+            lambda: vision_identity(self, self.config.audio, tower.dtype, tower.ln_post),
             lambda order: tower(input_features[mx.array(order)], [frames[i] for i in order]),
         )
         return per_clip[0] if len(per_clip) == 1 else mx.concatenate(per_clip)
@@ -340,13 +318,16 @@ class Model(qwen2_5_vl.Model):
             raise ValueError("pixel_values and image_grid_thw must be given together")
         if (pixel_values_videos is None) != (video_grid_thw is None):
             raise ValueError("pixel_values_videos and video_grid_thw must be given together")
-        embeds = self.embed_tokens(input_ids)
+        embeds = self.prompt_token_embeddings(input_ids)
         if input_features is not None:
             if feature_attention_mask is None:
                 raise ValueError(
-                    "qwen2_5_omni needs feature_attention_mask with input_features (the processor gives it)"
+                    f"{self.config.model_type} needs feature_attention_mask with input_features (the processor "
+                    "gives it)"
                 )
             features = self.audio_features(input_features, feature_attention_mask, vision_cache)
+            # Zeros in any channels the prompt embedding has beyond the decoder's (Qwen3's deepstack ones).
+            features = mx.pad(features, [(0, 0), (0, embeds.shape[-1] - features.shape[-1])])
             embeds = merge_features(embeds, input_ids, self.config.audio_token_id, features, kind="audio")
         image_grid = video_grid = steps = None
         if pixel_values is not None:
@@ -359,9 +340,24 @@ class Model(qwen2_5_vl.Model):
             embeds = merge_features(embeds, input_ids, self.config.video_token_id, features, kind="video")
             steps = self.video_time_steps(video_grid, video_second_per_grid)
         mask = None if attention_mask is None else np.asarray(attention_mask)
-        positions = self._position_rule(np.asarray(input_ids), mask, image_grid, video_grid, steps)
+        positions = self.position_ids(
+            np.asarray(input_ids), mask, image_grid, video_grid, steps, feature_attention_mask
+        )
         padded = mask is not None and not bool(mask.all())
         return PromptEmbedding(embeds, mx.array(positions), attention_mask if padded else None)
+
+    def position_ids(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray | None,
+        image_grid: np.ndarray | None,
+        video_grid: np.ndarray | None,
+        video_steps: np.ndarray | None,
+        feature_attention_mask: mx.array | None,
+    ) -> np.ndarray:
+        """(3, batch, length) positions by the family's rule (Qwen2.5-Omni's reads the audio lengths from the
+        prompt's tokens)."""
+        return self._position_rule(input_ids, attention_mask, image_grid, video_grid, video_steps)
 
     def video_time_steps(self, video_grid: np.ndarray, seconds_per_grid: mx.array | None) -> np.ndarray:
         """Temporal positions between a video's patches: seconds per patch times 25 (float32, as the
@@ -401,6 +397,31 @@ class Model(qwen2_5_vl.Model):
             feature_attention_mask,
         )
         return self.prompt_logits(prompt, cache, position_ids)
+
+
+class Model(OmniThinker, qwen2_5_vl.Model):
+    """The Qwen2.5-Omni thinker for generation; the runtime uses the split steps."""
+
+    # LoRA's groups are Qwen's usual ones (the "vision" group is the visual tower); the audio tower's layers
+    # are reached by module patterns (``model.audio_tower.*``).
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.model.audio_tower = AudioEncoder(config.audio)
+        c = config
+        self._position_rule = OmniPositions(
+            c.image_token_id,
+            c.video_token_id,
+            c.audio_token_id,
+            c.audio_start_token_id,
+            c.vision.spatial_merge_size,
+            c.position_id_per_seconds,
+            c.seconds_per_chunk,
+        )
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any]) -> Model:
+        return cls(ModelConfig.from_omni(config))
 
     # -- loading
     def sanitize(self, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:

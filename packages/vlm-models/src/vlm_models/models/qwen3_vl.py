@@ -120,10 +120,17 @@ class VisionTransformer(nn.Module):
             )
             for _ in range(c.depth)
         ]
-        self.merger = PatchMerger(c, postshuffle_norm=False)
-        self.deepstack_merger_list = [PatchMerger(c, postshuffle_norm=True) for _ in c.deepstack_visual_indexes]
+        self.make_mergers(c)
         self._inv_freq = inverse_frequencies(c.hidden_size // c.num_heads // 2, c.rope_theta)
         self._side = int(c.num_position_embeddings**0.5)
+
+    def make_mergers(self, c: VisionConfig) -> None:
+        self.merger = PatchMerger(c, postshuffle_norm=False)
+        self.deepstack_merger_list = [PatchMerger(c, postshuffle_norm=True) for _ in c.deepstack_visual_indexes]
+
+    @property
+    def deepstack_mergers(self) -> list[nn.Module]:
+        return self.deepstack_merger_list
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -143,7 +150,7 @@ class VisionTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask)
             if i in c.deepstack_visual_indexes:
-                deepstack.append(self.deepstack_merger_list[c.deepstack_visual_indexes.index(i)](x))
+                deepstack.append(self.deepstack_mergers[c.deepstack_visual_indexes.index(i)](x))
         return mx.concatenate([self.merger(x), *deepstack], axis=-1)
 
 

@@ -14,11 +14,19 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..config import from_dict
 from .layers import activation
 
-__all__ = ["WhisperEncoder", "WhisperEncoderConfig", "conv1d_weight_to_mlx", "encoder_lengths"]
+__all__ = [
+    "WhisperEncoder",
+    "WhisperEncoderConfig",
+    "chunk_lengths",
+    "conv1d_weight_to_mlx",
+    "encoder_lengths",
+    "sinusoid_positions",
+]
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,20 @@ def conv1d_weight_to_mlx(weight: mx.array, in_channels: int) -> mx.array:
     return weight
 
 
+def sinusoid_positions(length: int, channels: int, max_timescale: float = 10000.0) -> mx.array:
+    """Fixed positions (the Qwen-Omni encoders'): sines then cosines of geometrically spaced frequencies (float32)."""
+    increment = np.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = np.exp(np.float32(-increment) * np.arange(channels // 2, dtype=np.float32))
+    angles = np.arange(length, dtype=np.float32)[:, None] * inv_timescales[None, :]
+    return mx.array(np.concatenate([np.sin(angles), np.cos(angles)], axis=1))
+
+
+def chunk_lengths(frames: int, chunk: int) -> list[int]:
+    """A clip of ``frames`` mel frames in chunks of ``chunk`` (the last one shorter): the Qwen-Omni encoders
+    convolve each chunk on its own."""
+    return [min(chunk, frames - start) for start in range(0, frames, chunk)]
+
+
 def encoder_lengths(frames: mx.array) -> tuple[mx.array, mx.array]:
     """Per clip, from its real mel frames: positions after the strided convolution, and outputs after the pool."""
     after_conv = (frames - 1) // 2 + 1
@@ -70,13 +92,13 @@ def conv1d_k3(conv: nn.Conv1d, x: mx.array, stride: int) -> mx.array:
 
 
 class EncoderAttention(nn.Module):
-    """Bidirectional attention; the key projection has no bias (Whisper's)."""
+    """Bidirectional attention; the key projection has no bias (Whisper's) unless ``key_bias`` (Qwen3-Omni's)."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, key_bias: bool = False) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
         self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=key_bias)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
@@ -95,9 +117,9 @@ class EncoderAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, c: WhisperEncoderConfig) -> None:
+    def __init__(self, c: WhisperEncoderConfig, key_bias: bool = False) -> None:
         super().__init__()
-        self.self_attn = EncoderAttention(c.d_model, c.encoder_attention_heads)
+        self.self_attn = EncoderAttention(c.d_model, c.encoder_attention_heads, key_bias)
         self.self_attn_layer_norm = nn.LayerNorm(c.d_model)
         self.fc1 = nn.Linear(c.d_model, c.encoder_ffn_dim)
         self.fc2 = nn.Linear(c.encoder_ffn_dim, c.d_model)

@@ -95,6 +95,9 @@ class WhisperFeatureExtractor:
     chunk_length: int = 30
     n_fft: int = 400
     padding_value: float = 0.0
+    pad_to_longest: bool = False
+    """Pad the clips of a call to the longest of them and cut none (``padding=True, truncation=False``), in
+    place of cutting and padding each to ``chunk_length``."""
 
     def __post_init__(self) -> None:
         self.n_samples = self.chunk_length * self.sampling_rate
@@ -128,10 +131,12 @@ class WhisperFeatureExtractor:
         if not waveforms:
             raise ValueError("no audio given")
         features, masks = [], []
-        for waveform in waveforms:
-            clip = np.asarray(waveform, dtype=np.float32).reshape(-1)[: self.n_samples]
-            signal = np.pad(clip, (0, self.n_samples - len(clip)), constant_values=self.padding_value)
+        clips = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waveforms]
+        samples = max(len(c) for c in clips) if self.pad_to_longest else self.n_samples
+        for clip in clips:
+            clip = clip[:samples]
+            signal = np.pad(clip, (0, samples - len(clip)), constant_values=self.padding_value)
             features.append(self.log_mel(signal))
-            starts = np.arange(self.nb_max_frames) * self.hop_length
+            starts = np.arange(samples // self.hop_length) * self.hop_length
             masks.append((starts < len(clip)).astype(np.int32))
         return {"input_features": np.stack(features), "attention_mask": np.stack(masks)}
