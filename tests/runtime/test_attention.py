@@ -60,11 +60,10 @@ def test_attention_by_products_equals_the_kernel(
     got = attention_by_products(q, k, v, scale=scale, mask=mask)
     assert got.shape == expected.shape and got.dtype == expected.dtype
     assert_close(got, expected, dtype)
-    # The router agrees too, whichever way it goes on this device (the kernel in half precision: twice the room).
-    routed = attention(q, k, v, scale=scale, mask=mask)
-    atol, rtol = TOLERANCE[dtype]
-    excess = mx.abs(routed.astype(mx.float32) - expected.astype(mx.float32)) - 2 * (atol + rtol * mx.abs(expected))
-    assert float(excess.max()) <= 0
+    # The router hands back one of the two: the products (on CUDA, a few queries) or MLX's kernel as it is.
+    routed = attention(q, k, v, scale=scale, mask=mask).astype(mx.float32)
+    kernel = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask).astype(mx.float32)
+    assert mx.array_equal(routed, got.astype(mx.float32)) or mx.array_equal(routed, kernel)
 
 
 def test_an_unknown_mask_name_is_refused():
