@@ -466,28 +466,37 @@ def _sample(image: str, question: str, answer: str) -> dict:
     }
 
 
-def _write_chunk(args: tuple[Path, str, int, int, int]) -> list[str]:
-    output, split, seed, start, stop = args
+def _write_chunk(args: tuple[Path, str, int, int, int, Writer]) -> list[str]:
+    output, split, seed, start, stop, writer = args
     lines = []
     for i in range(start, stop):
         rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
-        scene = random_scene(rng, TRAINING)
+        scene = random_scene(rng, writer)
         name = f"images/{split}_{i:06d}.png"
         render(scene).save(output / name)
-        lines.extend(json.dumps(_sample(name, q.text, q.answer)) for q in questions(scene, rng, TRAINING))
+        lines.extend(json.dumps(_sample(name, q.text, q.answer)) for q in questions(scene, rng, writer))
     return lines
 
 
 def write_dataset(
-    output: str | Path, *, count: int = 1000, val_count: int = 100, seed: int = 0, workers: int = 1
+    output: str | Path,
+    *,
+    count: int = 1000,
+    val_count: int = 100,
+    seed: int = 0,
+    workers: int = 1,
+    size: int | None = None,
 ) -> list[Path]:
     """``output/train.jsonl`` and ``output/valid.jsonl`` (one sample per question) from the :data:`TRAINING`
     writer, images under ``output/images/``; the same seed writes the same files, with any number of
-    ``workers`` (processes)."""
+    ``workers`` (processes). ``size``: every picture square, of that side (benchmarks want fixed shapes)."""
+    from dataclasses import replace
+
     from tqdm import tqdm
 
-    if count < 1 or val_count < 0:
-        raise ValueError("need --count >= 1 and --val-count >= 0")
+    if count < 1 or val_count < 0 or (size is not None and size < 28):
+        raise ValueError("need --count >= 1, --val-count >= 0 and --size >= 28")
+    writer = TRAINING if size is None else replace(TRAINING, sides=((size, size),), aspects=(1.0,))
     output = Path(output)
     (output / "images").mkdir(parents=True, exist_ok=True)
     files = []
@@ -495,7 +504,7 @@ def write_dataset(
         if n == 0:
             continue
         step = max(1, min(500, -(-n // max(workers, 1))))
-        chunks = [(output, split, seed, start, min(start + step, n)) for start in range(0, n, step)]
+        chunks = [(output, split, seed, start, min(start + step, n), writer) for start in range(0, n, step)]
         lines: list[str] = []
         if workers > 1:
             from concurrent.futures import ProcessPoolExecutor

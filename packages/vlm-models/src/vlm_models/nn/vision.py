@@ -52,7 +52,7 @@ SegmentMask = Union[mx.array, EqualSegments, GroupedSegments, None]  # noqa: UP0
 """How a flat sequence's attention is restricted: an (n, n) boolean mask, equal or grouped segments, or not at
 all."""
 
-DENSE_MASK_LIMIT = 2048
+DENSE_MASK_LIMIT = 512
 """Above this many tokens, segments of unequal lengths attend by length group instead of through an n x n mask."""
 
 
