@@ -69,6 +69,7 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--on-bad-sample", default="skip", choices=BAD_SAMPLE_POLICIES)
     how.add_argument("--resume-from", default=None, help="checkpoint folder (OUTPUT/checkpoints/step_N)")
     how.add_argument("--no-progress", action="store_true", help="no progress bars")
+    how.add_argument("--data-workers", type=int, default=1, help="processes encoding the samples before training")
     parser.add_argument("--verbose", action="store_true", help="tracebacks instead of one-line errors")
 
 
@@ -115,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         on_bad_sample=args.on_bad_sample,
         resume_from=args.resume_from,
         progress=not args.no_progress,
+        data_workers=args.data_workers,
     )
 
 
