@@ -207,7 +207,7 @@ def test_samples_about_one_image_share_its_pixels(tmp_path):
     from vlm_train.data import load_samples
     from vlm_train.shapes import write_dataset
 
-    write_dataset(tmp_path, count=2, val_count=0)
+    write_dataset(tmp_path, count=2, val_count=0, size=56)
     _, processor = load(str(Path(__file__).resolve().parents[1] / "fixtures" / "qwen2_vl" / "hf4"))
     samples, _ = load_samples(
         tmp_path / "train.jsonl", processor, max_length=512, on_bad_sample="error", report=lambda bad: None
@@ -228,3 +228,36 @@ def processor_image(path):
 
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+def test_encoding_in_worker_processes_gives_the_same_samples(tmp_path):
+    """``workers`` > 1: the same samples in the same order, the same bad-sample reports, pixels still shared."""
+    from vlm_models import load
+    from vlm_train.shapes import write_dataset
+
+    write_dataset(tmp_path, count=3, val_count=0, size=56)
+    with (tmp_path / "train.jsonl").open("a") as f:
+        f.write("not json\n")
+    _, processor = load(str(Path(__file__).resolve().parents[1] / "fixtures" / "qwen2_vl" / "hf4"))
+
+    def encode(workers: int):
+        reports = []
+        samples, bad = load_samples(
+            tmp_path / "train.jsonl",
+            processor,
+            max_length=512,
+            on_bad_sample="skip",
+            report=reports.append,
+            workers=workers,
+        )
+        return samples, bad, reports
+
+    serial, parallel = encode(1), encode(2)
+    assert [str(b) for b in serial[1]] == [str(b) for b in parallel[1]] == [str(r) for r in parallel[2]]
+    assert len(serial[0]) == len(parallel[0]) > 10
+    for a, b in zip(serial[0], parallel[0]):
+        assert a.source == b.source
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
+        np.testing.assert_array_equal(a.image_inputs["pixel_values"], b.image_inputs["pixel_values"])
+    assert parallel[0][0].image_inputs["pixel_values"] is parallel[0][1].image_inputs["pixel_values"]

@@ -1,4 +1,5 @@
-"""The synthetic shapes data: pictures show what the answers say, and a seed fixes the data set."""
+"""The synthetic shapes data: pictures show what the answers say, positions follow one rule, the held-out writer
+draws what the training writer never does, and a seed fixes the data set."""
 
 from __future__ import annotations
 
@@ -9,105 +10,149 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vlm_train.shapes import COLOURS, KINDS, QUADRANTS, questions, random_scene, render, write_dataset
+from vlm_train.shapes import (
+    HELD_OUT,
+    KINDS,
+    NUMBERS,
+    TRAINING,
+    Background,
+    Scene,
+    Shape,
+    position_of,
+    questions,
+    random_scene,
+    render,
+    write_dataset,
+)
+
+writers = st.sampled_from([TRAINING, HELD_OUT])
 
 
-@given(seed=st.integers(0, 10_000))
+def _covered(shape: Shape, later: list[Shape]) -> bool:
+    x, y = shape.centre
+    return any(s.box[0] - 1 <= x <= s.box[2] + 1 and s.box[1] - 1 <= y <= s.box[3] + 1 for s in later)
+
+
+@given(seed=st.integers(0, 10_000), writer=writers)
 @settings(max_examples=40, deadline=None)
-def test_pictures_match_their_scene(seed: int) -> None:
-    scene = random_scene(np.random.default_rng(seed))
-    assert 1 <= len(scene.shapes) <= 3
-    assert len({s.quadrant for s in scene.shapes}) == len(scene.shapes)
-    pixels = np.asarray(render(scene, 56))
-    by_quadrant = {s.quadrant: s for s in scene.shapes}
-    for index, quadrant in enumerate(QUADRANTS):
-        row, column = divmod(index, 2)
-        centre = tuple(pixels[row * 28 + 14, column * 28 + 14])
-        expected = COLOURS[by_quadrant[quadrant].colour] if quadrant in by_quadrant else scene.background
-        assert centre == tuple(expected), (quadrant, scene)
+def test_pictures_match_their_scene(seed: int, writer) -> None:
+    scene = random_scene(np.random.default_rng(seed), writer)
+    assert 0 <= len(scene.shapes) <= 4
+    image = render(scene)
+    assert image.size == (scene.width, scene.height)
+    pixels = np.asarray(image)
+    short = min(scene.width, scene.height)
+    for i, shape in enumerate(scene.shapes):
+        x0, y0, x1, y1 = shape.box
+        assert 0 <= x0 < x1 <= scene.width and 0 <= y0 < y1 <= scene.height
+        assert x1 - x0 == y1 - y0 and x1 - x0 >= min(6, short)
+        if not _covered(shape, list(scene.shapes[i + 1 :])):
+            x, y = shape.centre
+            assert tuple(pixels[int(y), int(x)]) == shape.rgb, (shape, scene.background)
 
 
-@given(seed=st.integers(0, 10_000))
-@settings(max_examples=40, deadline=None)
-def test_answers_follow_from_the_scene(seed: int) -> None:
-    scene = random_scene(np.random.default_rng(seed))
-    qa = dict(questions(scene))
-    count_words = {1: "One.", 2: "Two.", 3: "Three."}
-    assert qa["How many shapes are there?"] == count_words[len(scene.shapes)]
-    listing = qa["What shapes are in this image?"].lower()
-    for shape in scene.shapes:
-        assert f"{shape.colour} {shape.kind}" in listing
-    for kind in KINDS:
-        question = f"What colour is the {kind}?"
-        matching = [s for s in scene.shapes if s.kind == kind]
-        assert (question in qa) == (len(matching) == 1)
-        if len(matching) == 1:
-            assert qa[question] == matching[0].colour.capitalize() + "."
-    for shape in scene.shapes:
-        question = f"Where is the {shape.colour} {shape.kind}?"
-        if question in qa:
-            assert qa[question] == shape.quadrant.capitalize() + "."
+def test_held_out_pictures_never_have_training_sizes() -> None:
+    def sides(writer) -> set[int]:
+        return {
+            max(
+                random_scene(np.random.default_rng(i), writer).width,
+                random_scene(np.random.default_rng(i), writer).height,
+            )
+            for i in range(300)
+        }
+
+    training, held_out = sides(TRAINING), sides(HELD_OUT)
+    assert not training & held_out
+    assert min(training) < min(held_out) < max(training) < max(held_out)
+    assert not set(TRAINING.templates["listing"]) & set(HELD_OUT.templates["listing"])
+    assert "Describe this image." in TRAINING.templates["listing"]  # the command line's default prompt
+
+
+def test_positions_follow_the_thirds_of_the_picture() -> None:
+    def at(x: int, y: int, kind: str = "circle", side: int = 10) -> str | None:
+        return position_of(
+            Shape(kind, "red", (x - side // 2, y - side // 2, x + side // 2, y + side // 2), (0, 0, 0)), 300, 150
+        )
+
+    assert at(20, 20) == "top left" and at(150, 20) == "top" and at(280, 20) == "top right"
+    assert at(20, 75) == "left" and at(150, 75) == "centre" and at(280, 75) == "right"
+    assert at(20, 130) == "bottom left" and at(150, 130) == "bottom" and at(280, 130) == "bottom right"
+    assert at(100, 75) is None and at(150, 52) is None  # on a third line: no position is asked
+    # a triangle's place is its centroid's, two thirds of the way down its box
+    assert at(150, 53, "triangle", side=60) == "centre" and at(150, 53, "circle", side=60) is None
+
+
+def _scene(*shapes: tuple[str, str]) -> Scene:
+    placed = tuple(
+        Shape(kind, colour, (60 * i, 0, 60 * i + 50, 50), (0, 0, 0)) for i, (kind, colour) in enumerate(shapes)
+    )
+    return Scene(300, 300, Background("plain", ((255, 255, 255),)), placed)
+
+
+def test_listings_are_grouped_in_a_fixed_order() -> None:
+    rng = np.random.default_rng(0)
+    listing = questions(_scene(("triangle", "green"), ("circle", "red"), ("square", "blue"), ("circle", "red")), rng)[0]
+    assert listing.kind == "listing" and listing.answer == "Two red circles, a blue square and a green triangle."
+    assert questions(_scene(("circle", "orange")), rng)[0].answer == "An orange circle."
+    empty = questions(_scene(), rng)
+    assert [q.answer for q in empty[:2]] == ["No shapes.", "Zero."] and empty[0].kind == "empty"
+
+
+@given(seed=st.integers(0, 10_000), writer=writers)
+@settings(max_examples=60, deadline=None)
+def test_answers_follow_from_the_scene(seed: int, writer) -> None:
+    rng = np.random.default_rng(seed)
+    scene = random_scene(rng, writer)
+    shapes = scene.shapes
+    asked = questions(scene, rng, writer)
+    by_kind = {q.kind for q in asked}
+    assert {"count of", "colour", "yes/no"} <= by_kind and ("empty" in by_kind) == (not shapes)
+    for q in asked:
+        text = q.text.lower()
+        if q.kind in ("listing", "empty") and shapes:
+            assert all(s.colour in q.answer.lower() for s in shapes)
+        elif (q.kind in ("count", "empty") and "many" in text) or text.startswith("count the shapes"):
+            assert q.answer == NUMBERS[len(shapes)].capitalize() + "."
+        elif q.kind == "count of":
+            n = sum(s.kind in text or s.colour in text for s in shapes)  # a kind's plural holds the kind
+            assert q.answer == NUMBERS[n].capitalize() + "."
+        elif q.kind == "yes/no":
+            kind = next((k for k in KINDS if k in text), None)
+            colour = next((c for c in ("red", "green", "blue", "yellow", "purple", "orange") if c in text), None)
+            there = any((kind is None or s.kind == kind) and (colour is None or s.colour == colour) for s in shapes)
+            assert q.answer == ("Yes." if there else "No.")
+        elif q.kind == "where" and not q.answer.startswith("There"):
+            [shape] = [s for s in shapes if s.name in text]
+            assert q.answer.lower() == position_of(shape, scene.width, scene.height) + "."
+        elif q.kind == "colour" and not q.answer.startswith("There"):
+            [shape] = [s for s in shapes if s.kind in text]
+            assert q.answer == shape.colour.capitalize() + "."
 
 
 def test_the_seed_fixes_the_data_set(tmp_path: Path) -> None:
     first = write_dataset(tmp_path / "a", count=5, val_count=2, seed=3)
-    second = write_dataset(tmp_path / "b", count=5, val_count=2, seed=3)
+    second = write_dataset(tmp_path / "b", count=5, val_count=2, seed=3, workers=2)
     assert [f.read_text() for f in first] == [f.read_text() for f in second]
     assert (tmp_path / "a" / "images" / "train_000004.png").read_bytes() == (
         tmp_path / "b" / "images" / "train_000004.png"
     ).read_bytes()
     rows = [json.loads(line) for line in first[0].read_text().splitlines()]
-    assert len(rows) >= 5 * 2  # at least the "what" and "how many" question for every image
+    assert len(rows) >= 5 * 6
     assert all(r["messages"][0]["content"][0]["image"].startswith("images/train_") for r in rows)
 
 
-def _read_scene(image) -> dict[str, tuple[str, str]]:
-    """A pixel-rule oracle: quadrant -> (colour, kind), from the quadrant's centre, corner and edge pixels."""
-    pixels = np.asarray(image).astype(int)
-    half = pixels.shape[0] // 2
-    found = {}
-    for index, quadrant in enumerate(QUADRANTS):
-        row, column = divmod(index, 2)
-        top, left = row * half, column * half
-        centre = pixels[top + half // 2, left + half // 2]
-        colour = next((name for name, rgb in COLOURS.items() if np.abs(centre - rgb).max() < 10), None)
-        if colour is None:
-            continue
-        inset = int(half * 0.2)
-
-        def filled(y: int, x: int) -> bool:
-            return bool(np.abs(pixels[top + y, left + x] - COLOURS[colour]).max() < 10)  # noqa: B023
-
-        if filled(inset, inset):
-            kind = "square"
-        elif filled(half - inset, inset):
-            kind = "triangle"  # the base is filled at the bottom corners, the top corners are empty
-        else:
-            kind = "circle"
-        found[quadrant] = (colour, kind)
-    return found
-
-
-def _oracle(image, question: str) -> str:
-    from vlm_train.shapes import Scene, Shape, questions
-
-    shapes = tuple(Shape(kind, colour, q) for q, (colour, kind) in _read_scene(image).items())
-    return dict(questions(Scene(shapes, (0, 0, 0))))[question]
-
-
-def _each(answer):
-    return lambda images, asked: [answer(image, question) for image, question in zip(images, asked)]
-
-
 def test_score_counts_exact_answers() -> None:
-    from vlm_train.shapes import score
+    from vlm_train.shapes import held_out_questions, score
 
-    perfect = score(_each(_oracle), count=30, seed=5)
-    assert perfect.total > 60 and perfect.accuracy == 1.0
-    assert set(perfect.by_question) == {"what", "how many", "colour", "where"}
-    guessing = score(lambda images, asked: ["Two."] * len(asked), count=30, seed=5)
-    assert guessing.by_question["how many"][0] < guessing.by_question["how many"][1]
-    assert guessing.correct == guessing.by_question["how many"][0] and guessing.accuracy < 0.3
+    expected = {q.text: q.answer for _, q in held_out_questions(30, 5)}
+    # questions repeat across pictures with different answers: answer from the picture's own list instead
+    asked = iter(held_out_questions(30, 5))
+    perfect = score(lambda images, texts: [next(asked)[1].answer for _ in texts], count=30, seed=5)
+    assert perfect.total > 150 and perfect.accuracy == 1.0 and expected
+    assert {"listing", "count", "count of", "colour", "where", "yes/no"} <= set(perfect.by_question)
+    guessing = score(lambda images, texts: ["Yes."] * len(texts), count=30, seed=5)
+    assert 0 < guessing.by_question["yes/no"][0] < guessing.by_question["yes/no"][1]
+    assert guessing.correct == guessing.by_question["yes/no"][0] and guessing.accuracy < 0.2
 
 
 def test_shapes_score_command(capsys) -> None:
@@ -117,4 +162,4 @@ def test_shapes_score_command(capsys) -> None:
 
     assert vlm(["train", "shapes-score", "--model", str(FLOAT_MODEL), "--count", "1"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("exact answers: ") and "how many" in out
+    assert out.startswith("exact answers: ") and "count" in out

@@ -1,6 +1,7 @@
-"""The demo model shipped inside this package: a 1.5M-parameter Qwen2-VL trained from scratch by
-``vlm train demo`` on synthetic shapes images (see the README's Fine-tuning section). It answers questions about
-1-3 coloured circles, squares and triangles on a plain background (what shapes, how many, which colour, where),
+"""The demo model shipped inside this package: a small Qwen2-VL trained from scratch by ``vlm train demo`` on
+synthetic shapes pictures (see the README's Fine-tuning section). It answers short questions about pictures of up
+to four red, green, blue, yellow, purple or orange circles, squares and triangles anywhere on a plain, gradient
+or noisy background (which shapes, how many, how many of a kind or colour, which colour, where, is there ...),
 and is what ``vlm generate`` uses when no ``--model`` is given, so the tool does something offline."""
 
 from __future__ import annotations

@@ -69,6 +69,7 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--on-bad-sample", default="skip", choices=BAD_SAMPLE_POLICIES)
     how.add_argument("--resume-from", default=None, help="checkpoint folder (OUTPUT/checkpoints/step_N)")
     how.add_argument("--no-progress", action="store_true", help="no progress bars")
+    how.add_argument("--data-workers", type=int, default=1, help="processes encoding the samples before training")
     parser.add_argument("--verbose", action="store_true", help="tracebacks instead of one-line errors")
 
 
@@ -115,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         on_bad_sample=args.on_bad_sample,
         resume_from=args.resume_from,
         progress=not args.no_progress,
+        data_workers=args.data_workers,
     )
 
 
@@ -145,17 +147,20 @@ def _fuse(args: argparse.Namespace) -> None:
 def _shapes(args: argparse.Namespace) -> None:
     from .shapes import write_dataset
 
-    files = write_dataset(args.output, count=args.count, val_count=args.val_count, seed=args.seed, size=args.size)
+    files = write_dataset(
+        args.output, count=args.count, val_count=args.val_count, seed=args.seed, workers=args.workers, size=args.size
+    )
     print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
 
 
 def _score(args: argparse.Namespace) -> None:
     from vlm_models import load
 
-    from .shapes import model_answerer, score
+    from .shapes import HELD_OUT, TRAINING, model_answerer, score
 
     model, processor = load(args.model, adapter_path=args.adapter_path)
-    result = score(model_answerer(model, processor), count=args.count, seed=args.seed, size=args.size)
+    writer = TRAINING if args.writer == "training" else HELD_OUT
+    result = score(model_answerer(model, processor), count=args.count, seed=args.seed, writer=writer)
     parts = ", ".join(f"{kind} {c}/{n}" for kind, (c, n) in sorted(result.by_question.items()))
     print(f"exact answers: {result.correct}/{result.total} = {result.accuracy:.1%} ({parts})")
 
@@ -210,7 +215,8 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--output", required=True, help="folder to write")
     shapes.add_argument("--count", type=int, default=1000, help="training images")
     shapes.add_argument("--val-count", type=int, default=100, help="validation images")
-    shapes.add_argument("--size", type=int, default=56, help="image side in pixels")
+    shapes.add_argument("--workers", type=int, default=1, help="processes writing images (same files with any)")
+    shapes.add_argument("--size", type=int, default=None, help="every picture square of this side (default: varied)")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--verbose", action="store_true")
     shapes.set_defaults(handler=_shapes)
@@ -220,7 +226,12 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     scoring.add_argument("--adapter-path", default=None)
     scoring.add_argument("--count", type=int, default=200, help="images (each asked all its questions)")
     scoring.add_argument("--seed", type=int, default=1)
-    scoring.add_argument("--size", type=int, default=56)
+    scoring.add_argument(
+        "--writer",
+        choices=("held-out", "training"),
+        default="held-out",
+        help="pictures and wordings of the held-out writer (default) or fresh ones of the training writer",
+    )
     scoring.add_argument("--verbose", action="store_true")
     scoring.set_defaults(handler=_score)
 

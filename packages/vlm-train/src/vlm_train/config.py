@@ -73,6 +73,8 @@ class TrainingConfig:
     resume_from: str | None = None
     """A checkpoint folder (output/checkpoints/step_NNNNNNN) to continue from."""
     progress: bool = True
+    data_workers: int = 1
+    """Processes that encode the samples (images and tokens) before training; the samples are the same."""
 
     def __post_init__(self) -> None:
         if self.fine_tune_type not in FINE_TUNE_TYPES:
@@ -82,7 +84,7 @@ class TrainingConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             known = ", ".join(LR_SCHEDULES)
             raise ValueError(f"learning-rate schedule must be one of {known}, got {self.lr_schedule!r}")
-        for name in ("steps", "batch_size", "grad_accumulation", "max_length"):
+        for name in ("steps", "batch_size", "grad_accumulation", "max_length", "data_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "val_every", "val_batches", "save_every"):

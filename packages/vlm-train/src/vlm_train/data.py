@@ -305,46 +305,119 @@ def load_samples(
     report: Callable[[BadSample], None],
     progress: bool = False,
     columns: Any = None,
+    workers: int = 1,
 ) -> tuple[list[EncodedSample], list[BadSample]]:
     """Every usable sample of ``file`` (JSONL, or a parquet / Arrow table read with ``columns``, a
     :class:`vlm_train.tables.TableColumns`); bad ones are reported (and skipped) or, with
-    ``on_bad_sample="error"``, stop the run with :class:`BadSampleError` before any training."""
+    ``on_bad_sample="error"``, stop the run with :class:`BadSampleError` before any training. ``workers`` > 1
+    encodes in that many processes; the samples, their order and the reports are the same."""
     from tqdm import tqdm
 
-    from .tables import TableColumns, row_to_record
+    from .tables import TableColumns
 
     columns = columns or TableColumns()
     total, records = _records(file)
-    samples, bad = [], []
     base = file.parent if file.is_file() or not file.exists() else file
-    for source, raw in tqdm(records, total=total, desc=f"encoding {file.name}", unit="sample", disable=not progress):
+    encoder = _Encoder(processor, max_length, columns, base)
+    if workers > 1:
+        results = _encode_in_processes(encoder, list(records), workers, progress, file.name)
+    else:
+        bar = tqdm(records, total=total, desc=f"encoding {file.name}", unit="sample", disable=not progress)
+        results = (encoder(source, raw) for source, raw in bar)
+    samples, bad = [], []
+    for result in results:
+        if isinstance(result, BadSample):
+            if on_bad_sample == "error":
+                raise BadSampleError(str(result)) from None
+            bad.append(result)
+            report(result)
+            continue
+        if samples:
+            _share_image_inputs(result, samples[-1])
+        samples.append(result)
+    if not samples:
+        raise DataError(f"{file} has no usable sample ({len(bad)} bad)")
+    return samples, bad
+
+
+@dataclass
+class _Encoder:
+    """One record to an :class:`EncodedSample`, or the :class:`BadSample` saying why not (picklable, so worker
+    processes can run it)."""
+
+    processor: Processor
+    max_length: int
+    columns: Any
+    base: Path
+
+    def __call__(self, source: str, raw: Any) -> EncodedSample | BadSample:
+        from .tables import row_to_record
+
         try:
             if isinstance(raw, str):
                 record = _parse_line(raw)
             else:
                 try:
-                    record = row_to_record(raw, columns)
+                    record = row_to_record(raw, self.columns)
                 except ValueError as exc:
                     raise _SampleProblem(str(exc)) from None
-            messages, images = _normalise(record["messages"], base, record.get("images") or ())
-            sample = encode_messages(processor, messages, images, source)
-            if len(sample) > max_length:
-                raise _SampleProblem(f"{len(sample)} tokens, longer than the maximum length {max_length}")
+            messages, images = _normalise(record["messages"], self.base, record.get("images") or ())
+            sample = encode_messages(self.processor, messages, images, source)
+            if len(sample) > self.max_length:
+                raise _SampleProblem(f"{len(sample)} tokens, longer than the maximum length {self.max_length}")
             if sample.n_loss_tokens == 0:
                 raise _SampleProblem("the assistant turns encode to no tokens")
         except _SampleProblem as exc:
-            problem = BadSample(source, str(exc))
-            if on_bad_sample == "error":
-                raise BadSampleError(str(problem)) from None
-            bad.append(problem)
-            report(problem)
-            continue
-        if samples:
-            _share_image_inputs(sample, samples[-1])
-        samples.append(sample)
-    if not samples:
-        raise DataError(f"{file} has no usable sample ({len(bad)} bad)")
-    return samples, bad
+            return BadSample(source, str(exc))
+        return sample
+
+
+_worker_encoder: _Encoder | None = None
+
+
+def _start_worker(encoder: bytes) -> None:
+    import pickle
+
+    from vlm_models.loading import _auto_tokenizer
+
+    global _worker_encoder
+    _auto_tokenizer()  # transformers imported without its "PyTorch was not found" advice, before the processor
+    _worker_encoder = pickle.loads(encoder)
+
+
+def _encode_chunk(chunk: list[tuple[str, Any]]) -> list[EncodedSample | BadSample]:
+    assert _worker_encoder is not None
+    results = [_worker_encoder(source, raw) for source, raw in chunk]
+    previous = None
+    for result in results:  # shared before pickling: one copy of an image's pixels crosses the pipe
+        if isinstance(result, EncodedSample):
+            if previous is not None:
+                _share_image_inputs(result, previous)
+            previous = result
+    return results
+
+
+def _encode_in_processes(
+    encoder: _Encoder, records: list[tuple[str, Any]], workers: int, progress: bool, name: str
+) -> Iterable[EncodedSample | BadSample]:
+    import multiprocessing
+    import pickle
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    size = max(1, min(2000, -(-len(records) // (workers * 4))))
+    chunks = [records[i : i + size] for i in range(0, len(records), size)]
+    # spawn, not fork: the parent may hold an accelerator context that a forked child must not inherit
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker, initargs=(pickle.dumps(encoder),)
+    ) as pool:
+        bar = tqdm(total=len(records), desc=f"encoding {name}", unit="sample", disable=not progress)
+        for part in pool.map(_encode_chunk, chunks):
+            bar.update(len(part))
+            yield from part
+        bar.close()
 
 
 def _share_image_inputs(sample: EncodedSample, previous: EncodedSample) -> None:

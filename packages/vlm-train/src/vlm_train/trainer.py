@@ -177,6 +177,7 @@ class Trainer:
             report=skip,
             progress=self.config.progress,
             columns=self.config.columns,
+            workers=self.config.data_workers,
         )
         if bad:
             self.report(f"{file}: skipped {len(bad)} bad sample(s), kept {len(samples)}")

@@ -18,6 +18,7 @@ from .rope import apply_rotary
 
 __all__ = [
     "EqualSegments",
+    "GroupedSegments",
     "VisionAttention",
     "VisionBlock",
     "features_per_image",
@@ -36,16 +37,43 @@ class EqualSegments:
     size: int
 
 
-SegmentMask = Union[mx.array, EqualSegments, None]  # noqa: UP007
-"""How a flat sequence's attention is restricted: an (n, n) boolean mask, equal segments, or not at all."""
+@dataclass(frozen=True)
+class GroupedSegments:
+    """Attention within segments of a few different lengths (a training batch of pictures of several sizes):
+    the segments of each length attend as batch rows of their own, so no n x n mask is built."""
+
+    groups: tuple[tuple[int, mx.array], ...]
+    """``(length, token indices)``: the indices of all segments of that length, segment after segment."""
+    order: mx.array
+    """Where each token lands in the groups' concatenated outputs (the inverse of their index order)."""
+
+
+SegmentMask = Union[mx.array, EqualSegments, GroupedSegments, None]  # noqa: UP007
+"""How a flat sequence's attention is restricted: an (n, n) boolean mask, equal or grouped segments, or not at
+all."""
+
+DENSE_MASK_LIMIT = 512
+"""Above this many tokens, segments of unequal lengths attend by length group instead of through an n x n mask."""
 
 
 def segment_mask(boundaries: Sequence[int]) -> SegmentMask:
     """Attention within the segments ``[b[i], b[i+1])``: equal segments where they all have one length (no n x n
-    mask is built), else the block-diagonal mask (None for one segment)."""
-    lengths = np.diff(np.asarray(boundaries))
+    mask is built), segments grouped by length where there are more than :data:`DENSE_MASK_LIMIT` tokens, else
+    the block-diagonal mask (None for one segment)."""
+    bounds = np.asarray(boundaries)
+    lengths = np.diff(bounds)
     if len(lengths) > 1 and lengths[0] > 0 and (lengths == lengths[0]).all():
         return EqualSegments(int(lengths[0]))
+    if len(lengths) > 1 and int(bounds[-1] - bounds[0]) > DENSE_MASK_LIMIT and bounds[0] == 0:
+        groups, order = [], []
+        for length in np.unique(lengths[lengths > 0]):
+            starts = bounds[:-1][lengths == length]
+            indices = (starts[:, None] + np.arange(length)[None, :]).reshape(-1)
+            groups.append((int(length), mx.array(indices.astype(np.int32))))
+            order.append(indices)
+        inverse = np.empty(int(bounds[-1]), dtype=np.int32)
+        inverse[np.concatenate(order)] = np.arange(int(bounds[-1]), dtype=np.int32)
+        return GroupedSegments(tuple(groups), mx.array(inverse))
     return block_diagonal_mask(list(boundaries))
 
 
@@ -71,11 +99,27 @@ class VisionAttention(nn.Module):
         def heads_first(t: mx.array) -> mx.array:
             return t.reshape(rows, size, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
+        if isinstance(mask, GroupedSegments):
+            return self.proj(self._grouped(qkv, cos, sin, mask).reshape(n, -1))
         q = heads_first(apply_rotary(qkv[:, 0], cos[:, None], sin[:, None]))
         k = heads_first(apply_rotary(qkv[:, 1], cos[:, None], sin[:, None]))
         dense = None if isinstance(mask, EqualSegments) else mask
         out = mx.fast.scaled_dot_product_attention(q, k, heads_first(qkv[:, 2]), scale=self.head_dim**-0.5, mask=dense)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(n, -1))
+
+    def _grouped(self, qkv: mx.array, cos: mx.array, sin: mx.array, mask: GroupedSegments) -> mx.array:
+        q = apply_rotary(qkv[:, 0], cos[:, None], sin[:, None])
+        k = apply_rotary(qkv[:, 1], cos[:, None], sin[:, None])
+        v = qkv[:, 2]
+        outputs = []
+        for length, indices in mask.groups:
+
+            def rows(t: mx.array, length: int = length, indices: mx.array = indices) -> mx.array:
+                return t[indices].reshape(-1, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+            out = mx.fast.scaled_dot_product_attention(rows(q), rows(k), rows(v), scale=self.head_dim**-0.5)
+            outputs.append(out.transpose(0, 2, 1, 3).reshape(-1, self.num_heads, self.head_dim))
+        return mx.concatenate(outputs)[mask.order]
 
 
 class VisionBlock(nn.Module):
