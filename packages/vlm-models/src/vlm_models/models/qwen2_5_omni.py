@@ -82,34 +82,54 @@ class ModelConfig(qwen2_vl.ModelConfig):
     @classmethod
     def from_omni(cls, config: Mapping[str, Any]) -> ModelConfig:
         """From the published config (the thinker's section of ``qwen2_5_omni``) or a thinker's own."""
-        thinker = dict(config.get("thinker_config") or config)
-        text = {**TEXT_DEFAULTS, **(thinker.get("text_config") or {})}
-        rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"text_config rope type {rope_type!r} is not supported (only M-RoPE's default rotary)")
-        if text.get("use_sliding_window"):
-            raise ConfigError("text_config.use_sliding_window is set: sliding-window attention is not supported yet")
+        thinker, text = thinker_sections(config, TEXT_DEFAULTS, default_window=32768)  # transformers' default
         base = qwen2_vl.ModelConfig.from_hf(
             {"model_type": "qwen2_5_omni", "text_config": text, "vision_config": thinker.get("vision_config") or {}},
             qwen2_5_vl.VisionConfig,
             from_dict(DecoderConfig, text, attention_bias=True),
         )
-        fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
-        fields.update(
-            image_token_id=int(thinker.get("image_token_index", thinker.get("image_token_id", 151655))),
-            video_token_id=int(thinker.get("video_token_index", thinker.get("video_token_id", 151656))),
-            vision_start_token_id=int(thinker.get("vision_start_token_id", 151652)),
-            tie_word_embeddings=bool(thinker.get("tie_word_embeddings", False)),
-        )
         return cls(
-            **fields,
+            **thinker_fields(base, thinker),
             audio=AudioConfig.from_hf(thinker.get("audio_config") or {}),
-            audio_token_id=int(thinker.get("audio_token_index", thinker.get("audio_token_id", 151646))),
-            audio_start_token_id=int(thinker.get("audio_start_token_id", 151647)),
-            position_id_per_seconds=float(thinker.get("position_id_per_seconds", 25)),
             seconds_per_chunk=float(thinker.get("seconds_per_chunk", 2)),
         )
+
+
+def thinker_sections(
+    config: Mapping[str, Any], text_defaults: Mapping[str, Any], default_window: int | None
+) -> tuple[dict, dict]:
+    """An omni checkpoint's thinker section (the published config nests it; a thinker saved alone is it) and its
+    text settings over ``text_defaults``; what the decoder cannot run is refused in one line (a window: where
+    ``use_sliding_window`` is set and the config, or the family's ``default_window``, gives one)."""
+    thinker = dict(config.get("thinker_config") or config)
+    text = {**text_defaults, **(thinker.get("text_config") or {})}
+    rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"text_config rope type {rope_type!r} is not supported (only M-RoPE's default rotary)")
+    if text.get("use_sliding_window") and text.get("sliding_window", default_window):
+        raise ConfigError("text_config.use_sliding_window is set: sliding-window attention is not supported yet")
+    return thinker, text
+
+
+def _token(thinker: Mapping[str, Any], name: str, default: int) -> int:
+    """A token id under its ``*_token_id`` or older ``*_token_index`` spelling."""
+    return int(thinker.get(f"{name}_token_id", thinker.get(f"{name}_token_index", default)))
+
+
+def thinker_fields(base: qwen2_vl.ModelConfig, thinker: Mapping[str, Any]) -> dict[str, Any]:
+    """``base``'s fields with the thinker's media and audio token ids, tying and audio position rate."""
+    fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
+    fields.update(
+        image_token_id=_token(thinker, "image", 151655),
+        video_token_id=_token(thinker, "video", 151656),
+        vision_start_token_id=int(thinker.get("vision_start_token_id", 151652)),
+        tie_word_embeddings=bool(thinker.get("tie_word_embeddings", False)),
+        audio_token_id=_token(thinker, "audio", 151646),
+        audio_start_token_id=int(thinker.get("audio_start_token_id", 151647)),
+        position_id_per_seconds=float(thinker.get("position_id_per_seconds", 25)),
+    )
+    return fields
 
 
 # ------------------------------------------------------------------------------------------------ audio tower

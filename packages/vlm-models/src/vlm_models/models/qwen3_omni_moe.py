@@ -38,7 +38,7 @@ from ..nn.moe import expert_weights, mlx_community_expert_names
 from ..nn.whisper import EncoderLayer, WhisperEncoderConfig, chunk_lengths, sinusoid_positions
 from ..processors.qwen3_omni_moe import audio_token_count, conv_length
 from . import qwen2_vl, qwen3_vl, qwen3_vl_moe
-from .qwen2_5_omni import OmniThinker
+from .qwen2_5_omni import OmniThinker, thinker_fields, thinker_sections
 
 # Qwen3OmniMoeTextConfig's defaults that the published config may leave out.
 TEXT_DEFAULTS: dict[str, Any] = dict(
@@ -90,14 +90,7 @@ class ModelConfig(qwen2_vl.ModelConfig):
     @classmethod
     def from_omni(cls, config: Mapping[str, Any]) -> ModelConfig:
         """From the published config (the thinker's section of ``qwen3_omni_moe``) or a thinker's own."""
-        thinker = dict(config.get("thinker_config") or config)
-        text = {**TEXT_DEFAULTS, **(thinker.get("text_config") or {})}
-        rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"text_config rope type {rope_type!r} is not supported (only M-RoPE's default rotary)")
-        if text.get("sliding_window") and text.get("use_sliding_window"):
-            raise ConfigError("text_config.use_sliding_window is set: sliding-window attention is not supported yet")
+        thinker, text = thinker_sections(config, TEXT_DEFAULTS, default_window=None)
         moe = qwen3_vl_moe.moe_config(text)
         # No shared expert in this family, whatever the config carries for one.
         moe = dataclasses.replace(
@@ -109,21 +102,9 @@ class ModelConfig(qwen2_vl.ModelConfig):
             qwen3_vl.VisionConfig,
             decoder,
         )
-        fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
-        fields.update(
-            image_token_id=int(thinker.get("image_token_id", thinker.get("image_token_index", 151655))),
-            video_token_id=int(thinker.get("video_token_id", thinker.get("video_token_index", 151656))),
-            vision_start_token_id=int(thinker.get("vision_start_token_id", 151652)),
-            tie_word_embeddings=bool(thinker.get("tie_word_embeddings", False)),
-            mrope_interleaved=True,  # always, as in transformers
-        )
-        return cls(
-            **fields,
-            audio=AudioConfig.from_hf(thinker.get("audio_config") or {}),
-            audio_token_id=int(thinker.get("audio_token_id", thinker.get("audio_token_index", 151646))),
-            audio_start_token_id=int(thinker.get("audio_start_token_id", 151647)),
-            position_id_per_seconds=float(thinker.get("position_id_per_seconds", 25)),
-        )
+        fields = thinker_fields(base, thinker)
+        fields.update(mrope_interleaved=True)  # always, as in transformers
+        return cls(**fields, audio=AudioConfig.from_hf(thinker.get("audio_config") or {}))
 
 
 # ------------------------------------------------------------------------------------------------ audio tower
